@@ -1,0 +1,224 @@
+"""Typed configuration: one `PipelineConfig` composed of one model per stage.
+
+This is the single source of truth for every knob. Defaults run the built-in tiny setup on a CPU.
+Configs load from YAML (`load_config`); a wrong field, type or value fails at load time with a message
+that names the field, e.g. `training.beta must be > 0, got -1`.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The seven learning setups of SEED.md.
+Setup = Literal[
+    "sft",
+    "reward_modelling",
+    "rl",
+    "offline_pointwise",
+    "online_pointwise",
+    "offline_pairwise",
+    "online_pairwise",
+]
+ONLINE_SETUPS = ("rl", "online_pointwise", "online_pairwise")
+
+# The bundled tiny model is built on first use under this folder-relative name (see alignment_core.tiny).
+TINY_MODEL = "tiny://llama"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreConfig(StrictModel):
+    """Where artifacts live. Credentials never go here: they come from the environment (AWS_*) or a block."""
+
+    root: str = "./runs"  # a local folder or an fsspec URI such as s3://bucket/prefix
+    run_name: str = "tiny"
+    endpoint_url: str | None = None  # S3-compatible server, e.g. http://127.0.0.1:9000
+    cache_dir: str = "~/.cache/alignment_core"  # local copies of remote checkpoints
+
+
+class DataConfig(StrictModel):
+    source: str = "bundled:preferences"  # hub dataset name, local file, or bundled:<name>
+    format: Literal[
+        "auto", "prompt_only", "pairs", "hh_rlhf", "messages_pairs", "pointwise", "sft", "scored"
+    ] = "auto"
+    split: str = "train"
+    subset: str | None = None
+    revision: str | None = None
+    max_rows: int | None = Field(default=None, gt=0)
+    on_bad_row: Literal["skip", "fail"] = "skip"
+    eval_source: str | None = None  # held-out prompts; defaults to the tail of `source`
+    eval_prompts: int = Field(default=16, ge=0)
+    min_pair_margin: float = Field(default=0.0, ge=0)  # scored lists: minimum score gap of a pair
+
+
+class ModelConfig(StrictModel):
+    policy: str = TINY_MODEL  # hub name, local folder, store URI, or tiny://llama
+    reference: str | None = None  # defaults to the policy the round starts from
+    tokenizer: str | None = None  # defaults to the policy's
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class GenerationConfig(StrictModel):
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    prompts_per_iteration: int = Field(default=32, gt=0)
+    n_samples: int = Field(default=2, gt=0)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=16, gt=0)  # prompts per model.generate call (transformers backend)
+    shard_size: int = Field(default=16, gt=0)  # prompts per output shard: the unit of resume
+    seed: int = 0
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    max_model_len: int = Field(default=512, gt=0)
+
+
+class JudgeConfig(StrictModel):
+    backend: Literal["local", "http"] = "local"
+    model: str | None = None  # local path/hub name, or the served model name for http
+    template: str = "helpfulness"  # a bundled template name, or a path to a Jinja file
+    base_url: str | None = None  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable that holds the key
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    concurrency: int = Field(default=4, gt=0)
+    both_orders: bool = True
+    on_disagreement: Literal["tie", "drop"] = "tie"
+    max_new_tokens: int = Field(default=8, gt=0)
+
+
+class AnnotationConfig(StrictModel):
+    annotator: Literal["reward_model", "judge_pairwise", "judge_pointwise", "programmatic"] = "programmatic"
+    reward_model: str | None = None  # path or hub name of an AutoModelForSequenceClassification
+    programmatic: str = "alignment_core.rewards:positive_words"  # module:function(prompt, response) -> float
+    pair_selection: Literal["best_vs_worst", "best_vs_random", "random"] = "best_vs_worst"
+    min_margin: float = Field(default=0.0, ge=0)
+    pointwise_threshold: float | None = None  # pointwise labels: reward >= threshold is desirable
+    batch_size: int = Field(default=16, gt=0)
+    max_failure_fraction: float = Field(default=0.2, ge=0, le=1)
+    judge: JudgeConfig = JudgeConfig()
+
+
+class ReweightConfig(StrictModel):
+    strategy: Literal["uniform", "margin", "judge_confidence", "importance", "length_debias"] = "uniform"
+    temperature: float = Field(default=1.0, gt=0)
+    clip: float = Field(default=5.0, gt=0)  # importance ratios and weights are clipped to [1/clip, clip]
+    behaviour_model: str | None = None  # importance: the model that wrote the responses
+
+
+class TrainingConfig(StrictModel):
+    loss: Literal["sft", "reward", "dpo", "cdpo", "ipo", "slic", "simpo", "kto", "rl"] = "dpo"
+    beta: float = Field(default=0.1, gt=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # cdpo
+    margin: float = Field(default=0.0, ge=0)  # reward model margin, slic hinge margin
+    simpo_gamma: float = Field(default=0.5, ge=0)
+    slic_nll_weight: float = Field(default=0.1, ge=0)
+    kto_desirable_weight: float = Field(default=1.0, gt=0)
+    kto_undesirable_weight: float = Field(default=1.0, gt=0)
+    rl_kl_coef: float = Field(default=0.05, ge=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=8, gt=0)  # per process
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    precompute_reference: bool = True
+    max_length: int = Field(default=256, gt=0)
+    max_prompt_length: int = Field(default=128, gt=0)
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    seed: int = 0
+    save_every_steps: int = Field(default=0, ge=0)  # 0: save only at the end of the round
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "TrainingConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
+            )
+        return self
+
+
+class EvaluationConfig(StrictModel):
+    enabled: bool = True
+    prompts: int = Field(default=16, ge=0)
+    max_new_tokens: int = Field(default=32, gt=0)
+    temperature: float = Field(default=0.7, ge=0)
+
+
+class PipelineConfig(StrictModel):
+    setup: Setup = "online_pairwise"
+    iterations: int = Field(default=2, gt=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    annotation: AnnotationConfig = AnnotationConfig()
+    reweight: ReweightConfig = ReweightConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    store: StoreConfig = StoreConfig()
+
+    @property
+    def online(self) -> bool:
+        return self.setup in ONLINE_SETUPS
+
+    def stage_hash(self, *sections: str) -> str:
+        """A short digest of the named config sections: the part of the config a stage depends on."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with one line per problem naming the field."""
+
+
+_BOUND_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    got = f", got {error['input']!r}" if not isinstance(error.get("input", {}), dict) else ""
+    if error["type"] in _BOUND_WORDS:
+        bound = next(iter(error["ctx"].values()))
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"{field} must be {_BOUND_WORDS[error['type']]} {bound}{got}"
+    if error["type"] == "extra_forbidden":
+        return f"{field} is not a known field"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{field}: {message}{got}"
+
+
+def parse_config(data: dict[str, Any]) -> PipelineConfig:
+    """Validate a plain dict into a PipelineConfig, raising ConfigError naming each wrong field."""
+    try:
+        return PipelineConfig.model_validate(data or {})
+    except ValidationError as error:
+        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in error.errors())) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a YAML config; `overrides` maps dotted names to values (`{"training.beta": 0.2}`)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        section = data
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            section = section.setdefault(name, {})
+        section[leaf] = value
+    return parse_config(data)
+
+
+def dump_config(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

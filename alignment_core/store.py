@@ -1,0 +1,316 @@
+"""The artifact store: every stage's output as Parquet shards under an fsspec URI.
+
+Layout (DESIGN.md):
+    {root}/{run}/iter-{k:03d}/{stage}/part-{i:05d}.parquet
+    {root}/{run}/iter-{k:03d}/{stage}/_manifest.json      written last: the stage is complete
+    {root}/{run}/iter-{k:03d}/checkpoint/                 save_pretrained output + _complete.json
+
+Why it is safe to kill a run at any moment:
+- A shard is never visible half-written: locally it is written to a hidden temporary name and renamed into
+  place; on object storage a single PUT is atomic.
+- A stage first records the fingerprint of what it is computing (`_stage.json`); shards found under a
+  different fingerprint are stale and removed, shards under the same one are reused, so a resumed stage
+  continues at its first missing shard.
+- The manifest, written last, is the only proof a stage is complete.
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alignment_core import __version__
+from alignment_core.records import SCHEMA_VERSION, SCHEMAS, conform
+
+MANIFEST = "_manifest.json"
+STAGE_PLAN = "_stage.json"
+CHECKPOINT_MARKER = "_complete.json"
+_SHARD = re.compile(r"^part-(\d{5})\.parquet$")
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A short stable digest of a stage's fingerprint (config hash + input digests)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+class ArtifactStore:
+    """Reads and writes stages and checkpoints under `root` (a local folder or an fsspec URI).
+
+    Credentials for object storage come from the environment (AWS_ACCESS_KEY_ID, ...), never from here.
+    """
+
+    def __init__(self, root: str, endpoint_url: str | None = None, cache_dir: str = "~/.cache/alignment_core"):
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        protocol = fsspec.utils.get_protocol(root)
+        self.storage_options: dict[str, Any] = {}
+        if protocol in ("s3", "s3a") and self.endpoint_url:
+            self.storage_options = {"client_kwargs": {"endpoint_url": self.endpoint_url}}
+        self.fs, path = fsspec.core.url_to_fs(root, **self.storage_options)
+        self.protocol = protocol
+        self.root = self._unstrip(path.rstrip("/"))
+        self.cache_dir = Path(cache_dir).expanduser()
+
+    @classmethod
+    def from_config(cls, store_cfg) -> "ArtifactStore":
+        return cls(store_cfg.root, endpoint_url=store_cfg.endpoint_url, cache_dir=store_cfg.cache_dir)
+
+    # ---- URIs -------------------------------------------------------------------------------------
+    def _unstrip(self, path: str) -> str:
+        """fsspec strips the protocol; URIs handed out keep it so they are usable anywhere."""
+        if self.protocol in ("file", "local"):
+            return os.path.abspath(path)
+        return f"{self.protocol}://{path}"
+
+    def _path(self, uri: str) -> str:
+        return self.fs._strip_protocol(uri)
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def run_uri(self, run: str) -> str:
+        return self.uri(run)
+
+    def stage_uri(self, run: str, iteration: int, stage: str) -> str:
+        return self.uri(run, f"iter-{iteration:03d}", stage)
+
+    def checkpoint_uri(self, run: str, iteration: int) -> str:
+        return self.stage_uri(run, iteration, "checkpoint")
+
+    def exists(self, uri: str) -> bool:
+        return self.fs.exists(self._path(uri))
+
+    # ---- small JSON documents -----------------------------------------------------------------------
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Atomically write a file: rename into place locally, a single PUT on object storage."""
+        path = self._path(uri)
+        if self.protocol in ("file", "local"):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, uri: str) -> Any:
+        with self.fs.open(self._path(uri), "rb") as f:
+            return json.loads(f.read())
+
+    # ---- stages -------------------------------------------------------------------------------------
+    def read_manifest(self, stage_uri: str) -> dict | None:
+        uri = f"{stage_uri}/{MANIFEST}"
+        self.fs.invalidate_cache()
+        return self.read_json(uri) if self.exists(uri) else None
+
+    def is_complete(self, stage_uri: str, fingerprint: dict[str, Any]) -> bool:
+        manifest = self.read_manifest(stage_uri)
+        return manifest is not None and manifest["fingerprint_digest"] == fingerprint_digest(fingerprint)
+
+    def stage_writer(self, stage_uri: str, schema_name: str, fingerprint: dict[str, Any]) -> "StageWriter":
+        return StageWriter(self, stage_uri, schema_name, fingerprint)
+
+    def write_stage(
+        self, stage_uri: str, schema_name: str, fingerprint: dict[str, Any], tables: list[pa.Table],
+        extra: dict | None = None,
+    ) -> dict:
+        """Write a whole stage at once (small stages); shards already written are kept."""
+        writer = self.stage_writer(stage_uri, schema_name, fingerprint)
+        for index, table in enumerate(tables):
+            if index not in writer.done_shards:
+                writer.write_shard(index, table)
+        return writer.finish(extra)
+
+    def shard_uris(self, stage_uri: str) -> list[str]:
+        manifest = self.read_manifest(stage_uri)
+        if manifest is None:
+            raise FileNotFoundError(f"stage {stage_uri} is not complete (no {MANIFEST})")
+        return [f"{stage_uri}/{shard['name']}" for shard in manifest["shards"]]
+
+    def read_table(self, stage_uri: str) -> pa.Table:
+        """The stage's rows, in shard order, read from the shards its manifest lists."""
+        manifest = self.read_manifest(stage_uri)
+        if manifest is None:
+            raise FileNotFoundError(f"stage {stage_uri} is not complete (no {MANIFEST})")
+        schema = SCHEMAS[manifest["schema"]]
+        tables = [self._read_shard(uri) for uri in self.shard_uris(stage_uri)]
+        return pa.concat_tables([conform(t, schema, manifest["schema"]) for t in tables]) if tables else (
+            schema.empty_table()
+        )
+
+    def read_pandas(self, stage_uri: str) -> pd.DataFrame:
+        return self.read_table(stage_uri).to_pandas()
+
+    def _read_shard(self, uri: str) -> pa.Table:
+        with self.fs.open(self._path(uri), "rb") as f:
+            return pq.read_table(f)
+
+    # ---- listing ------------------------------------------------------------------------------------
+    def _children(self, uri: str) -> list[str]:
+        self.fs.invalidate_cache()
+        if not self.exists(uri):
+            return []
+        return sorted(
+            os.path.basename(p.rstrip("/")) for p in self.fs.ls(self._path(uri), detail=False)
+            if self.fs.isdir(p)
+        )
+
+    def list_runs(self) -> list[str]:
+        return [name for name in self._children(self.root) if not name.startswith((".", "_"))]
+
+    def list_iterations(self, run: str) -> list[int]:
+        return [int(name[5:]) for name in self._children(self.run_uri(run)) if re.fullmatch(r"iter-\d+", name)]
+
+    def list_stages(self, run: str, iteration: int) -> list[str]:
+        return self._children(self.uri(run, f"iter-{iteration:03d}"))
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def checkpoint_complete(self, uri: str) -> bool:
+        self.fs.invalidate_cache()
+        return self.exists(f"{uri}/{CHECKPOINT_MARKER}")
+
+    def save_checkpoint(self, model, tokenizer, uri: str, extra_files: dict[str, bytes] | None = None) -> str:
+        """save_pretrained (safetensors) + tokenizer + extra files, then the completion marker last.
+
+        The files are written next to the target and swapped in (locally) or uploaded before the marker
+        (object storage), so a reader never loads a checkpoint that is half written.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, data in (extra_files or {}).items():
+                Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)
+                Path(tmp, name).write_bytes(data)
+            files = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file())
+            marker = {"files": files, "saved_at": time.time(), "package_version": __version__}
+            Path(tmp, CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2))
+            if self.protocol in ("file", "local"):
+                self._swap_local_dir(tmp, self._path(uri))
+            else:
+                path = self._path(uri)
+                if self.fs.exists(path):
+                    self.fs.rm(path, recursive=True)
+                for name in files:
+                    self.fs.put_file(os.path.join(tmp, name), f"{path}/{name}")
+                self.fs.put_file(os.path.join(tmp, CHECKPOINT_MARKER), f"{path}/{CHECKPOINT_MARKER}")
+        return uri
+
+    @staticmethod
+    def _swap_local_dir(src: str, dst: str) -> None:
+        import shutil
+
+        parent = os.path.dirname(dst)
+        os.makedirs(parent, exist_ok=True)
+        staging = os.path.join(parent, f".{os.path.basename(dst)}.{uuid.uuid4().hex}.tmp")
+        shutil.copytree(src, staging)
+        if os.path.exists(dst):
+            old = f"{staging}.old"
+            os.replace(dst, old)
+            os.replace(staging, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, dst)
+
+    def local_checkpoint(self, uri: str) -> str:
+        """A local folder holding the checkpoint at `uri`, for from_pretrained; remote ones are cached."""
+        if not self.checkpoint_complete(uri):
+            raise FileNotFoundError(f"checkpoint {uri} is missing or incomplete (no {CHECKPOINT_MARKER})")
+        if self.protocol in ("file", "local"):
+            return self._path(uri)
+        marker = self.read_json(f"{uri}/{CHECKPOINT_MARKER}")
+        key = hashlib.sha256(f"{uri}|{marker['saved_at']}".encode()).hexdigest()[:16]
+        local = self.cache_dir / "checkpoints" / key
+        if not (local / CHECKPOINT_MARKER).exists():
+            staging = Path(tempfile.mkdtemp(dir=self.cache_dir.mkdir(parents=True, exist_ok=True) or self.cache_dir))
+            for name in marker["files"]:
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(f"{self._path(uri)}/{name}", str(staging / name))
+            (staging / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if local.exists():  # a concurrent download won the race; both copies are identical
+                import shutil
+
+                shutil.rmtree(staging)
+            else:
+                os.replace(staging, local)
+        return str(local)
+
+
+class StageWriter:
+    """Writes one stage shard by shard; resumes at the first missing shard of the same fingerprint."""
+
+    def __init__(self, store: ArtifactStore, stage_uri: str, schema_name: str, fingerprint: dict[str, Any]):
+        if schema_name not in SCHEMAS:
+            raise ValueError(f"unknown schema {schema_name!r}; known: {sorted(SCHEMAS)}")
+        self.store, self.stage_uri, self.schema_name = store, stage_uri, schema_name
+        self.schema = SCHEMAS[schema_name]
+        self.fingerprint = fingerprint
+        self.digest = fingerprint_digest(fingerprint)
+        self.rows: dict[int, int] = {}
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Keep shards written under the same fingerprint; clear a stage computed from something else."""
+        store, plan_uri = self.store, f"{self.stage_uri}/{STAGE_PLAN}"
+        plan = store.read_json(plan_uri) if store.exists(plan_uri) else None
+        if plan is None or plan["fingerprint_digest"] != self.digest:
+            if store.exists(self.stage_uri):
+                store.fs.rm(store._path(self.stage_uri), recursive=True)
+            store.write_json(plan_uri, {"fingerprint_digest": self.digest, "fingerprint": self.fingerprint})
+            return
+        for path in store.fs.ls(store._path(self.stage_uri), detail=False):
+            match = _SHARD.match(os.path.basename(path))
+            if match:
+                self.rows[int(match.group(1))] = pq.ParquetFile(store.fs.open(path, "rb")).metadata.num_rows
+
+    @property
+    def done_shards(self) -> set[int]:
+        return set(self.rows)
+
+    def write_shard(self, index: int, table: pa.Table) -> None:
+        table = conform(table, self.schema, f"{self.schema_name} shard {index}")
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.store.write_bytes(f"{self.stage_uri}/{shard_name(index)}", buffer.getvalue())
+        self.rows[index] = table.num_rows
+
+    def finish(self, extra: dict | None = None) -> dict:
+        """Write the manifest (last): the shards 0..n-1 must all be present."""
+        indices = sorted(self.rows)
+        if indices != list(range(len(indices))):
+            missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
+            raise RuntimeError(f"stage {self.stage_uri}: shards {missing} are missing; cannot finish")
+        manifest = {
+            "stage": self.stage_uri.rsplit("/", 1)[-1],
+            "schema": self.schema_name,
+            "schema_version": SCHEMA_VERSION,
+            "package_version": __version__,
+            "fingerprint": self.fingerprint,
+            "fingerprint_digest": self.digest,
+            "shards": [{"name": shard_name(i), "rows": self.rows[i]} for i in indices],
+            "rows": sum(self.rows.values()),
+            "created_at": time.time(),
+            "extra": extra or {},
+        }
+        self.store.write_json(f"{self.stage_uri}/{MANIFEST}", manifest)
+        return manifest

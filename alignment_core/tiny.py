@@ -1,0 +1,232 @@
+"""A tiny Llama-style model and tokenizer, built locally in seconds, for tests and CPU demos.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained on an English corpus generated here from a
+fixed word list with a seeded RNG, and the model has random weights. The result is a normal
+`save_pretrained` folder, so it loads through exactly the same `from_pretrained` path as a hub model.
+
+    python -m alignment_core.tiny OUT_DIR [--kind reward_model] [--layers N]
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+KINDS = ("causal_lm", "reward_model")
+VOCAB_SIZE = 1024
+MAX_LENGTH = 512
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_OF_TURN = "<|end|>"  # closes system and user turns; assistant turns close with EOS
+SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_MARKERS.values(), END_OF_TURN]
+
+# Each turn is "<|role|>\n{content}" closed by <|end|> (EOS for the assistant), then a newline. A response
+# sampled after the generation prompt therefore stops at EOS, the token the training batches append.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# The reward function in alignment_core.rewards counts these; they are frequent in the corpus so that BPE
+# learns each as one token.
+POSITIVE_WORDS = (
+    "good great happy love wonderful excellent kind bright joy nice glad calm warm friendly helpful "
+    "beautiful amazing fantastic lovely pleasant cheerful gentle brilliant perfect best"
+).split()
+NEGATIVE_WORDS = "bad sad angry terrible awful poor cold dark ugly wrong worst rude".split()
+NOUNS = (
+    "time year people way day man woman child world life hand part place case week company system "
+    "program question work government number night point home water room mother area money story fact "
+    "month lot right study book eye job word business issue side kind head house service friend father "
+    "power hour game line end member law car city name team minute idea kid body information back parent "
+    "face others level office door health person art war history party result change morning reason "
+    "research girl guy moment air teacher force education food music garden river tree cat dog bird sun "
+    "moon sky road school table window letter song picture movie weather answer problem model data plan"
+).split()
+VERBS = (
+    "is was has had does said made went got knew took saw came thought looked wanted gave used found told "
+    "asked worked seemed felt tried left called needed helped liked played moved lived believed brought "
+    "wrote read learned kept began showed heard ran walked talked opened closed started finished built"
+).split()
+ADJECTIVES = (
+    "new old little big long small large young important different early public bad same able last "
+    "late hard major better economic strong possible whole free military true federal international "
+    "full special easy clear recent certain personal open red difficult available likely short single "
+    "simple quiet green blue white black quick slow"
+).split()
+FUNCTION_WORDS = (
+    "the a an of to and in that it for on with as at by from this but or not we you they he she I my your "
+    "our their very really so also just more most some many every each all what how why when where who"
+).split()
+QUESTIONS = [
+    "What is a good way to start the day?",
+    "How can I help my friend?",
+    "Why is the sky blue?",
+    "Can you tell me a story about a dog?",
+    "What should I read next?",
+    "How do I make a garden grow?",
+    "Write a short poem about the sun.",
+    "What is the best way to learn music?",
+]
+
+
+def _sentence(rng: random.Random) -> str:
+    """One sentence of simple English; two in three carry a positive word, one in six a negative one."""
+    words = [rng.choice(["The", "A", "My", "Our", "Every", "This"]), rng.choice(ADJECTIVES), rng.choice(NOUNS)]
+    words += [rng.choice(VERBS), rng.choice(FUNCTION_WORDS), rng.choice(NOUNS)]
+    roll = rng.random()
+    if roll < 2 / 3:
+        words += ["and", "it", "was", rng.choice(POSITIVE_WORDS)]
+    elif roll < 5 / 6:
+        words += ["but", "it", "was", rng.choice(NEGATIVE_WORDS)]
+    return " ".join(words) + rng.choice([".", ".", "!", "?"])
+
+
+def make_corpus(seed: int = 0, n_documents: int = 1500) -> list[str]:
+    """The tokenizer's training text: short documents of sentences, questions and positive-word lists."""
+    rng = random.Random(seed)
+    # Positive words also open documents, so that they are single tokens at the start of a response too.
+    documents = [word for word in POSITIVE_WORDS for _ in range(10)]
+    documents += [word.capitalize() for word in POSITIVE_WORDS for _ in range(10)]
+    for _ in range(n_documents):
+        sentences = [_sentence(rng) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.3:
+            sentences.insert(0, rng.choice(QUESTIONS) + "\n")
+        documents.append(" ".join(sentences))
+    return documents
+
+
+def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (any text encodes; nothing is unknown) and wrap it for transformers."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(make_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[*ROLE_MARKERS.values(), END_OF_TURN],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_LENGTH,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, kind: str = "causal_lm", seed: int = 0, num_layers: int = 4):
+    """A randomly initialised Llama; head_dim 64 because vLLM's CPU attention supports only some sizes."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        if kind == "causal_lm":
+            model = LlamaForCausalLM(config)
+            model.generation_config.bos_token_id = tokenizer.bos_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        else:
+            config.num_labels = 1
+            model = LlamaForSequenceClassification(config)
+    return model
+
+
+def _build_record(kind: str, seed: int, num_layers: int) -> dict:
+    return {"kind": kind, "seed": seed, "num_layers": num_layers, "vocab_size": VOCAB_SIZE}
+
+
+BUILD_RECORD = "tiny_build.json"  # what was built, so a second build into the same folder can be checked
+
+
+def build_tiny(out_dir: str | Path, kind: str = "causal_lm", seed: int = 0, num_layers: int = 4) -> Path:
+    """Build the tiny model + tokenizer into `out_dir` and return it.
+
+    The folder is written under a temporary sibling name and renamed into place, so concurrent builders
+    never see half a model. A folder that already holds the same build is returned as is; one holding
+    anything else is an error rather than silently reused.
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    record = _build_record(kind, seed, num_layers)
+    if out_dir.exists():
+        return _check_existing(out_dir, record)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    model = build_model(tokenizer, kind=kind, seed=seed, num_layers=num_layers)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2))
+        staging.chmod(0o755)  # mkdtemp makes it private; the built model is meant to be shared
+        os.rename(staging, out_dir)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if out_dir.exists():  # another process won the race with the same deterministic build
+            return _check_existing(out_dir, record)
+        raise
+    return out_dir
+
+
+def _check_existing(out_dir: Path, record: dict) -> Path:
+    record_path = out_dir / BUILD_RECORD
+    existing = json.loads(record_path.read_text()) if record_path.exists() else None
+    if existing != record:
+        raise FileExistsError(
+            f"{out_dir} already exists and is not a tiny build of {record} (found {existing}); "
+            "choose another folder or remove it"
+        )
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny Llama model and tokenizer into a folder.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--kind", choices=KINDS, default="causal_lm")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny(args.out_dir, kind=args.kind, seed=args.seed, num_layers=args.layers))
+
+
+if __name__ == "__main__":
+    main()

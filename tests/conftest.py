@@ -1,0 +1,56 @@
+"""Shared fixtures: the tiny model built once per session, and an S3-compatible server on loopback."""
+
+import os
+import socket
+
+import pytest
+
+# Keep every test offline and its caches inside the test session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from alignment_core.tiny import build_tiny
+
+    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory) -> str:
+    from alignment_core.tiny import build_tiny
+
+    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "reward", kind="reward_model"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-API server (moto) on a loopback port, with a bucket `artifacts`; yields its endpoint URL.
+
+    Credentials reach s3fs the way they would in production: through the AWS_* environment variables.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="artifacts")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
