@@ -92,6 +92,8 @@ class JudgeConfig(StrictModel):
     both_orders: bool = True
     on_disagreement: Literal["tie", "drop"] = "tie"
     max_new_tokens: int = Field(default=8, gt=0)
+    # judge_pointwise: "yes_no" (desirable or not) or "score" (1-10); bundled templates are {template}_{scale}
+    pointwise_scale: Literal["yes_no", "score"] = "yes_no"
 
 
 class AnnotationConfig(StrictModel):
@@ -139,6 +141,10 @@ class TrainingConfig(StrictModel):
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     seed: int = 0
     save_every_steps: int = Field(default=0, ge=0)  # 0: save only at the end of the round
+    # More than one process: the round runs under `accelerate launch` (DDP, DeepSpeed or FSDP per the
+    # accelerate config file; deployments/accelerate/ ships some).
+    num_processes: int = Field(default=1, gt=0)
+    accelerate_config: str | None = None
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "TrainingConfig":
@@ -150,10 +156,20 @@ class TrainingConfig(StrictModel):
 
 
 class EvaluationConfig(StrictModel):
+    """Held-out prompts, the new policy against the previous and the initial one, judged by the annotator."""
+
     enabled: bool = True
-    prompts: int = Field(default=16, ge=0)
     max_new_tokens: int = Field(default=32, gt=0)
     temperature: float = Field(default=0.7, ge=0)
+    oracle: str | None = None  # module:function true reward to report beside the annotator (experiments)
+
+
+class ScaleOutConfig(StrictModel):
+    """Run the GPU stages as their own deployed flows (e.g. on a GPU work pool); None runs them in-process."""
+
+    generate_deployment: str | None = None  # e.g. "generate-stage/gpu"
+    train_deployment: str | None = None  # e.g. "train-stage/gpu"
+    timeout_s: float = Field(default=6 * 3600, gt=0)
 
 
 class PipelineConfig(StrictModel):
@@ -167,6 +183,7 @@ class PipelineConfig(StrictModel):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     store: StoreConfig = StoreConfig()
+    scale_out: ScaleOutConfig = ScaleOutConfig()
 
     @property
     def online(self) -> bool:

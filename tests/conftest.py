@@ -1,27 +1,25 @@
-"""Shared fixtures: the tiny model built once per session, and an S3-compatible server on loopback."""
+"""Shared fixtures: the tiny model and reward model (built once per session), an S3 server on loopback."""
 
 import os
 import socket
 
 import pytest
 
-# Keep every test offline and its caches inside the test session.
+from alignment_core.tiny import build_tiny
+
+# Keep every test offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    from alignment_core.tiny import build_tiny
-
-    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "llama"))
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
-def tiny_reward_model_dir(tmp_path_factory) -> str:
-    from alignment_core.tiny import build_tiny
-
-    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "reward", kind="reward_model"))
+def tiny_reward_model_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-reward", kind="reward_model")
 
 
 def free_port() -> int:
@@ -32,25 +30,26 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-API server (moto) on a loopback port, with a bucket `artifacts`; yields its endpoint URL.
+    """A real S3-API server (moto) on a loopback port with a bucket `artifacts`; yields its endpoint URL.
 
-    Credentials reach s3fs the way they would in production: through the AWS_* environment variables.
+    Credentials reach s3fs as they would in production: through the AWS_* environment variables.
     """
     from moto.server import ThreadedMotoServer
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {name: os.environ.get(name) for name in names}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="artifacts")
     yield endpoint
     server.stop()
-    for key, value in saved.items():
+    for name, value in saved.items():
         if value is None:
-            os.environ.pop(key, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[key] = value
+            os.environ[name] = value

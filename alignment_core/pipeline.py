@@ -1,0 +1,351 @@
+"""The pipeline's stages as plain functions: a config and input URIs in, the stage's output URI out.
+
+Prefect tasks (`tasks/`) are thin wrappers over these, and a notebook can call them directly. Every stage
+computes a fingerprint of what it depends on (the config sections it reads, the manifests of its inputs,
+the digest of the policy it runs) and returns at once when the store already holds a complete stage with
+that fingerprint: the store's manifests, not Prefect's database, are the record of what is done.
+
+Layout of one run (see store.py):
+    iter-000/eval_prompts, iter-000/examples (offline), iter-000/eval_generations (the initial policy)
+    iter-k/prompts → generations → annotations → units → weights → checkpoint (+ metrics)
+    iter-k/eval_generations → eval_annotations → evaluation
+"""
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from alignment_core import __version__
+from alignment_core.config import PipelineConfig, dump_config
+from alignment_core.records import METRICS, from_rows
+from alignment_core.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None] | None
+
+
+def open_store(cfg: PipelineConfig) -> ArtifactStore:
+    return ArtifactStore.from_config(cfg.store)
+
+
+def input_digest(store: ArtifactStore, uri: str) -> str:
+    """What a stage's output depends on from one input: a stage's fingerprint or a model's content digest."""
+    manifest = store.read_manifest(uri)
+    if manifest is not None:
+        return manifest["fingerprint_digest"]
+    return policy_digest(store, uri)
+
+
+def resolve_policy(store: ArtifactStore, policy_uri: str) -> str:
+    """A local folder for a model named by hub name, local path, tiny://, or a checkpoint URI in the store."""
+    from alignment_core.models import resolve_model_path
+
+    return resolve_model_path(policy_uri, store=store, cache_dir=str(store.cache_dir))
+
+
+def policy_digest(store: ArtifactStore, policy_uri: str) -> str:
+    from alignment_core.models import model_digest
+
+    return model_digest(resolve_policy(store, policy_uri))
+
+
+def _fingerprint(cfg: PipelineConfig, stage: str, sections: tuple[str, ...], **inputs) -> dict:
+    return {"stage": stage, "config": cfg.stage_hash(*sections), "inputs": inputs, "code": __version__}
+
+
+# ---- prompts and examples --------------------------------------------------------------------------------
+def _all_prompts(cfg: PipelineConfig) -> tuple[pa.Table, pa.Table]:
+    """(training prompts, held-out eval prompts): eval prompts come from eval_source or the source's tail."""
+    from alignment_core.data import DatasLoader
+
+    prompts = DatasLoader.from_config(cfg.data).load_prompts()
+    if cfg.data.eval_source:
+        held_out = DatasLoader.from_config(cfg.data.model_copy(update={"source": cfg.data.eval_source}))
+        eval_prompts = held_out.load_prompts().slice(0, cfg.data.eval_prompts)
+        eval_ids = set(eval_prompts.column("prompt_id").to_pylist())
+        keep = [pid not in eval_ids for pid in prompts.column("prompt_id").to_pylist()]
+        return prompts.filter(pa.array(keep)), eval_prompts
+    n_eval = min(cfg.data.eval_prompts, max(prompts.num_rows - 1, 0))
+    return prompts.slice(0, prompts.num_rows - n_eval), prompts.slice(prompts.num_rows - n_eval)
+
+
+def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
+    """This iteration's prompts: a fixed permutation of the training prompts, the k-th window of it."""
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, iteration, "prompts")
+    fingerprint = _fingerprint(cfg, "prompts", ("data",), iteration=iteration,
+                               per_iteration=cfg.generation.prompts_per_iteration, seed=cfg.generation.seed)
+    if store.is_complete(out, fingerprint):
+        return out
+    train_prompts, _ = _all_prompts(cfg)
+    if train_prompts.num_rows == 0:
+        raise ValueError(f"data source {cfg.data.source!r} has no training prompts left after the held-out split")
+    order = np.random.default_rng(cfg.generation.seed).permutation(train_prompts.num_rows)
+    n = cfg.generation.prompts_per_iteration
+    window = [order[i % len(order)] for i in range((iteration - 1) * n, iteration * n)]
+    window = list(dict.fromkeys(window))  # fewer prompts than a window: no prompt twice in one iteration
+    store.write_stage(out, "prompts", fingerprint, [train_prompts.take(window)])
+    return out
+
+
+def load_eval_prompts(cfg: PipelineConfig) -> str:
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, 0, "eval_prompts")
+    fingerprint = _fingerprint(cfg, "eval_prompts", ("data",))
+    if not store.is_complete(out, fingerprint):
+        store.write_stage(out, "prompts", fingerprint, [_all_prompts(cfg)[1]])
+    return out
+
+
+def load_examples(cfg: PipelineConfig) -> str:
+    """The offline dataset, normalised to EXAMPLES records (iter-000/examples)."""
+    from alignment_core.data import DatasLoader
+
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, 0, "examples")
+    fingerprint = _fingerprint(cfg, "examples", ("data",))
+    if store.is_complete(out, fingerprint):
+        return out
+    loader = DatasLoader.from_config(cfg.data)
+    examples = loader.load()
+    store.write_stage(out, "examples", fingerprint, [examples], extra={"report": _jsonable(loader.report)})
+    return out
+
+
+def _jsonable(obj) -> dict:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(obj)
+    return dict(obj) if obj else {}
+
+
+# ---- online stages ---------------------------------------------------------------------------------------
+def generate(
+    cfg: PipelineConfig, prompts_uri: str, policy_uri: str, iteration: int, stage: str = "generations",
+    progress: Progress = None,
+) -> str:
+    """Sample `n_samples` responses per prompt from the policy (resumable shard by shard)."""
+    from alignment_core.generation import run_generation
+
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, iteration, stage)
+    gen_cfg = _generation_config(cfg, stage)
+    fingerprint = {
+        "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": __version__,
+        "inputs": {"prompts": input_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)},
+    }
+    if store.is_complete(out, fingerprint):
+        return out
+    run_generation(
+        store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
+        run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
+    )
+    return out
+
+
+def _generation_config(cfg: PipelineConfig, stage: str):
+    if stage != "eval_generations":
+        return cfg.generation
+    return cfg.generation.model_copy(update={
+        "n_samples": 1, "temperature": cfg.evaluation.temperature, "max_new_tokens": cfg.evaluation.max_new_tokens,
+    })
+
+
+def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int) -> str:
+    from alignment_core.annotation import run_annotation
+
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
+    fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
+                               generations=input_digest(store, generations_uri))
+    if not store.is_complete(out, fingerprint):
+        run_annotation(store, generations_uri, out, cfg, fingerprint)
+    return out
+
+
+def build_units(
+    cfg: PipelineConfig, iteration: int, *, examples_uri: str | None = None,
+    generations_uri: str | None = None, annotations_uri: str | None = None,
+) -> str:
+    """The training units of this round: dataset examples (offline) or annotated generations (online)."""
+    from alignment_core.batches import units_from_examples, units_from_online
+
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, iteration, "units")
+    sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]
+    fingerprint = _fingerprint(cfg, "units", (), setup=cfg.setup,
+                               sources=[input_digest(store, uri) for uri in sources])
+    if store.is_complete(out, fingerprint):
+        return out
+    if examples_uri:
+        units = units_from_examples(store.read_pandas(examples_uri), cfg.setup)
+    else:
+        units = units_from_online(store.read_pandas(generations_uri), store.read_pandas(annotations_uri), cfg.setup)
+    if len(units) == 0:
+        raise ValueError(f"iteration {iteration}: no usable training units (setup {cfg.setup}); see the "
+                         "annotation stage's status counts")
+    store.write_stage(out, "units", fingerprint, [pa.Table.from_pandas(units, preserve_index=False)])
+    return out
+
+
+def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: int) -> str:
+    from alignment_core.reweight import run_reweighting
+
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, iteration, "weights")
+    inputs = {"units": input_digest(store, units_uri)}
+    if cfg.reweight.strategy == "importance":
+        inputs["policy"] = policy_digest(store, policy_uri)
+    fingerprint = _fingerprint(cfg, "weights", ("reweight",), **inputs)
+    if not store.is_complete(out, fingerprint):
+        run_reweighting(store, store.read_pandas(units_uri), out, cfg, fingerprint,
+                        policy_path=resolve_policy(store, policy_uri))
+    return out
+
+
+def train(
+    cfg: PipelineConfig, units_uri: str, weights_uri: str, policy_uri: str, reference_uri: str, iteration: int,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> str:
+    """One training round; returns the checkpoint URI (skipped when a checkpoint of the same inputs exists)."""
+    store = open_store(cfg)
+    checkpoint = store.checkpoint_uri(cfg.store.run_name, iteration)
+    metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
+    fingerprint = _fingerprint(
+        cfg, "checkpoint", ("training", "model"), setup=cfg.setup, units=input_digest(store, units_uri),
+        weights=input_digest(store, weights_uri), policy=policy_digest(store, policy_uri),
+        reference=policy_digest(store, reference_uri),
+    )
+    lineage_uri = f"{checkpoint}/lineage.json"
+    if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri) and (
+        store.read_json(lineage_uri)["fingerprint"] == fingerprint
+    ):
+        return checkpoint
+    policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
+    if cfg.training.num_processes > 1:
+        _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics)
+    else:
+        from alignment_core.batches import BatchFactory
+        from alignment_core.training import Trainer
+
+        trainer = Trainer(cfg, policy_path=policy_path, tokenizer_path=cfg.model.tokenizer, store=store,
+                          reference_path=reference_path)
+        factory = BatchFactory.from_config(trainer.tokenizer, cfg)
+        encoded = factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
+        trainer.train(encoded, checkpoint, metrics, progress_callback=progress)
+    store.write_json(lineage_uri, {"fingerprint": fingerprint, "policy_uri": policy_uri,
+                                   "reference_uri": reference_uri, "units_uri": units_uri})
+    return checkpoint
+
+
+def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics):
+    """Run the round under `accelerate launch` (DDP/DeepSpeed/FSDP per the accelerate config)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        round_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"policy": policy_path, "reference": reference_path})})
+        config_path = os.path.join(tmp, "config.yaml")
+        with open(config_path, "w") as f:
+            f.write(dump_config(round_cfg))
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+                   str(cfg.training.num_processes)]
+        if cfg.training.accelerate_config:
+            command += ["--config_file", cfg.training.accelerate_config]
+        elif not _cuda_available():
+            command += ["--cpu"]
+        command += ["-m", "alignment_core.training", "--config", config_path, "--units", units_uri,
+                    "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics]
+        subprocess.run(command, check=True)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a win-rate (ties count half a win)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def evaluate(
+    cfg: PipelineConfig, eval_prompts_uri: str, policy_uri: str, previous_policy_uri: str,
+    initial_policy_uri: str, iteration: int,
+) -> str:
+    """Held-out prompts: the new policy against the previous and the initial one, judged by the annotator.
+
+    Writes `eval_generations` (the new policy's samples; iteration 0 holds the initial policy's) and an
+    `evaluation` metrics stage: win-rates with 95% Wilson intervals, and the mean reward of each policy.
+    """
+    from alignment_core.evaluation import compare_responses
+
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
+    new = generate(cfg, eval_prompts_uri, policy_uri, iteration, stage="eval_generations")
+    previous = generate(cfg, eval_prompts_uri, previous_policy_uri, iteration - 1, stage="eval_generations")
+    initial = generate(cfg, eval_prompts_uri, initial_policy_uri, 0, stage="eval_generations")
+    fingerprint = _fingerprint(cfg, "evaluation", ("annotation", "evaluation"),
+                               new=input_digest(store, new), previous=input_digest(store, previous),
+                               initial=input_digest(store, initial))
+    if store.is_complete(out, fingerprint):
+        return out
+    new_df = store.read_pandas(new)
+    rows, summary = [], {}
+    for name, baseline_uri in (("previous", previous), ("initial", initial)):
+        comparison = compare_responses(cfg, new_df, store.read_pandas(baseline_uri))
+        outcome = comparison["outcome"].dropna()  # 1 win, 0.5 tie, 0 loss; failed verdicts are NaN
+        low, high = wilson_interval(float(outcome.sum()), len(outcome))
+        summary[f"win_rate_vs_{name}"] = float(outcome.mean()) if len(outcome) else math.nan
+        summary[f"win_rate_vs_{name}_low"], summary[f"win_rate_vs_{name}_high"] = low, high
+        summary[f"judged_vs_{name}"] = float(len(outcome))
+        if name == "previous":
+            summary["reward_mean"] = float(comparison["score_new"].mean())
+            summary["reward_mean_previous"] = float(comparison["score_baseline"].mean())
+    if cfg.evaluation.oracle:
+        from alignment_core.evaluation import load_callable
+
+        oracle = load_callable(cfg.evaluation.oracle)
+        scores = [oracle(p, r) for p, r in zip(new_df["prompt"], new_df["response"], strict=True)]
+        summary["oracle_reward_mean"] = float(np.mean(scores))
+        summary["oracle_reward_std"] = float(np.std(scores))
+    summary["response_words_mean"] = float(new_df["response"].str.split().str.len().mean())
+    rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
+    store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)], extra={"summary": summary})
+    return out
+
+
+def evaluation_summary(store: ArtifactStore, evaluation_uri: str) -> dict:
+    return store.read_manifest(evaluation_uri)["extra"]["summary"]
+
+
+def stage_summary(store: ArtifactStore, stage_uri: str) -> dict:
+    """Row count and the stage's own statistics (manifest extra), for reports."""
+    manifest = store.read_manifest(stage_uri) or {}
+    return {"uri": stage_uri, "rows": manifest.get("rows"), **manifest.get("extra", {})}
+
+
+def training_summary(store: ArtifactStore, metrics_uri: str) -> dict:
+    """Last value of each training metric of a round."""
+    if store.read_manifest(metrics_uri) is None:
+        return {}
+    frame: pd.DataFrame = store.read_pandas(metrics_uri)
+    frame = frame[frame["split"] == "train"].sort_values("step")
+    return {metric: float(group["value"].iloc[-1]) for metric, group in frame.groupby("metric")}

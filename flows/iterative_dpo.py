@@ -1,0 +1,65 @@
+"""The online pipeline: each iteration a chain of stages, the next one sampling from the last checkpoint.
+
+    load_prompts → generate → annotate → reweight → train → evaluate   (× iterations)
+
+Run it once, in ephemeral Prefect:   python -m flows.iterative_dpo --config configs/tiny.yaml
+Deployed:                            prefect deployment run 'iterative-dpo/tiny-local'
+"""
+
+from prefect import flow, get_run_logger
+
+from alignment_core.config import PipelineConfig, dump_config
+from alignment_core.pipeline import open_store
+from flows.common import config_from_cli, parse_cli, with_overrides
+from tasks.annotate import annotate
+from tasks.evaluate import evaluate
+from tasks.generate import generate
+from tasks.load_prompts import load_eval_prompts, load_prompts
+from tasks.report import report_iteration
+from tasks.reweight import reweight
+from tasks.train import train
+
+
+@flow(name="iterative-dpo", log_prints=True)
+def iterative_dpo(
+    config: PipelineConfig = PipelineConfig(),
+    iterations: int | None = None,
+    run_name: str | None = None,
+    store_root: str | None = None,
+) -> list[dict]:
+    """Online preference learning (OAIF-style): sample, label, reweight and train, `iterations` times."""
+    cfg = with_overrides(config, iterations, run_name, store_root)
+    if not cfg.online:
+        raise ValueError(f"iterative-dpo runs the online setups; setup {cfg.setup!r} belongs to an offline flow")
+    config_json = cfg.model_dump_json()
+    logger = get_run_logger()
+    logger.info("run %s under %s\n%s", cfg.store.run_name, cfg.store.root, dump_config(cfg))
+
+    store = open_store(cfg)
+    initial_policy = cfg.model.policy
+    reference = cfg.model.reference or initial_policy
+    eval_prompts = load_eval_prompts(config_json, 0)
+    policy, summaries = initial_policy, []
+    for k in range(1, cfg.iterations + 1):
+        prompts = load_prompts(config_json, k)
+        generations = generate(config_json, prompts, policy, k)
+        annotations = annotate(config_json, generations, k)
+        round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
+        checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, reference, k)
+        stages = {"prompts": prompts, "generations": generations, "annotations": annotations, **round_data,
+                  "checkpoint": checkpoint, "metrics": store.stage_uri(cfg.store.run_name, k, "metrics")}
+        if cfg.evaluation.enabled:
+            stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
+        summaries.append(report_iteration(config_json, k, stages))
+        logger.info("iteration %d: %s", k, summaries[-1])
+        policy = checkpoint
+    return summaries
+
+
+if __name__ == "__main__":
+    args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.")
+    config = config_from_cli(args)
+    results = iterative_dpo(config=config)
+    print(f"\nrun {config.store.run_name} finished: {open_store(config).run_uri(config.store.run_name)}")
+    for summary in results:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})

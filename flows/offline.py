@@ -1,0 +1,79 @@
+"""Offline flows on the same stages and trainer: the responses and labels come from a fixed dataset.
+
+    load_examples → reweight → train → evaluate
+
+- `sft`: supervised fine-tuning on prompt/completion data.
+- `reward-model`: Bradley-Terry reward model from preference pairs (loads later as an annotator).
+- `offline-preference`: dpo / ipo / cdpo / slic / simpo on pairs, or kto on pointwise labels.
+
+    python -m flows.offline sft --config configs/sft.yaml
+"""
+
+import sys
+
+from prefect import flow, get_run_logger
+
+from alignment_core.config import PipelineConfig
+from alignment_core.pipeline import open_store
+from flows.common import config_from_cli, parse_cli, with_overrides
+from tasks.evaluate import evaluate
+from tasks.load_prompts import load_eval_prompts, load_examples
+from tasks.report import report_iteration
+from tasks.reweight import reweight
+from tasks.train import train
+
+OFFLINE_SETUPS = {
+    "sft": ("sft",),
+    "reward-model": ("reward_modelling",),
+    "offline-preference": ("offline_pairwise", "offline_pointwise"),
+}
+
+
+def offline_round(cfg: PipelineConfig) -> dict:
+    """One training round on the dataset, evaluated on held-out prompts when the result is a policy."""
+    config_json = cfg.model_dump_json()
+    policy = cfg.model.policy
+    examples = load_examples(config_json, 0)
+    round_data = reweight(config_json, policy, 1, examples_uri=examples)
+    checkpoint = train(config_json, round_data["units"], round_data["weights"], policy,
+                       cfg.model.reference or policy, 1)
+    stages = {"examples": examples, **round_data, "checkpoint": checkpoint,
+              "metrics": open_store(cfg).stage_uri(cfg.store.run_name, 1, "metrics")}
+    if cfg.evaluation.enabled and cfg.setup != "reward_modelling":
+        eval_prompts = load_eval_prompts(config_json, 0)
+        stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, policy, 1)
+    summary = report_iteration(config_json, 1, stages)
+    get_run_logger().info("%s finished: %s", cfg.setup, summary)
+    return summary
+
+
+def _checked(config: PipelineConfig, flow_name: str, run_name: str | None, store_root: str | None) -> PipelineConfig:
+    cfg = with_overrides(config, None, run_name, store_root)
+    if cfg.setup not in OFFLINE_SETUPS[flow_name]:
+        raise ValueError(f"flow {flow_name!r} runs setups {OFFLINE_SETUPS[flow_name]}, config has {cfg.setup!r}")
+    return cfg
+
+
+@flow(name="sft", log_prints=True)
+def sft(config: PipelineConfig, run_name: str | None = None, store_root: str | None = None) -> dict:
+    return offline_round(_checked(config, "sft", run_name, store_root))
+
+
+@flow(name="reward-model", log_prints=True)
+def reward_model(config: PipelineConfig, run_name: str | None = None, store_root: str | None = None) -> dict:
+    return offline_round(_checked(config, "reward-model", run_name, store_root))
+
+
+@flow(name="offline-preference", log_prints=True)
+def offline_preference(config: PipelineConfig, run_name: str | None = None, store_root: str | None = None) -> dict:
+    return offline_round(_checked(config, "offline-preference", run_name, store_root))
+
+
+FLOWS = {"sft": sft, "reward-model": reward_model, "offline-preference": offline_preference}
+
+if __name__ == "__main__":
+    name = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in FLOWS else None
+    if name is None:
+        sys.exit(f"usage: python -m flows.offline {{{','.join(FLOWS)}}} --config CONFIG.yaml")
+    config = config_from_cli(parse_cli(f"Run the offline {name} flow in ephemeral Prefect."))
+    print(FLOWS[name](config=config))

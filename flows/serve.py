@@ -1,0 +1,38 @@
+"""Serve the deployments from this process (no work pool needed):
+
+    prefect server start            # in another terminal; then export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m flows.serve           # serves iterative-dpo/tiny-local (+ the offline flows)
+    prefect deployment run 'iterative-dpo/tiny-local' --watch
+
+Set ALIGNMENT_SCHEDULE (a cron string, e.g. "0 3 * * *") to schedule the online flow.
+"""
+
+import os
+from pathlib import Path
+
+from prefect import serve
+
+from alignment_core.config import load_config
+from flows.iterative_dpo import iterative_dpo
+from flows.offline import offline_preference, reward_model, sft
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def deployments():
+    schedule = os.environ.get("ALIGNMENT_SCHEDULE")
+    online = load_config(CONFIGS / "tiny.yaml")
+    return [
+        iterative_dpo.to_deployment(name="tiny-local", parameters={"config": online.model_dump(mode="json")},
+                                    cron=schedule, tags=["tiny"]),
+        sft.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "sft.yaml")
+                                                          .model_dump(mode="json")}),
+        reward_model.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "reward_model.yaml")
+                                                                  .model_dump(mode="json")}),
+        offline_preference.to_deployment(name="tiny-local", parameters={
+            "config": load_config(CONFIGS / "offline_dpo.yaml").model_dump(mode="json")}),
+    ]
+
+
+if __name__ == "__main__":
+    serve(*deployments())

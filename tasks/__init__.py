@@ -1,0 +1,35 @@
+"""Prefect tasks: one module per stage, each a thin wrapper over `alignment_core.pipeline`.
+
+Tasks take plain values (the config as JSON, URIs, numbers) and return their output URI. Caching is left to
+the store: every stage checks its manifest first and returns at once when it is complete, so a retried or
+re-run flow redoes no finished work even when Prefect's database is gone. Prefect's own result cache is
+off on purpose: a cached URI could point at a store that was cleaned since.
+"""
+
+import re
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from alignment_core.config import PipelineConfig
+
+
+def stage_task(name: str, retries: int = 2):
+    """A stage task: named `{stage}-iter-{k}` in the UI, retried with backoff on transient failures."""
+    return task(
+        name=name,
+        task_run_name=name + "-iter-{iteration}",
+        cache_policy=NO_CACHE,
+        retries=retries,
+        retry_delay_seconds=[5, 30],
+        persist_result=False,
+    )
+
+
+def parse(config_json: str) -> PipelineConfig:
+    return PipelineConfig.model_validate_json(config_json)
+
+
+def artifact_key(*parts) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")

@@ -1,0 +1,23 @@
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from alignment_core import pipeline
+from tasks import artifact_key, parse, stage_task
+from tasks.generate import dispatch_stage
+
+
+@stage_task("train", retries=1)
+def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, reference_uri: str,
+          iteration: int) -> str:
+    cfg = parse(config_json)
+    if cfg.scale_out.train_deployment:
+        return dispatch_stage(cfg.scale_out.train_deployment, cfg.scale_out.timeout_s, iteration, {
+            "config_json": config_json, "units_uri": units_uri, "weights_uri": weights_uri,
+            "policy_uri": policy_uri, "reference_uri": reference_uri, "iteration": iteration,
+        })
+    progress = create_progress_artifact(0.0, key=artifact_key(cfg.store.run_name, "train-progress"),
+                                        description=f"training, iteration {iteration}")
+
+    def report(step: int, total: int, metrics: dict) -> None:
+        update_progress_artifact(progress, 100.0 * step / max(total, 1))
+
+    return pipeline.train(cfg, units_uri, weights_uri, policy_uri, reference_uri, iteration, progress=report)
