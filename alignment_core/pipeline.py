@@ -117,18 +117,8 @@ def load_examples(cfg: PipelineConfig) -> str:
         return out
     loader = DatasLoader.from_config(cfg.data)
     examples = loader.load()
-    store.write_stage(out, "examples", fingerprint, [examples], extra={"report": _jsonable(loader.report)})
+    store.write_stage(out, "examples", fingerprint, [examples], extra={"report": loader.report.to_dict()})
     return out
-
-
-def _jsonable(obj) -> dict:
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump()
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
-    return dict(obj) if obj else {}
 
 
 # ---- online stages ---------------------------------------------------------------------------------------

@@ -1,0 +1,593 @@
+"""DatasLoader: turn a dataset in one of the common public formats into normalised example rows.
+
+A source is a hub dataset name (or a local dataset folder), a `.jsonl` / `.json` / `.parquet` / `.csv` file
+(local or any fsspec URL), or `bundled:<name>` for the small datasets shipped in `alignment_core/bundled/`.
+Every source goes through one adapter, picked from the columns of its first rows or named by `format`:
+
+    prompt_only     prompt (string or chat turns), or messages whose prompt ends at the last user turn
+    pairs           prompt, chosen, rejected strings
+    hh_rlhf         Anthropic HH-RLHF: chosen and rejected are whole "\\n\\nHuman: ... \\n\\nAssistant: ..."
+                    transcripts; the shared part up to the last "\\n\\nAssistant:" is the prompt
+    messages_pairs  UltraFeedback-binarized: chosen and rejected are chat turn lists that share their leading
+                    turns (the prompt) and end in the two assistant answers; optional score_chosen/score_rejected
+    pointwise       prompt, completion, label (bool or 0/1): KTO-style unpaired feedback
+    sft             prompt and completion, or messages ending in the assistant answer
+    scored          prompt, responses (list of strings), scores (list of numbers): best vs worst becomes a pair
+
+The output is a `records.EXAMPLES` table. Ids are content hashes, so the same content gets the same id in
+every load and on every machine. A row that cannot be read (missing field, wrong type, empty prompt or
+answer, identical answers, unparseable transcript, ...) is skipped and counted per reason in `report`, or,
+with `on_bad_row="fail"`, raises a ValueError naming the row, the format and the problem.
+"""
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from alignment_core.config import DataConfig
+from alignment_core.records import EXAMPLES, PROMPTS, from_rows
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("prompt_only", "pairs", "hh_rlhf", "messages_pairs", "pointwise", "sft", "scored")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+BUNDLED_PREFIX = "bundled:"
+DETECT_ROWS = 16  # format detection looks at the columns of this many leading rows
+
+# The turn markers of an HH-RLHF transcript.
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+# --- ids and prompt text ---------------------------------------------------------------------------------
+
+
+def stable_hash(value: Any) -> str:
+    """First 16 hex chars of the sha256 of the canonical JSON of `value` (sorted keys, no spaces)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def prompt_id(prompt_messages: list[dict]) -> str:
+    """The id of a prompt: a hash of its chat turns, so one prompt has one id whatever dataset it came from."""
+    return stable_hash(prompt_messages)
+
+
+def render_prompt(prompt_messages: list[dict]) -> str:
+    """The prompt as plain text: a lone user turn is its content; longer chats are "Role: content" blocks."""
+    if len(prompt_messages) == 1 and prompt_messages[0]["role"] == "user":
+        return prompt_messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt_messages)
+
+
+# --- row validation ----------------------------------------------------------------------------------------
+
+
+class BadRow(Exception):
+    """A source row that cannot become an example; `reason` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _field(row: dict, name: str) -> Any:
+    if row.get(name) is None:
+        raise BadRow("missing_field", f"missing field {name!r}")
+    return row[name]
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadRow("not_a_string", f"field {name!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _response(value: Any, name: str) -> str:
+    """An answer: a string with some non-blank text (kept verbatim)."""
+    text = _string(value, name)
+    if not text.strip():
+        raise BadRow("empty_response", f"field {name!r} is empty")
+    return text
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRow("invalid_score", f"field {name!r} is {value!r}, expected a finite number")
+    return float(value)
+
+
+def _messages(value: Any, name: str) -> list[dict]:
+    """A list of {role, content} string turns, keeping only those two keys (ids hash exactly them)."""
+    if not isinstance(value, list):
+        raise BadRow("invalid_messages", f"field {name!r} is {type(value).__name__}, expected a list of turns")
+    turns = []
+    for i, turn in enumerate(value):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise BadRow("invalid_messages", f"{name}[{i}] is not a {{role, content}} turn of strings: {turn!r}")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return turns
+
+
+def _non_empty_prompt(turns: list[dict], name: str) -> list[dict]:
+    if not any(turn["content"].strip() for turn in turns):
+        raise BadRow("empty_prompt", f"the prompt ({name!r}) is empty")
+    return turns
+
+
+def _prompt(value: Any, name: str = "prompt") -> list[dict]:
+    """A prompt given as a string (one user turn) or as chat turns."""
+    if isinstance(value, str):
+        turns = [{"role": "user", "content": value}]
+    elif isinstance(value, list):
+        turns = _messages(value, name)
+    else:
+        raise BadRow("not_a_string", f"field {name!r} is {type(value).__name__}, expected a string or turns")
+    return _non_empty_prompt(turns, name)
+
+
+def _split_final_answer(turns: list[dict], name: str) -> tuple[list[dict], str]:
+    """(the turns before, the final assistant answer) of a chat."""
+    if not turns or turns[-1]["role"] != "assistant":
+        last = turns[-1]["role"] if turns else "nothing"
+        raise BadRow("invalid_messages", f"{name!r} ends with {last!r}, expected an assistant turn")
+    return turns[:-1], _response(turns[-1]["content"], f"{name}[-1].content")
+
+
+def _prompt_and_completion(row: dict) -> tuple[list[dict], str]:
+    """prompt + completion, where either may be chat turns (TRL's conversational format)."""
+    prompt_messages = _prompt(_field(row, "prompt"))
+    completion = _field(row, "completion")
+    if isinstance(completion, list):
+        leading, answer = _split_final_answer(_messages(completion, "completion"), "completion")
+        return prompt_messages + leading, answer
+    return prompt_messages, _response(completion, "completion")
+
+
+def _check_distinct(chosen: str, rejected: str) -> None:
+    if chosen == rejected:
+        raise BadRow("identical_responses", "chosen and rejected are identical")
+
+
+# --- adapters: one source row -> the format-specific example fields ------------------------------------------
+
+
+def adapt_prompt_only(row: dict, loader: "DatasLoader") -> dict:
+    if row.get("prompt") is not None:
+        return {"prompt_messages": _prompt(row["prompt"])}
+    if row.get("messages") is None:
+        raise BadRow("missing_field", "missing field 'prompt' (or 'messages')")
+    turns = _messages(row["messages"], "messages")
+    user_turns = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
+    if not user_turns:
+        raise BadRow("empty_prompt", "'messages' has no user turn")
+    return {"prompt_messages": _non_empty_prompt(turns[: user_turns[-1] + 1], "messages")}
+
+
+def adapt_pairs(row: dict, loader: "DatasLoader") -> dict:
+    prompt_messages = _prompt(_field(row, "prompt"))
+    chosen = _response(_field(row, "chosen"), "chosen")
+    rejected = _response(_field(row, "rejected"), "rejected")
+    _check_distinct(chosen, rejected)
+    return {"prompt_messages": prompt_messages, "chosen": chosen, "rejected": rejected}
+
+
+def parse_hh_prompt(prompt_text: str) -> list[dict]:
+    """The turns of an HH transcript prefix ending in "\\n\\nAssistant:" (that last, empty turn is dropped)."""
+    pieces = HH_TURN.split(prompt_text)  # [text before the first marker, role, content, role, content, ...]
+    if pieces[0].strip():
+        raise BadRow("unparseable_transcript", f"text before the first turn marker: {pieces[0][:40]!r}")
+    roles, contents = pieces[1::2], pieces[2::2]
+    if not roles or roles[0] != "Human":
+        raise BadRow("unparseable_transcript", "the transcript does not start with a Human turn")
+    role_names = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": role_names[r], "content": c.strip()} for r, c in zip(roles[:-1], contents[:-1], strict=True)]
+    return turns
+
+
+def adapt_hh_rlhf(row: dict, loader: "DatasLoader") -> dict:
+    chosen_text = _string(_field(row, "chosen"), "chosen")
+    rejected_text = _string(_field(row, "rejected"), "rejected")
+    _check_distinct(chosen_text, rejected_text)
+    shared = len(os.path.commonprefix([chosen_text, rejected_text]))
+    # The prompt ends at the last "\n\nAssistant:" lying wholly inside the shared prefix.
+    marker = chosen_text.rfind(ASSISTANT, 0, shared)
+    if marker < 0:
+        raise BadRow("unparseable_transcript", "chosen and rejected share no '\\n\\nAssistant:' turn marker")
+    prompt_end = marker + len(ASSISTANT)
+    chosen, rejected = chosen_text[prompt_end:].strip(), rejected_text[prompt_end:].strip()
+    if HUMAN in chosen or HUMAN in rejected:
+        raise BadRow("unparseable_transcript", "chosen and rejected differ before their final Assistant turn")
+    prompt_messages = _non_empty_prompt(parse_hh_prompt(chosen_text[:prompt_end]), "chosen")
+    chosen, rejected = _response(chosen, "chosen"), _response(rejected, "rejected")
+    return {"prompt_messages": prompt_messages, "chosen": chosen, "rejected": rejected}
+
+
+def adapt_messages_pairs(row: dict, loader: "DatasLoader") -> dict:
+    chosen_leading, chosen = _split_final_answer(_messages(_field(row, "chosen"), "chosen"), "chosen")
+    rejected_leading, rejected = _split_final_answer(_messages(_field(row, "rejected"), "rejected"), "rejected")
+    if chosen_leading != rejected_leading:
+        raise BadRow("mismatched_prompts", "chosen and rejected differ before their final assistant turn")
+    _check_distinct(chosen, rejected)
+    # UltraFeedback repeats the prompt as the leading turns (its `prompt` string is only a copy); TRL's
+    # explicit-prompt form has no leading turns and the prompt only in `prompt`.
+    if chosen_leading:
+        prompt_messages = _non_empty_prompt(chosen_leading, "chosen")
+    elif row.get("prompt") is not None:
+        prompt_messages = _prompt(row["prompt"])
+    else:
+        raise BadRow("empty_prompt", "no 'prompt' and no turns before the answers")
+    example = {"prompt_messages": prompt_messages, "chosen": chosen, "rejected": rejected}
+    for source_name, name in (("score_chosen", "chosen_score"), ("score_rejected", "rejected_score")):
+        if row.get(source_name) is not None:
+            example[name] = _number(row[source_name], source_name)
+    return example
+
+
+def adapt_pointwise(row: dict, loader: "DatasLoader") -> dict:
+    prompt_messages, completion = _prompt_and_completion(row)
+    label = _field(row, "label")
+    if isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):
+        return {"prompt_messages": prompt_messages, "completion": completion, "label": float(label)}
+    raise BadRow("invalid_label", f"field 'label' is {label!r}, expected a bool or 0/1")
+
+
+def adapt_sft(row: dict, loader: "DatasLoader") -> dict:
+    if row.get("completion") is None and row.get("messages") is not None:
+        leading, completion = _split_final_answer(_messages(row["messages"], "messages"), "messages")
+        return {"prompt_messages": _non_empty_prompt(leading, "messages"), "completion": completion}
+    prompt_messages, completion = _prompt_and_completion(row)
+    return {"prompt_messages": prompt_messages, "completion": completion}
+
+
+def adapt_scored(row: dict, loader: "DatasLoader") -> dict:
+    prompt_messages = _prompt(_field(row, "prompt"))
+    responses, scores = _field(row, "responses"), _field(row, "scores")
+    if not isinstance(responses, list) or not isinstance(scores, list):
+        raise BadRow("not_a_list", "fields 'responses' and 'scores' must both be lists")
+    if len(responses) != len(scores):
+        raise BadRow("length_mismatch", f"{len(responses)} responses but {len(scores)} scores")
+    if len(responses) < 2:
+        raise BadRow("length_mismatch", f"{len(responses)} responses: a pair needs at least 2")
+    responses = [_string(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    scores = [_number(s, f"scores[{i}]") for i, s in enumerate(scores)]
+    best = max(range(len(scores)), key=scores.__getitem__)  # the first of equal scores, for determinism
+    worst = min(range(len(scores)), key=scores.__getitem__)
+    gap = scores[best] - scores[worst]
+    if gap <= 0 or gap < loader.min_pair_margin:
+        raise BadRow("below_margin", f"best-worst score gap {gap:g} (needs > 0 and >= {loader.min_pair_margin:g})")
+    chosen = _response(responses[best], f"responses[{best}]")
+    rejected = _response(responses[worst], f"responses[{worst}]")
+    _check_distinct(chosen, rejected)
+    return {
+        "prompt_messages": prompt_messages,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_score": scores[best],
+        "rejected_score": scores[worst],
+    }
+
+
+ADAPTERS: dict[str, Callable[[dict, "DatasLoader"], dict]] = {
+    "prompt_only": adapt_prompt_only,
+    "pairs": adapt_pairs,
+    "hh_rlhf": adapt_hh_rlhf,
+    "messages_pairs": adapt_messages_pairs,
+    "pointwise": adapt_pointwise,
+    "sft": adapt_sft,
+    "scored": adapt_scored,
+}
+
+
+def detect_format(rows: list[dict]) -> str:
+    """The adapter that fits the columns (and, where needed, the value types) of the given leading rows."""
+    columns = {name for row in rows for name, value in row.items() if value is not None}
+
+    def first(name: str) -> Any:
+        return next(row[name] for row in rows if row.get(name) is not None)
+
+    if {"responses", "scores"} <= columns:
+        return "scored"
+    if {"chosen", "rejected"} <= columns:
+        if isinstance(first("chosen"), list):
+            return "messages_pairs"
+        return "pairs" if "prompt" in columns else "hh_rlhf"
+    if {"completion", "label"} <= columns:
+        return "pointwise"
+    if {"prompt", "completion"} <= columns:
+        return "sft"
+    if "messages" in columns:
+        last_turn = (first("messages") or [None])[-1]
+        return "sft" if isinstance(last_turn, dict) and last_turn.get("role") == "assistant" else "prompt_only"
+    if "prompt" in columns:
+        return "prompt_only"
+    raise ValueError(
+        f"cannot detect the data format from columns {sorted(columns)}; name one of {FORMATS} with format="
+    )
+
+
+# --- reading sources ---------------------------------------------------------------------------------------
+
+
+def bundled_names() -> list[str]:
+    """Names of the datasets shipped in alignment_core/bundled/ (usable as "bundled:<name>")."""
+    folder = resources.files("alignment_core.bundled")
+    return sorted(entry.name.removesuffix(".jsonl") for entry in folder.iterdir() if entry.name.endswith(".jsonl"))
+
+
+def bundled_path(name: str) -> str:
+    """The local path of a bundled dataset file."""
+    if name not in bundled_names():
+        raise ValueError(f"unknown bundled dataset {name!r}; available: {bundled_names()}")
+    return str(resources.files("alignment_core.bundled") / f"{name}.jsonl")
+
+
+def _read_jsonl(path: str) -> Iterator[dict | BadRow]:
+    """One item per non-blank line; a line that is not a JSON object is a BadRow (counted, not fatal)."""
+    with fsspec.open(path, "rt", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield BadRow("invalid_json", f"line {line_number}: {error.msg}")
+                continue
+            yield row if isinstance(row, dict) else BadRow("invalid_json", f"line {line_number} is not an object")
+
+
+def _read_json(path: str) -> Iterator[dict | BadRow]:
+    """A JSON array of objects, or {"<key>": [objects]}; a file of JSON lines named .json also works."""
+    with fsspec.open(path, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _read_jsonl(path)
+        return
+    if isinstance(document, dict):
+        lists = [value for value in document.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise ValueError(f"{path}: expected a JSON array of rows, or an object holding one array of rows")
+        document = lists[0]
+    if not isinstance(document, list):
+        raise ValueError(f"{path}: expected a JSON array of rows, got {type(document).__name__}")
+    for index, row in enumerate(document):
+        yield row if isinstance(row, dict) else BadRow("invalid_json", f"item {index} is not an object")
+
+
+def _read_parquet(path: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+
+
+def _read_csv(path: str) -> Iterator[dict]:
+    """CSV holds flat columns only (prompt, chosen, rejected, completion, label); types are inferred."""
+    import pyarrow.csv as pcsv
+
+    with fsspec.open(path, "rb") as handle:
+        yield from pcsv.read_csv(handle).to_pylist()
+
+
+FILE_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+
+
+def _read_hub(source: str, subset: str | None, split: str, revision: str | None, max_rows: int | None):
+    """A hub dataset (or local dataset folder) through `datasets.load_dataset`; no remote code is run."""
+    import datasets
+
+    dataset = datasets.load_dataset(source, subset, split=split, revision=revision)
+    if max_rows is not None:
+        dataset = dataset.select(range(min(max_rows, len(dataset))))
+    return iter(dataset)
+
+
+def _file_suffix(source: str) -> str | None:
+    lowered = source.lower()
+    return next((suffix for suffix in FILE_SUFFIXES if lowered.endswith(suffix)), None)
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.path.exists(source)
+
+
+# --- the loader --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What a load did: every source row read is either kept or skipped under exactly one reason."""
+
+    source: str
+    format: str = ""
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    first_bad_row: int | None = None  # source index of the first skipped row
+    first_bad_row_by_reason: dict[str, int] = field(default_factory=dict)
+    first_bad_detail: str | None = None
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+    def skip(self, index: int, bad: BadRow) -> None:
+        self.skipped_by_reason[bad.reason] = self.skipped_by_reason.get(bad.reason, 0) + 1
+        self.first_bad_row_by_reason.setdefault(bad.reason, index)
+        if self.first_bad_row is None:
+            self.first_bad_row, self.first_bad_detail = index, bad.detail
+
+    def to_dict(self) -> dict:
+        """A JSON-able summary, e.g. for a stage manifest."""
+        return {
+            "source": self.source,
+            "format": self.format,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_skipped": self.rows_skipped,
+            "skipped_by_reason": dict(self.skipped_by_reason),
+            "first_bad_row": self.first_bad_row,
+            "first_bad_row_by_reason": dict(self.first_bad_row_by_reason),
+            "first_bad_detail": self.first_bad_detail,
+        }
+
+    def summary(self) -> str:
+        text = f"{self.source} ({self.format}): read {self.rows_read}, kept {self.rows_kept}"
+        if self.rows_skipped:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped_by_reason.items()))
+            first = f"first: row {self.first_bad_row}: {self.first_bad_detail}"
+            text += f", skipped {self.rows_skipped} ({reasons}; {first})"
+        return text
+
+
+class DatasLoader:
+    """Loads one dataset split into `records.EXAMPLES` rows (`load`) or unique prompts (`load_prompts`).
+
+    `max_rows` reads only the first rows of the source; skipped rows count against it. `min_pair_margin` is the
+    smallest best-worst score gap that makes a pair in the `scored` format. After `load`, `report` says how
+    many rows were read, kept and skipped (per reason); with `on_bad_row="fail"` the first bad row raises.
+    Rows repeating an earlier row's content (same example_id) are skipped as "duplicate": ids stay unique.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        format: str = "auto",
+        split: str = "train",
+        subset: str | None = None,
+        revision: str | None = None,
+        max_rows: int | None = None,
+        on_bad_row: str = "skip",
+        min_pair_margin: float = 0.0,
+    ):
+        if format != "auto" and format not in FORMATS:
+            raise ValueError(f"unknown data format {format!r}; expected 'auto' or one of {FORMATS}")
+        if on_bad_row not in ("skip", "fail"):
+            raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+        if max_rows is not None and max_rows <= 0:
+            raise ValueError(f"max_rows must be > 0, got {max_rows}")
+        if min_pair_margin < 0:
+            raise ValueError(f"min_pair_margin must be >= 0, got {min_pair_margin}")
+        self.source = source
+        self.format = format
+        self.split = split
+        self.subset = subset
+        self.revision = revision
+        self.max_rows = max_rows
+        self.on_bad_row = on_bad_row
+        self.min_pair_margin = min_pair_margin
+        self.report: LoadReport | None = None
+        self._examples: pa.Table | None = None
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> "DatasLoader":
+        return cls(
+            source=config.source,
+            format=config.format,
+            split=config.split,
+            subset=config.subset,
+            revision=config.revision,
+            max_rows=config.max_rows,
+            on_bad_row=config.on_bad_row,
+            min_pair_margin=config.min_pair_margin,
+        )
+
+    def _source_rows(self) -> Iterator[dict | BadRow]:
+        """The raw rows of the source, at most `max_rows` of them."""
+        if self.source.startswith(BUNDLED_PREFIX):
+            path, suffix = bundled_path(self.source.removeprefix(BUNDLED_PREFIX)), ".jsonl"
+        else:
+            path, suffix = self.source, _file_suffix(self.source)
+        if suffix is None:
+            local = os.path.expanduser(path)
+            if os.path.isfile(local):
+                raise ValueError(f"data source {path!r}: unsupported file type; expected one of {FILE_SUFFIXES}")
+            if _looks_local(path) and not os.path.isdir(local):
+                raise FileNotFoundError(f"data source {path!r}: no such dataset folder or file")
+            return _read_hub(local, self.subset, self.split, self.revision, self.max_rows)
+        # A file is one split of one dataset: a split, subset or revision asked of it would be silently ignored.
+        if self.split != "train" or self.subset is not None or self.revision is not None:
+            raise ValueError(
+                f"data source {path!r} is a single file: split/subset/revision apply only to hub datasets "
+                f"and folders (got split={self.split!r}, subset={self.subset!r}, revision={self.revision!r})"
+            )
+        filesystem, fs_path = fsspec.core.url_to_fs(os.path.expanduser(path))
+        if not filesystem.exists(fs_path):
+            raise FileNotFoundError(f"data source {path!r}: no such file")
+        return itertools.islice(FILE_READERS[suffix](path), self.max_rows)
+
+    def load(self) -> pa.Table:
+        """The examples table (computed once per loader; `report` describes the load)."""
+        if self._examples is None:
+            self._examples = self._load()
+        return self._examples
+
+    def _load(self) -> pa.Table:
+        rows = self._source_rows()
+        head = list(itertools.islice(rows, DETECT_ROWS))
+        if not head:
+            raise ValueError(f"data source {self.source!r} has no rows")
+        fmt = self.format
+        if fmt == "auto":
+            fmt = detect_format([row for row in head if isinstance(row, dict)])
+        adapter = ADAPTERS[fmt]
+        report = LoadReport(source=self.source, format=fmt)
+        examples: list[dict] = []
+        first_index_of_example: dict[str, int] = {}
+        for index, row in enumerate(itertools.chain(head, rows)):
+            report.rows_read += 1
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                example = self._example(adapter(row, self), index)
+                earlier = first_index_of_example.setdefault(example["example_id"], index)
+                if earlier != index:
+                    raise BadRow("duplicate", f"same content as row {earlier}")
+            except BadRow as bad:
+                if self.on_bad_row == "fail":
+                    raise ValueError(f"{self.source}: row {index} ({fmt} format): {bad.detail}") from None
+                if bad.reason not in report.skipped_by_reason:
+                    logger.warning("%s: skipping row %d (%s format): %s", self.source, index, fmt, bad.detail)
+                report.skip(index, bad)
+                continue
+            examples.append(example)
+        report.rows_kept = len(examples)
+        self.report = report
+        logger.log(logging.INFO if examples else logging.WARNING, "loaded %s", report.summary())
+        return from_rows(examples, EXAMPLES, name=f"examples from {self.source}")
+
+    @staticmethod
+    def _example(fields: dict, index: int) -> dict:
+        """Complete an adapter's fields with the plain-text prompt, the ids and the source row."""
+        example = {field.name: None for field in EXAMPLES}
+        example.update(fields)
+        example["prompt"] = render_prompt(example["prompt_messages"])
+        example["prompt_id"] = prompt_id(example["prompt_messages"])
+        example["example_id"] = stable_hash(
+            [example["prompt_id"], example["chosen"], example["rejected"], example["completion"], example["label"]]
+        )
+        example["source_row"] = index
+        return example
+
+    def load_prompts(self) -> pa.Table:
+        """The unique prompts of the dataset (by prompt_id), in order of first occurrence."""
+        examples = self.load()
+        unique = {}
+        for row in examples.select(["prompt_id", "prompt", "prompt_messages"]).to_pylist():
+            unique.setdefault(row["prompt_id"], row)
+        return from_rows(list(unique.values()), PROMPTS, name=f"prompts from {self.source}")

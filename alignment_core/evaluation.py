@@ -1,0 +1,66 @@
+"""Head-to-head comparison of two policies' responses to the same held-out prompts, by the annotator.
+
+A pairwise judge compares the two responses directly (both orders, as in training). Scoring annotators
+(reward model, programmatic rule, pointwise judge) score each response and the higher score wins.
+The outcome of each prompt is 1.0 (new wins), 0.5 (tie) or 0.0; a failed verdict is NaN, never a guess.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from alignment_core.annotation import LABEL_STATUSES, import_callable, make_annotator
+from alignment_core.config import PipelineConfig
+
+load_callable = import_callable
+
+
+def compare_responses(cfg: PipelineConfig, new: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """One row per prompt present in both: prompt_id, outcome, score_new, score_baseline."""
+    new = new.drop_duplicates("prompt_id").set_index("prompt_id")
+    baseline = baseline.drop_duplicates("prompt_id").set_index("prompt_id")
+    prompts = [pid for pid in new.index if pid in baseline.index]
+    if cfg.annotation.annotator == "judge_pairwise":
+        return _judge_pairs(cfg, new.loc[prompts], baseline.loc[prompts])
+    return _compare_scores(cfg, new.loc[prompts], baseline.loc[prompts])
+
+
+def _as_pairs(new: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Both policies' responses as one generations frame: sample 0 is the new policy's, 1 the baseline's."""
+    first = new.reset_index().assign(sample_index=0)
+    second = baseline.reset_index().assign(sample_index=1)
+    # The same policy on both sides (iteration 1 compares against the initial policy twice) keeps ids apart.
+    second["generation_id"] = second["generation_id"] + "-baseline"
+    return pd.concat([first, second], ignore_index=True)
+
+
+def _judge_pairs(cfg: PipelineConfig, new: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    judge = make_annotator(cfg.model_copy(update={"setup": "online_pairwise"}))
+    rows = judge.annotate(_as_pairs(new, baseline))
+    new_ids = set(new["generation_id"])
+    results = []
+    for row in rows:
+        new_first = row["generation1_id"] in new_ids
+        if row["status"] not in LABEL_STATUSES:
+            outcome = math.nan
+        else:
+            outcome = row["generation1_reward"] if new_first else row["generation2_reward"]
+        score_new, score_baseline = (row["score1"], row["score2"]) if new_first else (row["score2"], row["score1"])
+        results.append({"prompt_id": row["prompt_id"], "outcome": outcome, "score_new": score_new,
+                        "score_baseline": score_baseline})
+    return pd.DataFrame(results, columns=["prompt_id", "outcome", "score_new", "score_baseline"])
+
+
+def _compare_scores(cfg: PipelineConfig, new: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    scorer = make_annotator(cfg.model_copy(update={"setup": "rl"}))  # "rl" rows carry the raw score
+    pairs = _as_pairs(new, baseline)
+    scores = {row["generation1_id"]: row["generation1_reward"] if row["status"] in LABEL_STATUSES else math.nan
+              for row in scorer.annotate(pairs)}
+    results = []
+    for pid, first, second in zip(new.index, new["generation_id"], baseline["generation_id"] + "-baseline",
+                                  strict=True):
+        a, b = scores.get(first, math.nan), scores.get(second, math.nan)
+        outcome = math.nan if np.isnan(a) or np.isnan(b) else (1.0 if a > b else 0.5 if a == b else 0.0)
+        results.append({"prompt_id": pid, "outcome": outcome, "score_new": a, "score_baseline": b})
+    return pd.DataFrame(results, columns=["prompt_id", "outcome", "score_new", "score_baseline"])

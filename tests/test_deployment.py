@@ -1,0 +1,91 @@
+"""A real `prefect server start` on loopback, the deployments served, a run started by name from the CLI."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.test_flows import REPO, prefect_env
+
+pytestmark = pytest.mark.slow
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "prefect server exited"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(tmp_path, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--analytics-off", "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(api, server)
+        yield api, env
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_served_deployment_runs_by_name_and_publishes_artifacts(prefect_server, tmp_path):
+    api, env = prefect_server
+    serve_log = open(tmp_path / "serve.log", "w")
+    served = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=serve_log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            listed = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=env,
+                                    capture_output=True, text=True)
+            if "tiny-local" in listed.stdout:
+                break
+            assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "deployments never registered"
+            time.sleep(1)
+
+        store_root = tmp_path / "store"
+        run = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "iterative-dpo/tiny-local", "--watch",
+             "--param", "iterations=1", "--param", f"store_root={store_root}", "--param", "run_name=served"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-3000:] + (tmp_path / "serve.log").read_text()[-5000:]
+        assert "Completed" in run.stdout
+        assert (store_root / "served" / "iter-001" / "checkpoint" / "_complete.json").exists()
+
+        artifacts = asyncio.run(read_artifact_keys(api))
+        assert {"served-summary", "served-samples"} <= artifacts
+        assert any(key.startswith("served-iter-1-") for key in artifacts)
+    finally:
+        os.killpg(served.pid, 15)
+        served.wait(timeout=30)
+        serve_log.close()
+
+
+async def read_artifact_keys(api: str) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        async with get_client() as client:
+            artifacts = await client.read_artifacts()
+    return {a.key for a in artifacts if a.key}

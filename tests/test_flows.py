@@ -1,0 +1,155 @@
+"""End-to-end: the iterative-dpo flow in ephemeral Prefect, as a user runs it (`python -m flows.iterative_dpo`).
+
+Each flow runs in a subprocess with its own PREFECT_HOME, exactly like the README's command.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from alignment_core.records import SCHEMAS
+from alignment_core.store import ArtifactStore
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+# A small online setup: 8 prompts x 2 samples per iteration, shards of 2 prompts (4 shards to kill between).
+SMALL = {
+    "setup": "online_pairwise",
+    "iterations": 2,
+    "data": {"source": "bundled:prompts", "eval_prompts": 4},
+    "model": {"policy": "tiny://llama"},
+    "generation": {"backend": "transformers", "prompts_per_iteration": 8, "n_samples": 2, "max_new_tokens": 12,
+                   "shard_size": 2, "batch_size": 8},
+    "annotation": {"annotator": "programmatic", "programmatic": "alignment_core.rewards:positive_words"},
+    "reweight": {"strategy": "margin"},
+    "training": {"loss": "dpo", "batch_size": 4, "learning_rate": 1e-4},
+    "evaluation": {"max_new_tokens": 12, "oracle": "alignment_core.rewards:positive_words"},
+    "store": {"run_name": "e2e"},
+}
+
+STAGE_SCHEMAS = {"prompts": "prompts", "generations": "generations", "annotations": "annotations",
+                 "units": "units", "weights": "weights", "metrics": "metrics", "eval_generations": "generations",
+                 "evaluation": "metrics"}
+
+
+def prefect_env(tmp_path: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        PREFECT_LOGGING_LEVEL="INFO",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )
+    return env
+
+
+def write_config(tmp_path: Path, root: str, **changes) -> Path:
+    config = {**SMALL, "store": {**SMALL["store"], "root": root}, **changes}
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_flow(config: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "flows.iterative_dpo", "--config", str(config)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_two_iterations_write_every_stage_with_lineage(tmp_path):
+    root = tmp_path / "store"
+    result = run_flow(write_config(tmp_path, str(root)), prefect_env(tmp_path))
+    assert "run e2e finished" in result.stdout
+
+    store = ArtifactStore(str(root))
+    assert store.list_iterations("e2e") == [0, 1, 2]
+    for k in (1, 2):
+        for stage, schema in STAGE_SCHEMAS.items():
+            frame = pd.read_parquet(store.stage_uri("e2e", k, stage))  # the folder, as a user opens it
+            assert list(frame.columns) == SCHEMAS[schema].names, stage
+            assert len(frame) > 0, (k, stage)
+        assert store.checkpoint_complete(store.checkpoint_uri("e2e", k))
+    first = pd.read_parquet(store.stage_uri("e2e", 1, "generations"))
+    second = pd.read_parquet(store.stage_uri("e2e", 2, "generations"))
+    assert set(first["policy_uri"]) == {"tiny://llama"}
+    assert set(second["policy_uri"]) == {store.checkpoint_uri("e2e", 1)}  # iteration 2 sampled from iteration 1
+    assert second["policy_digest"].iloc[0] != first["policy_digest"].iloc[0]
+    assert len(first) == 8 * 2 and first["generation_id"].is_unique
+    evaluation = store.read_manifest(store.stage_uri("e2e", 2, "evaluation"))["extra"]["summary"]
+    assert 0.0 <= evaluation["win_rate_vs_previous"] <= 1.0
+    assert evaluation["win_rate_vs_previous_low"] <= evaluation["win_rate_vs_previous"]
+
+    # Re-running the finished run does no model work: every stage is found complete.
+    before = {k: store.read_manifest(store.stage_uri("e2e", k, "generations"))["created_at"] for k in (1, 2)}
+    rerun = run_flow(write_config(tmp_path, str(root)), prefect_env(tmp_path))
+    after = {k: store.read_manifest(store.stage_uri("e2e", k, "generations"))["created_at"] for k in (1, 2)}
+    assert before == after
+    assert "Training" not in rerun.stderr
+
+    inspect = subprocess.run([sys.executable, "-m", "alignment_core.inspect", str(root / "e2e"),
+                              "--plot", str(tmp_path / "plot.png")], cwd=REPO, capture_output=True, text=True)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "iter-002" in inspect.stdout and "win_rate_vs_previous" in inspect.stdout
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_sigkill_during_generation_resumes_to_the_same_shards(tmp_path):
+    reference_root, killed_root = tmp_path / "uninterrupted", tmp_path / "killed"
+    env = prefect_env(tmp_path)
+    small = {"iterations": 1, "evaluation": {"enabled": False}}
+    run_flow(write_config(tmp_path, str(reference_root), **small), env)
+
+    generations = killed_root / "e2e" / "iter-001" / "generations"
+    process = subprocess.Popen([sys.executable, "-m", "flows.iterative_dpo", "--config",
+                                str(write_config(tmp_path, str(killed_root), **small))],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 600
+    while not (generations / "part-00001.parquet").exists():
+        assert process.poll() is None, "the flow ended before it could be killed"
+        assert time.time() < deadline, "generation never reached its second shard"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (generations / "_manifest.json").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in generations.glob("part-*.parquet")}
+    prompts_manifest = (killed_root / "e2e" / "iter-001" / "prompts" / "_manifest.json").read_text()
+
+    run_flow(write_config(tmp_path, str(killed_root), **small), env)
+    # finished work was not redone: the prompts stage and the shards written before the kill are untouched
+    assert (killed_root / "e2e" / "iter-001" / "prompts" / "_manifest.json").read_text() == prompts_manifest
+    for name, mtime in written.items():
+        assert (generations / name).stat().st_mtime_ns == mtime
+    resumed = pd.read_parquet(generations).sort_values("generation_id").reset_index(drop=True)
+    uninterrupted = pd.read_parquet(reference_root / "e2e" / "iter-001" / "generations")
+    uninterrupted = uninterrupted.sort_values("generation_id").reset_index(drop=True)
+    assert resumed["generation_id"].is_unique and len(resumed) == 8 * 2
+    assert resumed["generation_id"].tolist() == uninterrupted["generation_id"].tolist()
+    assert resumed["response"].tolist() == uninterrupted["response"].tolist()
+
+
+def test_flow_runs_unchanged_against_s3(tmp_path, s3_server):
+    root = "s3://artifacts/runs"
+    config = write_config(tmp_path, root, iterations=1, evaluation={"enabled": False})
+    # Credentials come from the environment, never from the config file.
+    assert "testing" not in config.read_text()
+    result = run_flow(config, prefect_env(tmp_path, AWS_ENDPOINT_URL=s3_server))
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+    options = {"client_kwargs": {"endpoint_url": s3_server}}
+    for stage in ("prompts", "generations", "annotations", "weights", "metrics"):
+        frame = pd.read_parquet(f"{root}/e2e/iter-001/{stage}/", storage_options=options)
+        assert len(frame) > 0, stage
+    assert ArtifactStore(root, endpoint_url=s3_server).checkpoint_complete(f"{root}/e2e/iter-001/checkpoint")
