@@ -93,8 +93,8 @@ QUESTIONS = [
 
 def _sentence(rng: random.Random) -> str:
     """One sentence of simple English; two in three carry a positive word, one in six a negative one."""
-    words = [rng.choice(["The", "A", "My", "Our", "Every", "This"]), rng.choice(ADJECTIVES), rng.choice(NOUNS)]
-    words += [rng.choice(VERBS), rng.choice(FUNCTION_WORDS), rng.choice(NOUNS)]
+    words = [rng.choice(["The", "A", "My", "Our", "Every", "This"]), rng.choice(ADJECTIVES)]
+    words += [rng.choice(NOUNS), rng.choice(VERBS), rng.choice(FUNCTION_WORDS), rng.choice(NOUNS)]
     roll = rng.random()
     if roll < 2 / 3:
         words += ["and", "it", "was", rng.choice(POSITIVE_WORDS)]
@@ -104,11 +104,10 @@ def _sentence(rng: random.Random) -> str:
 
 
 def make_corpus(seed: int = 0, n_documents: int = 1500) -> list[str]:
-    """The tokenizer's training text: short documents of sentences, questions and positive-word lists."""
+    """The tokenizer's training text: short documents of sentences and questions, plus bare positive words."""
     rng = random.Random(seed)
     # Positive words also open documents, so that they are single tokens at the start of a response too.
-    documents = [word for word in POSITIVE_WORDS for _ in range(10)]
-    documents += [word.capitalize() for word in POSITIVE_WORDS for _ in range(10)]
+    documents = [word for word in POSITIVE_WORDS for _ in range(100)]
     for _ in range(n_documents):
         sentences = [_sentence(rng) for _ in range(rng.randint(1, 4))]
         if rng.random() < 0.3:
@@ -142,7 +141,7 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, kind: str = "causal_lm", seed: int = 0, num_layers: int = 4):
+def build_model(tokenizer, kind: str = "causal_lm", seed: int = 0, num_layers: int = 4):
     """A randomly initialised Llama; head_dim 64 because vLLM's CPU attention supports only some sizes."""
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")

@@ -1,0 +1,426 @@
+"""BatchFactory: training units -> the batch dict of SEED.md, for the seven learning setups.
+
+The path of a row to a batch:
+
+    examples (offline)                  --units_from_examples-->  units
+    generations + annotations (online)  --units_from_online-->    units
+    units  --BatchFactory.encode-->  encoded units  --BatchFactory.collate-->  batch
+
+A *unit* (records.UNITS) is one prompt with one or two responses and their rewards. `encode` tokenises every
+unit once (prompt through the chat template, responses with EOS appended, truncation as in the DPO reference
+implementation); `collate` pads a list of encoded units into tensors.
+
+Which generations and rewards a batch carries depends on the setup (SEED.md):
+
+    setup              generations  generation1_reward           generation2_reward   weights
+    sft                1            None                         -                    1.0 unless reweighted
+    reward_modelling   2            None                         None                 1.0 unless reweighted
+    rl                 1            the annotator's scalar       -
+    offline_pointwise  1            label: 1.0 / 0.0             -
+    online_pointwise   1            label: 1.0 / 0.0             -
+    offline_pairwise   2            1.0 (preferred)              0.0
+    online_pairwise    2            1.0 (preferred)              0.0
+
+In two-generation setups generation1 is always the preferred response (pairwise units are swapped into that
+order and ties are dropped), because the losses rely on it.
+"""
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from typing import get_args
+
+import pandas as pd
+import torch
+
+from alignment_core.config import ONLINE_SETUPS, PipelineConfig, Setup
+from alignment_core.records import UNITS, from_rows
+
+logger = logging.getLogger(__name__)
+
+SETUPS = get_args(Setup)
+TWO_GENERATION_SETUPS = ("reward_modelling", "offline_pairwise", "online_pairwise")
+PAIRWISE_SETUPS = ("offline_pairwise", "online_pairwise")
+POINTWISE_SETUPS = ("offline_pointwise", "online_pointwise")
+OFFLINE_SETUPS = tuple(setup for setup in SETUPS if setup not in ONLINE_SETUPS)
+REWARDLESS_SETUPS = ("sft", "reward_modelling")  # SEED: their rewards are None
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+# Role names of the plain-text prompt format used when a tokenizer has no chat template (Anthropic HH style).
+PLAIN_ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _messages(prompt_messages) -> list[dict[str, str]]:
+    """Chat turns as plain dicts (Arrow gives a numpy array of dicts)."""
+    return [{"role": turn["role"], "content": turn["content"]} for turn in prompt_messages]
+
+
+# ---- prompt rendering, shared with generation -------------------------------------------------------
+def render_prompt_text(tokenizer, prompt_messages) -> str:
+    """The prompt as the model sees it, ending where the assistant's response starts.
+
+    With a chat template: the template with `add_generation_prompt=True`. Without one: the turns as
+    "\\n\\nHuman: ...\\n\\nAssistant: ..." followed by "\\n\\nAssistant:".
+    """
+    messages = _messages(prompt_messages)
+    if tokenizer.chat_template is not None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for turn in messages:
+        if turn["role"] not in PLAIN_ROLE_NAMES:
+            raise ValueError(f"unknown chat role {turn['role']!r}; expected one of {list(PLAIN_ROLE_NAMES)}")
+    turns = "".join(f"\n\n{PLAIN_ROLE_NAMES[turn['role']]}: {turn['content']}" for turn in messages)
+    return turns + "\n\nAssistant:"
+
+
+def _prompt_text_to_ids(tokenizer, text: str) -> list[int]:
+    # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's own.
+    return tokenizer(text, add_special_tokens=tokenizer.chat_template is None).input_ids
+
+
+def render_prompt_ids(tokenizer, prompt_messages) -> list[int]:
+    """Token ids of `render_prompt_text`: what generation feeds the model and what training conditions on."""
+    return _prompt_text_to_ids(tokenizer, render_prompt_text(tokenizer, prompt_messages))
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    """A response's token ids, EOS appended: the model learns to stop where the response stopped."""
+    return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+# ---- units ---------------------------------------------------------------------------------------------
+def _check_setup(setup: str, allowed: tuple[str, ...], what: str) -> None:
+    if setup not in allowed:
+        raise ValueError(f"{what} builds units for the setups {allowed}, not {setup!r}")
+
+
+def _require(frame: pd.DataFrame, column: str, setup: str, id_column: str) -> None:
+    """Every row must have `column`: an error names the setup, the column and the first offending row."""
+    if column not in frame.columns:
+        raise ValueError(f"setup {setup!r} needs column {column!r}, which the input does not have")
+    missing = frame[column].map(_is_missing)
+    if missing.any():
+        first = frame.loc[missing, id_column].iloc[0]
+        raise ValueError(
+            f"setup {setup!r} needs {column!r} on every row; {int(missing.sum())} rows have none "
+            f"(first: {id_column}={first!r})"
+        )
+
+
+def _check_labels(rewards, setup: str) -> None:
+    bad = sorted({float(r) for r in rewards if float(r) not in (0.0, 1.0)})
+    if bad:
+        raise ValueError(f"setup {setup!r} needs labels 1.0 (desirable) or 0.0 (undesirable); got {bad[:5]}")
+
+
+def units_from_examples(examples: pd.DataFrame, setup: str) -> pd.DataFrame:
+    """Offline setups: training units from dataset examples (records.EXAMPLES); unit_id = example_id."""
+    _check_setup(setup, OFFLINE_SETUPS, "units_from_examples")
+    frame = examples.copy()
+    if setup == "sft":
+        # SFT learns the demonstration: the completion, or the chosen response of a preference pair.
+        nothing = pd.Series(None, index=frame.index, dtype=object)
+        completion, chosen = frame.get("completion", nothing), frame.get("chosen", nothing)
+        frame["generation1_response"] = completion.where(~completion.map(_is_missing), chosen)
+        missing = frame["generation1_response"].map(_is_missing)
+        if missing.any():
+            raise ValueError(
+                f"setup 'sft' needs 'completion' or 'chosen' on every row; {int(missing.sum())} rows have "
+                f"neither (first: example_id={frame.loc[missing, 'example_id'].iloc[0]!r})"
+            )
+    elif setup in ("reward_modelling", "offline_pairwise"):
+        _require(frame, "chosen", setup, "example_id")
+        _require(frame, "rejected", setup, "example_id")
+        frame["generation1_response"], frame["generation2_response"] = frame["chosen"], frame["rejected"]
+        if setup == "offline_pairwise":
+            frame["generation1_reward"], frame["generation2_reward"] = 1.0, 0.0
+    else:  # offline_pointwise
+        _require(frame, "completion", setup, "example_id")
+        _require(frame, "label", setup, "example_id")
+        _check_labels(frame["label"], setup)
+        frame["generation1_response"], frame["generation1_reward"] = frame["completion"], frame["label"]
+    frame["unit_id"] = frame["example_id"]
+    return _to_units(frame)
+
+
+def _to_units(frame: pd.DataFrame) -> pd.DataFrame:
+    rows = frame[[c for c in UNITS.names if c in frame.columns]].to_dict("records")
+    for row in rows:
+        row["prompt_messages"] = _messages(row["prompt_messages"])
+        for key, value in row.items():
+            if key != "prompt_messages" and _is_missing(value):
+                row[key] = None
+    return from_rows(rows, UNITS, "units").to_pandas()
+
+
+def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setup: str) -> pd.DataFrame:
+    """Online setups: annotations (records.ANNOTATIONS) joined to the generations they judged.
+
+    unit_id = annotation_id. Only verdicts with status "ok" or "tie" are used; the others (unparseable,
+    error) are counted and logged. Pairwise units are put in canonical order (see `canonicalise_pairs`).
+    """
+    _check_setup(setup, ONLINE_SETUPS, "units_from_online")
+    usable = annotations["status"].isin(["ok", "tie"])
+    if (~usable).any():
+        counts = annotations.loc[~usable, "status"].value_counts().to_dict()
+        logger.warning("%s: skipping %d of %d annotations by status: %s", setup, int((~usable).sum()),
+                       len(annotations), counts)
+    frame = annotations[usable].reset_index(drop=True)
+    expected_kind = "pairwise" if setup == "online_pairwise" else "pointwise"
+    wrong_kind = frame["kind"] != expected_kind
+    if wrong_kind.any():
+        raise ValueError(
+            f"setup {setup!r} needs {expected_kind} annotations; {int(wrong_kind.sum())} are "
+            f"{sorted(set(frame.loc[wrong_kind, 'kind']))}"
+        )
+    _require(frame, "generation1_reward", setup, "annotation_id")
+
+    by_id = generations.set_index("generation_id")
+    if not by_id.index.is_unique:
+        raise ValueError("generations: generation_id values are not unique")
+    sides = ("generation1", "generation2") if setup == "online_pairwise" else ("generation1",)
+    for side in sides:
+        _require(frame, f"{side}_id", setup, "annotation_id")
+        unknown = ~frame[f"{side}_id"].isin(by_id.index)
+        if unknown.any():
+            raise KeyError(
+                f"{int(unknown.sum())} annotations name a {side}_id that is not among the generations "
+                f"(first: {frame.loc[unknown, f'{side}_id'].iloc[0]!r})"
+            )
+        frame[f"{side}_response"] = by_id.loc[frame[f"{side}_id"], "response"].to_numpy()
+        mismatched = by_id.loc[frame[f"{side}_id"], "prompt_id"].to_numpy() != frame["prompt_id"].to_numpy()
+        if mismatched.any():
+            raise ValueError(
+                f"{int(mismatched.sum())} annotations name a {side}_id of another prompt than their "
+                f"prompt_id (first: annotation_id={frame.loc[mismatched, 'annotation_id'].iloc[0]!r})"
+            )
+    joined = by_id.loc[frame["generation1_id"]]
+    for column in ("prompt", "prompt_messages"):
+        frame[column] = joined[column].to_numpy()
+    if setup == "online_pairwise":
+        _require(frame, "generation2_reward", setup, "annotation_id")
+    else:
+        frame["generation2_id"], frame["generation2_response"], frame["generation2_reward"] = None, None, None
+    if setup == "online_pointwise":
+        _check_labels(frame["generation1_reward"], setup)
+    frame["unit_id"] = frame["annotation_id"]
+    units = _to_units(frame)
+    return canonicalise_pairs(units, setup) if setup in PAIRWISE_SETUPS else units
+
+
+def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
+    """Pairwise units with generation1 preferred and rewards 1.0 / 0.0; ties are dropped (counted, logged).
+
+    A unit whose generation2_reward is higher has its two generations swapped, with everything that belongs
+    to a generation: response, id, reward and (when joined) weight.
+    """
+    for column in ("generation1_reward", "generation2_reward"):
+        _require(units, column, setup, "unit_id")
+    units = units.copy()
+    ties = units["generation1_reward"] == units["generation2_reward"]
+    if ties.any():
+        logger.warning("%s: dropping %d of %d pairs that are ties", setup, int(ties.sum()), len(units))
+    units = units[~ties].reset_index(drop=True)
+    swap = units["generation2_reward"] > units["generation1_reward"]
+    for suffix in ("response", "id", "reward", "weight"):
+        first, second = f"generation1_{suffix}", f"generation2_{suffix}"
+        if first in units.columns:
+            units.loc[swap, [first, second]] = units.loc[swap, [second, first]].to_numpy()
+    units["generation1_reward"], units["generation2_reward"] = 1.0, 0.0
+    return units
+
+
+# ---- tokenisation and batches ---------------------------------------------------------------------------
+class BatchFactory:
+    """Tokenises units once (`encode`) and pads them into SEED.md batches (`collate`, `batches`)."""
+
+    def __init__(self, tokenizer, setup: str, *, max_length: int, max_prompt_length: int,
+                 truncation_mode: str = "keep_end"):
+        if setup not in SETUPS:
+            raise ValueError(f"unknown setup {setup!r}; expected one of {SETUPS}")
+        if truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"unknown truncation_mode {truncation_mode!r}; expected {TRUNCATION_MODES}")
+        if not 0 < max_prompt_length < max_length:
+            raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs EOS and pad tokens (models.load_tokenizer sets the pad)")
+        self.tokenizer = tokenizer
+        self.setup = setup
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.truncation_mode = truncation_mode
+        two = setup in TWO_GENERATION_SETUPS
+        self.generations = ("generation1", "generation2") if two else ("generation1",)
+
+    @classmethod
+    def from_config(cls, tokenizer, cfg: PipelineConfig) -> "BatchFactory":
+        return cls(
+            tokenizer, cfg.setup,
+            max_length=cfg.training.max_length,
+            max_prompt_length=cfg.training.max_prompt_length,
+            truncation_mode=cfg.training.truncation_mode,
+        )
+
+    # ---- encode --------------------------------------------------------------------------------------
+    def encode(self, units: pd.DataFrame, weights: pd.DataFrame | None = None) -> list[dict]:
+        """One dict per unit with its token ids (truncated), texts, reward and weight."""
+        units = self._join_weights(units, weights)
+        if self.setup in PAIRWISE_SETUPS:
+            units = canonicalise_pairs(units, self.setup)
+        for side in self.generations:
+            _require(units, f"{side}_response", self.setup, "unit_id")
+        if self.setup == "rl":
+            _require(units, "generation1_reward", self.setup, "unit_id")
+        if self.setup in POINTWISE_SETUPS:
+            _require(units, "generation1_reward", self.setup, "unit_id")
+            _check_labels(units["generation1_reward"], self.setup)
+
+        prompt_cache: dict[str, tuple[str, list[int]]] = {}
+        encoded = []
+        for unit in units.to_dict("records"):
+            messages = _messages(unit["prompt_messages"])
+            key = repr(messages)
+            if key not in prompt_cache:
+                text = render_prompt_text(self.tokenizer, messages)
+                prompt_cache[key] = (text, _prompt_text_to_ids(self.tokenizer, text))
+            prompt_text, prompt_ids = prompt_cache[key]
+            responses = {side: response_ids(self.tokenizer, unit[f"{side}_response"])
+                         for side in self.generations}
+            prompt_ids, responses = self.truncate(prompt_ids, responses)
+            item = {"unit_id": unit["unit_id"], "prompt_id": unit["prompt_id"], "prompt": prompt_text,
+                    "prompt_ids": prompt_ids}
+            for side in self.generations:
+                item[f"{side}_response_only"] = unit[f"{side}_response"]
+                item[f"{side}_response_ids"] = responses[side]
+                reward = None if self.setup in REWARDLESS_SETUPS else float(unit[f"{side}_reward"])
+                item[f"{side}_reward"] = reward
+                item[f"{side}_weight"] = float(unit[f"{side}_weight"])
+            encoded.append(item)
+        return encoded
+
+    def _join_weights(self, units: pd.DataFrame, weights: pd.DataFrame | None) -> pd.DataFrame:
+        """Attach generation1_weight/generation2_weight by unit_id; without a weights table they are 1.0."""
+        units = units.reset_index(drop=True)
+        if weights is None:
+            return units.assign(generation1_weight=1.0, generation2_weight=1.0)
+        if not weights["unit_id"].is_unique:
+            raise ValueError("weights: unit_id values are not unique")
+        columns = ["unit_id"] + [f"{side}_weight" for side in self.generations]
+        joined = units.merge(weights[columns], on="unit_id", how="left", validate="many_to_one")
+        for side in self.generations:
+            missing = joined[f"{side}_weight"].isna()
+            if missing.any():
+                raise ValueError(
+                    f"weights: {int(missing.sum())} of {len(joined)} units have no {side}_weight "
+                    f"(first: unit_id={joined.loc[missing, 'unit_id'].iloc[0]!r})"
+                )
+        return joined
+
+    def truncate(self, prompt_ids: list[int], responses: dict[str, list[int]]) -> tuple[list[int], dict]:
+        """Truncation of the DPO reference implementation (`tokenize_batch_element`).
+
+        If the prompt and the longest response exceed max_length, the prompt is cut to max_prompt_length
+        (keep_end keeps its last tokens, keep_start its first); if that is still too long, every response
+        is cut to max_length - max_prompt_length (losing its EOS).
+        """
+        longest = max(len(ids) for ids in responses.values())
+        if len(prompt_ids) + longest > self.max_length:
+            if self.truncation_mode == "keep_end":
+                prompt_ids = prompt_ids[-self.max_prompt_length:]
+            else:
+                prompt_ids = prompt_ids[: self.max_prompt_length]
+        if len(prompt_ids) + longest > self.max_length:
+            budget = self.max_length - self.max_prompt_length
+            responses = {side: ids[:budget] for side, ids in responses.items()}
+        return prompt_ids, responses
+
+    # ---- collate ---------------------------------------------------------------------------------------
+    def collate(self, encoded: list[dict]) -> dict:
+        """Pad encoded units into one batch with exactly SEED.md's keys for this setup.
+
+        Token ids are right-padded with the pad id. Both generations are padded to the same length, so a
+        trainer can concatenate them for one forward pass. Texts are the untruncated originals.
+        """
+        if not encoded:
+            raise ValueError("cannot collate an empty list of units")
+        pad_id = self.tokenizer.pad_token_id
+        prompt_ids, prompt_mask = _pad([item["prompt_ids"] for item in encoded], pad_id)
+        batch = {
+            "prompt": [item["prompt"] for item in encoded],
+            "prompt_token_ids": prompt_ids,
+            "prompt_attention_mask": prompt_mask,
+        }
+        sequences = {
+            side: [item["prompt_ids"] + item[f"{side}_response_ids"] for item in encoded]
+            for side in self.generations
+        }
+        length = max(len(ids) for rows in sequences.values() for ids in rows)
+        for side in self.generations:
+            token_ids, attention_mask = _pad(sequences[side], pad_id, length)
+            rewards = [item[f"{side}_reward"] for item in encoded]
+            batch[side] = [item["prompt"] + item[f"{side}_response_only"] for item in encoded]
+            batch[f"{side}_response_only"] = [item[f"{side}_response_only"] for item in encoded]
+            batch[f"{side}_token_ids"] = token_ids
+            batch[f"{side}_attention_mask"] = attention_mask
+            batch[f"{side}_reward"] = None if self.setup in REWARDLESS_SETUPS else torch.tensor(rewards)
+            batch[f"{side}_weight"] = torch.tensor([item[f"{side}_weight"] for item in encoded])
+        return batch
+
+    def batches(self, encoded: list[dict], batch_size: int, shuffle: bool = True, seed: int = 0,
+                drop_last: bool = False) -> Iterator[dict]:
+        """Collated batches of `batch_size` units.
+
+        For `rl` the units of one prompt stay in one batch (the loss's leave-one-out baseline is taken over a
+        prompt's samples): whole prompt groups are packed, so a batch can hold fewer than batch_size units.
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if self.setup == "rl":
+            groups: dict[str, list[int]] = {}
+            for index, item in enumerate(encoded):
+                groups.setdefault(item["prompt_id"], []).append(index)
+            order = list(groups.values())
+        else:
+            order = [[index] for index in range(len(encoded))]
+        if shuffle:
+            random.Random(seed).shuffle(order)
+
+        current: list[int] = []
+        for group in order:
+            if len(group) > batch_size:
+                raise ValueError(
+                    f"a prompt has {len(group)} samples, more than batch_size {batch_size}; for rl the batch "
+                    "size must hold all samples of a prompt"
+                )
+            if len(current) + len(group) > batch_size:
+                yield self.collate([encoded[i] for i in current])
+                current = []
+            current += group
+        if current and not (drop_last and len(current) < batch_size):
+            yield self.collate([encoded[i] for i in current])
+
+
+def _pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (ids, attention mask) LongTensors of shape [len(rows), length]."""
+    length = length or max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def response_mask(batch: dict, generation: str = "generation1") -> torch.Tensor:
+    """BoolTensor [B, L]: True on the response tokens of `generation` (prompt and padding are False).
+
+    The prompt occupies the first prompt_attention_mask.sum(1) positions of every generation's ids.
+    """
+    attention_mask = batch[f"{generation}_attention_mask"]
+    prompt_lengths = batch["prompt_attention_mask"].sum(dim=1, keepdim=True)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    return (positions >= prompt_lengths) & attention_mask.bool()
