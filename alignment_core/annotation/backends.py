@@ -1,0 +1,274 @@
+"""Where a judge's answers come from: a local causal LM, or an OpenAI-compatible HTTP endpoint.
+
+A backend takes rendered judge prompts (one user message each) and returns one `JudgeReply` per prompt:
+the log-prob of each candidate answer as the next token where the backend can give it, the answer text
+where it generated one, or the error that stopped it. Reading a verdict out of a reply is the judge's
+job (alignment_core.annotation.judge), not the backend's.
+
+`options` maps each answer to the spellings that count as it, e.g. {"A": ["A"], "B": ["B"]} or
+{"yes": ["yes", "Yes"], "no": ["no", "No"]}; a leading space is always accepted too.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+import torch
+
+log = logging.getLogger(__name__)
+
+Options = dict[str, list[str]]
+
+
+@dataclass
+class JudgeReply:
+    text: str | None = None  # the generated answer, when the backend generated one
+    logprobs: dict[str, float] | None = None  # next-token log-prob of each option the backend saw
+    error: str | None = None  # why there is no answer (HTTP error, timeout, malformed response)
+    raw: dict = field(default_factory=dict)  # backend details kept in the annotation row
+
+
+class JudgeBackend(Protocol):
+    name: str
+
+    def complete(self, prompts: Sequence[str], options: Options | None) -> list[JudgeReply]:
+        """One reply per prompt. `options=None` asks for free text (e.g. a 1-10 score)."""
+        ...
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+class LocalJudgeBackend:
+    """A transformers causal LM as judge.
+
+    With options, the verdict is read from the next-token distribution after the rendered prompt (chat
+    template of the judge's own tokenizer, generation prompt added): each option's log-prob is the
+    log-sum-exp over the single tokens that spell it. Without options the model answers greedily in text.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        batch_size: int = 8,
+        max_new_tokens: int = 8,
+        dtype: str = "float32",
+        device: str | None = None,
+    ):
+        from alignment_core.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(model)
+        self.tokenizer = load_tokenizer(path)
+        self.tokenizer.padding_side = "left"  # the next token of every row is then at the last position
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_causal_lm(path, dtype=dtype).to(self.device).eval()
+        self.name = model
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+
+    def option_token_ids(self, options: Options) -> dict[str, list[int]]:
+        """The single-token spellings of each option; an option no single token spells is an error."""
+        token_ids = {}
+        for option, spellings in options.items():
+            ids = set()
+            for spelling in spellings:
+                for variant in (spelling, " " + spelling):
+                    encoded = self.tokenizer.encode(variant, add_special_tokens=False)
+                    if len(encoded) == 1:
+                        ids.add(encoded[0])
+            if not ids:
+                raise ValueError(
+                    f"judge tokenizer of {self.name!r} has no single token for the answer {option!r} "
+                    f"(spellings {spellings}); its next-token log-probs cannot be read"
+                )
+            token_ids[option] = sorted(ids)
+        return token_ids
+
+    def _encode(self, prompts: Sequence[str]):
+        from alignment_core.batches import render_prompt_text
+
+        texts = [render_prompt_text(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        # A chat template writes its own BOS; a plain prompt gets the tokenizer's (as batches.py does).
+        special = self.tokenizer.chat_template is None
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+        return batch.to(self.device)
+
+    @torch.no_grad()
+    def complete(self, prompts: Sequence[str], options: Options | None) -> list[JudgeReply]:
+        token_ids = self.option_token_ids(options) if options is not None else None
+        replies = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = self._encode(prompts[start : start + self.batch_size])
+            if token_ids is None:
+                replies += self._generate_text(batch)
+                continue
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            next_token = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
+            for row in next_token:
+                logprobs = {opt: _logsumexp([row[i].item() for i in ids]) for opt, ids in token_ids.items()}
+                replies.append(JudgeReply(logprobs=logprobs, raw={"logprobs": logprobs}))
+        return replies
+
+    def _generate_text(self, batch) -> list[JudgeReply]:
+        output = self.model.generate(
+            **batch,
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        texts = self.tokenizer.batch_decode(
+            output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        return [JudgeReply(text=text, raw={"text": text}) for text in texts]
+
+
+RETRYABLE_STATUS = (429, 500, 502, 503, 504)
+
+
+class HttpJudgeBackend:
+    """Any OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, llama.cpp, hosted APIs).
+
+    Requests ask for `logprobs: true, top_logprobs: 5` and temperature 0; when the reply carries log-probs
+    for the options they are used, else the judge parses the text. Failures are bounded: each request is
+    retried at most `max_retries` times, on 429/5xx, timeouts and connection errors, with exponential
+    backoff (`backoff_s * 2**attempt`, or the server's Retry-After when longer, capped at 60 s); other
+    errors are not retried. At most `concurrency` requests are in flight. The API key is read from the
+    environment variable named `api_key_env` and is never logged or stored in a reply.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        concurrency: int = 4,
+        max_new_tokens: int = 8,
+        backoff_s: float = 0.5,
+    ):
+        if not base_url:
+            raise ValueError("annotation.judge.base_url must be set for the http judge backend")
+        if not model:
+            raise ValueError("annotation.judge.model must name the served model for the http judge backend")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.name = model
+        headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(api_key_env)
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        else:
+            log.warning(
+                "environment variable %s is not set: judge requests go without an API key", api_key_env
+            )
+        self.client = httpx.Client(
+            headers=headers, timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency)
+        )
+        self.max_retries, self.concurrency = max_retries, concurrency
+        self.max_new_tokens, self.backoff_s = max_new_tokens, backoff_s
+
+    def complete(self, prompts: Sequence[str], options: Options | None) -> list[JudgeReply]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda prompt: self._complete_one(prompt, options), prompts))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _complete_one(self, prompt: str, options: Options | None) -> JudgeReply:
+        body = {
+            "model": self.name,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_new_tokens,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": 5,
+        }
+        payload, attempts, error = self._post_with_retries(body)
+        if payload is None:
+            return JudgeReply(error=error, raw={"error": error, "attempts": attempts})
+        try:
+            choice = payload["choices"][0]
+            text = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            error = f"malformed chat completion: {json.dumps(payload)[:300]}"
+            return JudgeReply(error=error, raw={"error": error, "attempts": attempts})
+        top = _first_answer_top_logprobs(choice.get("logprobs"))
+        logprobs = _option_logprobs(top, options) if options is not None else None
+        raw = {"text": text, "top_logprobs": top, "attempts": attempts}
+        return JudgeReply(text=text, logprobs=logprobs, raw=raw)
+
+    def _post_with_retries(self, body: dict) -> tuple[dict | None, int, str | None]:
+        """(JSON payload or None, attempts made, last error)."""
+        error = None
+        for attempt in range(self.max_retries + 1):
+            wait = self.backoff_s * 2**attempt
+            try:
+                response = self.client.post(self.url, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json(), attempt + 1, None
+                    except ValueError:
+                        return (
+                            None,
+                            attempt + 1,
+                            f"HTTP 200 with a body that is not JSON: {response.text[:300]}",
+                        )
+                error = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code not in RETRYABLE_STATUS:
+                    return None, attempt + 1, error
+                wait = max(wait, _retry_after_s(response))
+            if attempt < self.max_retries:
+                log.info(
+                    "judge request failed (%s); retry %d/%d in %.2fs",
+                    error,
+                    attempt + 1,
+                    self.max_retries,
+                    wait,
+                )
+                time.sleep(min(wait, 60.0))
+        return None, self.max_retries + 1, error
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    try:
+        return float(response.headers.get("Retry-After", 0))
+    except ValueError:  # an HTTP date: fall back to our own backoff
+        return 0.0
+
+
+def _first_answer_top_logprobs(logprobs: dict | None) -> list[dict] | None:
+    """The top log-probs at the first generated token that is not blank (the answer's first token)."""
+    if not logprobs or not logprobs.get("content"):
+        return None
+    for position in logprobs["content"]:
+        if position.get("token", "").strip():
+            top = position.get("top_logprobs") or []
+            chosen = {"token": position["token"], "logprob": position.get("logprob")}
+            return [chosen, *[t for t in top if t.get("token") != position["token"]]]
+    return None
+
+
+def _option_logprobs(top: list[dict] | None, options: Options) -> dict[str, float] | None:
+    """Each listed option's log-prob (log-sum-exp over its spellings); None when no option is listed."""
+    if not top:
+        return None
+    found: dict[str, list[float]] = {}
+    for entry in top:
+        token, logprob = str(entry.get("token", "")).strip(), entry.get("logprob")
+        if logprob is None:
+            continue
+        for option, spellings in options.items():
+            if token in spellings:
+                found.setdefault(option, []).append(float(logprob))
+    return {option: _logsumexp(values) for option, values in found.items()} or None

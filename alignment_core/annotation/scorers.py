@@ -1,0 +1,145 @@
+"""Annotators that score each generation on its own: a reward model, or a Python function.
+
+Both produce one score per generation and leave pairing / labelling to `rows_from_scores`, so the two
+share the selection rules, the minimum margin and the pointwise threshold.
+"""
+
+import hashlib
+import importlib
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from alignment_core.annotation.base import Score, ScoreRules, rows_from_scores
+
+log = logging.getLogger(__name__)
+
+
+class RewardModelAnnotator:
+    """Scores prompt + response with an AutoModelForSequenceClassification and its own tokenizer.
+
+    The reward model's tokenizer (never the policy's) renders the prompt with its chat template when it
+    has one, the response text is appended, and the text is re-tokenised: token ids from the policy mean
+    nothing to another vocabulary. Long inputs keep their end (the response), since that is what is scored.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        rules: ScoreRules,
+        batch_size: int = 16,
+        max_length: int = 512,
+        dtype: str = "float32",
+        device: str | None = None,
+    ):
+        from alignment_core.models import load_reward_model, load_tokenizer, model_digest, resolve_model_path
+
+        path = resolve_model_path(model)
+        self.tokenizer = load_tokenizer(path)
+        self.tokenizer.truncation_side = "left"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_reward_model(path, tokenizer=self.tokenizer, dtype=dtype).to(self.device).eval()
+        digest = model_digest(path) if Path(path).is_dir() else hashlib.sha256(path.encode()).hexdigest()[:16]
+        self.name = f"reward_model:{digest}"
+        self.rules, self.batch_size, self.max_length = rules, batch_size, max_length
+
+    def texts(self, generations: pd.DataFrame) -> list[str]:
+        """prompt (chat template of the reward model's tokenizer) + response, one text per generation."""
+        from alignment_core.batches import render_prompt_text
+
+        return [
+            render_prompt_text(self.tokenizer, list(messages)) + response
+            for messages, response in zip(
+                generations["prompt_messages"], generations["response"], strict=True
+            )
+        ]
+
+    @torch.no_grad()
+    def score_texts(self, texts: list[str]) -> list[float]:
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            # A chat template writes its own BOS; a plain prompt gets the tokenizer's (as batches.py does).
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=self.tokenizer.chat_template is None,
+            ).to(self.device)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+    def annotate(self, generations: pd.DataFrame) -> list[dict]:
+        values = self.score_texts(self.texts(generations)) if len(generations) else []
+        scores = [
+            Score(v) if math.isfinite(v) else Score(None, "error", {"error": f"non-finite reward {v}"})
+            for v in values
+        ]
+        return rows_from_scores(self.name, generations, scores, self.rules)
+
+
+def import_callable(path: str) -> Callable:
+    """`module:function` -> the function; any problem is a ValueError that says what was wrong."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(
+            f"programmatic reward {path!r} must be 'module:function', "
+            "e.g. alignment_core.rewards:positive_words"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"programmatic reward {path!r}: cannot import module {module_name!r}: {error}"
+        ) from error
+    target = module
+    for name in attribute.split("."):
+        if not hasattr(target, name):
+            raise ValueError(
+                f"programmatic reward {path!r}: module {module_name!r} has no attribute {attribute!r}"
+            )
+        target = getattr(target, name)
+    if not callable(target):
+        raise ValueError(f"programmatic reward {path!r}: {attribute!r} is not callable")
+    return target
+
+
+class ProgrammaticAnnotator:
+    """Scores with a Python function `(prompt: str, response: str) -> float` named by import path.
+
+    A call that raises or returns something that is not a finite number is an "error" row for that
+    generation (logged once per batch, counted by the stage), never a score.
+    """
+
+    def __init__(self, function_path: str, rules: ScoreRules):
+        self.function = import_callable(function_path)
+        self.name = f"programmatic:{function_path}"
+        self.rules = rules
+
+    def score(self, prompt: str, response: str) -> Score:
+        try:
+            value = self.function(prompt, response)
+            value = float(value)
+        except Exception as error:  # a user function may raise anything; the row records what
+            return Score(None, "error", {"error": f"{type(error).__name__}: {error}"})
+        if not math.isfinite(value):
+            return Score(None, "error", {"error": f"non-finite reward {value}"})
+        return Score(value)
+
+    def annotate(self, generations: pd.DataFrame) -> list[dict]:
+        scores = [
+            self.score(p, r) for p, r in zip(generations["prompt"], generations["response"], strict=True)
+        ]
+        failed = sum(s.value is None for s in scores)
+        if failed:
+            first = next(s for s in scores if s.value is None)
+            log.warning(
+                "%s failed on %d of %d generations (first: %s)", self.name, failed, len(scores), first.raw
+            )
+        return rows_from_scores(self.name, generations, scores, self.rules)

@@ -1,0 +1,173 @@
+"""The annotate stage: generations in, annotation shards out, resumable, with a failure guard."""
+
+import logging
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend
+from alignment_core.annotation.base import (
+    FAILURE_STATUSES,
+    LABEL_STATUSES,
+    AnnotationFailureError,
+    Annotator,
+    ScoreRules,
+    output_mode,
+    prompt_groups,
+)
+from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
+from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator
+from alignment_core.config import PipelineConfig
+from alignment_core.records import ANNOTATIONS, from_rows
+from alignment_core.store import ArtifactStore, shard_name
+
+log = logging.getLogger(__name__)
+
+
+def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
+    judge = cfg.annotation.judge
+    if judge.backend == "http":
+        return HttpJudgeBackend(
+            base_url=judge.base_url,
+            model=judge.model,
+            api_key_env=judge.api_key_env,
+            timeout_s=judge.timeout_s,
+            max_retries=judge.max_retries,
+            concurrency=judge.concurrency,
+            max_new_tokens=judge.max_new_tokens,
+        )
+    if not judge.model:
+        raise ValueError("annotation.judge.model must name the judge model (a path, hub id or tiny://llama)")
+    return LocalJudgeBackend(
+        judge.model,
+        batch_size=cfg.annotation.batch_size,
+        max_new_tokens=judge.max_new_tokens,
+        dtype=cfg.model.dtype,
+    )
+
+
+def make_annotator(cfg: PipelineConfig) -> Annotator:
+    """The annotator `cfg.annotation.annotator` names, producing the rows `cfg.setup` needs."""
+    annotation = cfg.annotation
+    rules = ScoreRules(
+        mode=output_mode(cfg.setup),
+        pair_selection=annotation.pair_selection,
+        min_margin=annotation.min_margin,
+        pointwise_threshold=annotation.pointwise_threshold,
+        seed=cfg.generation.seed,
+    )
+    if annotation.annotator == "programmatic":
+        return ProgrammaticAnnotator(annotation.programmatic, rules)
+    if annotation.annotator == "reward_model":
+        if not annotation.reward_model:
+            raise ValueError(
+                "annotation.reward_model must be set when annotation.annotator is 'reward_model'"
+            )
+        return RewardModelAnnotator(
+            annotation.reward_model,
+            rules,
+            batch_size=annotation.batch_size,
+            max_length=cfg.training.max_length,
+            dtype=cfg.model.dtype,
+        )
+    if annotation.annotator == "judge_pairwise":
+        if rules.mode != "pairs":
+            raise ValueError(
+                f"annotation.annotator 'judge_pairwise' gives preference pairs, "
+                f"but setup {cfg.setup!r} needs "
+                f"{rules.mode}: use 'judge_pointwise', 'reward_model' or 'programmatic'"
+            )
+        return PairwiseJudgeAnnotator(
+            make_judge_backend(cfg),
+            load_template(annotation.judge.template),
+            both_orders=annotation.judge.both_orders,
+            on_disagreement=annotation.judge.on_disagreement,
+        )
+    if annotation.annotator == "judge_pointwise":
+        scale = annotation.judge.pointwise_scale
+        return PointwiseJudgeAnnotator(
+            make_judge_backend(cfg),
+            load_template(annotation.judge.template, suffix=f"_{scale}"),
+            rules,
+            scale,
+        )
+    raise ValueError(f"unknown annotation.annotator {annotation.annotator!r}")
+
+
+def shards_by_prompt(generations: pd.DataFrame, prompts_per_shard: int) -> list[pd.DataFrame]:
+    """Consecutive prompts' samples per shard: all samples of a prompt land in the same shard."""
+    groups = prompt_groups(generations)
+    return [
+        pd.concat(groups[start : start + prompts_per_shard], ignore_index=True)
+        for start in range(0, len(groups), prompts_per_shard)
+    ]
+
+
+def annotation_summary(annotations: pd.DataFrame) -> dict:
+    """Counts per status, failure fraction, and the statistics of the labelled rows."""
+    counts = {str(k): int(v) for k, v in annotations["status"].value_counts().sort_index().items()}
+    failures = sum(counts.get(status, 0) for status in FAILURE_STATUSES)
+    labelled = annotations[annotations["status"].isin(LABEL_STATUSES)]
+    scores = pd.concat([labelled["score1"], labelled["score2"]]).dropna()
+    rewards = labelled["generation1_reward"].dropna()
+
+    def stat(series: pd.Series, how: str) -> float | None:
+        return float(getattr(series, how)(ddof=0) if how == "std" else series.mean()) if len(series) else None
+
+    return {
+        "rows": len(annotations),
+        "counts": counts,
+        "failures": failures,
+        "failure_fraction": failures / len(annotations) if len(annotations) else 0.0,
+        "reward_mean": stat(rewards, "mean"),
+        "reward_std": stat(rewards, "std"),
+        "score_mean": stat(scores, "mean"),
+        "score_std": stat(scores, "std"),
+    }
+
+
+def check_failures(summary: dict, max_failure_fraction: float, where: str) -> None:
+    if summary["failure_fraction"] > max_failure_fraction:
+        detail = ", ".join(f"{s} {summary['counts'].get(s, 0)}" for s in FAILURE_STATUSES)
+        raise AnnotationFailureError(
+            f"{where}: {summary['failures']} of {summary['rows']} annotations failed "
+            f"({summary['failure_fraction']:.1%} > annotation.max_failure_fraction "
+            f"{max_failure_fraction:.1%}; {detail}); the failed rows and the annotator's raw output "
+            "are in the "
+            "stage's shards"
+        )
+
+
+def run_annotation(
+    store: ArtifactStore, generations_uri: str, out_uri: str, cfg: PipelineConfig, fingerprint: dict
+) -> dict:
+    """Annotate the generations stage into `out_uri`; returns the stage manifest.
+
+    Shards are groups of `generation.shard_size` prompts; shards already written under the same fingerprint
+    are kept (resume), and a complete stage is not touched. The annotator (which may load a model) is only
+    built when a shard is missing. The failure guard runs over the whole stage before the manifest is
+    written, so a stage with too many failures never counts as complete.
+    """
+    if store.is_complete(out_uri, fingerprint):
+        return store.read_manifest(out_uri)
+    shards = shards_by_prompt(store.read_pandas(generations_uri), cfg.generation.shard_size)
+    writer = store.stage_writer(out_uri, "annotations", fingerprint)
+    annotator = None
+    tables = []
+    for index, shard in enumerate(shards):
+        if index in writer.done_shards:
+            with store.fs.open(f"{out_uri}/{shard_name(index)}", "rb") as f:
+                tables.append(pq.read_table(f).to_pandas())
+            continue
+        annotator = annotator or make_annotator(cfg)
+        table = from_rows(annotator.annotate(shard), ANNOTATIONS, f"annotations shard {index}")
+        writer.write_shard(index, table)
+        tables.append(table.to_pandas())
+        log.info(
+            "annotated shard %d/%d: %d generations -> %d rows", index + 1, len(shards), len(shard), len(table)
+        )
+    annotations = pd.concat(tables, ignore_index=True) if tables else ANNOTATIONS.empty_table().to_pandas()
+    summary = annotation_summary(annotations)
+    check_failures(summary, cfg.annotation.max_failure_fraction, f"annotation stage {out_uri}")
+    names = sorted(set(annotations["annotator"]))
+    return writer.finish({**summary, "annotators": names})

@@ -1,0 +1,321 @@
+"""SampleReweighter: one weight per training unit (records.UNITS row), written as the `weights` stage.
+
+Every strategy first computes a positive raw weight per unit, then the stage is normalised to mean 1, so
+the loss scale does not depend on the strategy. A pair's two generations get the same weight (the loss is
+over the pair); single-generation units leave generation2_weight null. Each row keeps, as JSON, the inputs
+its weight came from. `temperature` (T) and `clip` (c) come from ReweightConfig.
+
+    uniform           1
+    margin            sigmoid(|s1 - s2| / T): s = score1/score2 columns where present (e.g. reward-model
+                      scores joined from the annotations), else generation1/2_reward. In [0.5, 1): pairs
+                      the annotator barely separated count up to half as much as clear ones. Pairs only.
+    judge_confidence  sigmoid(confidence / T) where the judge's log-prob gap is known (the judge's two-way
+                      probability of its verdict at T=1); else 1 when both orders agreed, 0.5 when they
+                      disagreed (a tie); a unit with neither gets the mean of the others' raw weights.
+    importance        exp(clip(log pi(y|x) - log mu(y|x), -log c, log c)): the current policy pi over the
+                      behaviour policy mu that wrote the responses (SEED.md's distribution shift), clipped,
+                      then self-normalised (divided by the stage mean). Needs columns
+                      generation{1,2}_policy_logp and generation{1,2}_behaviour_logp.
+                      A pair uses the product of its two responses' ratios (the sum of log ratios): the pair
+                      is one sample whose probability is that of both responses.
+    length_debias     gap = words(chosen) - words(rejected) per pair (0 for ties); typical = the stage median
+                      of |gap|; weight = max(exp(-max(0, gap - typical) / (T * max(typical, 1))), 1/c). Pairs
+                      whose chosen response is longer than typical by much look like length-driven preferences
+                      and count less; shorter-chosen and typical pairs keep weight 1. Pairs only.
+"""
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from alignment_core.config import PipelineConfig, ReweightConfig
+from alignment_core.records import WEIGHTS, conform
+from alignment_core.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE_COLUMNS = ("policy_logp", "behaviour_logp")
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and value is not pd.NA
+
+
+def _is_pair(row: pd.Series) -> bool:
+    return _present(row.get("generation2_response"))
+
+
+class SampleReweighter:
+    def __init__(self, cfg: ReweightConfig):
+        if cfg.clip < 1:
+            raise ValueError(
+                f"reweight.clip must be >= 1 (weights are clipped to [1/clip, clip]), got {cfg.clip}"
+            )
+        self.cfg = cfg
+        self.strategy = cfg.strategy
+
+    def weigh(self, units: pd.DataFrame) -> pd.DataFrame:
+        """WEIGHTS rows, one per unit, in the units' order; weights have mean 1 over `units`."""
+        if len(units) == 0:
+            return WEIGHTS.empty_table().to_pandas()
+        method = getattr(self, f"_{self.strategy}", None)
+        if method is None:
+            raise ValueError(f"unknown reweight strategy {self.strategy!r}")
+        rows = [row for _, row in units.iterrows()]
+        raw, inputs = method(rows)
+        raw = np.asarray(raw, dtype=np.float64)
+        if not np.all(np.isfinite(raw)) or np.any(raw <= 0):
+            bad = int(np.flatnonzero(~np.isfinite(raw) | (raw <= 0))[0])
+            raise ValueError(f"{self.strategy}: unit {rows[bad]['unit_id']!r} got the raw weight {raw[bad]}")
+        weights = raw / raw.mean()
+        return pd.DataFrame(
+            {
+                "unit_id": [row["unit_id"] for row in rows],
+                "strategy": self.strategy,
+                "generation1_weight": weights,
+                "generation2_weight": [
+                    w if _is_pair(row) else None for w, row in zip(weights, rows, strict=True)
+                ],
+                "inputs": [
+                    json.dumps({**i, "raw_weight": float(r)}) for i, r in zip(inputs, raw, strict=True)
+                ],
+            }
+        )
+
+    # ---- strategies: each returns (raw weight per unit, inputs per unit) ----------------------------------
+    def _uniform(self, rows: list[pd.Series]):
+        return [1.0] * len(rows), [{} for _ in rows]
+
+    def _margin(self, rows: list[pd.Series]):
+        raw, inputs = [], []
+        for row in self._pairs_only(rows):
+            s1, s2 = self._score(row, 1), self._score(row, 2)
+            margin = abs(s1 - s2)
+            raw.append(_sigmoid(margin / self.cfg.temperature))
+            inputs.append({"score1": s1, "score2": s2, "margin": margin})
+        return raw, inputs
+
+    def _judge_confidence(self, rows: list[pd.Series]):
+        raw, inputs = [], []
+        for row in rows:
+            confidence, agreement = row.get("confidence"), row.get("agreement")
+            if _present(confidence):
+                raw.append(_sigmoid(float(confidence) / self.cfg.temperature))
+                inputs.append({"confidence": float(confidence)})
+            elif _present(agreement):
+                raw.append(1.0 if bool(agreement) else 0.5)
+                inputs.append({"agreement": bool(agreement)})
+            else:
+                raw.append(None)
+                inputs.append({"filled": "stage mean"})
+        known = [w for w in raw if w is not None]
+        if not known:
+            raise ValueError(
+                "judge_confidence needs a `confidence` or `agreement` value on some unit; none has one"
+            )
+        fill = sum(known) / len(known)
+        return [fill if w is None else w for w in raw], inputs
+
+    def _importance(self, rows: list[pd.Series]):
+        raw, inputs = [], []
+        log_clip = math.log(self.cfg.clip)
+        for row in rows:
+            log_ratio, used = 0.0, {}
+            for g in (1, 2) if _is_pair(row) else (1,):
+                policy, behaviour = (row.get(f"generation{g}_{c}") for c in IMPORTANCE_COLUMNS)
+                if not (_present(policy) and _present(behaviour)):
+                    raise ValueError(
+                        f"importance: unit {row['unit_id']!r} lacks generation{g}_policy_logp / "
+                        f"generation{g}_behaviour_logp (compute them with add_importance_inputs)"
+                    )
+                log_ratio += float(policy) - float(behaviour)
+                used.update(
+                    {
+                        f"generation{g}_policy_logp": float(policy),
+                        f"generation{g}_behaviour_logp": float(behaviour),
+                    }
+                )
+            clipped = min(max(log_ratio, -log_clip), log_clip)
+            raw.append(math.exp(clipped))
+            inputs.append({**used, "log_ratio": log_ratio, "clipped": clipped != log_ratio})
+        return raw, inputs
+
+    def _length_debias(self, rows: list[pd.Series]):
+        gaps, inputs = [], []
+        for row in self._pairs_only(rows):
+            r1, r2 = row.get("generation1_reward"), row.get("generation2_reward")
+            words1, words2 = (
+                len(row["generation1_response"].split()),
+                len(row["generation2_response"].split()),
+            )
+            if not (_present(r1) and _present(r2)):
+                raise ValueError(f"length_debias: unit {row['unit_id']!r} lacks generation1/2_reward")
+            gap = 0 if r1 == r2 else (words1 - words2 if r1 > r2 else words2 - words1)
+            gaps.append(gap)
+            inputs.append({"words1": words1, "words2": words2, "chosen_minus_rejected_words": gap})
+        typical = float(np.median(np.abs(gaps)))
+        scale = self.cfg.temperature * max(typical, 1.0)
+        raw = [max(math.exp(-max(0.0, gap - typical) / scale), 1.0 / self.cfg.clip) for gap in gaps]
+        for item in inputs:
+            item["typical_gap"] = typical
+        return raw, inputs
+
+    # ---- helpers --------------------------------------------------------------------------------------
+    def _pairs_only(self, rows: list[pd.Series]) -> list[pd.Series]:
+        singles = [row["unit_id"] for row in rows if not _is_pair(row)]
+        if singles:
+            raise ValueError(
+                f"reweight strategy {self.strategy!r} weighs pairs, but {len(singles)} units have one "
+                f"generation (first: {singles[0]!r})"
+            )
+        return rows
+
+    def _score(self, row: pd.Series, g: int) -> float:
+        for column in (f"score{g}", f"generation{g}_reward"):
+            if _present(row.get(column)):
+                return float(row[column])
+        raise ValueError(f"margin: unit {row['unit_id']!r} has neither score{g} nor generation{g}_reward")
+
+
+# ---- importance inputs -----------------------------------------------------------------------------------
+@torch.no_grad()
+def sequence_logprobs(
+    model,
+    tokenizer,
+    prompt_messages_list: Sequence[list[dict]],
+    responses: Sequence[str],
+    batch_size: int = 8,
+) -> list[float]:
+    """log p(response + EOS | prompt) under `model`, teacher-forced, one float per (prompt, response).
+
+    The prompt is rendered as the training batches render it (alignment_core.batches.render_prompt_ids,
+    i.e. the tokenizer's chat template with the generation prompt); the response is tokenised without
+    special tokens and closed with EOS (batches.response_ids), as in training.
+    """
+    from alignment_core.batches import render_prompt_ids, response_ids
+
+    if len(prompt_messages_list) != len(responses):
+        raise ValueError(f"{len(prompt_messages_list)} prompts for {len(responses)} responses")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("sequence_logprobs needs a tokenizer with an EOS token")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    totals = []
+    for start in range(0, len(responses), batch_size):
+        sequences, response_starts = [], []
+        for messages, response in zip(
+            prompt_messages_list[start : start + batch_size],
+            responses[start : start + batch_size],
+            strict=True,
+        ):
+            prompt_ids = list(render_prompt_ids(tokenizer, list(messages)))
+            sequences.append(prompt_ids + response_ids(tokenizer, response))
+            response_starts.append(len(prompt_ids))
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, sequence in enumerate(sequences):
+            input_ids[i, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[i, : len(sequence)] = 1
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+        ).logits.float()
+        # Position t predicts token t+1: the response tokens are predicted from positions start-1 .. len-2.
+        token_logprobs = (
+            torch.log_softmax(logits[:, :-1], dim=-1)
+            .gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1))
+            .squeeze(-1)
+        )
+        for i, (sequence, first) in enumerate(zip(sequences, response_starts, strict=True)):
+            totals.append(float(token_logprobs[i, first - 1 : len(sequence) - 1].sum()))
+    return totals
+
+
+def add_importance_inputs(
+    units: pd.DataFrame, policy_path: str, behaviour_path: str, batch_size: int = 8, dtype: str = "float32"
+) -> pd.DataFrame:
+    """`units` with generation{1,2}_policy_logp and generation{1,2}_behaviour_logp columns added.
+
+    Each model scores the text with its own tokenizer: a sequence's probability is a property of the text,
+    so the two models need not share a vocabulary.
+    """
+    from alignment_core.models import load_causal_lm, load_tokenizer
+
+    units = units.copy()
+    is_pair = units["generation2_response"].notna()
+    for role, path in (("policy", policy_path), ("behaviour", behaviour_path)):
+        tokenizer, model = load_tokenizer(path), load_causal_lm(path, dtype=dtype).eval()
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        messages = list(units["prompt_messages"])
+        units[f"generation1_{role}_logp"] = sequence_logprobs(
+            model, tokenizer, messages, list(units["generation1_response"]), batch_size
+        )
+        pair_logps = sequence_logprobs(
+            model,
+            tokenizer,
+            [m for m, p in zip(messages, is_pair, strict=True) if p],
+            list(units.loc[is_pair, "generation2_response"]),
+            batch_size,
+        )
+        units[f"generation2_{role}_logp"] = None
+        units.loc[is_pair, f"generation2_{role}_logp"] = pair_logps
+        del model
+    return units
+
+
+def weights_summary(weights: pd.DataFrame) -> dict:
+    """Spread of the weights and their effective sample size, (sum w)^2 / sum w^2, as a fraction of n."""
+    w = weights["generation1_weight"].to_numpy(dtype=np.float64)
+    if len(w) == 0:
+        return {"rows": 0}
+    return {
+        "rows": len(w),
+        "weight_min": float(w.min()),
+        "weight_max": float(w.max()),
+        "weight_std": float(w.std()),
+        "effective_sample_fraction": float(w.sum() ** 2 / (w**2).sum() / len(w)),
+    }
+
+
+def run_reweighting(
+    store: ArtifactStore,
+    units: pd.DataFrame,
+    out_uri: str,
+    cfg: PipelineConfig,
+    fingerprint: dict,
+    policy_path: str | None = None,
+) -> dict:
+    """Weigh `units` with cfg.reweight and write the weights stage (one shard); returns its manifest.
+
+    For `importance`, units without the log-prob columns get them from the policy at `policy_path` and
+    `reweight.behaviour_model`.
+    """
+    if store.is_complete(out_uri, fingerprint):
+        return store.read_manifest(out_uri)
+    if cfg.reweight.strategy == "importance" and "generation1_policy_logp" not in units.columns:
+        if policy_path is None or cfg.reweight.behaviour_model is None:
+            raise ValueError(
+                "reweight.strategy 'importance' needs the current policy (policy_path) and "
+                "reweight.behaviour_model (the model that wrote the responses)"
+            )
+        from alignment_core.models import resolve_model_path
+
+        units = add_importance_inputs(
+            units, policy_path, resolve_model_path(cfg.reweight.behaviour_model), dtype=cfg.model.dtype
+        )
+    weights = SampleReweighter(cfg.reweight).weigh(units)
+    table = conform(pa.Table.from_pandas(weights, preserve_index=False), WEIGHTS, "weights")
+    summary = {"strategy": cfg.reweight.strategy, **weights_summary(weights)}
+    log.info("weights: %s", summary)
+    return store.write_stage(out_uri, "weights", fingerprint, [table], extra=summary)

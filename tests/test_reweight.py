@@ -1,0 +1,181 @@
+"""SampleReweighter strategies on hand-built units with hand-computed weights, and the weights stage."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from alignment_core.config import PipelineConfig, ReweightConfig
+from alignment_core.reweight import (
+    SampleReweighter,
+    add_importance_inputs,
+    run_reweighting,
+    sequence_logprobs,
+)
+from alignment_core.store import ArtifactStore
+
+SIGMOID_2 = 0.8807970779778823  # sigmoid(2)
+
+
+def make_units(n: int, pairs: bool = True, **columns) -> pd.DataFrame:
+    units = pd.DataFrame(
+        {
+            "unit_id": [f"u{i}" for i in range(n)],
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "prompt": ["Say something nice."] * n,
+            "prompt_messages": [[{"role": "user", "content": "Say something nice."}]] * n,
+            "generation1_response": ["a good day"] * n,
+            "generation2_response": ["a bad day"] * n if pairs else [None] * n,
+            "generation1_reward": [1.0] * n,
+            "generation2_reward": [0.0] * n if pairs else [None] * n,
+            "confidence": [None] * n,
+            "agreement": [None] * n,
+        }
+    )
+    for name, values in columns.items():
+        units[name] = values
+    return units
+
+
+def weigh(strategy: str, units: pd.DataFrame, **cfg) -> pd.DataFrame:
+    weights = SampleReweighter(ReweightConfig(strategy=strategy, **cfg)).weigh(units)
+    w = weights["generation1_weight"].to_numpy()
+    assert np.all(np.isfinite(w)) and np.all(w >= 0) and w.mean() == pytest.approx(1.0)
+    assert list(weights["unit_id"]) == list(units["unit_id"]) and set(weights["strategy"]) == {strategy}
+    return weights
+
+
+def test_uniform():
+    weights = weigh("uniform", make_units(3, pairs=False))
+    assert list(weights["generation1_weight"]) == [1.0, 1.0, 1.0]
+    assert weights["generation2_weight"].isna().all()  # single-generation units
+    assert list(weigh("uniform", make_units(2))["generation2_weight"]) == [1.0, 1.0]
+
+
+def test_margin_uses_scores_then_rewards():
+    units = make_units(3, score1=[2.0, 0.5, None], score2=[0.0, 0.5, None])
+    units.loc[2, ["generation1_reward", "generation2_reward"]] = [3.0, 1.0]  # no scores: rewards, margin 2
+    weights = weigh("margin", units)
+    raw = np.array([SIGMOID_2, 0.5, SIGMOID_2])
+    assert list(weights["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    assert list(weights["generation2_weight"]) == list(weights["generation1_weight"])
+    assert json.loads(weights["inputs"][0]) == {
+        "score1": 2.0,
+        "score2": 0.0,
+        "margin": 2.0,
+        "raw_weight": SIGMOID_2,
+    }
+    hot = weigh("margin", units, temperature=2.0)  # sigmoid(2 / 2) for the clear pairs
+    raw = np.array([1 / (1 + math.exp(-1)), 0.5, 1 / (1 + math.exp(-1))])
+    assert list(hot["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    with pytest.raises(ValueError, match="weighs pairs, but 2 units have one generation"):
+        weigh("margin", make_units(2, pairs=False))
+
+
+def test_judge_confidence_from_gap_agreement_or_stage_mean():
+    units = make_units(3, pairs=False, confidence=[2.0, None, None], agreement=[True, False, None])
+    weights = weigh("judge_confidence", units)
+    fill = (SIGMOID_2 + 0.5) / 2
+    raw = np.array([SIGMOID_2, 0.5, fill])  # gap 2 -> sigmoid(2); disagreed -> 0.5; unknown -> mean of known
+    assert list(weights["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    assert weights["generation1_weight"][2] == pytest.approx(1.0)  # the mean-filled unit is neutral
+    assert json.loads(weights["inputs"][1]) == {"agreement": False, "raw_weight": 0.5}
+    with pytest.raises(ValueError, match="needs a `confidence` or `agreement`"):
+        weigh("judge_confidence", make_units(2))
+
+
+def test_importance_self_normalised_and_clipped():
+    units = make_units(
+        4,
+        generation1_policy_logp=[-1.0, -5.0, -3.0, -1.0],
+        generation1_behaviour_logp=[-2.0, -2.0, -3.0, -1.0],
+        generation2_policy_logp=[-2.0, -2.0, -4.0, 3.0],
+        generation2_behaviour_logp=[-2.0, -2.0, -4.0, -1.0],
+    )
+    # log ratios (sum over the pair): 1, -3, 0, 4; clip 5 bounds them to +-log 5
+    weights = weigh("importance", units, clip=5.0)
+    raw = np.array([math.e, 1 / 5, 1.0, 5.0])
+    assert list(weights["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    inputs = [json.loads(i) for i in weights["inputs"]]
+    assert [i["log_ratio"] for i in inputs] == [1.0, -3.0, 0.0, 4.0]
+    assert [i["clipped"] for i in inputs] == [False, True, False, True]
+    single = make_units(
+        2, pairs=False, generation1_policy_logp=[-1.0, -2.0], generation1_behaviour_logp=[-1.0, -1.0]
+    )
+    raw = np.array([1.0, math.exp(-1)])
+    assert list(weigh("importance", single)["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    with pytest.raises(ValueError, match="lacks generation1_policy_logp"):
+        weigh("importance", make_units(2))
+    with pytest.raises(ValueError, match="clip must be >= 1"):
+        SampleReweighter(ReweightConfig(strategy="importance", clip=0.5))
+
+
+def test_length_debias():
+    units = make_units(4)
+    units["generation1_response"] = ["w " * 5, "w " * 7, "w " * 20, "w " * 1]
+    units["generation2_response"] = ["w " * 5, "w " * 5, "w " * 10, "w " * 5]
+    units.loc[3, ["generation1_reward", "generation2_reward"]] = [0.5, 0.5]  # a tie: gap 0
+    # chosen - rejected words: 0, 2, 10, 0 -> typical (median |gap|) = 1; excess 0, 1, 9, 0
+    weights = weigh("length_debias", units, clip=5.0)
+    raw = np.array([1.0, math.exp(-1), 1 / 5, 1.0])  # exp(-9) is floored at 1/clip
+    assert list(weights["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    assert json.loads(weights["inputs"][2])["typical_gap"] == 1.0
+    swapped = units.copy()  # generation2 preferred: the gap is measured from the chosen response
+    swapped.loc[1, ["generation1_reward", "generation2_reward"]] = [0.0, 1.0]
+    assert json.loads(weigh("length_debias", swapped)["inputs"][1])["chosen_minus_rejected_words"] == -2
+
+
+def test_empty_stage():
+    assert len(SampleReweighter(ReweightConfig()).weigh(make_units(0))) == 0
+
+
+# ---- sequence log-probs and the stage --------------------------------------------------------------------
+def test_sequence_logprobs_match_a_manual_forward_pass(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    messages = [
+        [{"role": "user", "content": "Say something nice."}],
+        [{"role": "user", "content": "Hi?"}],
+    ] * 2
+    responses = ["a good day", "hello there, my friend", "x", "a great and happy day"]
+    batched = sequence_logprobs(model, tokenizer, messages, responses, batch_size=3)
+    for m, r, value in zip(messages, responses, batched, strict=True):
+        prompt = tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]
+        answer = tokenizer.encode(r, add_special_tokens=False) + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0], dim=-1)
+        expected = sum(logp[len(prompt) - 1 + i, token].item() for i, token in enumerate(answer))
+        assert value == pytest.approx(expected, abs=1e-3)
+
+
+def test_run_reweighting_importance_against_itself_is_uniform(tiny_model_dir, tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    units = make_units(3)
+    units.loc[2, "generation2_response"] = None
+    units.loc[2, "generation2_reward"] = None
+    cfg = PipelineConfig.model_validate(
+        {"reweight": {"strategy": "importance", "behaviour_model": str(tiny_model_dir)}}
+    )
+    out = store.stage_uri("run", 0, "weights")
+    manifest = run_reweighting(store, units, out, cfg, {"fp": 1}, policy_path=str(tiny_model_dir))
+    weights = store.read_pandas(out)
+    assert list(weights["generation1_weight"]) == pytest.approx([1.0, 1.0, 1.0])  # same model: ratio 1
+    assert weights["generation2_weight"].isna().tolist() == [False, False, True]
+    assert manifest["extra"]["strategy"] == "importance"
+    assert manifest["extra"]["effective_sample_fraction"] == pytest.approx(1.0)
+    assert (
+        run_reweighting(store, units, out, cfg, {"fp": 1})["created_at"] == manifest["created_at"]
+    )  # skipped
+
+    with_inputs = add_importance_inputs(units, str(tiny_model_dir), str(tiny_model_dir))
+    assert with_inputs["generation2_policy_logp"].isna().tolist() == [False, False, True]
+    assert with_inputs["generation1_policy_logp"].tolist() == pytest.approx(
+        with_inputs["generation1_behaviour_logp"]
+    )
+    with pytest.raises(ValueError, match="needs the current policy"):
+        run_reweighting(store, units, store.stage_uri("run", 1, "weights"), cfg, {"fp": 1})
