@@ -216,7 +216,7 @@ def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
     """Pairwise units with generation1 preferred and rewards 1.0 / 0.0; ties are dropped (counted, logged).
 
     A unit whose generation2_reward is higher has its two generations swapped, with everything that belongs
-    to a generation: response, id, reward and (when joined) weight.
+    to a generation: response, id, reward, score and (when joined) weight.
     """
     for column in ("generation1_reward", "generation2_reward"):
         _require(units, column, setup, "unit_id")
@@ -226,8 +226,8 @@ def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
         logger.warning("%s: dropping %d of %d pairs that are ties", setup, int(ties.sum()), len(units))
     units = units[~ties].reset_index(drop=True)
     swap = units["generation2_reward"] > units["generation1_reward"]
-    for suffix in ("response", "id", "reward", "weight"):
-        first, second = f"generation1_{suffix}", f"generation2_{suffix}"
+    pairs = [(f"generation1_{suffix}", f"generation2_{suffix}") for suffix in ("response", "id", "reward", "weight")]
+    for first, second in [*pairs, ("score1", "score2")]:
         if first in units.columns:
             units.loc[swap, [first, second]] = units.loc[swap, [second, first]].to_numpy()
     units["generation1_reward"], units["generation2_reward"] = 1.0, 0.0

@@ -38,6 +38,7 @@ def _looks_like_path(name: str) -> bool:
 
 def resolve_model_path(name_or_uri: str, store=None, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     """Turn a model name into what `from_pretrained` takes: a local folder, or a hub id as is."""
+    name_or_uri = str(name_or_uri)
     if name_or_uri in TINY_BUILDS:
         folder, kind = TINY_BUILDS[name_or_uri]
         return str(build_tiny(Path(cache_dir).expanduser() / folder, kind=kind))

@@ -97,6 +97,8 @@ UNITS = pa.schema(
         pa.field("generation2_reward", pa.float64()),
         pa.field("generation1_id", pa.string()),  # online: the generation rows the responses came from
         pa.field("generation2_id", pa.string()),
+        pa.field("score1", pa.float64()),  # online: the annotator's raw scores of the two generations
+        pa.field("score2", pa.float64()),
         pa.field("confidence", pa.float64()),
         pa.field("agreement", pa.bool_()),
     ]

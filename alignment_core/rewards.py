@@ -11,12 +11,13 @@ The reward is built so that the two obvious hacks do not pay:
 
 import re
 
-# Kept equal to alignment_core.tiny.POSITIVE_WORDS (a test checks it): the tiny tokenizer learns each as
-# one token, so the tiny policy can actually move toward them.
-POSITIVE_WORDS = frozenset(
+# The tiny tokenizer (alignment_core.tiny) learns each of these as one token, so the tiny policy can
+# actually move toward them. A tuple: its order feeds the tiny corpus, which must be deterministic.
+POSITIVE_WORDS = tuple(
     "good great happy love wonderful excellent kind bright joy nice glad calm warm friendly helpful "
     "beautiful amazing fantastic lovely pleasant cheerful gentle brilliant perfect best".split()
 )
+_POSITIVE = frozenset(POSITIVE_WORDS)
 FREE_WORDS = 20  # responses up to this many words pay no length penalty
 LENGTH_PENALTY = 0.05  # reward lost per word beyond FREE_WORDS
 
@@ -37,7 +38,7 @@ def positive_words(prompt: str, response: str) -> float:
     0.5
     """
     response_words = words(response)
-    distinct_positive = len(POSITIVE_WORDS.intersection(response_words))
+    distinct_positive = len(_POSITIVE.intersection(response_words))
     excess_words = max(0, len(response_words) - FREE_WORDS)
     return float(distinct_positive - LENGTH_PENALTY * excess_words)
 

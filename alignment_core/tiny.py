@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from alignment_core.rewards import POSITIVE_WORDS  # the reward counts them; the corpus teaches them
+
 KINDS = ("causal_lm", "reward_model")
 VOCAB_SIZE = 1024
 MAX_LENGTH = 512
@@ -48,12 +50,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-# The reward function in alignment_core.rewards counts these; they are frequent in the corpus so that BPE
-# learns each as one token.
-POSITIVE_WORDS = (
-    "good great happy love wonderful excellent kind bright joy nice glad calm warm friendly helpful "
-    "beautiful amazing fantastic lovely pleasant cheerful gentle brilliant perfect best"
-).split()
 NEGATIVE_WORDS = "bad sad angry terrible awful poor cold dark ugly wrong worst rude".split()
 NOUNS = (
     "time year people way day man woman child world life hand part place case week company system "

@@ -28,7 +28,7 @@ from alignment_core.annotation.backends import LocalJudgeBackend
 from alignment_core.annotation.judge import parse_choice, parse_score
 from alignment_core.config import PipelineConfig
 from alignment_core.records import GENERATIONS, from_rows
-from alignment_core.rewards import POSITIVE_WORDS, positive_words, response_length
+from alignment_core.rewards import positive_words, response_length
 from alignment_core.store import ArtifactStore
 
 
@@ -77,12 +77,6 @@ def test_positive_words_counts_distinct_words_and_penalises_length():
     assert positive_words("", padded) < positive_words("", "great happy")  # padding never pays
     assert positive_words("", "great " * 40) == pytest.approx(0.0)  # 1 word, 20 over the limit
     assert response_length("", "one two, three!") == 3.0
-
-
-def test_positive_words_match_the_tiny_corpus():
-    from alignment_core.tiny import POSITIVE_WORDS as TINY_POSITIVE_WORDS
-
-    assert POSITIVE_WORDS == set(TINY_POSITIVE_WORDS)
 
 
 # ---- pair selection and scores -> rows -------------------------------------------------------------------

@@ -298,6 +298,11 @@ def test_online_units_join_and_status_filtering(caplog):
     ]
     assert units["prompt"].tolist() == ["question p1", "question p2"]
 
+    # the annotator's scores travel with their generation (the margin reweighting reads them)
+    scored = [annotation("s1", "p2", "p2-g0", "p2-g1", 0.0, 1.0) | {"score1": 0.2, "score2": 0.9}]
+    units = units_from_online(generations, from_rows(scored, ANNOTATIONS).to_pandas(), "online_pairwise")
+    assert units[["generation1_id", "score1", "score2"]].values.tolist() == [["p2-g1", 0.9, 0.2]]
+
     rl = units_from_online(generations, online_annotations("rl"), "rl")
     assert rl["generation1_response"].tolist() == ["answer 0 of p1", "answer 1 of p2"]
     assert rl["generation2_response"].isna().all()
