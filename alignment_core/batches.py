@@ -228,8 +228,10 @@ def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
     swap = units["generation2_reward"] > units["generation1_reward"]
     pairs = [(f"generation1_{suffix}", f"generation2_{suffix}") for suffix in ("response", "id", "reward", "weight")]
     for first, second in [*pairs, ("score1", "score2")]:
-        if first in units.columns:
-            units.loc[swap, [first, second]] = units.loc[swap, [second, first]].to_numpy()
+        if first in units.columns:  # one column at a time: a two-column .loc swap corrupts mixed-dtype frames
+            first_values = units.loc[swap, first].to_numpy(copy=True)
+            units.loc[swap, first] = units.loc[swap, second].to_numpy()
+            units.loc[swap, second] = first_values
     units["generation1_reward"], units["generation2_reward"] = 1.0, 0.0
     return units
 
