@@ -10,6 +10,8 @@ import re
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 
 from alignment_core.config import PipelineConfig
 
@@ -33,3 +35,18 @@ def parse(config_json: str) -> PipelineConfig:
 def artifact_key(*parts) -> str:
     """Prefect artifact keys allow only lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
+
+
+def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters: dict) -> None:
+    """Run a stage as its own deployed flow (e.g. on a GPU work pool) and wait for it to complete.
+
+    The idempotency key names this flow run and its attempt, so a retry dispatches afresh while a
+    duplicate submission of the same attempt does not; the stage flow itself skips finished shards.
+    Its output is found where the store layout puts it, not through Prefect's result storage.
+    """
+    run = run_deployment(
+        deployment, parameters=parameters, timeout=timeout_s, as_subflow=True,
+        idempotency_key=f"{flow_run.get_id()}-{flow_run.get_run_count()}-{deployment}-{iteration}",
+    )
+    if not run.state.is_completed():
+        raise RuntimeError(f"stage deployment {deployment!r} ended {run.state.name}: {run.state.message}")

@@ -42,7 +42,8 @@ def report_iteration(config_json: str, iteration: int, stages: dict[str, str]) -
                              key=artifact_key(run, "iter", iteration, name))
     if "generations" in stages and "annotations" in stages:
         create_table_artifact(sample_table(store, stages["generations"], stages["annotations"]),
-                              key=artifact_key(run, "samples"), description=f"sample generations, iteration {iteration}")
+                              key=artifact_key(run, "samples"),
+                              description=f"sample generations, iteration {iteration}")
     return summary
 
 

@@ -1,8 +1,7 @@
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from alignment_core import pipeline
-from tasks import artifact_key, parse, stage_task
-from tasks.generate import dispatch_stage
+from tasks import artifact_key, dispatch_stage, parse, stage_task
 
 
 @stage_task("train", retries=1)
@@ -10,10 +9,15 @@ def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, r
           iteration: int) -> str:
     cfg = parse(config_json)
     if cfg.scale_out.train_deployment:
-        return dispatch_stage(cfg.scale_out.train_deployment, cfg.scale_out.timeout_s, iteration, {
+        dispatch_stage(cfg.scale_out.train_deployment, cfg.scale_out.timeout_s, iteration, {
             "config_json": config_json, "units_uri": units_uri, "weights_uri": weights_uri,
             "policy_uri": policy_uri, "reference_uri": reference_uri, "iteration": iteration,
         })
+        store = pipeline.open_store(cfg)
+        checkpoint = store.checkpoint_uri(cfg.store.run_name, iteration)
+        if not store.checkpoint_complete(checkpoint):
+            raise RuntimeError(f"{cfg.scale_out.train_deployment} completed but {checkpoint} is not complete")
+        return checkpoint
     progress = create_progress_artifact(0.0, key=artifact_key(cfg.store.run_name, "train-progress"),
                                         description=f"training, iteration {iteration}")
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -89,3 +88,56 @@ async def read_artifact_keys(api: str) -> set[str]:
         async with get_client() as client:
             artifacts = await client.read_artifacts()
     return {a.key for a in artifacts if a.key}
+
+
+def test_scale_out_runs_gpu_stages_as_flows_on_their_own_work_pool(prefect_server, tmp_path):
+    """deployments/prefect.yaml deployed, two process work pools: generate and train run on the `gpu` pool."""
+    api, env = prefect_server
+    env = {**env, "ALIGNMENT_CORE_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+
+    def prefect(*args, timeout=300):
+        result = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=timeout)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    prefect("work-pool", "create", "local", "--type", "process")
+    prefect("work-pool", "create", "gpu", "--type", "process")
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    workers, logs = [], []
+    for pool in ("local", "gpu"):
+        logs.append(open(tmp_path / f"worker-{pool}.log", "w"))
+        workers.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+                                        cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
+                                        start_new_session=True))
+    try:
+        store_root = tmp_path / "store"
+        run = prefect("deployment", "run", "iterative-dpo/tiny-scale-out", "--watch", "--param", "iterations=1",
+                      "--param", f"store_root={store_root}", "--param", "run_name=scaled", timeout=900)
+        assert "Completed" in run.stdout
+        assert (store_root / "scaled" / "iter-001" / "checkpoint" / "_complete.json").exists()
+        runs = asyncio.run(read_flow_runs(api))
+        by_flow = {}
+        for flow_name, pool, state in runs:
+            by_flow.setdefault(flow_name, []).append((pool, state))
+        assert by_flow["generate-stage"] == [("gpu", "COMPLETED")]
+        assert by_flow["train-stage"] == [("gpu", "COMPLETED")]
+        assert by_flow["iterative-dpo"] == [("local", "COMPLETED")]
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, 15)
+            worker.wait(timeout=30)
+        for log in logs:
+            log.close()
+
+
+async def read_flow_runs(api: str) -> list[tuple[str, str, str]]:
+    """(flow name, work pool, state type) of every flow run on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            names = {f.id: f.name for f in await client.read_flows()}
+    return [(names[r.flow_id], r.work_pool_name, r.state_type.value) for r in runs]

@@ -10,8 +10,8 @@ from alignment_core.store import ArtifactStore, fingerprint_digest
 
 
 def metrics_table(start: int, n: int) -> pa.Table:
-    return from_rows([{"step": s, "split": "train", "metric": "loss", "value": s / 10} for s in range(start, start + n)],
-                     METRICS)
+    rows = [{"step": s, "split": "train", "metric": "loss", "value": s / 10} for s in range(start, start + n)]
+    return from_rows(rows, METRICS)
 
 
 def test_stage_round_trip_and_manifest(tmp_path):
