@@ -1,0 +1,593 @@
+"""One training round: a policy (or a reward model) trained on encoded examples with one of `losses`.
+
+    trainer = Trainer(cfg, policy_path="tiny://llama", tokenizer_path=None, store=store)
+    encoded = trainer.batch_factory.encode(units_df, weights_df)
+    result = trainer.train(encoded, checkpoint_uri, metrics_uri)
+
+How a round runs, top to bottom (`Trainer.train`):
+1. Plan every optimizer step up front: a seeded permutation per epoch, cut into global batches of
+   `batch_size * num_processes * gradient_accumulation_steps` examples, each split into one micro-batch per
+   (process, accumulation step). The plan depends only on the data and the config, so a resumed round and a
+   round on a different number of processes see the same global batches.
+2. Resume: a complete checkpoint at `checkpoint_uri` written by the same round (same fingerprint) restores
+   the weights, the optimizer, the scheduler and the step; the plan's first `step` batches are skipped.
+3. Reference log-probs (dpo, cdpo, ipo, kto, rl): precomputed in one pass over the examples
+   (`training.precompute_reference`) or computed on the fly per micro-batch.
+4. Each step: the loss of every micro-batch is sum_i w_i l_i over its samples divided by the sum of the
+   weights of the whole global batch (all micro-batches, all processes), so gradients equal those of one big
+   batch whatever the split. A non-finite loss or gradient norm raises NonFiniteLossError before
+   `optimizer.step`, and nothing is saved from that state.
+5. Metrics per step go to a metrics stage (records.METRICS, long format); a checkpoint (safetensors +
+   tokenizer + config, plus optimizer/scheduler state as safetensors + JSON, no pickle) every
+   `training.save_every_steps` steps and at the end.
+
+Multi-process runs go through `accelerate launch ... -m alignment_core.training` (see `main` and
+deployments/accelerate/README.md; on CPU: `accelerate launch --config_file
+deployments/accelerate/cpu_ddp_2proc.yaml -m alignment_core.training ...`).
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from alignment_core import losses
+from alignment_core.batches import BatchFactory, response_mask
+from alignment_core.config import PipelineConfig
+from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer
+from alignment_core.records import METRICS, from_rows
+from alignment_core.store import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+# Which losses each learning setup (SEED.md) can train with.
+LOSSES_OF_SETUP = {
+    "sft": ("sft",),
+    "reward_modelling": ("reward",),
+    "rl": ("rl",),
+    "offline_pointwise": ("kto",),
+    "online_pointwise": ("kto",),
+    "offline_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
+    "online_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
+}
+PAIRWISE_LOSSES = ("reward", "dpo", "cdpo", "ipo", "slic", "simpo")
+REFERENCE_LOSSES = ("dpo", "cdpo", "ipo", "kto", "rl")
+
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_SCALARS = "optimizer.json"
+SCHEDULER_STATE = "scheduler.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) of an optimizer step is NaN or infinite; the step was not applied."""
+
+    def __init__(self, step: int, loss: float, what: str = "loss"):
+        self.step, self.loss = step, loss
+        super().__init__(
+            f"non-finite {what} at optimizer step {step}: {loss}. The step was not applied and no checkpoint "
+            "was written from this state; try a lower learning rate, mixed_precision='no', or check the data."
+        )
+
+
+@dataclass
+class TrainResult:
+    checkpoint_uri: str
+    steps: int
+    metrics: dict[str, float]  # the last step's metrics
+    tokens_per_s: float  # policy-forward tokens (prompt + response, no padding) per second of training
+
+
+# ---- log-probs -------------------------------------------------------------------------------------------
+
+
+def sequence_logps(model, token_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
+    """Per-sequence log-prob of the tokens under `loss_mask`, summed, and how many tokens that is.
+
+    Position t predicts token t + 1, so only positions from the earliest response start onwards need logits:
+    `logits_to_keep` skips the LM head on the prompt part shared by every row.
+    """
+    length = token_ids.shape[1]
+    first_response = int(loss_mask.float().argmax(dim=1).min())
+    keep = length - max(first_response - 1, 0)
+    logits = model(input_ids=token_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+    labels = token_ids[:, length - keep + 1 :]
+    mask = loss_mask[:, length - keep + 1 :].to(logits.dtype)
+    token_logps = -F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none"
+    ).view_as(labels)
+    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _pad_to(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(tensor, (0, length - tensor.shape[1]), value=value)
+
+
+def concatenated_inputs(batch: dict, names: tuple[str, ...], pad_token_id: int):
+    """Token ids, attention mask and response mask of the named generations stacked along the batch."""
+    length = max(batch[f"{name}_token_ids"].shape[1] for name in names)
+    token_ids = torch.cat([_pad_to(batch[f"{name}_token_ids"], length, pad_token_id) for name in names])
+    attention = torch.cat([_pad_to(batch[f"{name}_attention_mask"], length, 0) for name in names])
+    responses = torch.cat([_pad_to(response_mask(batch, name).long(), length, 0) for name in names]).bool()
+    return token_ids, attention, responses
+
+
+def mismatched_inputs(token_ids, attention_mask, loss_mask, pad_token_id: int, max_length: int):
+    """KTO's KL pairs: the prompt of row i + 1 followed by the response of row i (cyclically), right padded."""
+    rows = token_ids.shape[0]
+    sequences, response_lengths = [], []
+    for row in range(rows):
+        partner = (row + 1) % rows
+        prompt = token_ids[partner][attention_mask[partner].bool() & ~loss_mask[partner]]
+        response = token_ids[row][loss_mask[row]][: max(max_length - len(prompt), 1)]
+        sequences.append(torch.cat([prompt, response]))
+        response_lengths.append(len(response))
+    length = max(len(s) for s in sequences)
+    ids = torch.full((rows, length), pad_token_id, dtype=token_ids.dtype, device=token_ids.device)
+    attention = torch.zeros_like(ids)
+    responses = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (sequence, response_length) in enumerate(zip(sequences, response_lengths, strict=True)):
+        ids[row, : len(sequence)] = sequence
+        attention[row, : len(sequence)] = 1
+        responses[row, len(sequence) - response_length : len(sequence)] = True
+    return ids, attention, responses
+
+
+# ---- the step plan ---------------------------------------------------------------------------------------
+
+
+def plan_steps(
+    units: list[list[int]], examples_per_step: int, micro_batches: int, epochs: int, seed: int
+) -> list[list[list[int]]]:
+    """Every optimizer step as `micro_batches` lists of example indices.
+
+    A unit is what must stay in one micro-batch: one example, or (rl) every sample of one prompt. Each
+    epoch shuffles the units with its own seed and cuts them into steps of about `examples_per_step`
+    examples; a step's units are split evenly into the micro-batches. A last step too small to give every
+    micro-batch a unit is dropped (and logged).
+    """
+    mean_unit = sum(len(u) for u in units) / max(len(units), 1)
+    units_per_step = max(micro_batches, round(examples_per_step / mean_unit))
+    steps, dropped = [], 0
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(units))
+        for start in range(0, len(order), units_per_step):
+            chunk = order[start : start + units_per_step]
+            if len(chunk) < micro_batches:
+                dropped += sum(len(units[u]) for u in chunk)
+                continue
+            steps.append([[i for u in part for i in units[u]] for part in np.array_split(chunk, micro_batches)])
+    if dropped:
+        logger.warning("dropped %d examples that could not fill a last step of %d micro-batches", dropped,
+                       micro_batches)
+    if not steps:
+        raise ValueError(
+            f"{sum(len(u) for u in units)} examples in {len(units)} units cannot fill one optimizer step of "
+            f"{micro_batches} micro-batches; lower training.batch_size/gradient_accumulation_steps or add data"
+        )
+    return steps
+
+
+# ---- optimizer state without pickle ----------------------------------------------------------------------
+
+
+def optimizer_state_files(state_dict: dict) -> dict[str, bytes]:
+    """An optimizer state dict as safetensors (its tensors, keyed 'param.name') + JSON (everything else)."""
+    tensors, scalars = {}, {}
+    for param, values in state_dict["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param), {})[name] = value
+    document = {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    return {OPTIMIZER_TENSORS: save_safetensors(tensors), OPTIMIZER_SCALARS: json.dumps(document).encode()}
+
+
+def optimizer_state_from_files(tensor_bytes: bytes, scalar_bytes: bytes) -> dict:
+    document = json.loads(scalar_bytes)
+    state: dict[int, dict] = {}
+    for key, value in load_safetensors(tensor_bytes).items():
+        param, name = key.split(".", 1)
+        state.setdefault(int(param), {})[name] = value
+    for param, values in document["scalars"].items():
+        state.setdefault(int(param), {}).update(values)
+    return {"state": state, "param_groups": document["param_groups"]}
+
+
+def examples_digest(encoded: list[dict]) -> str:
+    """A digest of the encoded examples (token ids, weights, rewards): part of a round's identity."""
+    sha = hashlib.sha256()
+    for example in encoded:
+        for key in sorted(example):
+            value = example[key]
+            sha.update(key.encode())
+            sha.update(value.cpu().numpy().tobytes() if torch.is_tensor(value) else repr(value).encode())
+    return sha.hexdigest()[:16]
+
+
+# ---- the trainer -----------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains `policy_path` for one round with `cfg.training.loss` (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        policy_path: str,
+        tokenizer_path: str | None,
+        store: ArtifactStore,
+        reference_path: str | None = None,
+    ):
+        loss = cfg.training.loss
+        if loss not in LOSSES_OF_SETUP[cfg.setup]:
+            raise ValueError(
+                f"training.loss={loss!r} does not fit setup {cfg.setup!r}; use one of {LOSSES_OF_SETUP[cfg.setup]}"
+            )
+        self.cfg, self.store = cfg, store
+        self.policy_path = policy_path
+        # The reference is the policy the round starts from unless configured otherwise.
+        self.reference_path = reference_path or cfg.model.reference or policy_path
+        self.tokenizer = load_tokenizer(
+            tokenizer_path or cfg.model.tokenizer or policy_path, trust_remote_code=cfg.model.trust_remote_code,
+            store=store,
+        )
+        self.batch_factory = BatchFactory.from_config(self.tokenizer, cfg)
+        # Launched as several processes without CUDA (torchrun / `accelerate launch --multi_gpu`): ask for the
+        # CPU, which makes accelerate use DDP over gloo. (accelerate's `--cpu` launcher needs MPI for that.)
+        multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=multi_process_cpu)
+        if loss == "kto" and cfg.training.batch_size < 2:
+            raise ValueError("training.loss='kto' needs training.batch_size >= 2 for its mismatched KL pairs")
+
+    # ---- models ----
+    def _load_policy(self, path: str):
+        model_cfg = self.cfg.model
+        if self.cfg.training.loss == "reward":
+            model = load_reward_model(path, tokenizer=self.tokenizer, dtype=model_cfg.dtype,
+                                      trust_remote_code=model_cfg.trust_remote_code, store=self.store)
+        else:
+            model = load_causal_lm(path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                                   store=self.store)
+        model.config.use_cache = False
+        if self.cfg.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _load_reference(self):
+        if self.cfg.training.loss not in REFERENCE_LOSSES:
+            return None
+        model_cfg = self.cfg.model
+        reference = load_causal_lm(self.reference_path, dtype=model_cfg.dtype,
+                                   trust_remote_code=model_cfg.trust_remote_code, store=self.store)
+        reference.requires_grad_(False).eval()
+        return reference.to(self.accelerator.device)
+
+    # ---- forward passes ----
+    def _names(self) -> tuple[str, ...]:
+        return ("generation1", "generation2") if self.cfg.training.loss in PAIRWISE_LOSSES else ("generation1",)
+
+    def concatenated_forward(self, model, batch: dict):
+        """One forward over generation1 (+ generation2) stacked along the batch.
+
+        Causal LMs: (summed response log-probs [n*B], response token counts [n*B]). Reward models: the
+        scalar scores [n*B] and the counts. Chosen rows come first, then rejected ones.
+        """
+        token_ids, attention, responses = concatenated_inputs(batch, self._names(), self.tokenizer.pad_token_id)
+        if self.cfg.training.loss == "reward":
+            scores = model(input_ids=token_ids, attention_mask=attention).logits.squeeze(-1).float()
+            return scores, responses.sum(dim=1)
+        return sequence_logps(model, token_ids, attention, responses)
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
+        with self.accelerator.autocast():
+            return self.concatenated_forward(self.reference, batch)[0]
+
+    @torch.no_grad()
+    def _kto_kl_estimate(self, batch: dict) -> torch.Tensor:
+        """z0 from mismatched pairs under policy and reference, averaged over processes, clamped at 0."""
+        token_ids, attention, responses = concatenated_inputs(batch, ("generation1",), self.tokenizer.pad_token_id)
+        pairs = mismatched_inputs(token_ids, attention, responses, self.tokenizer.pad_token_id,
+                                  self.cfg.training.max_length)
+        with self.accelerator.autocast():
+            policy = sequence_logps(self.accelerator.unwrap_model(self.model), *pairs)[0]
+            reference = sequence_logps(self.reference, *pairs)[0]
+        local = (policy - reference).mean()
+        return self.accelerator.reduce(local, reduction="mean").clamp_min(0)
+
+    def compute_loss(self, batch: dict) -> losses.LossOutput:
+        """The configured loss of one micro-batch (already on the device)."""
+        tc, loss = self.cfg.training, self.cfg.training.loss
+        weights = batch["generation1_weight"].float()
+        logps, counts = self.concatenated_forward(self.model, batch)
+        reference = self._reference_logps(batch) if loss in REFERENCE_LOSSES else None
+        if loss in PAIRWISE_LOSSES:
+            chosen, rejected = logps.chunk(2)
+            chosen_counts, rejected_counts = counts.chunk(2)
+            if loss == "reward":
+                return losses.reward(chosen, rejected, weights, margin=tc.margin)
+            if loss == "slic":
+                return losses.slic(chosen, rejected, chosen_counts, weights, tc.beta, tc.margin, tc.slic_nll_weight)
+            if loss == "simpo":
+                return losses.simpo(chosen, rejected, chosen_counts, rejected_counts, weights, tc.beta,
+                                    tc.simpo_gamma)
+            reference_chosen, reference_rejected = reference.chunk(2)
+            pair = (chosen, rejected, reference_chosen, reference_rejected)
+            if loss == "dpo":
+                return losses.dpo(*pair, weights, tc.beta)
+            if loss == "cdpo":
+                return losses.cdpo(*pair, weights, tc.beta, tc.label_smoothing)
+            return losses.ipo(*pair, chosen_counts, rejected_counts, weights, tc.beta)
+        if loss == "sft":
+            return losses.sft(logps, counts, weights)
+        rewards = batch["generation1_reward"]
+        if rewards is None:
+            raise ValueError(f"training.loss={loss!r} needs generation1_reward in the batch; it is None")
+        if loss == "kto":
+            if not ((rewards == 0) | (rewards == 1)).all():
+                raise ValueError(f"kto needs generation1_reward 1.0 (desirable) or 0.0, got {rewards.tolist()}")
+            return losses.kto(logps, reference, rewards == 1, self._kto_kl_estimate(batch), weights, tc.beta,
+                              tc.kto_desirable_weight, tc.kto_undesirable_weight)
+        prompts = batch["prompt"]
+        group_of = {prompt: index for index, prompt in enumerate(dict.fromkeys(prompts))}
+        group_ids = torch.tensor([group_of[p] for p in prompts], device=logps.device)
+        return losses.rl(logps, reference, rewards.float(), group_ids, weights, tc.rl_kl_coef)
+
+    # ---- data ----
+    def _units(self, encoded: list[dict]) -> list[list[int]]:
+        if self.cfg.training.loss != "rl":
+            return [[i] for i in range(len(encoded))]
+        groups: dict[str, list[int]] = {}
+        for index, example in enumerate(encoded):
+            groups.setdefault(example["prompt"], []).append(index)
+        return list(groups.values())
+
+    def _collate(self, encoded: list[dict], indices: list[int]) -> dict:
+        batch = self.batch_factory.collate([encoded[i] for i in indices])
+        if self._reference_cache is not None:
+            rows = torch.tensor(indices)
+            batch["reference_logps"] = torch.cat([column[rows] for column in self._reference_cache])
+        device = self.accelerator.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _precompute_reference(self, encoded: list[dict]) -> tuple[torch.Tensor, ...]:
+        """Reference log-probs of every example, one column per generation; each process computes a share."""
+        self._reference_cache = None
+        share = np.array_split(np.arange(len(encoded)), self.accelerator.num_processes)[
+            self.accelerator.process_index
+        ]
+        size = self.cfg.training.batch_size
+        rows = []
+        for start in tqdm(range(0, len(share), size), desc="reference log-probs", leave=False,
+                          disable=not self.accelerator.is_main_process):
+            indices = share[start : start + size].tolist()
+            logps = self._reference_logps(self._collate(encoded, indices)).cpu()
+            columns = logps.view(len(self._names()), len(indices))
+            rows += [(i, columns[:, j].tolist()) for j, i in enumerate(indices)]
+        by_index = dict(gather_object(rows))
+        table = torch.tensor([by_index[i] for i in range(len(encoded))], dtype=torch.float32)
+        return tuple(table.T)
+
+    # ---- checkpoints ----
+    def _save(self, uri: str, state: dict) -> None:
+        """Weights + tokenizer + optimizer/scheduler/step state, written by the main process."""
+        if self.accelerator.is_main_process:
+            extra = optimizer_state_files(self.optimizer.state_dict())
+            extra[SCHEDULER_STATE] = json.dumps(self.scheduler.state_dict()).encode()
+            extra[TRAINER_STATE] = json.dumps(state, indent=2).encode()
+            self.store.save_checkpoint(self.accelerator.unwrap_model(self.model), self.tokenizer, uri,
+                                       extra_files=extra)
+        self.accelerator.wait_for_everyone()
+
+    def _resumable_state(self, uri: str, fingerprint: str) -> dict | None:
+        if not self.store.checkpoint_complete(uri):
+            return None
+        local = Path(self.store.local_checkpoint(uri))
+        if not (local / TRAINER_STATE).exists():
+            return None
+        state = json.loads((local / TRAINER_STATE).read_text())
+        if state.get("fingerprint") != fingerprint:
+            logger.warning("checkpoint %s is from another round (fingerprint %s, this one %s); starting over",
+                           uri, state.get("fingerprint"), fingerprint)
+            return None
+        return {**state, "local_dir": str(local)}
+
+    # ---- the round ----
+    def train(
+        self,
+        encoded_examples: list[dict],
+        checkpoint_uri: str,
+        metrics_uri: str,
+        resume: bool = True,
+        progress_callback: Callable[[int, int, dict], None] | None = None,
+    ) -> TrainResult:
+        cfg, tc, accelerator = self.cfg, self.cfg.training, self.accelerator
+        set_seed(tc.seed)
+        micro_batches = accelerator.num_processes * tc.gradient_accumulation_steps
+        plan = plan_steps(self._units(encoded_examples), tc.batch_size * micro_batches, micro_batches, tc.epochs,
+                          tc.seed)
+        total = len(plan)
+        fingerprint = hashlib.sha256(json.dumps({
+            "config": cfg.stage_hash("training", "model"), "setup": cfg.setup, "policy": self.policy_path,
+            "reference": self.reference_path, "examples": examples_digest(encoded_examples),
+            "processes": accelerator.num_processes,
+        }, sort_keys=True).encode()).hexdigest()[:16]
+        metrics_writer = None
+        if accelerator.is_main_process:
+            metrics_writer = self.store.stage_writer(metrics_uri, "metrics", {"round": fingerprint})
+
+        state = self._resumable_state(checkpoint_uri, fingerprint) if resume else None
+        if state and state["step"] >= total:  # this round already finished; only the manifest may be missing
+            if metrics_writer is not None:
+                metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": state["metrics"]})
+            accelerator.wait_for_everyone()
+            return TrainResult(checkpoint_uri, total, state["metrics"], state["tokens_per_s"])
+        self.model = self._load_policy(state["local_dir"] if state else self.policy_path)
+        self.reference = self._load_reference()
+        optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=tc.learning_rate,
+            weight_decay=tc.weight_decay,
+        )
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
+            num_warmup_steps=math.ceil(tc.warmup_ratio * total), num_training_steps=total,
+        )
+        # The scheduler stays unprepared: accelerate would step it once per process.
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        step, last_metrics, shards = 0, {}, 0
+        if state:
+            local = Path(state["local_dir"])
+            self.optimizer.load_state_dict(optimizer_state_from_files(
+                (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
+            self.scheduler.load_state_dict(json.loads((local / SCHEDULER_STATE).read_text()))
+            step, last_metrics, shards = state["step"], state["metrics"], state["metrics_shards"]
+            logger.info("resuming %s at step %d of %d", checkpoint_uri, step, total)
+
+        self._reference_cache = None
+        if self.reference is not None and tc.precompute_reference and step < total:
+            self._reference_cache = self._precompute_reference(encoded_examples)
+
+        self.model.train()
+        pending_rows: list[dict] = []
+        tokens_seen, train_seconds = 0.0, 0.0
+        progress = tqdm(total=total, initial=step, desc=f"train {tc.loss}", disable=not accelerator.is_main_process)
+        while step < total:
+            started = time.perf_counter()
+            mine = plan[step][accelerator.process_index :: accelerator.num_processes]
+            metrics, tokens = self._train_step([self._collate(encoded_examples, m) for m in mine], step + 1)
+            seconds = time.perf_counter() - started
+            step += 1
+            tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
+            metrics["tokens_per_s"] = tokens / seconds
+            last_metrics = metrics
+            pending_rows += [{"step": step, "split": "train", "metric": k, "value": v} for k, v in metrics.items()]
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if step == total or (tc.save_every_steps and step % tc.save_every_steps == 0):
+                # Metrics first, then the checkpoint that records how many metric shards it covers.
+                if metrics_writer is not None:
+                    metrics_writer.write_shard(shards, from_rows(pending_rows, METRICS))
+                shards, pending_rows = shards + 1, []
+                self._save(checkpoint_uri, {"fingerprint": fingerprint, "step": step, "total_steps": total,
+                                            "metrics": last_metrics, "metrics_shards": shards,
+                                            "tokens_per_s": tokens_seen / train_seconds})
+            if progress_callback is not None and accelerator.is_main_process:
+                progress_callback(step, total, metrics)
+        progress.close()
+        if metrics_writer is not None:
+            metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics})
+        accelerator.wait_for_everyone()
+        return TrainResult(checkpoint_uri, total, last_metrics, tokens_seen / train_seconds)
+
+    def _train_step(self, micro_batches: list[dict], step: int) -> tuple[dict[str, float], float]:
+        """Forward/backward over this process's micro-batches, then one optimizer step; returns the metrics
+        (averaged over all processes) and the number of policy-forward tokens of all processes."""
+        accelerator = self.accelerator
+        weights = torch.stack([b["generation1_weight"].float().sum() for b in micro_batches]).sum()
+        weight_total = accelerator.reduce(weights, reduction="sum")
+        if weight_total.item() <= 0:
+            logger.warning("step %d: every sample weight is 0; the step changes nothing but the optimizer state",
+                           step)
+        # DDP averages gradients over processes: multiplying by their number makes the sum over the global batch.
+        scale = accelerator.num_processes / torch.where(weight_total > 0, weight_total, torch.ones_like(weight_total))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        metric_counts: dict[str, torch.Tensor] = {}
+        tokens = torch.zeros((), device=accelerator.device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(self.model):
+                out = self.compute_loss(batch)
+                weighted_sum = (out.weights * out.losses).sum()
+                accelerator.backward(weighted_sum * scale)
+            loss_sum += weighted_sum.detach()
+            for name, values in out.metrics.items():
+                defined = ~torch.isnan(values)
+                metric_sums[name] = metric_sums.get(name, 0) + torch.where(defined, values, 0).sum()
+                metric_counts[name] = metric_counts.get(name, 0) + defined.sum()
+            tokens += sum(batch[f"{n}_attention_mask"].sum() for n in self._names())
+
+        names = sorted(metric_sums)
+        local = torch.stack([loss_sum, tokens, *(metric_sums[n] for n in names), *(metric_counts[n] for n in names)])
+        totals = accelerator.reduce(local.float(), reduction="sum").tolist()
+        weight_sum = weight_total.item()
+        loss = totals[0] / (weight_sum if weight_sum > 0 else 1.0)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(step, loss)
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        if not math.isfinite(grad_norm) and self.cfg.training.mixed_precision != "fp16":
+            # (fp16's loss scaler skips steps with overflowing gradients by itself.)
+            raise NonFiniteLossError(step, grad_norm, what="gradient norm")
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate}
+        counts = totals[2 + len(names) :]
+        for name, total, count in zip(names, totals[2 : 2 + len(names)], counts, strict=True):
+            if count > 0:
+                metrics[name] = total / count
+        return metrics, totals[1]
+
+
+# ---- command line (multi-process rounds) -----------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """accelerate launch --config_file deployments/accelerate/<config>.yaml -m alignment_core.training
+    --config C --units U [--weights W] --checkpoint URI --metrics URI
+
+    On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2 -m alignment_core.training ...`
+    (or the cpu_ddp_2proc.yaml config) runs two CPU processes over gloo; accelerate's `--cpu` flag would
+    start a single process unless MPI is installed.
+    """
+    from alignment_core.config import load_config
+
+    parser = argparse.ArgumentParser(description="Run one training round (under `accelerate launch`).")
+    parser.add_argument("--config", required=True, help="pipeline config YAML")
+    parser.add_argument("--units", required=True, help="units stage URI")
+    parser.add_argument("--weights", help="weights stage URI (default: every weight 1)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint URI to write")
+    parser.add_argument("--metrics", required=True, help="metrics stage URI to write")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    cfg = load_config(args.config)
+    store = ArtifactStore.from_config(cfg.store)
+    trainer = Trainer(cfg, policy_path=cfg.model.policy, tokenizer_path=cfg.model.tokenizer, store=store,
+                      reference_path=cfg.model.reference)
+    weights = store.read_pandas(args.weights) if args.weights else None
+    encoded = trainer.batch_factory.encode(store.read_pandas(args.units), weights)
+    result = trainer.train(encoded, args.checkpoint, args.metrics, resume=not args.no_resume)
+    if trainer.accelerator.is_main_process:
+        print(json.dumps({"checkpoint_uri": result.checkpoint_uri, "steps": result.steps,
+                          "tokens_per_s": result.tokens_per_s, "metrics": result.metrics}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The Trainer on a 2-layer tiny model: each loss trains, the NaN guard, resume, and a 2-process gloo run."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from alignment_core import losses, training
+from alignment_core.config import parse_config
+from alignment_core.models import load_causal_lm, load_reward_model
+from alignment_core.store import ArtifactStore
+from alignment_core.tiny import POSITIVE_WORDS, build_tiny
+from alignment_core.training import NonFiniteLossError, Trainer
+
+ACCELERATE_CPU_CONFIG = Path(__file__).parents[1] / "deployments" / "accelerate" / "cpu_ddp_2proc.yaml"
+NEGATIVE = "bad sad angry terrible awful poor cold dark".split()
+NOUNS = "dog cat sun moon tree river garden music".split()
+
+
+@pytest.fixture(scope="module")
+def tiny2_dir(tmp_path_factory) -> str:
+    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "llama2", num_layers=2))
+
+
+def make_units(n: int, seed: int = 0, samples_per_prompt: int = 1) -> pd.DataFrame:
+    """Prompts of random nouns; generation1 is positive words, generation2 negative ones (and an rl reward)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = "Tell me about the " + " ".join(rng.choice(NOUNS) for _ in range(rng.randint(2, 6)))
+        for k in range(samples_per_prompt):
+            positive = rng.random() < 0.5 if samples_per_prompt > 1 else True
+            words = POSITIVE_WORDS if positive else NEGATIVE
+            rows.append({
+                "unit_id": f"u{i}-{k}", "prompt_id": f"p{i}", "prompt": prompt,
+                "prompt_messages": [{"role": "user", "content": prompt}],
+                "generation1_response": " ".join(rng.choice(words) for _ in range(rng.randint(4, 10))),
+                "generation2_response": " ".join(rng.choice(NEGATIVE) for _ in range(rng.randint(4, 10))),
+                "generation1_reward": 1.0 if positive else 0.0, "generation2_reward": 0.0,
+            })
+    return pd.DataFrame(rows)
+
+
+def make_cfg(setup: str, loss: str, **training) -> object:
+    settings = {"loss": loss, "batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+                "scheduler": "constant", **training}
+    return parse_config({"setup": setup, "training": settings})
+
+
+def run_round(tmp_path, model_dir, cfg, units, name="round", **train_kwargs):
+    store = ArtifactStore(str(tmp_path / "store"))
+    trainer = Trainer(cfg, policy_path=model_dir, tokenizer_path=None, store=store)
+    encoded = trainer.batch_factory.encode(units)
+    result = trainer.train(encoded, store.checkpoint_uri(name, 0), store.stage_uri(name, 0, "metrics"),
+                           **train_kwargs)
+    return store, trainer, encoded, result
+
+
+def step_metrics(store: ArtifactStore, metrics_uri: str) -> pd.DataFrame:
+    frame = store.read_pandas(metrics_uri)
+    return frame.pivot(index="step", columns="metric", values="value").sort_index()
+
+
+@torch.no_grad()
+def dpo_on_pairs(trainer: Trainer, encoded: list[dict], policy, reference, beta: float) -> tuple[float, float]:
+    """(DPO loss, reward accuracy) of `policy` against `reference` over all the training pairs."""
+    batch = trainer.batch_factory.collate(encoded)
+    pad = trainer.tokenizer.pad_token_id
+    inputs = training.concatenated_inputs(batch, ("generation1", "generation2"), pad)
+    policy_chosen, policy_rejected = training.sequence_logps(policy, *inputs)[0].chunk(2)
+    reference_chosen, reference_rejected = training.sequence_logps(reference, *inputs)[0].chunk(2)
+    out = losses.dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                     torch.ones(len(encoded)), beta)
+    return out.loss.item(), out.metrics["reward_accuracy"].mean().item()
+
+
+# ---- pieces ------------------------------------------------------------------------------------------------
+
+
+def test_sequence_logps_matches_a_full_log_softmax(tiny2_dir):
+    model = load_causal_lm(tiny2_dir).eval()
+    torch.manual_seed(0)
+    token_ids = torch.randint(10, 500, (3, 12))
+    attention = torch.ones_like(token_ids)
+    attention[2, 9:] = 0
+    mask = torch.zeros_like(token_ids, dtype=torch.bool)
+    mask[0, 4:12], mask[1, 7:12], mask[2, 5:9] = True, True, True
+    with torch.no_grad():
+        logps, counts = training.sequence_logps(model, token_ids, attention, mask)
+        full = model(input_ids=token_ids, attention_mask=attention).logits.log_softmax(-1)
+    per_token = full[:, :-1].gather(2, token_ids[:, 1:, None]).squeeze(2)
+    expected = (per_token * mask[:, 1:]).sum(1)
+    assert counts.tolist() == [8, 5, 4]
+    assert torch.allclose(logps, expected, atol=1e-4)
+
+
+def test_mismatched_inputs_pair_each_response_with_the_next_prompt():
+    # rows: prompt tokens (1 2), (3), (4 5 6) then responses (7 8), (9), (10); 0 is padding
+    token_ids = torch.tensor([[1, 2, 7, 8, 0], [3, 9, 0, 0, 0], [4, 5, 6, 10, 0]])
+    attention = (token_ids != 0).long()
+    responses = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 0]]).bool()
+    ids, mask, response_mask = training.mismatched_inputs(token_ids, attention, responses, 0, max_length=16)
+    assert ids.tolist() == [[3, 7, 8, 0], [4, 5, 6, 9], [1, 2, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert response_mask.long().tolist() == [[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
+
+
+def test_plan_steps_covers_every_example_and_does_not_depend_on_the_split():
+    units = [[i] for i in range(10)]
+    one_process = training.plan_steps(units, examples_per_step=4, micro_batches=2, epochs=2, seed=3)
+    assert len(one_process) == 6  # 4 + 4 + 2 per epoch
+    for epoch in (one_process[:3], one_process[3:]):
+        assert sorted(i for step in epoch for micro in step for i in micro) == list(range(10))
+    # 1 process x 2 accumulation steps and 2 processes x 1 give the same micro-batches
+    assert training.plan_steps(units, 4, 2, 2, 3) == one_process
+    groups = [[0, 1], [2, 3, 4], [5, 6], [7, 8]]
+    for step in training.plan_steps(groups, examples_per_step=4, micro_batches=2, epochs=1, seed=0):
+        for micro in step:
+            assert all(set(g) <= set(micro) or not set(g) & set(micro) for g in groups)
+    with pytest.raises(ValueError, match="cannot fill one optimizer step"):
+        training.plan_steps([[0]], examples_per_step=4, micro_batches=2, epochs=1, seed=0)
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    files = training.optimizer_state_files(optimizer.state_dict())
+    restored = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.5)
+    restored.load_state_dict(training.optimizer_state_from_files(files["optimizer.safetensors"],
+                                                                 files["optimizer.json"]))
+    assert restored.param_groups[0]["lr"] == 0.1
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(restored.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
+
+
+def test_loss_must_fit_the_setup(tiny2_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not fit setup 'sft'"):
+        Trainer(make_cfg("sft", "dpo"), tiny2_dir, None, ArtifactStore(str(tmp_path)))
+
+
+# ---- rounds --------------------------------------------------------------------------------------------------
+
+
+def test_dpo_round_lowers_the_loss_and_raises_reward_accuracy(tiny2_dir, tmp_path):
+    cfg = make_cfg("offline_pairwise", "dpo", epochs=3)
+    store, trainer, encoded, result = run_round(tmp_path, tiny2_dir, cfg, make_units(16))
+    assert result.steps == 12
+    reference = load_causal_lm(tiny2_dir).eval()
+    before_loss, before_accuracy = dpo_on_pairs(trainer, encoded, reference, reference, cfg.training.beta)
+    trained = load_causal_lm(store.local_checkpoint(result.checkpoint_uri)).eval()
+    after_loss, after_accuracy = dpo_on_pairs(trainer, encoded, trained, reference, cfg.training.beta)
+    assert before_loss == pytest.approx(math.log(2), abs=1e-5) and before_accuracy == 0.0
+    assert after_loss < 0.5 * before_loss
+    assert after_accuracy >= 0.9
+    metrics = step_metrics(store, store.stage_uri("round", 0, "metrics"))
+    assert list(metrics.index) == list(range(1, 13))
+    for name in ("loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "kl", "grad_norm",
+                 "learning_rate", "tokens_per_s"):
+        assert metrics[name].notna().all(), name
+    assert metrics["loss"].iloc[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert result.metrics["loss"] == pytest.approx(metrics["loss"].iloc[-1])
+
+
+def test_dpo_on_the_fly_reference_matches_precomputed(tiny2_dir, tmp_path):
+    units = make_units(8)
+    results = [run_round(tmp_path / str(flag), tiny2_dir, make_cfg("offline_pairwise", "dpo", epochs=1,
+                                                                   precompute_reference=flag), units)
+               for flag in (True, False)]
+    losses_by_mode = [step_metrics(s, s.stage_uri("round", 0, "metrics"))["loss"].tolist() for s, *_ in results]
+    assert losses_by_mode[0] == pytest.approx(losses_by_mode[1], abs=1e-5)
+
+
+def test_sft_loss_decreases(tiny2_dir, tmp_path):
+    store, *_ = run_round(tmp_path, tiny2_dir, make_cfg("sft", "sft", epochs=3), make_units(16))
+    loss = step_metrics(store, store.stage_uri("round", 0, "metrics"))["loss"]
+    assert loss.iloc[-2:].mean() < 0.7 * loss.iloc[0]
+
+
+@pytest.mark.parametrize(("setup", "loss"), [("offline_pointwise", "kto"), ("rl", "rl"),
+                                              ("offline_pairwise", "simpo"), ("offline_pairwise", "ipo")])
+def test_other_losses_run_a_round(tiny2_dir, tmp_path, setup, loss):
+    units = make_units(8, samples_per_prompt=2 if loss == "rl" else 1)
+    if loss == "kto":  # half desirable, half not
+        units["generation1_reward"] = [float(i % 2) for i in range(len(units))]
+    store, _, _, result = run_round(tmp_path, tiny2_dir, make_cfg(setup, loss, epochs=1), units)
+    metrics = step_metrics(store, store.stage_uri("round", 0, "metrics"))
+    assert result.steps == len(metrics) > 0
+    assert metrics["loss"].map(math.isfinite).all()
+    if loss in ("kto", "rl"):
+        assert (metrics["kl"] >= 0).all() if loss == "kto" else metrics["kl"].notna().all()
+
+
+def test_reward_model_training_raises_pair_accuracy(tiny2_dir, tmp_path):
+    cfg = make_cfg("reward_modelling", "reward", epochs=3)
+    units = make_units(16)
+    store, trainer, encoded, result = run_round(tmp_path, tiny2_dir, cfg, units)
+
+    @torch.no_grad()
+    def pair_accuracy(model) -> float:
+        batch = trainer.batch_factory.collate(encoded)
+        ids, attention, _ = training.concatenated_inputs(batch, ("generation1", "generation2"),
+                                                        trainer.tokenizer.pad_token_id)
+        chosen, rejected = model(input_ids=ids, attention_mask=attention).logits.squeeze(-1).chunk(2)
+        return (chosen > rejected).float().mean().item()
+
+    before = pair_accuracy(load_reward_model(tiny2_dir).eval())
+    checkpoint = store.local_checkpoint(result.checkpoint_uri)
+    from transformers import AutoModelForSequenceClassification
+
+    trained = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    assert trained.config.num_labels == 1
+    after = pair_accuracy(trained)
+    assert after >= 0.9 and after > before
+    assert pair_accuracy(load_reward_model(checkpoint).eval()) == after  # loads as the annotator does
+
+
+# ---- the NaN guard and resume ---------------------------------------------------------------------------------
+
+
+def checkpoint_bytes(store: ArtifactStore, uri: str) -> dict[str, bytes]:
+    folder = Path(store.local_checkpoint(uri))
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_nan_loss_stops_the_round_and_keeps_the_last_checkpoint(tiny2_dir, tmp_path, monkeypatch):
+    real_dpo, calls = losses.dpo, []
+
+    def dpo_with_nan_at_step_2(*args, **kwargs):
+        calls.append(1)
+        out = real_dpo(*args, **kwargs)
+        if len(calls) == 2:
+            out.losses = out.losses * float("nan")
+        return out
+
+    monkeypatch.setattr(losses, "dpo", dpo_with_nan_at_step_2)
+    store = ArtifactStore(str(tmp_path / "store"))
+    uri = store.checkpoint_uri("nan", 0)
+    saved: dict[int, dict[str, bytes]] = {}
+
+    def snapshot(step, total, metrics):
+        saved[step] = checkpoint_bytes(store, uri)
+
+    cfg = make_cfg("offline_pairwise", "dpo", save_every_steps=1)
+    trainer = Trainer(cfg, policy_path=tiny2_dir, tokenizer_path=None, store=store)
+    encoded = trainer.batch_factory.encode(make_units(16))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at optimizer step 2: nan") as error:
+        trainer.train(encoded, uri, store.stage_uri("nan", 0, "metrics"), progress_callback=snapshot)
+    assert error.value.step == 2 and math.isnan(error.value.loss)
+    assert list(saved) == [1]
+    assert checkpoint_bytes(store, uri) == saved[1]  # byte-identical: nothing written after step 1
+    assert json.loads(saved[1]["trainer_state.json"])["step"] == 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_to_the_same_weights(tiny2_dir, tmp_path):
+    cfg = make_cfg("offline_pairwise", "dpo", epochs=1, save_every_steps=2, scheduler="cosine", warmup_ratio=0.25)
+    units = make_units(16)
+    store_a, _, _, uninterrupted = run_round(tmp_path / "a", tiny2_dir, cfg, units)
+
+    def stop_at_step_3(step, total, metrics):
+        if step == 3:
+            raise Interrupted
+
+    store_b = ArtifactStore(str(tmp_path / "b" / "store"))
+    with pytest.raises(Interrupted):
+        run_round(tmp_path / "b", tiny2_dir, cfg, units, progress_callback=stop_at_step_3)
+    state = json.loads(Path(store_b.local_checkpoint(store_b.checkpoint_uri("round", 0)),
+                            "trainer_state.json").read_text())
+    assert state["step"] == 2
+    _, _, _, resumed = run_round(tmp_path / "b", tiny2_dir, cfg, units)
+    assert resumed.steps == uninterrupted.steps == 4
+    marker = f"{resumed.checkpoint_uri}/_complete.json"
+    saved_at = store_b.read_json(marker)["saved_at"]
+    _, _, _, finished = run_round(tmp_path / "b", tiny2_dir, cfg, units)  # a finished round is not redone
+    assert finished.metrics == resumed.metrics and store_b.read_json(marker)["saved_at"] == saved_at
+
+    weights_a = load_causal_lm(store_a.local_checkpoint(uninterrupted.checkpoint_uri)).state_dict()
+    weights_b = load_causal_lm(store_b.local_checkpoint(resumed.checkpoint_uri)).state_dict()
+    for name, value in weights_a.items():
+        assert torch.allclose(value, weights_b[name], atol=1e-6), name
+    loss_a = step_metrics(store_a, store_a.stage_uri("round", 0, "metrics"))["loss"]
+    loss_b = step_metrics(store_b, store_b.stage_uri("round", 0, "metrics"))["loss"]
+    assert list(loss_b.index) == [1, 2, 3, 4]
+    assert loss_b.tolist() == pytest.approx(loss_a.tolist(), abs=1e-6)
+
+
+# ---- distributed -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_gloo_processes_match_one_process(tiny2_dir, tmp_path):
+    """The same global batch of 8 pairs per step: 1 process x 8 vs 2 processes x 4 (DDP over gloo).
+
+    The 2-process run must really be two processes: with a per-process batch of 4 a single process would
+    take 12 steps instead of 6, which the step count below catches."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    units_uri = store.stage_uri("ddp", 0, "units")
+    store.write_stage(units_uri, "units", {"test": 1}, [__import__("pyarrow").Table.from_pandas(make_units(24))])
+    losses_by_processes = {}
+    for processes, batch_size in ((1, 8), (2, 4)):
+        config = {"setup": "offline_pairwise", "model": {"policy": tiny2_dir},
+                  "store": {"root": str(tmp_path / "store"), "run_name": "ddp"},
+                  "training": {"loss": "dpo", "batch_size": batch_size, "epochs": 2, "learning_rate": 1e-3}}
+        config_path = tmp_path / f"config-{processes}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        metrics_uri = store.stage_uri("ddp", processes, "metrics")
+        # torchrun-style launcher (accelerate's --cpu one starts several processes only through MPI)
+        launcher = ["--config_file", str(ACCELERATE_CPU_CONFIG)] if processes == 2 else ["--cpu"]
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes),
+                   "-m", "alignment_core.training", "--config", str(config_path), "--units", units_uri,
+                   "--checkpoint", store.checkpoint_uri("ddp", processes), "--metrics", metrics_uri]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=540, env=env)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        losses_by_processes[processes] = step_metrics(store, metrics_uri)["loss"]
+    one, two = losses_by_processes[1], losses_by_processes[2]
+    assert len(one) == len(two) == 6
+    assert (one - two).abs().max() < 1e-4
+    assert one.iloc[-1] < one.iloc[0]
