@@ -119,7 +119,8 @@ class TrainingConfig(StrictModel):
     loss: Literal["sft", "reward", "dpo", "cdpo", "ipo", "slic", "simpo", "kto", "rl"] = "dpo"
     beta: float = Field(default=0.1, gt=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # cdpo
-    margin: float = Field(default=0.0, ge=0)  # reward model margin, slic hinge margin
+    reward_margin: float = Field(default=0.0, ge=0)  # reward model: -log sigmoid(r_chosen - r_rejected - margin)
+    slic_margin: float = Field(default=1.0, ge=0)  # slic: max(0, margin - beta * (logp_chosen - logp_rejected))
     simpo_gamma: float = Field(default=0.5, ge=0)
     slic_nll_weight: float = Field(default=0.1, ge=0)
     kto_desirable_weight: float = Field(default=1.0, gt=0)

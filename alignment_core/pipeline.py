@@ -252,17 +252,11 @@ def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, referenc
                    str(cfg.training.num_processes)]
         if cfg.training.accelerate_config:
             command += ["--config_file", cfg.training.accelerate_config]
-        elif not _cuda_available():
-            command += ["--cpu"]
+        else:  # torchrun-style launch; without CUDA the Trainer asks for the CPU (DDP over gloo)
+            command += ["--multi_gpu"]
         command += ["-m", "alignment_core.training", "--config", config_path, "--units", units_uri,
                     "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics]
         subprocess.run(command, check=True)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------

@@ -326,9 +326,10 @@ class Trainer:
             chosen, rejected = logps.chunk(2)
             chosen_counts, rejected_counts = counts.chunk(2)
             if loss == "reward":
-                return losses.reward(chosen, rejected, weights, margin=tc.margin)
+                return losses.reward(chosen, rejected, weights, margin=tc.reward_margin)
             if loss == "slic":
-                return losses.slic(chosen, rejected, chosen_counts, weights, tc.beta, tc.margin, tc.slic_nll_weight)
+                return losses.slic(chosen, rejected, chosen_counts, weights, tc.beta, tc.slic_margin,
+                                   tc.slic_nll_weight)
             if loss == "simpo":
                 return losses.simpo(chosen, rejected, chosen_counts, rejected_counts, weights, tc.beta,
                                     tc.simpo_gamma)

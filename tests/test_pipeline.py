@@ -141,3 +141,15 @@ def test_missing_model_path_fails_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pipeline.generate(cfg, prompts, cfg.model.policy, 1)
     assert not pipeline.open_store(cfg).exists(pipeline.open_store(cfg).stage_uri("setups", 1, "generations"))
+
+
+def test_two_process_round_through_accelerate_launch(tmp_path):
+    """training.num_processes: 2 runs the round under `accelerate launch` (DDP over gloo on CPU)."""
+    cfg = small(tmp_path, setup="offline_pairwise", data={"source": "bundled:preferences", "max_rows": 16},
+                training={"loss": "dpo", "num_processes": 2, "batch_size": 4})
+    uris = offline_round(cfg)
+    store = pipeline.open_store(cfg)
+    assert store.checkpoint_complete(uris["checkpoint"])
+    metrics = store.read_pandas(store.stage_uri("setups", 1, "metrics"))
+    # 16 pairs, 2 processes x 4 pairs per step: 2 optimizer steps (one process alone would take 4)
+    assert metrics["step"].max() == 2

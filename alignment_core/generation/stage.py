@@ -1,0 +1,136 @@
+"""The generate stage: prompts stage in, generations stage out, shard by shard and resumable."""
+
+import importlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from alignment_core import records
+from alignment_core.config import GenerationConfig
+from alignment_core.generation.common import Generator, shard_seed
+
+logger = logging.getLogger(__name__)
+
+
+def _vllm_importable() -> bool:
+    try:
+        importlib.import_module("vllm")
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(requested: str) -> str:
+    """"auto" takes vLLM where it is installed and a CUDA GPU is present (on CPU, transformers is faster)."""
+    if requested != "auto":
+        return requested
+    return "vllm" if torch.cuda.is_available() and _vllm_importable() else "transformers"
+
+
+def make_generator(
+    gen_cfg: GenerationConfig,
+    policy_path: str,
+    policy_uri: str,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+) -> Generator:
+    """A generator for the local model folder `policy_path`; rows record `policy_uri` as their lineage."""
+    from alignment_core.models import load_causal_lm, load_tokenizer, model_digest
+
+    policy_path = str(policy_path)
+    backend = choose_backend(gen_cfg.backend)
+    tokenizer = load_tokenizer(tokenizer_path or policy_path)
+    digest = model_digest(policy_path)
+    if backend == "vllm":
+        from alignment_core.generation.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(policy_path, tokenizer, gen_cfg, policy_uri, digest, tokenizer_path, dtype)
+    from alignment_core.generation.transformers_backend import TransformersGenerator
+
+    model = load_causal_lm(policy_path, dtype=dtype)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return TransformersGenerator(model, tokenizer, gen_cfg, policy_uri, digest)
+
+
+def run_generation(
+    store,
+    prompts_uri: str,
+    out_uri: str,
+    gen_cfg: GenerationConfig,
+    policy_path: str,
+    policy_uri: str,
+    run_name: str,
+    iteration: int,
+    fingerprint: dict,
+    progress_callback: Callable[[int, int], None] | None = None,
+    *,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+) -> dict:
+    """Sample `gen_cfg.n_samples` responses per prompt into `out_uri`; returns the stage manifest.
+
+    Prompts are cut into shards of `gen_cfg.shard_size`. Shards already written under the same fingerprint
+    are kept, so a killed stage resumes at its first missing shard; each shard's seed derives from
+    (run, iteration, shard), so the resumed shard holds the same samples (exactly so with the transformers
+    backend; vLLM's batching may change floating-point reductions). The model is loaded only if a shard is
+    missing.
+    """
+    if store.is_complete(out_uri, fingerprint):
+        return store.read_manifest(out_uri)
+    prompts = store.read_table(prompts_uri).to_pylist()
+    if not prompts:
+        raise ValueError(f"prompts stage {prompts_uri} has no rows: nothing to generate")
+    duplicated = [pid for pid, count in Counter(p["prompt_id"] for p in prompts).items() if count > 1]
+    if duplicated:
+        raise ValueError(
+            f"prompts stage {prompts_uri} repeats prompt_id {duplicated[0]!r} "
+            f"({len(duplicated)} repeated ids): generation ids would collide"
+        )
+    size = gen_cfg.shard_size
+    shards = [prompts[start : start + size] for start in range(0, len(prompts), size)]
+    writer = store.stage_writer(out_uri, "generations", fingerprint)
+    missing = [index for index in range(len(shards)) if index not in writer.done_shards]
+    if progress_callback:
+        progress_callback(len(shards) - len(missing), len(shards))
+
+    backend, generated_tokens, generated_rows, skipped_prompts, seconds = None, 0, 0, 0, 0.0
+    finish_reasons: Counter = Counter()
+    if missing:
+        logger.info("generating %d of %d shards into %s", len(missing), len(shards), out_uri)
+        with make_generator(gen_cfg, policy_path, policy_uri, tokenizer_path, dtype) as generator:
+            backend = generator.backend
+            for index in missing:
+                started = time.perf_counter()
+                rows = generator.generate(shards[index], shard_seed(run_name, iteration, index, gen_cfg.seed))
+                seconds += time.perf_counter() - started
+                table = records.from_rows(rows, records.GENERATIONS, f"generations shard {index}")
+                writer.write_shard(index, table)
+                generated_rows += len(rows)
+                generated_tokens += sum(len(row["response_token_ids"]) for row in rows)
+                skipped_prompts += len(shards[index]) - len({row["prompt_id"] for row in rows})
+                finish_reasons.update(row["finish_reason"] for row in rows)
+                if progress_callback:
+                    progress_callback(len(writer.done_shards), len(shards))
+    if sum(writer.rows.values()) == 0:
+        raise ValueError(
+            f"no prompt of {prompts_uri} fits max_model_len {gen_cfg.max_model_len} with max_new_tokens "
+            f"{gen_cfg.max_new_tokens}: every prompt was skipped"
+        )
+    # Stats cover the shards generated by this call; resumed shards were counted by the call that wrote them.
+    return writer.finish(
+        {
+            "backend": backend,
+            "generated_shards": len(missing),
+            "resumed_shards": len(shards) - len(missing),
+            "generated_rows": generated_rows,
+            "generated_tokens": generated_tokens,
+            "skipped_prompts": skipped_prompts,
+            "finish_reasons": dict(finish_reasons),
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(generated_tokens / seconds, 1) if seconds else None,
+        }
+    )
