@@ -56,10 +56,22 @@ def iterative_dpo(
     return summaries
 
 
+HEADLINE = ("train_loss", "train_reward_accuracy", "annotation_reward_mean", "reward_mean", "oracle_reward_mean",
+            "win_rate_vs_previous", "win_rate_vs_initial", "generation_tokens_per_s", "train_tokens_per_s")
+
+
+def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:
+    print(f"\nrun {cfg.store.run_name} finished: {open_store(cfg).run_uri(cfg.store.run_name)}")
+    columns = [c for c in HEADLINE if any(c in s for s in summaries)]
+    print("iteration  " + "  ".join(f"{c:>{max(len(c), 8)}}" for c in columns))
+    for s in summaries:
+        cells = [f"{s[c]:>{max(len(c), 8)}.4g}" if isinstance(s.get(c), float) else f"{'-':>{max(len(c), 8)}}"
+                 for c in columns]
+        print(f"{s['iteration']:>9}  " + "  ".join(cells))
+    print(f"inspect it: python -m alignment_core.inspect {open_store(cfg).run_uri(cfg.store.run_name)}")
+
+
 if __name__ == "__main__":
     args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.")
     config = config_from_cli(args)
-    results = iterative_dpo(config=config)
-    print(f"\nrun {config.store.run_name} finished: {open_store(config).run_uri(config.store.run_name)}")
-    for summary in results:
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+    print_summary(config, iterative_dpo(config=config))
