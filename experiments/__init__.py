@@ -1,0 +1,1 @@
+"""Experiments built from the pipeline's own stages and flows (see experiments/RESULTS.md)."""

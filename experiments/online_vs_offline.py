@@ -1,0 +1,441 @@
+"""Online vs offline preference learning: the claim of online AI feedback (OAIF, Guo et al. 2024), reproduced
+by the pipeline's own stages on the tiny task, on a CPU.
+
+    python -m experiments.online_vs_offline [--seeds 3] [--quick] [--store-root DIR] [--arms a,b]
+    python -m experiments.online_vs_offline --gpu      # hub models and vLLM instead of the tiny model (see GPU)
+
+The task: answer in a positive tone. The true reward (`alignment_core.rewards.positive_words`) counts distinct
+positive words and takes 0.05 per word beyond 20, so repeating a word or padding the answer does not pay.
+
+1. Two SFT rounds on bundled:sft (the `sft` flow), shared by all seeds: the policy pi_0 from tiny://llama, and
+   the behaviour model rho from another tiny model (seed 1: its own weights and tokenizer), same recipe.
+2. Per seed, the offline dataset: rho answers each iteration's prompts twice and the true reward labels the
+   pair (the annotate stage with the programmatic annotator). Iteration k's pairs become an examples stage; all
+   pairs together are a prompt/chosen/rejected jsonl, the dataset a user would download.
+3. Per seed, a reward model: a reward head on pi_0 trained on that jsonl by the `reward-model` flow.
+4. Per seed, four arms of K iterations of DPO from pi_0 (the reference stays pi_0). Iteration k of every arm
+   sees the same P prompts, so every arm gets the same number of labelled pairs per iteration:
+     offline             DPO on rho's pairs of iteration k (the distribution-shift case of SEED.md)
+     offline-importance  the same, each pair weighted by pi(pair) / rho(pair) (reweight.strategy: importance)
+     online-rm           the current policy answers twice, the reward model labels (no new true labels)
+     online-oracle       the current policy answers twice, the true reward labels
+5. The report, per arm and iteration, mean and spread over seeds: the true reward of 4 answers to each of 40
+   held-out prompts (topics no training prompt mentions; the `heldout_samples` stage), the win-rate against
+   pi_0's answers judged by the true reward, and the answers' length. A Markdown table and a PNG in the store
+   (`report/`), and as Prefect artifacts. (Each iteration also runs the pipeline's own `evaluate` stage.)
+
+Every step is a stage in the store, so a rerun skips what is complete and a killed run resumes.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from alignment_core import pipeline
+from alignment_core.config import TINY_MODEL, PipelineConfig, parse_config
+from alignment_core.data import DatasLoader
+from alignment_core.rewards import positive_words, words
+from alignment_core.store import ArtifactStore
+from alignment_core.tiny import build_tiny
+from flows.offline import reward_model, sft
+from tasks import parse, stage_task
+from tasks.annotate import annotate
+from tasks.evaluate import evaluate
+from tasks.generate import generate
+from tasks.load_prompts import load_eval_prompts, load_prompts
+from tasks.reweight import reweight
+from tasks.train import train
+
+ORACLE = "alignment_core.rewards:positive_words"
+ARMS = ("offline", "offline-importance", "online-rm", "online-oracle")
+TINY_BEHAVIOUR = "tiny://llama-seed1"  # the tiny model built with seed 1 (weights and tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The models and sizes of one experiment."""
+
+    name: str
+    policy: str = TINY_MODEL  # pi_0 before its SFT round
+    behaviour: str = TINY_BEHAVIOUR  # rho before its SFT round
+    backend: str = "transformers"
+    mixed_precision: str = "no"
+    sft_learning_rate: float = 2e-3
+    sft_epochs: int = 4
+    sft_batch_size: int = 16
+    iterations: int = 4  # K
+    prompts_per_iteration: int = 32  # P: one labelled pair per prompt and iteration, in every arm
+    max_new_tokens: int = 40  # room for more than 20 words: padding is possible, and penalised
+    reward_model_learning_rate: float = 5e-4
+    reward_model_epochs: int = 3
+    dpo_beta: float = 0.1
+    dpo_learning_rate: float = 5e-4
+    dpo_epochs: int = 2
+    dpo_batch_size: int = 8
+    eval_prompts: int = 40  # the held-out tail of bundled:prompts
+    heldout_samples: int = 4  # answers per held-out prompt: one answer each leaves +-0.15 of sampling noise
+
+
+FULL = Setting(name="full")
+QUICK = dataclasses.replace(FULL, name="quick", iterations=2)  # the CI test's size
+# GPU: a small hub instruct model as pi_0 and another family as rho, sampled with vLLM, trained in bf16 autocast.
+# The machine needs the hub (or HF_HOME holding both models). Not run in this project's CI.
+GPU = dataclasses.replace(
+    FULL, name="gpu", policy="Qwen/Qwen2.5-0.5B-Instruct", behaviour="HuggingFaceTB/SmolLM2-360M-Instruct",
+    backend="vllm", mixed_precision="bf16", sft_learning_rate=1e-5, sft_epochs=2, sft_batch_size=16,
+    iterations=4, prompts_per_iteration=40, max_new_tokens=64,
+    reward_model_learning_rate=1e-5, reward_model_epochs=2, dpo_learning_rate=2e-6, dpo_epochs=2,
+)
+SETTINGS = {setting.name: setting for setting in (FULL, QUICK, GPU)}
+
+
+# ---- configs ---------------------------------------------------------------------------------------------
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and key in base else value
+    return merged
+
+
+def stage_config(setting: Setting, store_root: str, run_name: str, seed: int = 0, **changes) -> PipelineConfig:
+    """The config every run of the experiment shares; `changes` (nested dicts) make it one run's."""
+    base = {
+        "setup": "online_pairwise",
+        "iterations": setting.iterations,
+        "data": {"source": "bundled:prompts", "eval_prompts": setting.eval_prompts},
+        "generation": {"backend": setting.backend, "prompts_per_iteration": setting.prompts_per_iteration,
+                       "n_samples": 2, "temperature": 1.0, "max_new_tokens": setting.max_new_tokens, "seed": seed},
+        "annotation": {"annotator": "programmatic", "programmatic": ORACLE, "pair_selection": "best_vs_worst"},
+        "reweight": {"strategy": "uniform"},
+        "training": {"loss": "dpo", "beta": setting.dpo_beta, "learning_rate": setting.dpo_learning_rate,
+                     "epochs": setting.dpo_epochs, "batch_size": setting.dpo_batch_size, "seed": seed,
+                     "mixed_precision": setting.mixed_precision},
+        "evaluation": {"max_new_tokens": setting.max_new_tokens, "oracle": ORACLE},
+        "store": {"root": store_root, "run_name": run_name},
+    }
+    return parse_config(_merge(base, changes))
+
+
+def sft_config(setting: Setting, store_root: str, run_name: str, base_model: str) -> PipelineConfig:
+    return stage_config(
+        setting, store_root, run_name, setup="sft", iterations=1,
+        data={"source": "bundled:sft"}, model={"policy": base_model},
+        training={"loss": "sft", "learning_rate": setting.sft_learning_rate, "epochs": setting.sft_epochs,
+                  "batch_size": setting.sft_batch_size},
+        evaluation={"enabled": False},  # every arm's iteration 0 evaluates pi_0
+    )
+
+
+def arm_config(setting: Setting, store_root: str, seed: int, arm: str, sft_policy: str, behaviour: str,
+               reward_model: str) -> PipelineConfig:
+    changes: dict = {"model": {"policy": sft_policy, "reference": sft_policy}}
+    if arm.startswith("offline"):
+        changes["setup"] = "offline_pairwise"
+    if arm == "offline-importance":
+        changes["reweight"] = {"strategy": "importance", "behaviour_model": behaviour}
+    if arm == "online-rm":
+        changes["annotation"] = {"annotator": "reward_model", "reward_model": reward_model}
+    return stage_config(setting, store_root, f"seed{seed}-{arm}", seed, **changes)
+
+
+def base_model_path(name: str, cache_dir: str) -> str:
+    """The model an SFT round starts from: a hub name or tiny:// name as is, the seed-1 tiny model built here."""
+    if name == TINY_BEHAVIOUR:
+        return str(build_tiny(Path(cache_dir).expanduser() / "tiny-llama-seed1", seed=1))
+    return name
+
+
+# ---- the offline dataset ---------------------------------------------------------------------------------
+def pairs_jsonl(units: pd.DataFrame) -> bytes:
+    """Training units (generation1 preferred, ties already dropped) as prompt/chosen/rejected lines."""
+    lines = [json.dumps({"prompt": [dict(turn) for turn in messages], "chosen": chosen, "rejected": rejected})
+             for messages, chosen, rejected in zip(units["prompt_messages"], units["generation1_response"],
+                                                    units["generation2_response"], strict=True)]
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def examples_from_pairs(cfg: PipelineConfig, iteration: int, generations_uri: str, annotations_uri: str) -> str:
+    """Iteration k's labelled pairs of rho: `iter-k/pairs.jsonl` and, read back by DatasLoader, `iter-k/examples`."""
+    store = pipeline.open_store(cfg)
+    units = pipeline.build_units(cfg, iteration, generations_uri=generations_uri, annotations_uri=annotations_uri)
+    out = store.stage_uri(cfg.store.run_name, iteration, "examples")
+    fingerprint = {"stage": "examples", "units": pipeline.input_digest(store, units)}
+    if store.is_complete(out, fingerprint):
+        return out
+    jsonl = store.uri(cfg.store.run_name, f"iter-{iteration:03d}", "pairs.jsonl")
+    store.write_bytes(jsonl, pairs_jsonl(store.read_pandas(units)))
+    loader = DatasLoader(jsonl, format="pairs")
+    store.write_stage(out, "examples", fingerprint, [loader.load()], extra={"report": loader.report.to_dict()})
+    return out
+
+
+def behaviour_dataset(setting: Setting, store_root: str, seed: int, behaviour: str) -> tuple[list[str], str]:
+    """rho's oracle-labelled pairs: one examples stage per iteration, and all of them as one jsonl file."""
+    cfg = stage_config(setting, store_root, f"seed{seed}-behaviour-data", seed, model={"policy": behaviour})
+    config_json = cfg.model_dump_json()
+    store = pipeline.open_store(cfg)
+    examples, pairs = [], b""
+    for k in range(1, setting.iterations + 1):
+        prompts = load_prompts(config_json, k)
+        generations = generate(config_json, prompts, behaviour, k)
+        annotations = annotate(config_json, generations, k)
+        examples.append(examples_from_pairs(cfg, k, generations, annotations))
+        pairs += pairs_jsonl(store.read_pandas(store.stage_uri(cfg.store.run_name, k, "units")))
+    # The name carries the content digest: the reward model's examples stage is keyed by the source's name.
+    dataset = store.uri(cfg.store.run_name, f"pairs-{hashlib.sha256(pairs).hexdigest()[:12]}.jsonl")
+    if not store.exists(dataset):
+        store.write_bytes(dataset, pairs)
+    return examples, dataset
+
+
+# ---- one arm ---------------------------------------------------------------------------------------------
+@stage_task("sample-heldout")
+def sample_heldout(config_json: str, eval_prompts_uri: str, policy_uri: str, iteration: int,
+                   samples_per_prompt: int) -> str:
+    """`heldout_samples`: several answers per held-out prompt, sampled as the evaluate stage samples."""
+    cfg = parse(config_json)
+    sampling = cfg.generation.model_copy(update={
+        "n_samples": samples_per_prompt, "temperature": cfg.evaluation.temperature,
+        "max_new_tokens": cfg.evaluation.max_new_tokens,
+    })
+    return pipeline.generate(cfg.model_copy(update={"generation": sampling}), eval_prompts_uri, policy_uri, iteration,
+                             stage="heldout_samples")
+
+
+def run_arm(cfg: PipelineConfig, sft_policy: str, offline_examples: list[str], samples_per_prompt: int) -> str:
+    """K iterations from pi_0; offline arms train on rho's pairs, online arms on their own labelled samples."""
+    config_json = cfg.model_dump_json()
+    eval_prompts = load_eval_prompts(config_json, 0)
+    sample_heldout(config_json, eval_prompts, sft_policy, 0, samples_per_prompt)
+    policy = sft_policy
+    for k in range(1, cfg.iterations + 1):
+        if cfg.online:
+            prompts = load_prompts(config_json, k)
+            generations = generate(config_json, prompts, policy, k)
+            annotations = annotate(config_json, generations, k)
+            round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
+        else:
+            round_data = reweight(config_json, policy, k, examples_uri=offline_examples[k - 1])
+        checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, sft_policy, k)
+        evaluate(config_json, eval_prompts, checkpoint, policy, sft_policy, k)
+        sample_heldout(config_json, eval_prompts, checkpoint, k, samples_per_prompt)
+        policy = checkpoint
+    return cfg.store.run_name
+
+
+# ---- measurements ----------------------------------------------------------------------------------------
+def true_rewards(answers: pd.DataFrame) -> pd.Series:
+    """The true reward of each answer, indexed by (prompt_id, sample_index)."""
+    rewards = [positive_words(p, r) for p, r in zip(answers["prompt"], answers["response"], strict=True)]
+    return pd.Series(rewards, index=pd.MultiIndex.from_frame(answers[["prompt_id", "sample_index"]]))
+
+
+def win_rate(rewards: pd.Series, baseline_rewards: pd.Series) -> float:
+    """Share of answers that beat the baseline's answer with the same index; a tie counts half."""
+    common = rewards.index.intersection(baseline_rewards.index)
+    if len(common) == 0:
+        raise ValueError("no answer has a baseline answer to compare with (different prompts or samples)")
+    return float((np.sign(rewards[common] - baseline_rewards[common]) / 2 + 0.5).mean())
+
+
+def annotator_agreement(store: ArtifactStore, run: str, iteration: int) -> float:
+    """How often the annotator's chosen answer is the one the true reward prefers (true-reward ties left out)."""
+    generations = store.read_pandas(store.stage_uri(run, iteration, "generations")).set_index("generation_id")
+    annotations = store.read_pandas(store.stage_uri(run, iteration, "annotations"))
+    agree = []
+    for row in annotations[annotations["status"] == "ok"].itertuples():
+        first, second = generations.loc[row.generation1_id], generations.loc[row.generation2_id]
+        true_gap = positive_words(first.prompt, first.response) - positive_words(second.prompt, second.response)
+        if true_gap != 0:
+            agree.append((true_gap > 0) == (row.generation1_reward > row.generation2_reward))
+    return float(np.mean(agree)) if agree else math.nan
+
+
+def arm_measurements(store: ArtifactStore, run: str, iterations: int, seed: int, arm: str,
+                     online: bool) -> list[dict]:
+    """One row per iteration (0: pi_0): held-out true reward, win-rate against pi_0, words, pairs trained on.
+
+    The win-rate compares the i-th answer to a prompt with pi_0's i-th answer to it (iteration 0's samples).
+    """
+    initial_rewards = true_rewards(store.read_pandas(store.stage_uri(run, 0, "heldout_samples")))
+    rows, pairs_so_far = [], 0
+    for k in range(0, iterations + 1):
+        answers = store.read_pandas(store.stage_uri(run, k, "heldout_samples"))
+        rewards = true_rewards(answers)
+        if k > 0:
+            pairs_so_far += store.read_manifest(store.stage_uri(run, k, "units"))["rows"]
+        rows.append({
+            "seed": seed, "arm": arm, "iteration": k, "true_reward": float(rewards.mean()),
+            "win_rate_vs_sft": win_rate(rewards, initial_rewards),
+            "words": float(np.mean([len(words(r)) for r in answers["response"]])), "pairs_trained": pairs_so_far,
+            "annotator_agreement": annotator_agreement(store, run, k) if online and k > 0 else math.nan,
+        })
+    return rows
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+def _spread(values: pd.Series, digits: int = 2) -> str:
+    if values.isna().all():
+        return "-"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f}"
+    return (f"{values.mean():.{digits}f} ± {values.std(ddof=0):.{digits}f} "
+            f"[{values.min():.{digits}f}, {values.max():.{digits}f}]")
+
+
+def results_table(measurements: pd.DataFrame, prompts_per_iteration: int) -> str:
+    """Markdown: one row per arm and iteration, mean ± std [min, max] over seeds; iteration 0 is pi_0."""
+    seeds = measurements["seed"].nunique()
+    lines = [
+        "| iteration | arm | true-reward labels | pairs trained | held-out true reward | win-rate vs SFT | words "
+        "| RM agrees with true reward |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    start = measurements[measurements["iteration"] == 0]
+    lines.append(f"| 0 | SFT policy pi_0 | 0 | 0 | {_spread(start.groupby('seed')['true_reward'].mean())} | 0.50 "
+                 f"| {start['words'].mean():.1f} | - |")
+    for k in sorted(set(measurements["iteration"]) - {0}):
+        for arm in [a for a in ARMS if a in set(measurements["arm"])]:
+            rows = measurements[(measurements["iteration"] == k) & (measurements["arm"] == arm)]
+            labels = 0 if arm == "online-rm" else k * prompts_per_iteration
+            agreement = _spread(rows["annotator_agreement"]) if arm == "online-rm" else "-"
+            lines.append(f"| {k} | {arm} | {labels} | {rows['pairs_trained'].mean():.0f} "
+                         f"| {_spread(rows['true_reward'])} | {_spread(rows['win_rate_vs_sft'])} "
+                         f"| {rows['words'].mean():.1f} | {agreement} |")
+    return (f"Mean ± std [min, max] over {seeds} seed(s). True-reward labels: pairs labelled by the true reward "
+            f"so far (online-rm's reward model learned from the offline arms' labels).\n\n" + "\n".join(lines))
+
+
+def results_plot(measurements: pd.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("true_reward", "held-out true reward"), ("win_rate_vs_sft", "win-rate vs SFT (true reward)"),
+              ("words", "answer length (words)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
+    start = measurements[measurements["iteration"] == 0]
+    for arm in [a for a in ARMS if a in set(measurements["arm"])]:
+        rows = pd.concat([start.assign(arm=arm), measurements[(measurements["arm"] == arm)
+                                                              & (measurements["iteration"] > 0)]])
+        by_iteration = rows.groupby("iteration")
+        for axis, (column, _) in zip(axes, panels, strict=True):
+            mean, low, high = (by_iteration[column].agg(f) for f in ("mean", "min", "max"))
+            (line,) = axis.plot(mean.index, mean.values, marker="o", label=arm)
+            axis.fill_between(mean.index, low.values, high.values, color=line.get_color(), alpha=0.15)
+    for axis, (_, title) in zip(axes, panels, strict=True):
+        axis.set_title(title)
+        axis.set_xlabel("iteration (the same new prompts in every arm)")
+        axis.set_xticks(sorted(set(measurements["iteration"])))
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    penalty = axes[2].axhline(20, color="grey", linestyle="--", linewidth=1)
+    axes[2].legend([penalty], ["length penalty starts"], loc="lower right")
+    figure.suptitle(f"online vs offline DPO, tiny model; line: mean over {measurements['seed'].nunique()} "
+                    "seed(s), band: min-max")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, wall_s: float) -> dict[str, str]:
+    """Write table, plot and measurements under `report/` in the store and as Prefect artifacts."""
+    table = results_table(measurements, setting.prompts_per_iteration)
+    header = (f"# Online vs offline ({setting.name} setting)\n\nWall time {wall_s / 60:.1f} min. "
+              f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts.\n\n")
+    uris = {name: store.uri("report", name) for name in ("results.md", "results.png", "measurements.csv")}
+    store.write_bytes(uris["results.md"], (header + table + "\n").encode())
+    store.write_bytes(uris["results.png"], results_plot(measurements))
+    store.write_bytes(uris["measurements.csv"], measurements.to_csv(index=False).encode())
+    create_markdown_artifact(header + table, key="online-vs-offline", description="online vs offline: results")
+    for name, uri in uris.items():
+        create_link_artifact(uri if "://" in uri else f"file://{uri}", link_text=name,
+                             key="online-vs-offline-" + name.replace(".", "-"))
+    return uris
+
+
+# ---- the flow --------------------------------------------------------------------------------------------
+@flow(name="online-vs-offline", log_prints=True)
+def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: str = "./runs/online-vs-offline-full",
+                      arms: list[str] | None = None) -> dict:
+    """The whole experiment; returns the measurements (one row per seed, arm and iteration) and report URIs."""
+    started = time.time()
+    setting, arms = SETTINGS[setting_name], list(arms or ARMS)
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; expected some of {ARMS}")
+    logger = get_run_logger()
+    needs_behaviour_data = any(arm != "online-oracle" for arm in arms)  # the offline arms and the reward model
+
+    # 1. pi_0 and rho: one SFT round each, shared by every seed
+    policy_cfg = sft_config(setting, store_root, "sft-policy", setting.policy)
+    store = pipeline.open_store(policy_cfg)
+    sft(config=policy_cfg)
+    sft_policy = store.checkpoint_uri("sft-policy", 1)
+    if needs_behaviour_data:
+        behaviour_base = base_model_path(setting.behaviour, policy_cfg.store.cache_dir)
+        sft(config=sft_config(setting, store_root, "sft-behaviour", behaviour_base))
+    behaviour = store.checkpoint_uri("sft-behaviour", 1)
+
+    measurements = []
+    for seed in range(seeds):
+        offline_examples, reward_model_uri = [], ""
+        if needs_behaviour_data:
+            # 2. rho's pairs labelled by the true reward; 3. a reward model trained on them
+            offline_examples, dataset = behaviour_dataset(setting, store_root, seed, behaviour)
+            rm_run = f"seed{seed}-reward-model"
+            reward_model(config=stage_config(
+                setting, store_root, rm_run, seed, setup="reward_modelling", data={"source": dataset},
+                model={"policy": sft_policy},  # a reward head on pi_0: it already reads this kind of text
+                training={"loss": "reward", "learning_rate": setting.reward_model_learning_rate,
+                          "epochs": setting.reward_model_epochs},
+            ))
+            reward_model_uri = store.checkpoint_uri(rm_run, 1)
+        # 4. the arms
+        for arm in arms:
+            cfg = arm_config(setting, store_root, seed, arm, sft_policy, behaviour, reward_model_uri)
+            run = run_arm(cfg, sft_policy, offline_examples, setting.heldout_samples)
+            measurements += arm_measurements(store, run, setting.iterations, seed, arm, cfg.online)
+            logger.info("seed %d %s: %s", seed, arm, measurements[-1])
+
+    # 5. the report
+    frame = pd.DataFrame(measurements)
+    uris = publish(store, frame, setting, time.time() - started)
+    logger.info("report: %s", uris["results.md"])
+    return {"measurements": measurements, "report": uris, "wall_s": time.time() - started}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Online vs offline DPO on the tiny task (a Prefect flow).")
+    parser.add_argument("--seeds", type=int, default=3)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the reduced size of the CI test")
+    size.add_argument("--gpu", action="store_true", help="hub models (Qwen2.5-0.5B, SmolLM2-360M) with vLLM")
+    parser.add_argument("--store-root", help="a folder or s3:// URI; default ./runs/online-vs-offline-{size}")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ARMS)}")
+    args = parser.parse_args(argv)
+    setting = "quick" if args.quick else "gpu" if args.gpu else "full"
+    store_root = args.store_root or f"./runs/online-vs-offline-{setting}"
+    store_root = store_root if "://" in store_root else str(Path(store_root).resolve())
+    result = online_vs_offline(seeds=args.seeds, setting_name=setting, store_root=store_root,
+                               arms=args.arms.split(","))
+    print(Path(result["report"]["results.md"]).read_text() if "://" not in result["report"]["results.md"]
+          else result["report"]["results.md"])
+    print(f"wall time {result['wall_s'] / 60:.1f} min; report in {result['report']['results.md']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The online-vs-offline experiment: its configs, its dataset file, its report, and (slow) that it aligns.
+
+The slow test runs the experiment as a user does (`python -m experiments.online_vs_offline --quick`) with the
+online-oracle arm only: SFT, then two iterations of online DPO labelled by the true reward.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from alignment_core.data import DatasLoader, prompt_id
+from experiments.online_vs_offline import (
+    ARMS,
+    SETTINGS,
+    arm_config,
+    pairs_jsonl,
+    results_plot,
+    results_table,
+    sft_config,
+    win_rate,
+)
+from tests.test_flows import prefect_env
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_every_arm_of_every_setting_is_a_valid_config(setting, tmp_path):
+    settings = SETTINGS[setting]
+    configs = {arm: arm_config(settings, str(tmp_path), 0, arm, "sft", "rho", "rm") for arm in ARMS}
+    assert {arm: cfg.setup for arm, cfg in configs.items()} == {
+        "offline": "offline_pairwise", "offline-importance": "offline_pairwise",
+        "online-rm": "online_pairwise", "online-oracle": "online_pairwise",
+    }
+    assert configs["offline-importance"].reweight.behaviour_model == "rho"
+    assert {cfg.reweight.strategy for arm, cfg in configs.items() if arm != "offline-importance"} == {"uniform"}
+    assert configs["online-rm"].annotation.annotator == "reward_model"
+    assert configs["online-oracle"].annotation.annotator == "programmatic"
+    # the same learner and prompts in every arm: only the data source and labels differ
+    assert len({(cfg.training.model_dump_json(), cfg.generation.model_dump_json(), cfg.model.reference)
+                for cfg in configs.values()}) == 1
+    assert sft_config(settings, str(tmp_path), "sft", "base").training.loss == "sft"
+
+
+def test_offline_pairs_file_reads_back_as_the_same_pairs(tmp_path):
+    messages = [[{"role": "user", "content": "Describe the moon."}], [{"role": "user", "content": "Talk about art."}]]
+    units = pd.DataFrame({
+        "prompt_messages": messages,
+        "generation1_response": ["The moon is lovely and bright.", "I love the art."],
+        "generation2_response": ["The moon is there.", "The art is dull."],
+    })
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(pairs_jsonl(units))
+    examples = DatasLoader(str(path), format="pairs").load().to_pandas()
+    assert examples["chosen"].tolist() == units["generation1_response"].tolist()
+    assert examples["rejected"].tolist() == units["generation2_response"].tolist()
+    assert examples["prompt_id"].tolist() == [prompt_id(m) for m in messages]
+
+
+def test_win_rate_counts_ties_half_and_compares_the_same_answer_index():
+    index = pd.MultiIndex.from_tuples([("p1", 0), ("p1", 1), ("p2", 0), ("p2", 1)])
+    new = pd.Series([2.0, 1.0, 0.0, 3.0], index=index)
+    baseline = pd.Series([1.0, 1.0, 1.0, 5.0], index=index[::-1]).sort_index()  # order must not matter
+    assert win_rate(new, baseline) == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    with pytest.raises(ValueError, match="no answer has a baseline"):
+        win_rate(new, pd.Series([1.0], index=pd.MultiIndex.from_tuples([("other", 0)])))
+
+
+def test_results_table_and_plot_report_mean_std_and_range_over_seeds():
+    rows = []
+    for seed, (start, end) in enumerate([(1.0, 1.0), (1.0, 3.0)]):
+        for arm in ("offline", "online-oracle"):
+            rows.append({"seed": seed, "arm": arm, "iteration": 0, "true_reward": start, "win_rate_vs_sft": 0.5,
+                         "words": 10.0, "pairs_trained": 0, "annotator_agreement": float("nan")})
+            rows.append({"seed": seed, "arm": arm, "iteration": 1, "true_reward": end, "win_rate_vs_sft": 0.75,
+                         "words": 12.0, "pairs_trained": 20 + seed, "annotator_agreement": float("nan")})
+    table = results_table(pd.DataFrame(rows), prompts_per_iteration=32)
+    assert "over 2 seed(s)" in table
+    assert "| 0 | SFT policy pi_0 | 0 | 0 | 1.00 ± 0.00 [1.00, 1.00] | 0.50 | 10.0 | - |" in table
+    assert "| 1 | online-oracle | 32 | 20 | 2.00 ± 1.00 [1.00, 3.00] | 0.75 ± 0.00 [0.75, 0.75] | 12.0 | - |" in table
+    assert table.index("| 1 | offline |") < table.index("| 1 | online-oracle |")
+    png = results_plot(pd.DataFrame(rows))
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_online_oracle_dpo_raises_the_held_out_true_reward(tmp_path):
+    root = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.online_vs_offline", "--quick", "--seeds", "1", "--arms", "online-oracle",
+         "--store-root", str(root)],
+        cwd=REPO, env=prefect_env(tmp_path), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    measurements = pd.read_csv(root / "report" / "measurements.csv").set_index("iteration")
+    assert measurements.index.tolist() == [0, 1, 2]
+    assert (measurements["arm"] == "online-oracle").all()
+    before, after = measurements.loc[0], measurements.loc[2]
+    # SFT policy ~0.8; two iterations of online DPO reached ~3 in every run we made: a wide margin
+    assert after["true_reward"] > before["true_reward"] + 0.5, measurements
+    assert after["win_rate_vs_sft"] > 0.65, measurements
+    assert after["pairs_trained"] > 32  # both iterations trained on non-tied pairs
+
+    report = (root / "report" / "results.md").read_text()
+    assert "| 2 | online-oracle | 64 |" in report
+    assert (root / "report" / "results.png").read_bytes().startswith(b"\x89PNG")
+    heldout = pd.read_parquet(root / "seed0-online-oracle" / "iter-002" / "heldout_samples")
+    assert len(heldout) == 40 * 4 and set(heldout["sample_index"]) == {0, 1, 2, 3}
