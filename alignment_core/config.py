@@ -24,6 +24,16 @@ Setup = Literal[
     "online_pairwise",
 ]
 ONLINE_SETUPS = ("rl", "online_pointwise", "online_pairwise")
+# Which losses each learning setup can train with.
+LOSSES_OF_SETUP = {
+    "sft": ("sft",),
+    "reward_modelling": ("reward",),
+    "rl": ("rl",),
+    "offline_pointwise": ("kto",),
+    "online_pointwise": ("kto",),
+    "offline_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
+    "online_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
+}
 
 # The bundled tiny model is built on first use under this folder-relative name (see alignment_core.tiny).
 TINY_MODEL = "tiny://llama"
@@ -185,6 +195,27 @@ class PipelineConfig(StrictModel):
     evaluation: EvaluationConfig = EvaluationConfig()
     store: StoreConfig = StoreConfig()
     scale_out: ScaleOutConfig = ScaleOutConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        """Combinations that would only fail after expensive work (sampling, loading models) fail here."""
+        if self.training.loss not in LOSSES_OF_SETUP[self.setup]:
+            raise ValueError(f"training.loss {self.training.loss!r} does not fit setup {self.setup!r}; "
+                             f"use one of {LOSSES_OF_SETUP[self.setup]}")
+        annotation = self.annotation
+        if self.online and annotation.annotator == "reward_model" and not annotation.reward_model:
+            raise ValueError("annotation.reward_model must name a reward model when annotation.annotator is "
+                             "'reward_model'")
+        if self.online and annotation.annotator.startswith("judge"):
+            judge = annotation.judge
+            if judge.backend == "local" and not judge.model:
+                raise ValueError("annotation.judge.model must name the judge model for a local judge")
+            if judge.backend == "http" and not (judge.base_url and judge.model):
+                raise ValueError("annotation.judge.base_url and annotation.judge.model are needed for an http judge")
+        if self.reweight.strategy == "importance" and not self.reweight.behaviour_model:
+            raise ValueError("reweight.behaviour_model must name the model that wrote the responses when "
+                             "reweight.strategy is 'importance'")
+        return self
 
     @property
     def online(self) -> bool:

@@ -160,10 +160,20 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int) -> str:
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
     fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
-                               generations=input_digest(store, generations_uri))
+                               generations=input_digest(store, generations_uri), **annotator_models(cfg, store))
     if not store.is_complete(out, fingerprint):
         run_annotation(store, generations_uri, out, cfg, fingerprint)
     return out
+
+
+def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:
+    """Digests of the models an annotator runs: a model retrained at the same path changes the labels."""
+    models = {}
+    if cfg.annotation.annotator == "reward_model" and cfg.annotation.reward_model:
+        models["reward_model"] = policy_digest(store, cfg.annotation.reward_model)
+    if cfg.annotation.annotator.startswith("judge") and cfg.annotation.judge.backend == "local":
+        models["judge"] = policy_digest(store, cfg.annotation.judge.model)
+    return models
 
 
 def build_units(
@@ -199,6 +209,7 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
     inputs = {"units": input_digest(store, units_uri)}
     if cfg.reweight.strategy == "importance":
         inputs["policy"] = policy_digest(store, policy_uri)
+        inputs["behaviour"] = policy_digest(store, cfg.reweight.behaviour_model)
     fingerprint = _fingerprint(cfg, "weights", ("reweight",), **inputs)
     if not store.is_complete(out, fingerprint):
         run_reweighting(store, store.read_pandas(units_uri), out, cfg, fingerprint,

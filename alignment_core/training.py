@@ -50,23 +50,13 @@ from transformers import get_scheduler
 
 from alignment_core import losses
 from alignment_core.batches import BatchFactory, response_mask
-from alignment_core.config import PipelineConfig
+from alignment_core.config import LOSSES_OF_SETUP, PipelineConfig
 from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
-# Which losses each learning setup (SEED.md) can train with.
-LOSSES_OF_SETUP = {
-    "sft": ("sft",),
-    "reward_modelling": ("reward",),
-    "rl": ("rl",),
-    "offline_pointwise": ("kto",),
-    "online_pointwise": ("kto",),
-    "offline_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
-    "online_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
-}
 PAIRWISE_LOSSES = ("reward", "dpo", "cdpo", "ipo", "slic", "simpo")
 REFERENCE_LOSSES = ("dpo", "cdpo", "ipo", "kto", "rl")
 

@@ -397,7 +397,7 @@ def test_from_config_and_bad_arguments(tokenizer):
     cfg = PipelineConfig.model_validate(
         {
             "setup": "rl",
-            "training": {"max_length": 100, "max_prompt_length": 60, "truncation_mode": "keep_start"},
+            "training": {"loss": "rl", "max_length": 100, "max_prompt_length": 60, "truncation_mode": "keep_start"},
         }
     )
     factory = BatchFactory.from_config(tokenizer, cfg)

@@ -31,6 +31,12 @@ def test_defaults_run_the_tiny_setup():
         ({"generation": {"n_samples": "four"}}, "generation.n_samples: Input should be a valid integer"),
         ({"training": {"max_prompt_length": 300, "max_length": 256}}, "max_prompt_length (300) must be < max_length"),
         ({"setup": "online"}, "setup: Input should be 'sft'"),
+        ({"setup": "sft", "training": {"loss": "dpo"}}, "training.loss 'dpo' does not fit setup 'sft'"),
+        ({"annotation": {"annotator": "reward_model"}}, "annotation.reward_model must name a reward model"),
+        ({"annotation": {"annotator": "judge_pairwise"}}, "annotation.judge.model must name the judge model"),
+        ({"annotation": {"annotator": "judge_pairwise", "judge": {"backend": "http", "model": "m"}}},
+         "annotation.judge.base_url and annotation.judge.model are needed"),
+        ({"reweight": {"strategy": "importance"}}, "reweight.behaviour_model must name the model"),
     ],
 )
 def test_bad_values_fail_naming_the_field(data, message):

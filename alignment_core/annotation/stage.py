@@ -36,8 +36,6 @@ def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
             concurrency=judge.concurrency,
             max_new_tokens=judge.max_new_tokens,
         )
-    if not judge.model:
-        raise ValueError("annotation.judge.model must name the judge model (a path, hub id or tiny://llama)")
     return LocalJudgeBackend(
         judge.model,
         batch_size=cfg.annotation.batch_size,
@@ -59,10 +57,6 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
     if annotation.annotator == "programmatic":
         return ProgrammaticAnnotator(annotation.programmatic, rules)
     if annotation.annotator == "reward_model":
-        if not annotation.reward_model:
-            raise ValueError(
-                "annotation.reward_model must be set when annotation.annotator is 'reward_model'"
-            )
         return RewardModelAnnotator(
             annotation.reward_model,
             rules,
