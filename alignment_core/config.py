@@ -146,6 +146,10 @@ class TrainingConfig(StrictModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    # Rows per forward pass; 0: every row of a micro-batch in one forward (best on GPUs). On CPUs a few rows
+    # sorted by length waste far fewer padded tokens: same log-probs and gradients, less compute.
+    # None: 4 on a CPU, 0 on an accelerator.
+    rows_per_forward: int | None = Field(default=None, ge=0)
     precompute_reference: bool = True
     max_length: int = Field(default=256, gt=0)
     max_prompt_length: int = Field(default=128, gt=0)

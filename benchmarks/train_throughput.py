@@ -11,7 +11,11 @@ forward over both responses' real (unpadded) tokens; a forward costs 2 * N FLOPs
 without the input embedding) plus causal attention, 2 * layers * hidden * position. The peak is a 2048 x 2048
 fp32 matmul on the same threads.
 
-    python benchmarks/train_throughput.py [--pairs 256] [--repeats 2]
+Ours runs twice per repeat: with its defaults (on a CPU, `training.rows_per_forward` = 4: rows sorted by
+length, a few per forward, so fewer padded tokens; same log-probs and gradients) and with one concatenated
+forward per micro-batch (`rows_per_forward` = 0, the GPU default).
+
+    python benchmarks/train_throughput.py [--pairs 256] [--repeats 2] [--rows-per-forward N]
 """
 
 import argparse
@@ -75,13 +79,13 @@ def flops_per_pair(model_dir: str, encoded: list[dict]) -> float:
     return total / len(encoded)
 
 
-def run_ours(model_dir: str, pairs: list[dict], workdir: str, index: int) -> float:
+def run_ours(model_dir: str, pairs: list[dict], workdir: str, index: int, rows_per_forward: int | None) -> float:
     """Pairs per second of one epoch of this project's DPO round."""
     cfg = parse_config({
         "setup": "offline_pairwise",
         "training": {"loss": "dpo", "beta": BETA, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
                      "epochs": 1, "precompute_reference": False, "max_length": 512, "max_prompt_length": 256,
-                     "warmup_ratio": 0.0, "scheduler": "linear"},
+                     "warmup_ratio": 0.0, "scheduler": "linear", "rows_per_forward": rows_per_forward},
     })
     store = ArtifactStore(os.path.join(workdir, "store"))
     trainer = Trainer(cfg, policy_path=model_dir, tokenizer_path=None, store=store)
@@ -129,6 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="runs per system (alternating)")
+    parser.add_argument("--rows-per-forward", type=int, default=None,
+                        help="training.rows_per_forward of `ours` (default: the config default)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -145,22 +151,30 @@ def main() -> None:
         tokens = sum(len(e["prompt_ids"]) * 2 + len(e["generation1_response_ids"]) + len(e["generation2_response_ids"])
                      for e in encoded) / len(encoded)
 
-        results: dict[str, list[float]] = {"ours": [], "trl": []}
-        order = ["ours", "trl", "trl", "ours"] * ((args.repeats + 1) // 2)
-        for index, system in enumerate(order[: 2 * args.repeats]):
-            rate = run_ours(model_dir, pairs, workdir, index) if system == "ours" else run_trl(
-                model_dir, pairs, workdir)
+        # ours: the defaults (on a CPU, length-sorted forwards of a few rows); ours-1fwd: one concatenated
+        # forward per micro-batch (the GPU default). Alternated so that drift in a shared machine's load hits all.
+        systems = {
+            "ours": lambda i: run_ours(model_dir, pairs, workdir, i, args.rows_per_forward),
+            "ours-1fwd": lambda i: run_ours(model_dir, pairs, workdir, i, 0),
+            "trl": lambda i: run_trl(model_dir, pairs, workdir),
+        }
+        results: dict[str, list[float]] = {name: [] for name in systems}
+        order = [name for repeat in range(args.repeats) for name in (list(systems) if repeat % 2 == 0
+                                                                    else list(reversed(systems)))]
+        for index, system in enumerate(order):
+            rate = systems[system](index)
             results[system].append(rate)
-            print(f"run {index + 1}: {system:4s} {rate:6.2f} pairs/s", flush=True)
+            print(f"run {index + 1}: {system:9s} {rate:6.2f} pairs/s", flush=True)
 
     print(f"\nthreads {torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
           f"{tokens:.0f} tokens/pair, {flops / 1e9:.2f} GFLOP/pair (policy fwd+bwd + reference fwd)")
     for system, rates in results.items():
         rate = statistics.median(rates)
-        print(f"{system:4s}: {rate:6.2f} pairs/s (median of {[round(r, 2) for r in rates]}), "
+        print(f"{system:9s}: {rate:6.2f} pairs/s (median of {[round(r, 2) for r in rates]}), "
               f"MFU {100 * rate * flops / peak:.1f}%")
-    ratio = statistics.median(results["ours"]) / statistics.median(results["trl"])
-    print(f"ratio ours/TRL: {ratio:.2f}x (goal >= 1.3x)")
+    trl = statistics.median(results["trl"])
+    print(f"ratio ours/TRL: {statistics.median(results['ours']) / trl:.2f}x (goal >= 1.3x); "
+          f"with one forward per micro-batch (the GPU default): {statistics.median(results['ours-1fwd']) / trl:.2f}x")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,26 @@ def test_sequence_logps_matches_a_full_log_softmax(tiny2_dir):
     assert torch.allclose(logps, expected, atol=1e-4)
 
 
+def test_length_sorted_chunks_give_the_same_logps_and_gradients(tiny2_dir):
+    model = load_causal_lm(tiny2_dir)
+    torch.manual_seed(0)
+    token_ids = torch.randint(10, 500, (5, 16))
+    attention = torch.ones_like(token_ids)
+    for row, length in enumerate([16, 6, 11, 9, 14]):
+        attention[row, length:] = 0
+    mask = attention.bool() & (torch.arange(16) >= 4)
+
+    def logps_and_grad(rows_per_forward):
+        model.zero_grad()
+        logps, counts = training.sequence_logps(model, token_ids, attention, mask, rows_per_forward)
+        (logps * torch.arange(1.0, 6.0)).sum().backward()  # distinct weights: a row mix-up would show
+        return logps.detach(), counts, model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    whole, chunked = logps_and_grad(0), logps_and_grad(2)
+    assert torch.allclose(whole[0], chunked[0], atol=1e-4) and torch.equal(whole[1], chunked[1])
+    assert torch.allclose(whole[2], chunked[2], atol=1e-5)
+
+
 def test_mismatched_inputs_pair_each_response_with_the_next_prompt():
     # rows: prompt tokens (1 2), (3), (4 5 6) then responses (7 8), (9), (10); 0 is padding
     token_ids = torch.tensor([[1, 2, 7, 8, 0], [3, 9, 0, 0, 0], [4, 5, 6, 10, 0]])
