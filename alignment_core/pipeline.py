@@ -8,10 +8,9 @@ that fingerprint: the store's manifests, not Prefect's database, are the record 
 Layout of one run (see store.py):
     iter-000/eval_prompts, iter-000/examples (offline), iter-000/eval_generations (the initial policy)
     iter-k/prompts → generations → annotations → units → weights → checkpoint (+ metrics)
-    iter-k/eval_generations → eval_annotations → evaluation
+    iter-k/eval_generations → evaluation (win-rates against the previous and the initial policy)
 """
 
-import logging
 import math
 import os
 import subprocess
@@ -27,8 +26,6 @@ from alignment_core import __version__
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None] | None
 
