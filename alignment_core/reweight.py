@@ -12,9 +12,11 @@ its weight came from. `temperature` (T) and `clip` (c) come from ReweightConfig.
     judge_confidence  sigmoid(confidence / T) where the judge's log-prob gap is known (the judge's two-way
                       probability of its verdict at T=1); else 1 when both orders agreed, 0.5 when they
                       disagreed (a tie); a unit with neither gets the mean of the others' raw weights.
-    importance        exp(clip(log pi(y|x) - log mu(y|x), -log c, log c)): the current policy pi over the
-                      behaviour policy mu that wrote the responses (SEED.md's distribution shift), clipped,
-                      then self-normalised (divided by the stage mean). Needs columns
+    importance        exp(clip((log pi(y|x) - log mu(y|x)) / T, -log c, log c)): the current policy pi over
+                      the behaviour policy mu that wrote the responses (SEED.md's distribution shift), tempered
+                      (T > 1 flattens sequence-level ratios, which between two different models are often so
+                      extreme that every one hits the clip), clipped, then self-normalised (divided by the
+                      stage mean). Needs columns
                       generation{1,2}_policy_logp and generation{1,2}_behaviour_logp.
                       A pair uses the product of its two responses' ratios (the sum of log ratios): the pair
                       is one sample whose probability is that of both responses.
@@ -145,9 +147,10 @@ class SampleReweighter:
                         f"generation{g}_behaviour_logp": float(behaviour),
                     }
                 )
-            clipped = min(max(log_ratio, -log_clip), log_clip)
+            tempered = log_ratio / self.cfg.temperature
+            clipped = min(max(tempered, -log_clip), log_clip)
             raw.append(math.exp(clipped))
-            inputs.append({**used, "log_ratio": log_ratio, "clipped": clipped != log_ratio})
+            inputs.append({**used, "log_ratio": log_ratio, "clipped": clipped != tempered})
         return raw, inputs
 
     def _length_debias(self, rows: list[pd.Series]):

@@ -107,6 +107,11 @@ def test_importance_self_normalised_and_clipped():
     )
     raw = np.array([1.0, math.exp(-1)])
     assert list(weigh("importance", single)["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    # a temperature of 2 halves every log ratio before the clip: 0.5, -1.5, 0, 2 (clipped at log 5)
+    raw = np.array([math.exp(0.5), math.exp(-1.5), 1.0, 5.0])
+    tempered = weigh("importance", units, clip=5.0, temperature=2.0)
+    assert list(tempered["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    assert [json.loads(i)["clipped"] for i in tempered["inputs"]] == [False, False, False, True]
     with pytest.raises(ValueError, match="lacks generation1_policy_logp"):
         weigh("importance", make_units(2))
     with pytest.raises(ValueError, match="clip must be >= 1"):
