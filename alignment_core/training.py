@@ -486,30 +486,31 @@ class Trainer:
         self.model.train()
         pending_rows: list[dict] = []
         tokens_seen, train_seconds = 0.0, 0.0
-        progress = tqdm(total=total, initial=step, desc=f"train {tc.loss}", disable=not accelerator.is_main_process)
-        while step < total:
-            started = time.perf_counter()
-            mine = plan[step][accelerator.process_index :: accelerator.num_processes]
-            metrics, tokens = self._train_step([self._collate(encoded_examples, m) for m in mine], step + 1)
-            seconds = time.perf_counter() - started
-            step += 1
-            tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
-            metrics["tokens_per_s"] = tokens / seconds
-            last_metrics = metrics
-            pending_rows += [{"step": step, "split": "train", "metric": k, "value": v} for k, v in metrics.items()]
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if step == total or (tc.save_every_steps and step % tc.save_every_steps == 0):
-                # Metrics first, then the checkpoint that records how many metric shards it covers.
-                if metrics_writer is not None:
-                    metrics_writer.write_shard(shards, from_rows(pending_rows, METRICS))
-                shards, pending_rows = shards + 1, []
-                self._save(checkpoint_uri, {"fingerprint": fingerprint, "step": step, "total_steps": total,
-                                            "metrics": last_metrics, "metrics_shards": shards,
-                                            "tokens_per_s": tokens_seen / train_seconds})
-            if progress_callback is not None and accelerator.is_main_process:
-                progress_callback(step, total, metrics)
-        progress.close()
+        bar = tqdm(total=total, initial=step, desc=f"train {tc.loss}", disable=not accelerator.is_main_process)
+        with bar as progress:  # closed on errors too, so no half bar is printed when the process exits
+            while step < total:
+                started = time.perf_counter()
+                mine = plan[step][accelerator.process_index :: accelerator.num_processes]
+                metrics, tokens = self._train_step([self._collate(encoded_examples, m) for m in mine], step + 1)
+                seconds = time.perf_counter() - started
+                step += 1
+                tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
+                metrics["tokens_per_s"] = tokens / seconds
+                last_metrics = metrics
+                pending_rows += [{"step": step, "split": "train", "metric": k, "value": v}
+                                 for k, v in metrics.items()]
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if step == total or (tc.save_every_steps and step % tc.save_every_steps == 0):
+                    # Metrics first, then the checkpoint that records how many metric shards it covers.
+                    if metrics_writer is not None:
+                        metrics_writer.write_shard(shards, from_rows(pending_rows, METRICS))
+                    shards, pending_rows = shards + 1, []
+                    self._save(checkpoint_uri, {"fingerprint": fingerprint, "step": step, "total_steps": total,
+                                                "metrics": last_metrics, "metrics_shards": shards,
+                                                "tokens_per_s": tokens_seen / train_seconds})
+                if progress_callback is not None and accelerator.is_main_process:
+                    progress_callback(step, total, metrics)
         if metrics_writer is not None:
             metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics})
         accelerator.wait_for_everyone()
