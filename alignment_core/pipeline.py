@@ -11,6 +11,7 @@ Layout of one run (see store.py):
     iter-k/eval_generations → evaluation (win-rates against the previous and the initial policy)
 """
 
+import logging
 import math
 import os
 import subprocess
@@ -26,6 +27,8 @@ from alignment_core import __version__
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None] | None
 
@@ -53,6 +56,15 @@ def policy_digest(store: ArtifactStore, policy_uri: str) -> str:
     from alignment_core.models import model_digest
 
     return model_digest(resolve_policy(store, policy_uri))
+
+
+def finished_iterations(cfg: PipelineConfig) -> int:
+    """How many iterations of the run have a complete checkpoint, counting from iteration 1 without a gap."""
+    store, run = open_store(cfg), cfg.store.run_name
+    done = 0
+    while store.checkpoint_complete(store.checkpoint_uri(run, done + 1)):
+        done += 1
+    return done
 
 
 def _fingerprint(cfg: PipelineConfig, stage: str, sections: tuple[str, ...], **inputs) -> dict:
@@ -192,8 +204,15 @@ def build_units(
     else:
         units = units_from_online(store.read_pandas(generations_uri), store.read_pandas(annotations_uri), cfg.setup)
     if len(units) == 0:
-        raise ValueError(f"iteration {iteration}: no usable training units (setup {cfg.setup}); see the "
-                         "annotation stage's status counts")
+        message = (f"iteration {iteration}: no usable training units (setup {cfg.setup}); see the "
+                   "annotation stage's status counts")
+        if not cfg.online:
+            raise ValueError(message)
+        # Online, an iteration whose samples all tied (or failed) carries the policy over unchanged (see
+        # `train`); the empty stage and its note keep that visible instead of stopping a scheduled run.
+        log.warning("%s: the policy is carried over unchanged", message)
+        store.write_stage(out, "units", fingerprint, [], extra={"note": message})
+        return out
     store.write_stage(out, "units", fingerprint, [pa.Table.from_pandas(units, preserve_index=False)])
     return out
 
@@ -208,9 +227,13 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
         inputs["policy"] = policy_digest(store, policy_uri)
         inputs["behaviour"] = policy_digest(store, cfg.reweight.behaviour_model)
     fingerprint = _fingerprint(cfg, "weights", ("reweight",), **inputs)
-    if not store.is_complete(out, fingerprint):
-        run_reweighting(store, store.read_pandas(units_uri), out, cfg, fingerprint,
-                        policy_path=resolve_policy(store, policy_uri))
+    if store.is_complete(out, fingerprint):
+        return out
+    units = store.read_pandas(units_uri)
+    if len(units) == 0:
+        store.write_stage(out, "weights", fingerprint, [], extra={"note": "no units to weigh"})
+    else:
+        run_reweighting(store, units, out, cfg, fingerprint, policy_path=resolve_policy(store, policy_uri))
     return out
 
 
@@ -233,7 +256,9 @@ def train(
     ):
         return checkpoint
     policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
-    if cfg.training.num_processes > 1:
+    if store.read_manifest(units_uri)["rows"] == 0:
+        _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint)
+    elif cfg.training.num_processes > 1:
         _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics)
     else:
         from alignment_core.batches import BatchFactory
@@ -247,6 +272,17 @@ def train(
     store.write_json(lineage_uri, {"fingerprint": fingerprint, "policy_uri": policy_uri,
                                    "reference_uri": reference_uri, "units_uri": units_uri})
     return checkpoint
+
+
+def _carry_over(cfg: PipelineConfig, store: ArtifactStore, policy_path: str, checkpoint: str, metrics: str,
+                fingerprint: dict) -> None:
+    """No training data this round: the iteration's checkpoint is the policy it started from."""
+    from alignment_core.models import load_causal_lm, load_tokenizer
+
+    log.warning("%s: no training units, saving the unchanged policy", checkpoint)
+    store.save_checkpoint(load_causal_lm(policy_path, dtype=cfg.model.dtype),
+                          load_tokenizer(cfg.model.tokenizer or policy_path), checkpoint)
+    store.write_stage(metrics, "metrics", fingerprint, [], extra={"note": "no training units: policy unchanged"})
 
 
 def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics):

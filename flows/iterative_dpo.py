@@ -9,7 +9,7 @@ Deployed:                            prefect deployment run 'iterative-dpo/tiny-
 from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig, dump_config
-from alignment_core.pipeline import open_store
+from alignment_core.pipeline import finished_iterations, open_store
 from flows.common import config_from_cli, parse_cli, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -26,9 +26,16 @@ def iterative_dpo(
     iterations: int | None = None,
     run_name: str | None = None,
     store_root: str | None = None,
+    more_iterations: int | None = None,
 ) -> list[dict]:
-    """Online preference learning (OAIF-style): sample, label, reweight and train, `iterations` times."""
+    """Online preference learning (OAIF-style): sample, label, reweight and train, `iterations` times.
+
+    `more_iterations` continues the run instead: that many iterations after its last finished one, which is
+    what a scheduled deployment wants (each scheduled flow run is the next online iteration).
+    """
     cfg = with_overrides(config, iterations, run_name, store_root)
+    if more_iterations:
+        cfg = with_overrides(cfg, iterations=finished_iterations(cfg) + more_iterations)
     if not cfg.online:
         raise ValueError(f"iterative-dpo runs the online setups; setup {cfg.setup!r} belongs to an offline flow")
     config_json = cfg.model_dump_json()
@@ -74,4 +81,5 @@ def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:
 if __name__ == "__main__":
     args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.")
     config = config_from_cli(args)
-    print_summary(config, iterative_dpo(config=config))
+    summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
+    print_summary(config, summaries)

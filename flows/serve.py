@@ -23,8 +23,9 @@ def deployments():
     schedule = os.environ.get("ALIGNMENT_SCHEDULE")
     online = load_config(CONFIGS / "tiny.yaml")
     return [
-        iterative_dpo.to_deployment(name="tiny-local", parameters={"config": online.model_dump(mode="json")},
-                                    cron=schedule, tags=["tiny"]),
+        # On a schedule, each flow run continues the run by one online iteration.
+        iterative_dpo.to_deployment(name="tiny-local", cron=schedule, tags=["tiny"], parameters={
+            "config": online.model_dump(mode="json"), **({"more_iterations": 1} if schedule else {})}),
         sft.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "sft.yaml")
                                                           .model_dump(mode="json")}),
         reward_model.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "reward_model.yaml")

@@ -62,9 +62,9 @@ def write_config(tmp_path: Path, root: str, **changes) -> Path:
     return path
 
 
-def run_flow(config: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "flows.iterative_dpo", "--config", str(config)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=timeout)
+def run_flow(config: Path, env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "flows.iterative_dpo", "--config", str(config), *args],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -104,6 +104,14 @@ def test_two_iterations_write_every_stage_with_lineage(tmp_path):
     rerun = run_flow(write_config(tmp_path, str(root)), prefect_env(tmp_path))
     assert finished_at() == before
     assert "train dpo" not in rerun.stderr  # the trainer's progress bar never appeared
+
+    # A scheduled run continues the run: one more iteration, sampling from the last checkpoint.
+    run_flow(write_config(tmp_path, str(root), evaluation={"enabled": False}), prefect_env(tmp_path),
+             "--more-iterations", "1")
+    assert finished_at() == before
+    third = pd.read_parquet(store.stage_uri("e2e", 3, "generations"))
+    assert set(third["policy_uri"]) == {store.checkpoint_uri("e2e", 2)}
+    assert store.checkpoint_complete(store.checkpoint_uri("e2e", 3))
 
     inspect = subprocess.run([sys.executable, "-m", "alignment_core.inspect", str(root / "e2e"),
                               "--plot", str(tmp_path / "plot.png")], cwd=REPO, capture_output=True, text=True)

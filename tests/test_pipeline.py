@@ -146,3 +146,25 @@ def test_two_process_round_through_accelerate_launch(tmp_path):
     metrics = store.read_pandas(store.stage_uri("setups", 1, "metrics"))
     # 16 pairs, 2 processes x 4 pairs per step: 2 optimizer steps (one process alone would take 4)
     assert metrics["step"].max() == 2
+
+
+def constant_reward(prompt: str, response: str) -> float:
+    return 1.0
+
+
+def test_online_iteration_without_usable_pairs_carries_the_policy_over(tmp_path):
+    """Every pair a tie: no training data, so the iteration's checkpoint is the unchanged policy."""
+    import torch
+
+    from alignment_core.models import load_causal_lm
+
+    cfg = small(tmp_path, setup="online_pairwise", annotation={"programmatic": f"{__name__}:constant_reward"})
+    uris = online_iteration(cfg)
+    store = pipeline.open_store(cfg)
+    assert (store.read_pandas(uris["annotations"])["status"] == "tie").all()
+    assert store.read_manifest(uris["units"])["rows"] == 0 and store.read_manifest(uris["weights"])["rows"] == 0
+    assert "policy unchanged" in store.read_manifest(store.stage_uri("setups", 1, "metrics"))["extra"]["note"]
+    before = load_causal_lm(pipeline.resolve_policy(store, cfg.model.policy)).state_dict()
+    after = load_causal_lm(store.local_checkpoint(uris["checkpoint"])).state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert pipeline.finished_iterations(cfg) == 1
