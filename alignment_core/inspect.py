@@ -56,7 +56,7 @@ def plot_evaluations(evaluations: list[dict], path: str, title: str) -> str:
         values = [e.get(key, math.nan) for e in evaluations]
         if not all(math.isnan(v) for v in values):
             reward_ax.plot(iterations, values, marker="o", label=label)
-    reward_ax.set(xlabel="iteration", ylabel="mean reward (held-out prompts)", title="reward")
+    reward_ax.set(xlabel="iteration", ylabel="mean reward (held-out prompts)", title="reward", xticks=iterations)
     reward_ax.legend()
     for baseline in ("previous", "initial"):
         key = f"win_rate_vs_{baseline}"
@@ -65,7 +65,8 @@ def plot_evaluations(evaluations: list[dict], path: str, title: str) -> str:
         high = [e.get(f"{key}_high", v) - v for v, e in zip(values, evaluations, strict=True)]
         win_ax.errorbar(iterations, values, yerr=[low, high], marker="o", capsize=3, label=f"vs {baseline}")
     win_ax.axhline(0.5, color="grey", linestyle=":")
-    win_ax.set(xlabel="iteration", ylabel="win-rate (95% CI)", ylim=(0, 1), title="win-rate of the new policy")
+    win_ax.set(xlabel="iteration", ylabel="win-rate (95% CI)", ylim=(0, 1), title="win-rate of the new policy",
+               xticks=iterations)
     win_ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
