@@ -91,7 +91,7 @@ class GenerationConfig(StrictModel):
 
 
 class JudgeConfig(StrictModel):
-    backend: Literal["local", "http"] = "local"
+    backend: Literal["local", "vllm", "http"] = "local"  # local: transformers; vllm: an in-process engine
     model: str | None = None  # local path/hub name, or the served model name for http
     template: str = "helpfulness"  # a bundled template name, or a path to a Jinja file
     base_url: str | None = None  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
@@ -212,7 +212,7 @@ class PipelineConfig(StrictModel):
                              "'reward_model'")
         if self.online and annotation.annotator.startswith("judge"):
             judge = annotation.judge
-            if judge.backend == "local" and not judge.model:
+            if judge.backend in ("local", "vllm") and not judge.model:
                 raise ValueError("annotation.judge.model must name the judge model for a local judge")
             if judge.backend == "http" and not (judge.base_url and judge.model):
                 raise ValueError("annotation.judge.base_url and annotation.judge.model are needed for an http judge")

@@ -180,7 +180,7 @@ def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str
     models = {}
     if cfg.annotation.annotator == "reward_model" and cfg.annotation.reward_model:
         models["reward_model"] = policy_digest(store, cfg.annotation.reward_model)
-    if cfg.annotation.annotator.startswith("judge") and cfg.annotation.judge.backend == "local":
+    if cfg.annotation.annotator.startswith("judge") and cfg.annotation.judge.backend != "http":
         models["judge"] = policy_digest(store, cfg.annotation.judge.model)
     return models
 

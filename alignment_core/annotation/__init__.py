@@ -7,7 +7,7 @@ backends.py  judge backends: a local causal LM, an OpenAI-compatible HTTP endpoi
 stage.py     make_annotator(cfg) and run_annotation(...): the resumable annotate stage
 """
 
-from alignment_core.annotation.backends import HttpJudgeBackend, JudgeReply, LocalJudgeBackend
+from alignment_core.annotation.backends import HttpJudgeBackend, JudgeReply, LocalJudgeBackend, VLLMJudgeBackend
 from alignment_core.annotation.base import (
     FAILURE_STATUSES,
     LABEL_STATUSES,
@@ -30,6 +30,7 @@ __all__ = [
     "HttpJudgeBackend",
     "JudgeReply",
     "LocalJudgeBackend",
+    "VLLMJudgeBackend",
     "PairwiseJudgeAnnotator",
     "PointwiseJudgeAnnotator",
     "ProgrammaticAnnotator",

@@ -48,6 +48,25 @@ def _logsumexp(values: list[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in values))
 
 
+def option_token_ids(tokenizer, options: Options, judge: str) -> dict[str, list[int]]:
+    """The single-token spellings of each option; an option no single token spells is an error."""
+    token_ids = {}
+    for option, spellings in options.items():
+        ids = set()
+        for spelling in spellings:
+            for variant in (spelling, " " + spelling):
+                encoded = tokenizer.encode(variant, add_special_tokens=False)
+                if len(encoded) == 1:
+                    ids.add(encoded[0])
+        if not ids:
+            raise ValueError(
+                f"judge tokenizer of {judge!r} has no single token for the answer {option!r} "
+                f"(spellings {spellings}); its next-token log-probs cannot be read"
+            )
+        token_ids[option] = sorted(ids)
+    return token_ids
+
+
 class LocalJudgeBackend:
     """A transformers causal LM as judge.
 
@@ -75,22 +94,7 @@ class LocalJudgeBackend:
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def option_token_ids(self, options: Options) -> dict[str, list[int]]:
-        """The single-token spellings of each option; an option no single token spells is an error."""
-        token_ids = {}
-        for option, spellings in options.items():
-            ids = set()
-            for spelling in spellings:
-                for variant in (spelling, " " + spelling):
-                    encoded = self.tokenizer.encode(variant, add_special_tokens=False)
-                    if len(encoded) == 1:
-                        ids.add(encoded[0])
-            if not ids:
-                raise ValueError(
-                    f"judge tokenizer of {self.name!r} has no single token for the answer {option!r} "
-                    f"(spellings {spellings}); its next-token log-probs cannot be read"
-                )
-            token_ids[option] = sorted(ids)
-        return token_ids
+        return option_token_ids(self.tokenizer, options, self.name)
 
     def _encode(self, prompts: Sequence[str]):
         from alignment_core.batches import render_prompt_text
@@ -131,6 +135,73 @@ class LocalJudgeBackend:
 
 
 RETRYABLE_STATUS = (429, 500, 502, 503, 504)
+
+
+class VLLMJudgeBackend:
+    """A causal LM served by an in-process vLLM engine as judge (`judge.backend: vllm`).
+
+    The same verdicts as LocalJudgeBackend: the prompt is rendered with the judge's chat template, and each
+    option's log-prob is the log-sum-exp over the single tokens that spell it. vLLM returns only the top-k
+    next tokens, so each option token is appended to the prompt and its exact log-prob read back from
+    `prompt_logprobs` (prefix caching makes the shared prompt cost one forward). The engine starts on first
+    use and stops on `close()`.
+    """
+
+    def __init__(self, model: str, max_new_tokens: int = 8, dtype: str = "float32", max_model_len: int = 2048,
+                 gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1):
+        from alignment_core.models import load_tokenizer, resolve_model_path
+
+        self.path = resolve_model_path(model)
+        self.tokenizer = load_tokenizer(self.path)
+        self.name, self.max_new_tokens = model, max_new_tokens
+        self.engine_args = {"dtype": dtype, "max_model_len": max_model_len,
+                            "tensor_parallel_size": tensor_parallel_size,
+                            "gpu_memory_utilization": gpu_memory_utilization}
+        self._llm = None
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            from vllm import LLM
+
+            on_gpu = torch.cuda.is_available()
+            self._llm = LLM(model=self.path, enforce_eager=not on_gpu, enable_prefix_caching=True, seed=0,
+                            **self.engine_args)
+        return self._llm
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+
+    def complete(self, prompts: Sequence[str], options: Options | None) -> list[JudgeReply]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from alignment_core.batches import render_prompt_ids
+
+        prompt_ids = [render_prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        if options is None:
+            greedy = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, skip_special_tokens=True)
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], greedy,
+                                        use_tqdm=False)
+            return [JudgeReply(text=o.outputs[0].text, raw={"text": o.outputs[0].text}) for o in outputs]
+        requests = [(row, option, token) for row in range(len(prompts))
+                    for option, tokens in option_token_ids(self.tokenizer, options, self.name).items()
+                    for token in tokens]
+        read_back = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt_ids[row] + [token]) for row, _, token in requests], read_back,
+            use_tqdm=False,
+        )
+        per_row: list[dict[str, list[float]]] = [{} for _ in prompts]
+        for (row, option, token), output in zip(requests, outputs, strict=True):
+            per_row[row].setdefault(option, []).append(output.prompt_logprobs[-1][token].logprob)
+        replies = []
+        for values in per_row:
+            logprobs = {option: _logsumexp(v) for option, v in values.items()}
+            replies.append(JudgeReply(logprobs=logprobs, raw={"logprobs": logprobs}))
+        return replies
 
 
 class HttpJudgeBackend:

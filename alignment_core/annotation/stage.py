@@ -5,7 +5,7 @@ import logging
 import pandas as pd
 import pyarrow.parquet as pq
 
-from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend
+from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend, VLLMJudgeBackend
 from alignment_core.annotation.base import (
     FAILURE_STATUSES,
     LABEL_STATUSES,
@@ -36,6 +36,11 @@ def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
             concurrency=judge.concurrency,
             max_new_tokens=judge.max_new_tokens,
         )
+    if judge.backend == "vllm":
+        gen = cfg.generation
+        return VLLMJudgeBackend(judge.model, max_new_tokens=judge.max_new_tokens, dtype=cfg.model.dtype,
+                                max_model_len=gen.max_model_len, tensor_parallel_size=gen.tensor_parallel_size,
+                                gpu_memory_utilization=gen.gpu_memory_utilization)
     return LocalJudgeBackend(
         judge.model,
         batch_size=cfg.annotation.batch_size,
@@ -160,6 +165,9 @@ def run_annotation(
         log.info(
             "annotated shard %d/%d: %d generations -> %d rows", index + 1, len(shards), len(shard), len(table)
         )
+    backend = getattr(annotator, "backend", None)
+    if hasattr(backend, "close"):  # an HTTP client or a vLLM engine process: not left behind in a worker
+        backend.close()
     annotations = pd.concat(tables, ignore_index=True) if tables else ANNOTATIONS.empty_table().to_pandas()
     summary = annotation_summary(annotations)
     check_failures(summary, cfg.annotation.max_failure_fraction, f"annotation stage {out_uri}")
