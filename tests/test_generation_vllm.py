@@ -3,7 +3,6 @@
 The engine is started once for the module (25-45 s on 2 CPU cores), from a worker thread as Prefect would.
 """
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -38,11 +37,8 @@ def stopping_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def vllm_run(stopping_model_dir, tmp_path_factory):
+def vllm_run(stopping_model_dir, vllm_env):
     """Create the generator and engine in a worker thread; sample twice with one seed, once with another."""
-    saved = {key: os.environ.get(key) for key in ("VLLM_CACHE_ROOT", "VLLM_CPU_KVCACHE_SPACE")}
-    os.environ["VLLM_CACHE_ROOT"] = str(tmp_path_factory.mktemp("vllm-cache"))
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
     prompts = make_prompts(6)
     generator = make_generator(GEN_CFG, stopping_model_dir, POLICY_URI)
 
@@ -55,11 +51,6 @@ def vllm_run(stopping_model_dir, tmp_path_factory):
         yield {"generator": generator, "prompts": prompts, "first": first, "again": again, "other": other}
     finally:
         generator.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_vllm_rows_conform_and_are_consistent(vllm_run, stopping_model_dir):
