@@ -12,11 +12,10 @@ its weight came from. `temperature` (T) and `clip` (c) come from ReweightConfig.
     judge_confidence  sigmoid(confidence / T) where the judge's log-prob gap is known (the judge's two-way
                       probability of its verdict at T=1); else 1 when both orders agreed, 0.5 when they
                       disagreed (a tie); a unit with neither gets the mean of the others' raw weights.
-    importance        exp(clip((log pi(y|x) - log mu(y|x)) / T, -log c, log c)): the current policy pi over
-                      the behaviour policy mu that wrote the responses (SEED.md's distribution shift), tempered
-                      (T > 1 flattens sequence-level ratios, which between two different models are often so
-                      extreme that every one hits the clip), clipped, then self-normalised (divided by the
-                      stage mean). Needs columns
+    importance        s = (log pi(y|x) - log mu(y|x)) / T: the current policy pi over the behaviour policy mu
+                      that wrote the responses (SEED.md's distribution shift), tempered (T > 1 flattens
+                      sequence-level ratios, which between two different models span tens of nats);
+                      self-normalised, log w = s - log mean exp(s); then clipped to [1/c, c]. Needs columns
                       generation{1,2}_policy_logp and generation{1,2}_behaviour_logp.
                       A pair uses the product of its two responses' ratios (the sum of log ratios): the pair
                       is one sample whose probability is that of both responses.
@@ -129,7 +128,7 @@ class SampleReweighter:
         return [fill if w is None else w for w in raw], inputs
 
     def _importance(self, rows: list[pd.Series]):
-        raw, inputs = [], []
+        log_ratios, inputs = [], []
         log_clip = math.log(self.cfg.clip)
         for row in rows:
             log_ratio, used = 0.0, {}
@@ -147,11 +146,16 @@ class SampleReweighter:
                         f"generation{g}_behaviour_logp": float(behaviour),
                     }
                 )
-            tempered = log_ratio / self.cfg.temperature
-            clipped = min(max(tempered, -log_clip), log_clip)
-            raw.append(math.exp(clipped))
-            inputs.append({**used, "log_ratio": log_ratio, "clipped": clipped != tempered})
-        return raw, inputs
+            log_ratios.append(log_ratio)
+            inputs.append({**used, "log_ratio": log_ratio})
+        # Self-normalise first (log w = s - log mean exp s), then clip: clipping raw ratios instead would turn
+        # a policy that drifted far from the behaviour model (every ratio < 1/c) into uniform weights.
+        tempered = np.asarray(log_ratios) / self.cfg.temperature
+        normalised = tempered - (np.logaddexp.reduce(tempered) - math.log(len(tempered)))
+        clipped = np.clip(normalised, -log_clip, log_clip)
+        for row_inputs, value, bound in zip(inputs, normalised, clipped, strict=True):
+            row_inputs["clipped"] = bool(value != bound)
+        return np.exp(clipped).tolist(), inputs
 
     def _length_debias(self, rows: list[pd.Series]):
         gaps, inputs = [], []

@@ -107,12 +107,11 @@ def test_offline_sft_then_dpo_with_importance_weights(tmp_path):
     uris = offline_round(cfg)
     weights = store.read_pandas(uris["weights"])
     assert len(weights) == 24 and weights["generation1_weight"].mean() == pytest.approx(1.0)
-    inputs = weights["inputs"].map(json.loads)
-    log_ratios = [i["log_ratio"] for i in inputs]
+    log_ratios = [i["log_ratio"] for i in weights["inputs"].map(json.loads)]
     # The SFT policy finds the dataset's word-like responses far likelier than the random tiny model that
-    # stands in for the behaviour model: every sequence-level ratio is large and clipped at `clip`.
-    assert len(set(log_ratios)) == len(log_ratios) and min(log_ratios) > math.log(cfg.reweight.clip)
-    assert all(i["clipped"] for i in inputs)
+    # stands in for the behaviour model (every ratio > clip), yet self-normalised weights still tell pairs apart.
+    assert min(log_ratios) > math.log(cfg.reweight.clip)
+    assert weights["generation1_weight"].std() > 0.1
     evaluation = pipeline.evaluate(cfg, pipeline.load_eval_prompts(cfg), uris["checkpoint"], sft["checkpoint"],
                                    sft["checkpoint"], 1)
     summary = pipeline.evaluation_summary(store, evaluation)

@@ -95,23 +95,32 @@ def test_importance_self_normalised_and_clipped():
         generation2_policy_logp=[-2.0, -2.0, -4.0, 3.0],
         generation2_behaviour_logp=[-2.0, -2.0, -4.0, -1.0],
     )
-    # log ratios (sum over the pair): 1, -3, 0, 4; clip 5 bounds them to +-log 5
+    # log ratios (sum over the pair): 1, -3, 0, 4. Self-normalised: exp(s - log mean exp s) with
+    # log mean exp s = log((e + e^-3 + 1 + e^4) / 4) = 2.680, i.e. 0.186, 0.0034, 0.069, 3.742; clip 5 lifts
+    # the first three to 1/5.
     weights = weigh("importance", units, clip=5.0)
-    raw = np.array([math.e, 1 / 5, 1.0, 5.0])
+    raw = np.array([0.2, 0.2, 0.2, math.exp(4 - math.log((math.e + math.exp(-3) + 1 + math.exp(4)) / 4))])
+    assert raw[3] == pytest.approx(3.742, abs=1e-3)
     assert list(weights["generation1_weight"]) == pytest.approx(raw / raw.mean())
     inputs = [json.loads(i) for i in weights["inputs"]]
     assert [i["log_ratio"] for i in inputs] == [1.0, -3.0, 0.0, 4.0]
-    assert [i["clipped"] for i in inputs] == [False, True, False, True]
+    assert [i["clipped"] for i in inputs] == [True, True, True, False]
+    # A policy far from the behaviour model (every ratio tiny) still gets weights that differ, unlike clipping
+    # the raw ratios, which would make them all 1/c and so uniform.
+    drifted = units.assign(generation1_policy_logp=units["generation1_policy_logp"] - 30)
+    assert list(weigh("importance", drifted, clip=5.0)["generation1_weight"]) == pytest.approx(raw / raw.mean())
     single = make_units(
         2, pairs=False, generation1_policy_logp=[-1.0, -2.0], generation1_behaviour_logp=[-1.0, -1.0]
     )
     raw = np.array([1.0, math.exp(-1)])
     assert list(weigh("importance", single)["generation1_weight"]) == pytest.approx(raw / raw.mean())
-    # a temperature of 2 halves every log ratio before the clip: 0.5, -1.5, 0, 2 (clipped at log 5)
-    raw = np.array([math.exp(0.5), math.exp(-1.5), 1.0, 5.0])
+    # a temperature of 2 halves every log ratio: 0.5, -1.5, 0, 2 -> exp(s - 0.942): 0.643, 0.087, 0.390, 2.881
     tempered = weigh("importance", units, clip=5.0, temperature=2.0)
+    s = np.array([0.5, -1.5, 0.0, 2.0])
+    raw = np.clip(np.exp(s - np.log(np.exp(s).mean())), 0.2, 5.0)
+    assert raw.tolist() == pytest.approx([0.643, 0.2, 0.390, 2.881], abs=1e-3)
     assert list(tempered["generation1_weight"]) == pytest.approx(raw / raw.mean())
-    assert [json.loads(i)["clipped"] for i in tempered["inputs"]] == [False, False, False, True]
+    assert [json.loads(i)["clipped"] for i in tempered["inputs"]] == [False, True, False, False]
     with pytest.raises(ValueError, match="lacks generation1_policy_logp"):
         weigh("importance", make_units(2))
     with pytest.raises(ValueError, match="clip must be >= 1"):
