@@ -67,12 +67,40 @@ class DataConfig(StrictModel):
     min_pair_margin: float = Field(default=0.0, ge=0)  # scored lists: minimum score gap of a pair
 
 
+class AdapterConfig(StrictModel):
+    """LoRA (or QLoRA: a 4-bit base) trained instead of the full weights; see alignment_core/adapters.py.
+
+    Checkpoints then hold the adapter only (adapter_config.json + adapter_model.safetensors) and name their
+    base model; the next iteration continues the same adapter; the reference is the base with the adapter off.
+    """
+
+    r: int = Field(default=16, gt=0)  # LoRA rank
+    alpha: float = Field(default=32.0, gt=0)  # scaling alpha / r
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    # Module names (suffixes) to adapt, or "all-linear": every linear layer but the output head.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    # QLoRA: load the frozen base in 4 bits (bitsandbytes NF4; needs a CUDA device), compute in model.dtype.
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+    @model_validator(mode="after")
+    def _targets(self) -> "AdapterConfig":
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError('target_modules must name at least one module, or be "all-linear"')
+        return self
+
+
 class ModelConfig(StrictModel):
     policy: str = TINY_MODEL  # hub name, local folder, store URI, or tiny://llama
     reference: str | None = None  # defaults to the policy the round starts from
     tokenizer: str | None = None  # defaults to the policy's
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # Attention kernel passed to from_pretrained; flash_attention_2/3 need the flash-attn package (and a GPU).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
+    adapter: AdapterConfig | None = None  # None: full fine-tuning
 
 
 class GenerationConfig(StrictModel):
@@ -187,6 +215,21 @@ class ScaleOutConfig(StrictModel):
     timeout_s: float = Field(default=6 * 3600, gt=0)
 
 
+def _check_4bit_possible() -> None:
+    """QLoRA's 4-bit base (bitsandbytes) runs on CUDA devices only: say so at config load, not mid-run."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("model.adapter.load_in_4bit (QLoRA) needs a CUDA device and this machine has none; "
+                         "use LoRA without load_in_4bit here, or send training to a GPU machine "
+                         "(scale_out.train_deployment)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("model.adapter.load_in_4bit (QLoRA) needs the bitsandbytes package: "
+                         "pip install bitsandbytes")
+
+
 class PipelineConfig(StrictModel):
     setup: Setup = "online_pairwise"
     iterations: int = Field(default=2, gt=0)
@@ -219,6 +262,10 @@ class PipelineConfig(StrictModel):
         if self.reweight.strategy == "importance" and not self.reweight.behaviour_model:
             raise ValueError("reweight.behaviour_model must name the model that wrote the responses when "
                              "reweight.strategy is 'importance'")
+        adapter = self.model.adapter
+        if adapter is not None and adapter.load_in_4bit and not self.scale_out.train_deployment:
+            # Training runs here (a train deployment runs it elsewhere, and validates the config there).
+            _check_4bit_possible()
         return self
 
     @property
