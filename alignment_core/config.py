@@ -5,6 +5,7 @@ Configs load from YAML (`load_config`); a wrong field, type or value fails at lo
 that names the field, e.g. `training.beta must be > 0, got -1`.
 """
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -285,6 +286,18 @@ class ConfigError(ValueError):
 _BOUND_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
+def _fields_at(location: tuple) -> list[str]:
+    """The field names of the config section at `location` (e.g. ("training",)), for suggestions."""
+    section: type[BaseModel] = PipelineConfig
+    for name in location:
+        annotation = section.model_fields[name].annotation if name in section.model_fields else None
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if section is None:
+            return []
+    return list(section.model_fields)
+
+
 def _describe(error: dict) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "config"
     got = f", got {error['input']!r}" if not isinstance(error.get("input", {}), dict) else ""
@@ -293,7 +306,10 @@ def _describe(error: dict) -> str:
         bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
         return f"{field} must be {_BOUND_WORDS[error['type']]} {bound}{got}"
     if error["type"] == "extra_forbidden":
-        return f"{field} is not a known field"
+        known = _fields_at(error["loc"][:-1])
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+        return f"{field} is not a known field{hint}"
     message = error["msg"].removeprefix("Value error, ")
     return f"{field}: {message}{got}"
 

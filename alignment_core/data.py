@@ -406,6 +406,28 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or os.path.exists(source)
 
 
+def check_source(source: str) -> tuple[str, str | None]:
+    """(path, file suffix) of a data source that exists; suffix None for a hub dataset or dataset folder.
+
+    Raises at once for a missing file or folder, an unknown bundled name or an unsupported file type; a hub
+    dataset is only known to exist once `datasets` loads it.
+    """
+    if source.startswith(BUNDLED_PREFIX):
+        return bundled_path(source.removeprefix(BUNDLED_PREFIX)), ".jsonl"
+    suffix = _file_suffix(source)
+    local = os.path.expanduser(source)
+    if suffix is None:
+        if os.path.isfile(local):
+            raise ValueError(f"data source {source!r}: unsupported file type; expected one of {FILE_SUFFIXES}")
+        if _looks_local(source) and not os.path.isdir(local):
+            raise FileNotFoundError(f"data source {source!r}: no such dataset folder or file")
+        return source, None
+    filesystem, fs_path = fsspec.core.url_to_fs(local)
+    if not filesystem.exists(fs_path):
+        raise FileNotFoundError(f"data source {source!r}: no such file")
+    return source, suffix
+
+
 # --- the loader --------------------------------------------------------------------------------------------
 
 
@@ -509,26 +531,15 @@ class DatasLoader:
 
     def _source_rows(self) -> Iterator[dict | BadRow]:
         """The raw rows of the source, at most `max_rows` of them."""
-        if self.source.startswith(BUNDLED_PREFIX):
-            path, suffix = bundled_path(self.source.removeprefix(BUNDLED_PREFIX)), ".jsonl"
-        else:
-            path, suffix = self.source, _file_suffix(self.source)
+        path, suffix = check_source(self.source)
         if suffix is None:
-            local = os.path.expanduser(path)
-            if os.path.isfile(local):
-                raise ValueError(f"data source {path!r}: unsupported file type; expected one of {FILE_SUFFIXES}")
-            if _looks_local(path) and not os.path.isdir(local):
-                raise FileNotFoundError(f"data source {path!r}: no such dataset folder or file")
-            return _read_hub(local, self.subset, self.split, self.revision, self.max_rows)
+            return _read_hub(os.path.expanduser(path), self.subset, self.split, self.revision, self.max_rows)
         # A file is one split of one dataset: a split, subset or revision asked of it would be silently ignored.
         if self.split != "train" or self.subset is not None or self.revision is not None:
             raise ValueError(
                 f"data source {path!r} is a single file: split/subset/revision apply only to hub datasets "
                 f"and folders (got split={self.split!r}, subset={self.subset!r}, revision={self.revision!r})"
             )
-        filesystem, fs_path = fsspec.core.url_to_fs(os.path.expanduser(path))
-        if not filesystem.exists(fs_path):
-            raise FileNotFoundError(f"data source {path!r}: no such file")
         return itertools.islice(FILE_READERS[suffix](path), self.max_rows)
 
     def load(self) -> pa.Table:

@@ -4,19 +4,24 @@ A model is named by one of:
 - `tiny://llama` / `tiny://reward`: the project's own tiny model, built once into the cache folder;
 - a store URI (`s3://...`, `file://...`, `memory://...`): a checkpoint the pipeline saved, copied locally;
 - a local folder;
-- a Hugging Face hub id such as `org/name`, passed to `from_pretrained` as is.
-Every loader resolves the name first, so a missing local path fails before anything is loaded.
+- a Hugging Face hub id such as `org/name`, optionally pinned to a revision as `org/name@<branch, tag or
+  commit>`: resolved to its snapshot in the local hub cache (`HF_HOME`), downloaded there first unless
+  `HF_HUB_OFFLINE=1`. Gated models take their token from `HF_TOKEN`.
+Every loader resolves the name first, so a missing model fails before anything is loaded, and a model's
+identity in fingerprints and lineage (`model_digest`) is its hub commit or the bytes of its weights.
 """
 
 import hashlib
-import os
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from alignment_core.adapters import adapter_base, is_adapter, load_adapter
 from alignment_core.config import TINY_MODEL
 from alignment_core.tiny import build_tiny
 
@@ -27,17 +32,31 @@ DEFAULT_CACHE_DIR = "~/.cache/alignment_core"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", at most one slash
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # "name" or "org/name"
+# A snapshot in the hub cache: .../models--org--name/snapshots/<commit>
+_HUB_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
+# Files a causal LM or classifier never needs: other frameworks' weights, original (non-HF) checkpoints.
+_HUB_IGNORE = ["*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "original/*", "onnx/*"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A configured model cannot be found; the message names it and says how to make it available."""
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); names without `@` have no revision."""
+    repo, at, revision = name.partition("@")
+    return (repo, revision) if at and revision else (name, None)
 
 
 def _looks_like_path(name: str) -> bool:
     if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
         return True
-    return os.sep in name and not _HUB_ID.match(name)
+    return not _HUB_ID.match(split_revision(name)[0])
 
 
 def resolve_model_path(name_or_uri: str, store=None, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
-    """Turn a model name into what `from_pretrained` takes: a local folder, or a hub id as is."""
+    """Turn a model name into a local folder that `from_pretrained` loads without touching the network."""
     name_or_uri = str(name_or_uri)
     if name_or_uri in TINY_BUILDS:
         folder, kind = TINY_BUILDS[name_or_uri]
@@ -51,8 +70,45 @@ def resolve_model_path(name_or_uri: str, store=None, cache_dir: str = DEFAULT_CA
     if Path(name_or_uri).expanduser().is_dir():
         return str(Path(name_or_uri).expanduser())
     if _looks_like_path(name_or_uri):
-        raise FileNotFoundError(f"model path {name_or_uri!r} does not exist")
-    return name_or_uri
+        raise ModelNotFoundError(f"model path {name_or_uri!r} does not exist")
+    return hub_snapshot(*split_revision(name_or_uri))
+
+
+@lru_cache(maxsize=64)
+def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
+    """The local snapshot folder of a hub model, downloaded into the hub cache once per machine.
+
+    Cached per process, so the many resolutions of one run ask the hub (when online) once per model.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return snapshot_download(repo_id, revision=revision, ignore_patterns=_HUB_IGNORE)
+    except GatedRepoError as error:
+        raise ModelNotFoundError(
+            f"hub model {name!r} is gated: accept its licence on the hub, then set HF_TOKEN to a token of that "
+            f"account ({type(error).__name__})") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"hub model {name!r} does not exist, or is private: check the name, or set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"hub model {repo_id!r} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the hub cannot be reached"
+        revision_flag = f" --revision {revision}" if revision else ""
+        raise ModelNotFoundError(
+            f"hub model {name!r} is not in the local hub cache ({HF_HUB_CACHE}) and {why}. Download it "
+            f"where there is internet with `hf download {repo_id}{revision_flag}` (same HF_HOME), or name a local "
+            f"folder instead, or use {TINY_MODEL!r}") from None
 
 
 def _from_pretrained(loader, name: str, path: str, **kwargs):
@@ -71,6 +127,8 @@ def _from_pretrained(loader, name: str, path: str, **kwargs):
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, store=None, **kwargs):
     """AutoTokenizer with a pad token (the EOS token when the tokenizer has none)."""
     path = resolve_model_path(name_or_path, store=store)
+    if is_adapter(path) and not any(Path(path, f).exists() for f in ("tokenizer_config.json", "tokenizer.json")):
+        path = resolve_model_path(adapter_base(path), store=store)  # an adapter saved without its tokenizer
     tokenizer = _from_pretrained(
         AutoTokenizer, name_or_path, path, trust_remote_code=trust_remote_code, **kwargs
     )
@@ -87,41 +145,91 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, store=None):
-    path = resolve_model_path(name_or_path, store=store)
-    return _from_pretrained(
-        AutoModelForCausalLM, name_or_path, path,
-        dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code,
-    )
+AdapterMode = Literal["merge", "frozen", "trainable"]
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, store=None, *,
+    attn_implementation: str | None = None, adapter_mode: AdapterMode = "merge", **from_pretrained_kwargs,
+):
+    """A causal LM. A folder with `adapter_config.json` (a LoRA checkpoint) loads its base model, named in
+    that file, and the adapter on it: merged into the weights (`adapter_mode="merge"`, for inference),
+    a frozen PeftModel (`"frozen"`), or a PeftModel whose adapter trains (`"trainable"`).
+
+    `from_pretrained_kwargs` go to the base model's `from_pretrained` (e.g. a 4-bit `quantization_config`).
+    """
+    return _load(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, store, attn_implementation,
+                 adapter_mode, from_pretrained_kwargs)
 
 
 def load_reward_model(
-    name_or_path: str, tokenizer=None, dtype: str = "float32", trust_remote_code: bool = False, store=None
+    name_or_path: str, tokenizer=None, dtype: str = "float32", trust_remote_code: bool = False, store=None, *,
+    attn_implementation: str | None = None, adapter_mode: AdapterMode = "merge", **from_pretrained_kwargs,
 ):
     """A sequence classifier with one output (the reward), its pad id synced with the tokenizer.
 
     The classifier reads the score at the last non-pad token, which it finds through `pad_token_id`:
-    a tokenizer that pads with EOS needs the model to know that id.
+    a tokenizer that pads with EOS needs the model to know that id. An adapter folder loads as in
+    `load_causal_lm`, its trained score head included.
     """
     path = resolve_model_path(name_or_path, store=store)
     if tokenizer is None:
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(
-        AutoModelForSequenceClassification, name_or_path, path,
-        num_labels=1, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code,
-    )
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, store=store)
+    model = _load(AutoModelForSequenceClassification, name_or_path, dtype, trust_remote_code, store,
+                  attn_implementation, adapter_mode, {"num_labels": 1, **from_pretrained_kwargs})
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
+def _load(loader, name_or_path, dtype, trust_remote_code, store, attn_implementation, adapter_mode, kwargs):
+    path = resolve_model_path(name_or_path, store=store)
+    if is_adapter(path):
+        base_name = adapter_base(path)
+        base_path = resolve_model_path(base_name, store=store)
+        if is_adapter(base_path):
+            raise ValueError(f"adapter {name_or_path!r} names another adapter ({base_name!r}) as its base; "
+                             "merge that one first (python -m alignment_core.adapters merge ...)")
+        base = _load(loader, base_name, dtype, trust_remote_code, store, attn_implementation, "merge", kwargs)
+        if adapter_mode == "trainable" and getattr(base, "is_loaded_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        model = load_adapter(base, path, trainable=adapter_mode == "trainable")
+        return model.merge_and_unload() if adapter_mode == "merge" else model
+    if attn_implementation is not None:
+        kwargs = {**kwargs, "attn_implementation": attn_implementation}
+    return _from_pretrained(loader, name_or_path, path, dtype=_torch_dtype(dtype),
+                            trust_remote_code=trust_remote_code, **kwargs)
+
+
 def model_digest(path: str | Path) -> str:
-    """First 16 hex chars of a sha256 over the folder's safetensors files (names and bytes, in name order)."""
-    folder = Path(path).expanduser().resolve()
+    """A model's identity, 16 hex chars: what fingerprints and lineage record for it.
+
+    - a hub snapshot: its commit (the hub's own content address; no need to read gigabytes);
+    - an adapter folder (`adapter_config.json`): its safetensors files and the digest of its base model;
+    - any other folder: a sha256 over its safetensors files (names and bytes, in name order).
+    """
+    folder = Path(path).expanduser()
+    snapshot = _HUB_SNAPSHOT.search(folder.as_posix())
+    if snapshot:
+        return hashlib.sha256(f"hub:{snapshot['repo']}@{snapshot['commit']}".encode()).hexdigest()[:16]
+    folder = folder.resolve()
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors files in {folder}")
+        raise ModelNotFoundError(f"no .safetensors files in {folder}")
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-    return _digest(str(folder), stamp)
+    digest = _digest(str(folder), stamp)
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.exists():
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        digest = hashlib.sha256(f"{digest}+{model_digest(resolve_model_path(base))}".encode()).hexdigest()[:16]
+    return digest
+
+
+def hub_revision(path: str | Path) -> str | None:
+    """The hub commit of a resolved snapshot folder, None for anything else (for lineage)."""
+    snapshot = _HUB_SNAPSHOT.search(Path(path).expanduser().as_posix())
+    return snapshot["commit"] if snapshot else None
 
 
 @lru_cache(maxsize=64)

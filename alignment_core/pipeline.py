@@ -58,6 +58,14 @@ def policy_digest(store: ArtifactStore, policy_uri: str) -> str:
     return model_digest(resolve_policy(store, policy_uri))
 
 
+def model_lineage(store: ArtifactStore, name: str) -> dict:
+    """What a checkpoint's lineage records of a model it was trained from: its name, digest, hub commit."""
+    from alignment_core.models import hub_revision, model_digest
+
+    path = resolve_policy(store, name)
+    return {"name": name, "digest": model_digest(path), "hub_revision": hub_revision(path)}
+
+
 def finished_iterations(cfg: PipelineConfig) -> int:
     """How many iterations of the run have a complete checkpoint, counting from iteration 1 without a gap."""
     store, run = open_store(cfg), cfg.store.run_name
@@ -270,7 +278,9 @@ def train(
         encoded = factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
         trainer.train(encoded, checkpoint, metrics, progress_callback=progress)
     store.write_json(lineage_uri, {"fingerprint": fingerprint, "policy_uri": policy_uri,
-                                   "reference_uri": reference_uri, "units_uri": units_uri})
+                                   "reference_uri": reference_uri, "units_uri": units_uri,
+                                   "models": {"policy": model_lineage(store, policy_uri),
+                                              "reference": model_lineage(store, reference_uri)}})
     return checkpoint
 
 

@@ -37,3 +37,22 @@ def config_from_cli(args: argparse.Namespace) -> PipelineConfig:
         overrides[field] = yaml.safe_load(value)
     config = load_config(args.config, overrides)
     return with_overrides(config, args.iterations, args.run_name, args.store_root)
+
+
+def checked_config_from_cli(args: argparse.Namespace) -> PipelineConfig:
+    """The command line's config, preflighted; a bad config ends the program with its message, no traceback.
+
+    Preflight runs here, before Prefect starts, so `python -m flows...` answers a typo in seconds; the flow
+    runs it again as its first task (deployments start there).
+    """
+    import sys
+
+    from alignment_core.config import ConfigError
+    from alignment_core.preflight import PreflightError, preflight
+
+    try:
+        config = config_from_cli(args)
+        preflight(config)
+    except (ConfigError, PreflightError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    return config

@@ -10,11 +10,12 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
-from flows.common import config_from_cli, parse_cli, with_overrides
+from flows.common import checked_config_from_cli, parse_cli, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.generate import generate
 from tasks.load_prompts import load_eval_prompts, load_prompts
+from tasks.preflight import preflight
 from tasks.report import report_iteration
 from tasks.reweight import reweight
 from tasks.train import train
@@ -41,6 +42,7 @@ def iterative_dpo(
     config_json = cfg.model_dump_json()
     logger = get_run_logger()
     logger.info("run %s under %s\n%s", cfg.store.run_name, cfg.store.root, dump_config(cfg))
+    preflight(config_json)
 
     store = open_store(cfg)
     initial_policy = cfg.model.policy
@@ -80,6 +82,6 @@ def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:
 
 if __name__ == "__main__":
     args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.")
-    config = config_from_cli(args)
+    config = checked_config_from_cli(args)
     summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
     print_summary(config, summaries)

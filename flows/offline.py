@@ -15,9 +15,10 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
-from flows.common import config_from_cli, parse_cli, with_overrides
+from flows.common import checked_config_from_cli, parse_cli, with_overrides
 from tasks.evaluate import evaluate
 from tasks.load_prompts import load_eval_prompts, load_examples
+from tasks.preflight import preflight
 from tasks.report import report_iteration
 from tasks.reweight import reweight
 from tasks.train import train
@@ -32,6 +33,7 @@ OFFLINE_SETUPS = {
 def offline_round(cfg: PipelineConfig) -> dict:
     """One training round on the dataset, evaluated on held-out prompts when the result is a policy."""
     config_json = cfg.model_dump_json()
+    preflight(config_json)
     policy = cfg.model.policy
     examples = load_examples(config_json, 0)
     round_data = reweight(config_json, policy, 1, examples_uri=examples)
@@ -75,5 +77,5 @@ if __name__ == "__main__":
     name = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in FLOWS else None
     if name is None:
         sys.exit(f"usage: python -m flows.offline {{{','.join(FLOWS)}}} --config CONFIG.yaml")
-    config = config_from_cli(parse_cli(f"Run the offline {name} flow in ephemeral Prefect."))
+    config = checked_config_from_cli(parse_cli(f"Run the offline {name} flow in ephemeral Prefect."))
     print(FLOWS[name](config=config))

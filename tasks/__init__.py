@@ -14,18 +14,29 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from alignment_core.config import PipelineConfig
+from alignment_core.preflight import is_transient
 
 
 def stage_task(name: str, retries: int = 2):
-    """A stage task: named `{stage}-iter-{k}` in the UI, retried with backoff on transient failures."""
+    """A stage task: named `{stage}-iter-{k}` in the UI, retried with backoff on transient failures only.
+
+    A deterministic failure (a missing file, a bad config, a schema mismatch) fails the same way on every
+    try, so it fails at once instead of three times with three tracebacks.
+    """
     return task(
         name=name,
         task_run_name=name + "-iter-{iteration}",
         cache_policy=NO_CACHE,
         retries=retries,
         retry_delay_seconds=[5, 30],
+        retry_condition_fn=retry_if_transient,
         persist_result=False,
     )
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and is_transient(error)
 
 
 def parse(config_json: str) -> PipelineConfig:

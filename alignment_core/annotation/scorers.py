@@ -4,12 +4,10 @@ Both produce one score per generation and leave pairing / labelling to `rows_fro
 share the selection rules, the minimum margin and the pointwise threshold.
 """
 
-import hashlib
 import importlib
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -43,8 +41,7 @@ class RewardModelAnnotator:
         self.tokenizer.truncation_side = "left"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_reward_model(path, tokenizer=self.tokenizer, dtype=dtype).to(self.device).eval()
-        digest = model_digest(path) if Path(path).is_dir() else hashlib.sha256(path.encode()).hexdigest()[:16]
-        self.name = f"reward_model:{digest}"
+        self.name = f"reward_model:{model_digest(path)}"
         self.rules, self.batch_size, self.max_length = rules, batch_size, max_length
 
     def texts(self, generations: pd.DataFrame) -> list[str]:
