@@ -1,0 +1,173 @@
+"""LoRA adapters (peft): trained instead of the full weights when the config has a `model.adapter` section.
+
+What an adapter checkpoint is: peft's `adapter_config.json` + `adapter_model.safetensors` (plus the tokenizer
+and the optimizer state of the adapter's parameters), a small fraction of a full checkpoint. Its
+`base_model_name_or_path` is the base model's *config name* (a hub id, `tiny://llama`, a store URI or a path
+as the user wrote it), never a machine-local snapshot folder, so any worker resolves it with
+`models.resolve_model_path`; the checkpoint's lineage records the base's digest too.
+
+    model = models.load_causal_lm(path)                          # an adapter folder: base + adapter, merged
+    model = models.load_causal_lm(path, adapter_mode="trainable")  # base + adapter, the adapter trainable
+    peft_model = add_adapter(base_model, cfg.model.adapter, "causal_lm", base_name="tiny://llama")
+    with adapter_disabled(peft_model): ...                        # the base model: the DPO/KTO/RL reference
+
+Full weights at the end: `python -m alignment_core.adapters merge CHECKPOINT OUT` writes a normal
+`save_pretrained` folder (base + adapter merged) that loads without peft.
+"""
+
+import argparse
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# vLLM compiles its LoRA kernels for these maximum ranks; an adapter of rank r needs the smallest >= r.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def is_adapter(path) -> bool:
+    """A local folder holding a peft adapter (adapter_config.json)."""
+    return path is not None and Path(str(path)).expanduser().joinpath(ADAPTER_CONFIG).is_file()
+
+
+def adapter_config(path) -> dict:
+    return json.loads(Path(str(path)).expanduser().joinpath(ADAPTER_CONFIG).read_text())
+
+
+def adapter_base(path) -> str:
+    """The config name of the adapter's base model (as written by `add_adapter`, or by peft elsewhere)."""
+    base = adapter_config(path).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter {path} does not name its base model (base_model_name_or_path)")
+    return base
+
+
+def lora_config(adapter_cfg, task: str):
+    """peft's LoraConfig from the config's `model.adapter` section, for a causal LM or a reward model.
+
+    A reward model's score head is new (or task specific), so it trains in full beside the adapter and is
+    saved with it (peft's `modules_to_save` for sequence classification).
+    """
+    from peft import LoraConfig, TaskType
+
+    target = adapter_cfg.target_modules
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "reward_model" else TaskType.CAUSAL_LM,
+        r=adapter_cfg.r,
+        lora_alpha=adapter_cfg.alpha,
+        lora_dropout=adapter_cfg.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        bias=adapter_cfg.bias,
+    )
+
+
+def set_base_name(model, base_name: str) -> None:
+    """Record the base by its config name in every adapter config the model saves."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = str(base_name)
+
+
+def add_adapter(model, adapter_cfg, task: str, base_name: str):
+    """A new, trainable LoRA adapter on `model` (B = 0: the model computes what the base computes)."""
+    from peft import get_peft_model
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and head, input grads for checkpointing; we enable checkpointing ourselves (non-reentrant)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, lora_config(adapter_cfg, task))
+    set_base_name(peft_model, base_name)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info("LoRA adapter (r=%d) on %s: %d trainable parameters of %d (%.2f%%)", adapter_cfg.r, base_name,
+                trainable, total, 100 * trainable / max(total, 1))
+    return peft_model
+
+
+def load_adapter(base_model, path, trainable: bool = False):
+    """The adapter at `path` on `base_model` (already loaded), trainable or frozen."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model, str(Path(str(path)).expanduser()), is_trainable=trainable)
+    set_base_name(model, adapter_base(path))  # keep the config name even if peft rewrote it
+    return model
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+@contextmanager
+def adapter_disabled(model):
+    """The base model: `model` (a PeftModel, possibly wrapped by DDP) with its adapter off and in eval mode.
+
+    No second copy of the weights: the same modules skip their LoRA branch (and modules_to_save use their
+    original copy). Eval mode for the block, as a separately loaded reference would be; the previous
+    training mode is restored after.
+    """
+    peft_model = getattr(model, "module", model)
+    if not is_peft_model(peft_model):
+        raise TypeError(f"adapter_disabled needs a peft model, got {type(peft_model).__name__}")
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with peft_model.disable_adapter():
+            yield peft_model
+    finally:
+        peft_model.train(was_training)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of rank `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
+def merge(checkpoint: str, out: str, store=None, dtype: str = "float32", kind: str | None = None) -> str:
+    """Base + adapter merged into full weights at `out` (a normal save_pretrained folder + tokenizer).
+
+    `kind` is "causal_lm" or "reward_model"; by default it follows the adapter's task type.
+    """
+    from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(checkpoint, store=store)
+    if not is_adapter(path):
+        raise ValueError(f"{checkpoint} is not an adapter checkpoint (no {ADAPTER_CONFIG})")
+    kind = kind or ("reward_model" if adapter_config(path).get("task_type") == "SEQ_CLS" else "causal_lm")
+    tokenizer = load_tokenizer(path, store=store)
+    if kind == "reward_model":
+        model = load_reward_model(path, tokenizer=tokenizer, dtype=dtype, store=store)
+    else:
+        model = load_causal_lm(path, dtype=dtype, store=store)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    logger.info("merged %s (base %s) into %s", checkpoint, adapter_base(path), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="LoRA adapter checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge_cmd = commands.add_parser("merge", help="merge an adapter checkpoint into full weights")
+    merge_cmd.add_argument("checkpoint", help="adapter checkpoint: a folder or a store URI")
+    merge_cmd.add_argument("out", help="folder to write the merged model to")
+    merge_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge_cmd.add_argument("--kind", choices=["causal_lm", "reward_model"], help="default: the adapter's task")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(merge(args.checkpoint, args.out, dtype=args.dtype, kind=args.kind))
+
+
+if __name__ == "__main__":
+    main()
