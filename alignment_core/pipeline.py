@@ -265,37 +265,54 @@ def train(
         return checkpoint
     policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
     if store.read_manifest(units_uri)["rows"] == 0:
-        _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint)
+        _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
     elif cfg.training.num_processes > 1:
-        _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics)
+        _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
+                                  policy_uri=policy_uri)
     else:
         from alignment_core.batches import BatchFactory
         from alignment_core.training import Trainer
 
         trainer = Trainer(cfg, policy_path=policy_path, tokenizer_path=cfg.model.tokenizer, store=store,
-                          reference_path=reference_path)
+                          reference_path=reference_path, policy_name=policy_uri)
         factory = BatchFactory.from_config(trainer.tokenizer, cfg)
         encoded = factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
         trainer.train(encoded, checkpoint, metrics, progress_callback=progress)
+    models = {"policy": model_lineage(store, policy_uri), "reference": model_lineage(store, reference_uri)}
+    from alignment_core.adapters import adapter_base, is_adapter
+
+    trained = store.local_checkpoint(checkpoint)
+    if is_adapter(trained):  # a LoRA checkpoint: its base by config name and digest
+        models["adapter_base"] = model_lineage(store, adapter_base(trained))
     store.write_json(lineage_uri, {"fingerprint": fingerprint, "policy_uri": policy_uri,
-                                   "reference_uri": reference_uri, "units_uri": units_uri,
-                                   "models": {"policy": model_lineage(store, policy_uri),
-                                              "reference": model_lineage(store, reference_uri)}})
+                                   "reference_uri": reference_uri, "units_uri": units_uri, "models": models})
     return checkpoint
 
 
 def _carry_over(cfg: PipelineConfig, store: ArtifactStore, policy_path: str, checkpoint: str, metrics: str,
-                fingerprint: dict) -> None:
-    """No training data this round: the iteration's checkpoint is the policy it started from."""
+                fingerprint: dict, policy_uri: str | None = None) -> None:
+    """No training data this round: the iteration's checkpoint is the policy it started from.
+
+    With `model.adapter` the checkpoint stays an adapter (the policy's own, or a new one that changes nothing
+    on a base policy), so that every checkpoint of a LoRA run is an adapter on the same base.
+    """
+    from alignment_core.adapters import add_adapter, is_adapter
     from alignment_core.models import load_causal_lm, load_tokenizer
 
     log.warning("%s: no training units, saving the unchanged policy", checkpoint)
-    store.save_checkpoint(load_causal_lm(policy_path, dtype=cfg.model.dtype),
-                          load_tokenizer(cfg.model.tokenizer or policy_path), checkpoint)
+    if cfg.model.adapter is not None and is_adapter(policy_path):
+        model = load_causal_lm(policy_path, dtype=cfg.model.dtype, adapter_mode="frozen")
+    elif cfg.model.adapter is not None:
+        model = add_adapter(load_causal_lm(policy_path, dtype=cfg.model.dtype), cfg.model.adapter, "causal_lm",
+                            base_name=policy_uri or policy_path)
+    else:
+        model = load_causal_lm(policy_path, dtype=cfg.model.dtype)
+    store.save_checkpoint(model, load_tokenizer(cfg.model.tokenizer or policy_path), checkpoint)
     store.write_stage(metrics, "metrics", fingerprint, [], extra={"note": "no training units: policy unchanged"})
 
 
-def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics):
+def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
+                              policy_uri=None):
     """Run the round under `accelerate launch` (DDP/DeepSpeed/FSDP per the accelerate config)."""
     with tempfile.TemporaryDirectory() as tmp:
         round_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
@@ -310,7 +327,8 @@ def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, referenc
         else:  # torchrun-style launch; without CUDA the Trainer asks for the CPU (DDP over gloo)
             command += ["--multi_gpu"]
         command += ["-m", "alignment_core.training", "--config", config_path, "--units", units_uri,
-                    "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics]
+                    "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics,
+                    "--policy-name", policy_uri or policy_path]
         subprocess.run(command, check=True)
 
 

