@@ -16,6 +16,17 @@ from alignment_core.config import PipelineConfig
 load_callable = import_callable
 
 
+def annotator_label(cfg: PipelineConfig) -> str:
+    """Who judges the win-rates of a run, in words (plots and summaries name it)."""
+    annotation = cfg.annotation
+    if annotation.annotator == "programmatic":
+        return f"rule {annotation.programmatic}"
+    if annotation.annotator == "reward_model":
+        return f"reward model {annotation.reward_model}"
+    judge = annotation.judge
+    return f"LLM judge {judge.model} ({judge.backend}, template {judge.template})"
+
+
 def compare_responses(cfg: PipelineConfig, new: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     """One row per prompt present in both: prompt_id, outcome, score_new, score_baseline."""
     new = new.drop_duplicates("prompt_id").set_index("prompt_id")

@@ -43,31 +43,63 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def plot_evaluations(evaluations: list[dict], path: str, title: str) -> str:
-    """Reward (annotator and oracle) and win-rates with their 95% intervals across iterations, as a PNG."""
+def learning_curves(evaluations: list[dict], judge: str, oracle: str | None = None) -> dict:
+    """The data behind the plot: reward per iteration from iteration 0 (the initial policy), and each
+    win-rate series with its 95% interval and the name of who judged it.
+
+    Iteration 0's rewards are the "previous" baselines of iteration 1's evaluation; win-rates start at 1
+    (a policy against itself is 0.5 by definition, so there is nothing to show at 0).
+    """
+    evaluations = sorted(evaluations, key=lambda e: e["iteration"])
+    first = evaluations[0]
+    rewards = {}
+    for key, label in (("annotator_score_mean", f"annotator score ({judge})"),
+                       ("oracle_reward_mean", f"oracle reward ({oracle})")):
+        if key in first:
+            start = first.get(f"{key}_previous", math.nan)
+            if first["iteration"] != 1:  # no iteration-1 evaluation: the baseline is unknown
+                start = math.nan
+            rewards[label] = {"iterations": [0] + [e["iteration"] for e in evaluations],
+                              "values": [start] + [e.get(key, math.nan) for e in evaluations]}
+    win_rates = {}
+    for prefix, who in (("", judge), ("oracle_", f"oracle {oracle}")):
+        for baseline in ("previous", "initial"):
+            key = f"{prefix}win_rate_vs_{baseline}"
+            if key in first:
+                win_rates[f"vs {baseline} (judged by {who})"] = {
+                    "iterations": [e["iteration"] for e in evaluations],
+                    "values": [e.get(key, math.nan) for e in evaluations],
+                    "low": [e.get(f"{key}_low", math.nan) for e in evaluations],
+                    "high": [e.get(f"{key}_high", math.nan) for e in evaluations],
+                    "judged": [e.get(f"{prefix}judged_vs_{baseline}", math.nan) for e in evaluations],
+                }
+    return {"rewards": rewards, "win_rates": win_rates}
+
+
+def plot_evaluations(evaluations: list[dict], path: str, title: str, judge: str, oracle: str | None = None) -> str:
+    """`learning_curves` as a PNG: rewards from iteration 0, win-rates with their 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    iterations = [e["iteration"] for e in evaluations]
-    fig, (reward_ax, win_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("reward_mean", "annotator reward"), ("oracle_reward_mean", "oracle reward")):
-        values = [e.get(key, math.nan) for e in evaluations]
-        if not all(math.isnan(v) for v in values):
-            reward_ax.plot(iterations, values, marker="o", label=label)
-    reward_ax.set(xlabel="iteration", ylabel="mean reward (held-out prompts)", title="reward", xticks=iterations)
-    reward_ax.legend()
-    for baseline in ("previous", "initial"):
-        key = f"win_rate_vs_{baseline}"
-        values = [e.get(key, math.nan) for e in evaluations]
-        low = [v - e.get(f"{key}_low", v) for v, e in zip(values, evaluations, strict=True)]
-        high = [e.get(f"{key}_high", v) - v for v, e in zip(values, evaluations, strict=True)]
-        win_ax.errorbar(iterations, values, yerr=[low, high], marker="o", capsize=3, label=f"vs {baseline}")
+    curves = learning_curves(evaluations, judge, oracle)
+    fig, (reward_ax, win_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, series in curves["rewards"].items():
+        reward_ax.plot(series["iterations"], series["values"], marker="o", label=label)
+    reward_ax.set(xlabel="iteration (0: initial policy)", ylabel="mean on held-out prompts", title="reward",
+                  xticks=next(iter(curves["rewards"].values()))["iterations"] if curves["rewards"] else [])
+    reward_ax.legend(fontsize=8)
+    for label, series in curves["win_rates"].items():
+        values = series["values"]
+        errors = [[v - lo for v, lo in zip(values, series["low"], strict=True)],
+                  [hi - v for v, hi in zip(values, series["high"], strict=True)]]
+        win_ax.errorbar(series["iterations"], values, yerr=errors, marker="o", capsize=3, label=label)
     win_ax.axhline(0.5, color="grey", linestyle=":")
-    win_ax.set(xlabel="iteration", ylabel="win-rate (95% CI)", ylim=(0, 1), title="win-rate of the new policy",
-               xticks=iterations)
-    win_ax.legend()
+    judged = max((max(s["judged"]) for s in curves["win_rates"].values()), default=0)
+    win_ax.set(xlabel="iteration", ylabel="win-rate, 95% Wilson interval", ylim=(0, 1),
+               title=f"win-rate of the new policy ({judged:.0f} held-out prompts)")
+    win_ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -75,11 +107,35 @@ def plot_evaluations(evaluations: list[dict], path: str, title: str) -> str:
     return path
 
 
+def plot_run(store: ArtifactStore, run: str, path: str | None = None) -> str | None:
+    """The run's learning plot, written into the run folder (`evaluation.png`) or to `path`; None without
+    evaluations."""
+    import tempfile
+
+    stages = [(k, store.stage_uri(run, k, "evaluation")) for k in store.list_iterations(run)]
+    manifests = [(k, store.read_manifest(uri)) for k, uri in stages if "evaluation" in store.list_stages(run, k)]
+    manifests = [(k, m) for k, m in manifests if m is not None and "win_rate_vs_initial" in m["extra"]["summary"]]
+    if not manifests:  # no policy evaluations (a reward model's run has held-out accuracy instead)
+        return None
+    evaluations = [{"iteration": k, **m["extra"]["summary"]} for k, m in manifests]
+    last = manifests[-1][1]["extra"]
+    judge, oracle = last.get("judge", "the annotator"), last.get("oracle")
+    if path is not None:
+        return plot_evaluations(evaluations, path, run, judge, oracle)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = plot_evaluations(evaluations, f"{tmp}/evaluation.png", run, judge, oracle)
+        uri = store.uri(run, "evaluation.png")
+        with open(local, "rb") as f:
+            store.write_bytes(uri, f.read())
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("uri", help="a run folder ({root}/{run}) or a store root")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint")
-    parser.add_argument("--plot", help="PNG path for the reward/win-rate plot (default: <run>-evaluation.png)")
+    parser.add_argument("--plot", help="PNG path for the reward/win-rate plot (default: <run>/evaluation.png "
+                                       "in the store)")
     args = parser.parse_args(argv)
 
     root, _, run = args.uri.rstrip("/").rpartition("/")
@@ -93,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no runs under {args.uri}", file=sys.stderr)
         return 1
     for name in runs:
-        report, evaluations = run_report(store, name)
+        report, _ = run_report(store, name)
         print(report)
-        if evaluations:
-            path = args.plot if args.plot and len(runs) == 1 else f"{name}-evaluation.png"
-            print(f"  plot: {plot_evaluations(evaluations, path, name)}")
+        plot = plot_run(store, name, args.plot if len(runs) == 1 else None)
+        if plot:
+            print(f"  plot: {plot}")
     return 0
 
 

@@ -71,11 +71,12 @@ def _pair_metrics(
 def _reference_pair_metrics(
     beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
 ) -> dict[str, Tensor]:
-    """Pair metrics with implicit rewards beta * (log pi - log ref), and the KL monitor: the mean of
-    log pi(y|x) - log ref(y|x) over a pair's two responses (an estimate of KL(pi || ref) when the responses
-    are sampled from pi, as in online rounds)."""
+    """Pair metrics with implicit rewards beta * (log pi - log ref), and the drift monitor `logratio_mean`:
+    the mean of log pi(y|x) - log ref(y|x) over a pair's two responses. It is not a KL: the responses were
+    sampled before this round (or come from a dataset), so it can be negative; it estimates KL(pi || ref) only
+    for responses sampled from pi itself."""
     metrics = _pair_metrics(beta * chosen_logratios, beta * rejected_logratios, chosen_logps, rejected_logps)
-    metrics["kl"] = ((chosen_logratios + rejected_logratios) / 2).detach().float()
+    metrics["logratio_mean"] = ((chosen_logratios + rejected_logratios) / 2).detach().float()
     return metrics
 
 

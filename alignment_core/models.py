@@ -49,6 +49,11 @@ def split_revision(name: str) -> tuple[str, str | None]:
     return (repo, revision) if at and revision else (name, None)
 
 
+def is_store_uri(name: str) -> bool:
+    """A checkpoint in a store (`s3://...`, `file://...`), not one of the `tiny://` builds."""
+    return bool(_URI_SCHEME.match(name)) and name not in TINY_BUILDS
+
+
 def _looks_like_path(name: str) -> bool:
     if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
         return True
@@ -61,7 +66,7 @@ def resolve_model_path(name_or_uri: str, store=None, cache_dir: str = DEFAULT_CA
     if name_or_uri in TINY_BUILDS:
         folder, kind = TINY_BUILDS[name_or_uri]
         return str(build_tiny(Path(cache_dir).expanduser() / folder, kind=kind))
-    if _URI_SCHEME.match(name_or_uri):
+    if is_store_uri(name_or_uri):
         if store is None:
             from alignment_core.store import ArtifactStore
 

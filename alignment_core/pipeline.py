@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from alignment_core import __version__
 from alignment_core.config import PipelineConfig, dump_config
@@ -75,24 +76,36 @@ def finished_iterations(cfg: PipelineConfig) -> int:
     return done
 
 
+def already_done(store: ArtifactStore, stage_uri: str, fingerprint: dict) -> bool:
+    """Whether the store holds this stage complete for this fingerprint; says so in the log when it does."""
+    if not store.is_complete(stage_uri, fingerprint):
+        return False
+    log.info("%s: already complete (%s rows), skipped", stage_uri, store.read_manifest(stage_uri)["rows"])
+    return True
+
+
 def _fingerprint(cfg: PipelineConfig, stage: str, sections: tuple[str, ...], **inputs) -> dict:
     return {"stage": stage, "config": cfg.stage_hash(*sections), "inputs": inputs, "code": __version__}
 
 
 # ---- prompts and examples --------------------------------------------------------------------------------
-def _all_prompts(cfg: PipelineConfig) -> tuple[pa.Table, pa.Table]:
-    """(training prompts, held-out eval prompts): eval prompts come from eval_source or the source's tail."""
+def _all_prompts(cfg: PipelineConfig, loader=None) -> tuple[pa.Table, pa.Table, dict]:
+    """(training prompts, held-out eval prompts, load report): eval prompts come from eval_source or the
+    source's tail; the report says what the source held (format, rows kept and skipped by reason)."""
     from alignment_core.data import DatasLoader
 
-    prompts = DatasLoader.from_config(cfg.data).load_prompts()
+    loader = loader or DatasLoader.from_config(cfg.data)
+    prompts = loader.load_prompts()
+    log.info("data: %s; %d distinct prompts", loader.report.summary(), prompts.num_rows)
+    report = {**loader.report.to_dict(), "distinct_prompts": prompts.num_rows}
     if cfg.data.eval_source:
         held_out = DatasLoader.from_config(cfg.data.model_copy(update={"source": cfg.data.eval_source}))
         eval_prompts = held_out.load_prompts().slice(0, cfg.data.eval_prompts)
         eval_ids = set(eval_prompts.column("prompt_id").to_pylist())
         keep = [pid not in eval_ids for pid in prompts.column("prompt_id").to_pylist()]
-        return prompts.filter(pa.array(keep)), eval_prompts
+        return prompts.filter(pa.array(keep)), eval_prompts, report
     n_eval = min(cfg.data.eval_prompts, max(prompts.num_rows - 1, 0))
-    return prompts.slice(0, prompts.num_rows - n_eval), prompts.slice(prompts.num_rows - n_eval)
+    return prompts.slice(0, prompts.num_rows - n_eval), prompts.slice(prompts.num_rows - n_eval), report
 
 
 def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
@@ -101,16 +114,27 @@ def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
     out = store.stage_uri(cfg.store.run_name, iteration, "prompts")
     fingerprint = _fingerprint(cfg, "prompts", ("data",), iteration=iteration,
                                per_iteration=cfg.generation.prompts_per_iteration, seed=cfg.generation.seed)
-    if store.is_complete(out, fingerprint):
+    if already_done(store, out, fingerprint):
         return out
-    train_prompts, _ = _all_prompts(cfg)
+    train_prompts, _, report = _all_prompts(cfg)
     if train_prompts.num_rows == 0:
         raise ValueError(f"data source {cfg.data.source!r} has no training prompts left after the held-out split")
-    order = np.random.default_rng(cfg.generation.seed).permutation(train_prompts.num_rows)
-    n = cfg.generation.prompts_per_iteration
-    window = [order[i % len(order)] for i in range((iteration - 1) * n, iteration * n)]
+    available, n = train_prompts.num_rows, cfg.generation.prompts_per_iteration
+    first, last = (iteration - 1) * n, iteration * n  # this iteration's window of the prompt stream
+    if last > available:
+        message = (f"iteration {iteration} asks for prompts {first + 1}-{last} of a stream of {n} per iteration, "
+                   f"but {cfg.data.source!r} has {available} training prompts")
+        if cfg.data.prompt_reuse == "never":
+            raise ValueError(f"{message}; add prompts, lower generation.prompts_per_iteration or iterations, "
+                             "or set data.prompt_reuse: cycle to sample already used prompts again")
+        log.warning("%s: reusing prompts of earlier iterations (data.prompt_reuse: cycle)%s", message,
+                    f"; only {available} distinct prompts this iteration" if n > available else "")
+    order = np.random.default_rng(cfg.generation.seed).permutation(available)
+    window = [order[i % available] for i in range(first, last)]
     window = list(dict.fromkeys(window))  # fewer prompts than a window: no prompt twice in one iteration
-    store.write_stage(out, "prompts", fingerprint, [train_prompts.take(window)])
+    reused = max(0, last - max(first, available))  # stream positions past the end come round again
+    store.write_stage(out, "prompts", fingerprint, [train_prompts.take(window)],
+                      extra={"reused_prompts": reused, "report": report})
     return out
 
 
@@ -118,24 +142,36 @@ def load_eval_prompts(cfg: PipelineConfig) -> str:
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, 0, "eval_prompts")
     fingerprint = _fingerprint(cfg, "eval_prompts", ("data",))
-    if not store.is_complete(out, fingerprint):
-        store.write_stage(out, "prompts", fingerprint, [_all_prompts(cfg)[1]])
+    if not already_done(store, out, fingerprint):
+        _, eval_prompts, report = _all_prompts(cfg)
+        store.write_stage(out, "prompts", fingerprint, [eval_prompts], extra={"report": report})
     return out
 
 
 def load_examples(cfg: PipelineConfig) -> str:
-    """The offline dataset, normalised to EXAMPLES records (iter-000/examples)."""
+    """The offline dataset, normalised to EXAMPLES records (iter-000/examples), without the examples whose
+    prompt is held out for evaluation: those go to iter-000/heldout_examples, never trained on."""
     from alignment_core.data import DatasLoader
 
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, 0, "examples")
+    heldout = store.stage_uri(cfg.store.run_name, 0, "heldout_examples")
     fingerprint = _fingerprint(cfg, "examples", ("data",))
-    if store.is_complete(out, fingerprint):
+    if already_done(store, out, fingerprint) and store.is_complete(heldout, fingerprint):
         return out
     loader = DatasLoader.from_config(cfg.data)
     examples = loader.load()
-    store.write_stage(out, "examples", fingerprint, [examples], extra={"report": loader.report.to_dict()})
+    _, eval_prompts, report = _all_prompts(cfg, loader)
+    eval_ids = set(eval_prompts.column("prompt_id").to_pylist())
+    is_heldout = pa.array([pid in eval_ids for pid in examples.column("prompt_id").to_pylist()], pa.bool_())
+    store.write_stage(heldout, "examples", fingerprint, [examples.filter(is_heldout)], extra={"report": report})
+    store.write_stage(out, "examples", fingerprint, [examples.filter(pa.compute.invert(is_heldout))],
+                      extra={"report": report, "heldout_examples": heldout})
     return out
+
+
+def heldout_examples_uri(store: ArtifactStore, examples_uri: str) -> str:
+    return store.read_manifest(examples_uri)["extra"]["heldout_examples"]
 
 
 # ---- online stages ---------------------------------------------------------------------------------------
@@ -153,7 +189,7 @@ def generate(
         "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": __version__,
         "inputs": {"prompts": input_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)},
     }
-    if store.is_complete(out, fingerprint):
+    if already_done(store, out, fingerprint):
         return out
     run_generation(
         store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
@@ -178,7 +214,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int) -> str:
     out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
     fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
                                generations=input_digest(store, generations_uri), **annotator_models(cfg, store))
-    if not store.is_complete(out, fingerprint):
+    if not already_done(store, out, fingerprint):
         run_annotation(store, generations_uri, out, cfg, fingerprint)
     return out
 
@@ -205,7 +241,7 @@ def build_units(
     sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]
     fingerprint = _fingerprint(cfg, "units", (), setup=cfg.setup,
                                sources=[input_digest(store, uri) for uri in sources])
-    if store.is_complete(out, fingerprint):
+    if already_done(store, out, fingerprint):
         return out
     if examples_uri:
         units = units_from_examples(store.read_pandas(examples_uri), cfg.setup)
@@ -235,7 +271,7 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
         inputs["policy"] = policy_digest(store, policy_uri)
         inputs["behaviour"] = policy_digest(store, cfg.reweight.behaviour_model)
     fingerprint = _fingerprint(cfg, "weights", ("reweight",), **inputs)
-    if store.is_complete(out, fingerprint):
+    if already_done(store, out, fingerprint):
         return out
     units = store.read_pandas(units_uri)
     if len(units) == 0:
@@ -262,6 +298,7 @@ def train(
     if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri) and (
         store.read_json(lineage_uri)["fingerprint"] == fingerprint
     ):
+        log.info("%s: already complete, skipped", checkpoint)
         return checkpoint
     policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
     if store.read_manifest(units_uri)["rows"] == 0:
@@ -352,7 +389,7 @@ def evaluate(
     Writes `eval_generations` (the new policy's samples; iteration 0 holds the initial policy's) and an
     `evaluation` metrics stage: win-rates with 95% Wilson intervals, and the mean reward of each policy.
     """
-    from alignment_core.evaluation import compare_responses
+    from alignment_core.evaluation import annotator_label, compare_responses
 
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
@@ -362,30 +399,81 @@ def evaluate(
     fingerprint = _fingerprint(cfg, "evaluation", ("annotation", "evaluation"),
                                new=input_digest(store, new), previous=input_digest(store, previous),
                                initial=input_digest(store, initial))
-    if store.is_complete(out, fingerprint):
+    if already_done(store, out, fingerprint):
         return out
     new_df = store.read_pandas(new)
-    rows, summary = [], {}
-    for name, baseline_uri in (("previous", previous), ("initial", initial)):
-        comparison = compare_responses(cfg, new_df, store.read_pandas(baseline_uri))
-        outcome = comparison["outcome"].dropna()  # 1 win, 0.5 tie, 0 loss; failed verdicts are NaN
-        low, high = wilson_interval(float(outcome.sum()), len(outcome))
-        summary[f"win_rate_vs_{name}"] = float(outcome.mean()) if len(outcome) else math.nan
-        summary[f"win_rate_vs_{name}_low"], summary[f"win_rate_vs_{name}_high"] = low, high
-        summary[f"judged_vs_{name}"] = float(len(outcome))
+    baselines = {"previous": store.read_pandas(previous), "initial": store.read_pandas(initial)}
+    summary = {}
+    for name, baseline in baselines.items():
+        comparison = compare_responses(cfg, new_df, baseline)
+        summary.update(_win_rate(f"vs_{name}", comparison["outcome"].dropna()))  # failed verdicts are NaN
         if name == "previous":
-            summary["reward_mean"] = float(comparison["score_new"].mean())
-            summary["reward_mean_previous"] = float(comparison["score_baseline"].mean())
+            summary["annotator_score_mean"] = float(comparison["score_new"].mean())
+            summary["annotator_score_mean_previous"] = float(comparison["score_baseline"].mean())
     if cfg.evaluation.oracle:
+        # The true reward, when the experiment has one: the same comparisons judged by the oracle, because the
+        # annotator's win-rate can rise while the true reward falls (reward hacking).
         from alignment_core.evaluation import load_callable
 
         oracle = load_callable(cfg.evaluation.oracle)
-        scores = [oracle(p, r) for p, r in zip(new_df["prompt"], new_df["response"], strict=True)]
-        summary["oracle_reward_mean"] = float(np.mean(scores))
-        summary["oracle_reward_std"] = float(np.std(scores))
+        scores = {"new": _oracle_scores(oracle, new_df)}
+        summary["oracle_reward_mean"] = float(np.mean(scores["new"]))
+        summary["oracle_reward_std"] = float(np.std(scores["new"]))
+        for name, baseline in baselines.items():
+            scores[name] = _oracle_scores(oracle, baseline)
+            summary[f"oracle_reward_mean_{name}"] = float(np.mean(scores[name]))
+            outcome = np.sign(scores["new"] - scores[name]) / 2 + 0.5  # 1 win, 0.5 tie, 0 loss, prompt by prompt
+            summary.update(_win_rate(f"vs_{name}", pd.Series(outcome), prefix="oracle_"))
     summary["response_words_mean"] = float(new_df["response"].str.split().str.len().mean())
     rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
-    store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)], extra={"summary": summary})
+    store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
+                      extra={"summary": summary, "judge": annotator_label(cfg), "oracle": cfg.evaluation.oracle})
+    return out
+
+
+def _win_rate(versus: str, outcome: pd.Series, prefix: str = "") -> dict[str, float]:
+    """`{prefix}win_rate_{versus}` with its 95% Wilson interval and how many prompts were judged."""
+    low, high = wilson_interval(float(outcome.sum()), len(outcome))
+    key = f"{prefix}win_rate_{versus}"
+    return {key: float(outcome.mean()) if len(outcome) else math.nan, f"{key}_low": low, f"{key}_high": high,
+            f"{prefix}judged_{versus}": float(len(outcome))}
+
+
+def _oracle_scores(oracle, generations: pd.DataFrame) -> np.ndarray:
+    """One oracle score per prompt, in prompt_id order (evaluation samples one response per prompt)."""
+    frame = generations.drop_duplicates("prompt_id").sort_values("prompt_id")
+    return np.array([oracle(p, r) for p, r in zip(frame["prompt"], frame["response"], strict=True)], dtype=float)
+
+
+def evaluate_reward_model(cfg: PipelineConfig, heldout_uri: str, checkpoint_uri: str, iteration: int) -> str:
+    """A trained reward model on preference pairs of held-out prompts: how often it scores the chosen
+    response above the rejected one (ties count half), with a 95% Wilson interval."""
+    from alignment_core.annotation.base import ScoreRules
+    from alignment_core.annotation.scorers import RewardModelAnnotator
+
+    store = open_store(cfg)
+    out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
+    fingerprint = _fingerprint(cfg, "evaluation", ("evaluation",), pairs=input_digest(store, heldout_uri),
+                               reward_model=policy_digest(store, checkpoint_uri))
+    if already_done(store, out, fingerprint):
+        return out
+    pairs = store.read_pandas(heldout_uri)
+    summary: dict = {"heldout_pairs": float(len(pairs))}
+    if len(pairs):
+        scorer = RewardModelAnnotator(resolve_policy(store, checkpoint_uri), ScoreRules(),
+                                      max_length=cfg.training.max_length, dtype=cfg.model.dtype)
+        chosen, rejected = (np.array(scorer.score_texts(scorer.texts(pairs.assign(response=pairs[column]))))
+                            for column in ("chosen", "rejected"))
+        outcome = pd.Series(np.sign(chosen - rejected) / 2 + 0.5)
+        low, high = wilson_interval(float(outcome.sum()), len(outcome))
+        summary.update(heldout_accuracy=float(outcome.mean()), heldout_accuracy_low=low, heldout_accuracy_high=high,
+                       heldout_margin_mean=float(np.mean(chosen - rejected)))
+    else:
+        log.warning("%s: no held-out pairs (data.eval_prompts: %d); held-out accuracy not measured", out,
+                    cfg.data.eval_prompts)
+    rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
+    store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
+                      extra={"summary": summary, "judge": "held-out preference pairs"})
     return out
 
 

@@ -84,10 +84,10 @@ def _problem(field: str, check, *args) -> list[str]:
 
 
 def _check_model(store, name: str) -> None:
-    from alignment_core.models import _URI_SCHEME, resolve_model_path
+    from alignment_core.models import is_store_uri, resolve_model_path
     from alignment_core.store import ArtifactStore
 
-    if _URI_SCHEME.match(name):
+    if is_store_uri(name):
         # A checkpoint in a store: that it is complete is enough; copying it is the stage's work.
         owner = ArtifactStore(name.rstrip("/").rsplit("/", 1)[0], endpoint_url=store.endpoint_url)
         if not owner.checkpoint_complete(name):

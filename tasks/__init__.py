@@ -6,6 +6,7 @@ re-run flow redoes no finished work even when Prefect's database is gone. Prefec
 off on purpose: a cached URI could point at a store that was cleaned since.
 """
 
+import logging
 import re
 
 from prefect import task
@@ -15,6 +16,20 @@ from prefect.runtime import flow_run
 
 from alignment_core.config import PipelineConfig
 from alignment_core.preflight import is_transient
+
+
+def _route_library_logs_to_prefect() -> None:
+    """The library logs through `logging.getLogger("alignment_core...")`; give that logger the handlers
+    Prefect sets up for extra loggers (console + the run's log in the UI), as PREFECT_LOGGING_EXTRA_LOGGERS
+    would, so stage lines ("already complete, skipped", load reports, warnings) show in every run."""
+    library = logging.getLogger("alignment_core")
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in library.handlers:
+            library.addHandler(handler)
+    library.setLevel(logging.INFO)
+
+
+_route_library_logs_to_prefect()
 
 
 def stage_task(name: str, retries: int = 2):

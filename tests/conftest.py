@@ -1,7 +1,9 @@
 """Shared fixtures: the tiny model and reward model (built once per session), an S3 server on loopback."""
 
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +60,29 @@ def vllm_env(tmp_path_factory):
         env.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
         env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         yield
+
+
+def add_to_hub_cache(hf_home, repo_id: str, model_dir, revision: str) -> Path:
+    """Put a model folder into a Hugging Face hub cache as `hf download` leaves it, with refs/main -> revision.
+
+    `models--ORG--NAME/snapshots/<revision>/` holds the files and `refs/main` names the revision: with
+    HF_HUB_OFFLINE=1, `snapshot_download(repo_id)` and `from_pretrained(repo_id)` load it from there.
+    """
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / revision, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
+POLICY_REVISION, REWARD_REVISION = "1" * 40, "2" * 40
+
+
+@pytest.fixture(scope="session")
+def hub_home(tmp_path_factory, tiny_model_dir, tiny_reward_model_dir):
+    """An HF_HOME whose hub cache holds the tiny model as `acme/tiny-chat` and its reward model as
+    `acme/tiny-reward`: hub ids that load offline, as a user's downloaded models do."""
+    home = tmp_path_factory.mktemp("hf-home")
+    add_to_hub_cache(home, "acme/tiny-chat", tiny_model_dir, POLICY_REVISION)
+    add_to_hub_cache(home, "acme/tiny-reward", tiny_reward_model_dir, REWARD_REVISION)
+    return home

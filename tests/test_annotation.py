@@ -515,7 +515,7 @@ def test_failure_fraction_guard(tmp_path):
     cfg.annotation.max_failure_fraction = 0.25
     manifest = run_annotation(store, generations_uri, out, cfg, {"fp": 2})
     assert manifest["extra"]["counts"] == {"error": 1, "ok": 3}
-    assert manifest["extra"]["reward_mean"] == pytest.approx(2.0)  # rewards 1, 2, 3
+    assert manifest["extra"]["label_mean"] == pytest.approx(2.0)  # rewards 1, 2, 3
 
 
 def test_make_annotator_checks_the_config():

@@ -184,8 +184,8 @@ def test_dpo_round_lowers_the_loss_and_raises_reward_accuracy(tiny2_dir, tmp_pat
     assert after_accuracy >= 0.9
     metrics = step_metrics(store, store.stage_uri("round", 0, "metrics"))
     assert list(metrics.index) == list(range(1, 13))
-    for name in ("loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "kl", "grad_norm",
-                 "learning_rate", "tokens_per_s"):
+    for name in ("loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "logratio_mean",
+                 "grad_norm", "learning_rate", "tokens_per_s"):
         assert metrics[name].notna().all(), name
     assert metrics["loss"].iloc[0] == pytest.approx(math.log(2), abs=1e-4)
     assert result.metrics["loss"] == pytest.approx(metrics["loss"].iloc[-1])

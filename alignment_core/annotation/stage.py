@@ -118,8 +118,9 @@ def annotation_summary(annotations: pd.DataFrame) -> dict:
         "counts": counts,
         "failures": failures,
         "failure_fraction": failures / len(annotations) if len(annotations) else 0.0,
-        "reward_mean": stat(rewards, "mean"),
-        "reward_std": stat(rewards, "std"),
+        # generation1's label: a preference (pairwise: 1 won, 0.5 tie, 0 lost) or a reward (rl, pointwise)
+        "label_mean": stat(rewards, "mean"),
+        "label_std": stat(rewards, "std"),
         "score_mean": stat(scores, "mean"),
         "score_std": stat(scores, "std"),
     }
