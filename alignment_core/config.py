@@ -51,6 +51,12 @@ class StoreConfig(StrictModel):
     run_name: str = "tiny"
     endpoint_url: str | None = None  # S3-compatible server, e.g. http://127.0.0.1:9000
     cache_dir: str = "~/.cache/alignment_core"  # local copies of remote checkpoints
+    # One flow run writes a run at a time: it holds `{root}/{run}/_lease.json`, renewed every quarter of this
+    # timeout while it runs; a lease not renewed for this long (its owner crashed) is taken over.
+    lease_timeout_s: float = Field(default=600.0, gt=0)
+    # Set by the flow that holds the run's lease (dispatched stage flows verify it instead of taking their
+    # own); leave it unset.
+    lease_token: str | None = None
 
 
 class DataConfig(StrictModel):

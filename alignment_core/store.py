@@ -14,6 +14,7 @@ Why it is safe to kill a run at any moment:
 - The manifest, written last, is the only proof a stage is complete.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.asyn import sync
 
 from alignment_core import __version__
 from alignment_core.records import SCHEMA_VERSION, SCHEMAS, conform
@@ -54,7 +56,11 @@ class ArtifactStore:
     Credentials for object storage come from the environment (AWS_ACCESS_KEY_ID, ...), never from here.
     """
 
-    def __init__(self, root: str, endpoint_url: str | None = None, cache_dir: str = "~/.cache/alignment_core"):
+    def __init__(self, root: str, endpoint_url: str | None = None, cache_dir: str = "~/.cache/alignment_core",
+                 lease_token: str | None = None):
+        # The run lease this store writes under (alignment_core/lease.py): stage writers check that it is
+        # still the run's live lease; without one they check that nobody else holds a live lease on the run.
+        self.lease_token = lease_token
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         protocol = fsspec.utils.get_protocol(root)
         self.storage_options: dict[str, Any] = {}
@@ -67,7 +73,8 @@ class ArtifactStore:
 
     @classmethod
     def from_config(cls, store_cfg) -> "ArtifactStore":
-        return cls(store_cfg.root, endpoint_url=store_cfg.endpoint_url, cache_dir=store_cfg.cache_dir)
+        return cls(store_cfg.root, endpoint_url=store_cfg.endpoint_url, cache_dir=store_cfg.cache_dir,
+                   lease_token=getattr(store_cfg, "lease_token", None))
 
     # ---- URIs -------------------------------------------------------------------------------------
     def _unstrip(self, path: str) -> str:
@@ -94,6 +101,18 @@ class ArtifactStore:
     def exists(self, uri: str) -> bool:
         return self.fs.exists(self._path(uri))
 
+    def run_of(self, uri: str) -> str | None:
+        """The run a URI under this store belongs to (its first path segment below the root)."""
+        prefix = self.root.rstrip("/") + "/"
+        return uri[len(prefix):].split("/", 1)[0] if uri.startswith(prefix) else None
+
+    def check_lease(self, uri: str) -> dict | None:
+        """Raise unless this store may write `uri`'s run (see alignment_core.lease.check_lease)."""
+        from alignment_core.lease import check_lease
+
+        run = self.run_of(uri)
+        return check_lease(self, run, self.lease_token) if run else None
+
     # ---- small JSON documents -----------------------------------------------------------------------
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Atomically write a file: rename into place locally, a single PUT on object storage."""
@@ -115,6 +134,146 @@ class ArtifactStore:
     def read_json(self, uri: str) -> Any:
         with self.fs.open(self._path(uri), "rb") as f:
             return json.loads(f.read())
+
+    # ---- compare-and-swap documents (the run lease, alignment_core/lease.py) ------------------------------
+    # A version names one write of a document: the ETag on S3, the sha256 of the bytes elsewhere. Locally,
+    # creation is a hard link of a finished temporary file (fails if the name exists, like O_EXCL, and never
+    # shows a half-written file); replace and delete run under an flock of the parent folder. On S3 creation
+    # is a conditional PUT (`If-None-Match: *`), replace a PUT with `If-Match: <etag>`, delete a DELETE with
+    # `If-Match` (AWS S3 and moto honour all three). Other filesystems get write-then-read-back: two writers
+    # racing within one round trip can both believe they won, which the conditional forms rule out.
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Write `uri` only if it does not exist; True when this call created it."""
+        path = self._path(uri)
+        if self._local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = self._local_temp(path, data)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if self._s3:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+        else:
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+        # A server that ignores If-None-Match overwrites instead of refusing: the read-back sees a later writer.
+        current = self.read_versioned(uri)
+        return current is not None and current[0] == data
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """(bytes, version) of `uri`, or None if it does not exist."""
+        path = self._path(uri)
+        if self._s3:
+            bucket, key, _ = self.fs.split_path(path)
+
+            async def get() -> tuple[bytes, str]:
+                response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+                try:
+                    return await response["Body"].read(), response["ETag"]
+                finally:
+                    response["Body"].close()
+
+            try:
+                return sync(self.fs.loop, get)
+            except FileNotFoundError:
+                return None
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, uri: str, data: bytes, version: str) -> bool:
+        """Overwrite `uri` only if it still holds `version`; True when this call replaced it."""
+        path = self._path(uri)
+        if self._local:
+            with self._local_lock(path):
+                current = self.read_versioned(uri)
+                if current is None or current[1] != version:
+                    return False
+                os.replace(self._local_temp(path, data), path)
+                return True
+        if self._s3:
+            try:
+                self.fs.pipe_file(path, data, IfMatch=version)
+            except OSError:
+                current = self.read_versioned(uri)
+                if current is None or current[1] != version:
+                    return False  # 412 Precondition Failed: someone else wrote in between
+                raise
+        else:
+            current = self.read_versioned(uri)
+            if current is None or current[1] != version:
+                return False
+            self.fs.pipe_file(path, data)
+        current = self.read_versioned(uri)
+        return current is not None and current[0] == data
+
+    def delete_if(self, uri: str, version: str) -> bool:
+        """Delete `uri` only if it still holds `version`; True when this call deleted it."""
+        path = self._path(uri)
+        if self._local:
+            with self._local_lock(path):
+                current = self.read_versioned(uri)
+                if current is None or current[1] != version:
+                    return False
+                os.unlink(path)
+                return True
+        if self._s3:
+            bucket, key, _ = self.fs.split_path(path)
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            except OSError:
+                current = self.read_versioned(uri)
+                if current is None or current[1] != version:
+                    return False
+                raise
+            self.fs.invalidate_cache(path)
+            return True
+        current = self.read_versioned(uri)
+        if current is None or current[1] != version:
+            return False
+        self.fs.rm_file(path)
+        return True
+
+    @property
+    def _local(self) -> bool:
+        return self.protocol in ("file", "local")
+
+    @property
+    def _s3(self) -> bool:
+        return self.protocol in ("s3", "s3a")
+
+    @staticmethod
+    def _local_temp(path: str, data: bytes) -> str:
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _local_lock(path: str):
+        """An exclusive flock on the file's folder: serialises read-compare-write between processes."""
+        import fcntl
+
+        fd = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     # ---- stages -------------------------------------------------------------------------------------
     def read_manifest(self, stage_uri: str) -> dict | None:
@@ -194,6 +353,7 @@ class ArtifactStore:
         The files are written next to the target and swapped in (locally) or uploaded before the marker
         (object storage), so a reader never loads a checkpoint that is half written.
         """
+        self.check_lease(uri)
         with tempfile.TemporaryDirectory() as tmp:
             # A peft model writes its adapter only; its embeddings are not adapted, so peft need not look its
             # base up (by name, possibly on the hub) to decide whether to save them.
@@ -273,14 +433,23 @@ class StageWriter:
         self._prepare()
 
     def _prepare(self) -> None:
-        """Keep shards written under the same fingerprint; clear a stage computed from something else."""
+        """Keep shards written under the same fingerprint; clear a stage computed from something else.
+
+        Only under the run's lease: check_lease raises when another writer holds a live lease on the run, so
+        a stage that writer started (its token is in `_stage.json`) is never cleared from under it.
+        """
         store, plan_uri = self.store, f"{self.stage_uri}/{STAGE_PLAN}"
+        store.check_lease(self.stage_uri)
         plan = store.read_json(plan_uri) if store.exists(plan_uri) else None
+        new_plan = {"fingerprint_digest": self.digest, "fingerprint": self.fingerprint,
+                    "lease_token": store.lease_token}
         if plan is None or plan["fingerprint_digest"] != self.digest:
             if store.exists(self.stage_uri):
                 store.fs.rm(store._path(self.stage_uri), recursive=True)
-            store.write_json(plan_uri, {"fingerprint_digest": self.digest, "fingerprint": self.fingerprint})
+            store.write_json(plan_uri, new_plan)
             return
+        if plan.get("lease_token") != store.lease_token:
+            store.write_json(plan_uri, new_plan)  # the stage resumes under this lease
         for path in store.fs.ls(store._path(self.stage_uri), detail=False):
             match = _SHARD.match(os.path.basename(path))
             if match:
@@ -292,6 +461,7 @@ class StageWriter:
 
     def write_shard(self, index: int, table: pa.Table) -> None:
         table = conform(table, self.schema, f"{self.schema_name} shard {index}")
+        self.store.check_lease(self.stage_uri)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.store.write_bytes(f"{self.stage_uri}/{shard_name(index)}", buffer.getvalue())
@@ -303,6 +473,7 @@ class StageWriter:
         if indices != list(range(len(indices))):
             missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
             raise RuntimeError(f"stage {self.stage_uri}: shards {missing} are missing; cannot finish")
+        self.store.check_lease(self.stage_uri)
         manifest = {
             "stage": self.stage_uri.rsplit("/", 1)[-1],
             "schema": self.schema_name,

@@ -1,6 +1,8 @@
 """What every flow entry point shares: config overrides from flat parameters and the command line."""
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from alignment_core.config import PipelineConfig, load_config
 
@@ -56,3 +58,29 @@ def checked_config_from_cli(args: argparse.Namespace) -> PipelineConfig:
     except (ConfigError, PreflightError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     return config
+
+
+@contextmanager
+def run_lease(cfg: PipelineConfig) -> Iterator[PipelineConfig]:
+    """Hold the run's lease around a flow body; yields the config that carries the lease token.
+
+    A config that already carries a token (a stage flow dispatched by the orchestrating flow) must name the
+    run's live lease: it is verified, not taken, and stays the orchestrator's to renew and release. Otherwise
+    the lease is taken (another live holder: LeaseHeld, before anything is written), renewed in the
+    background, and released when the body ends, failed or not.
+    """
+    from prefect.runtime import flow_run
+
+    from alignment_core.lease import RunLease, check_lease
+    from alignment_core.store import ArtifactStore
+
+    store = ArtifactStore.from_config(cfg.store)
+    if cfg.store.lease_token:
+        check_lease(store, cfg.store.run_name, cfg.store.lease_token)
+        yield cfg
+        return
+    holder = {"flow_run_id": flow_run.get_id(), "flow_run_name": flow_run.get_name(),
+              "flow": flow_run.get_flow_name()}
+    with RunLease(store, cfg.store.run_name, holder={k: v for k, v in holder.items() if v},
+                  timeout_s=cfg.store.lease_timeout_s) as lease:
+        yield cfg.model_copy(update={"store": cfg.store.model_copy(update={"lease_token": lease.token})})

@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
-from flows.common import checked_config_from_cli, parse_cli, with_overrides
+from flows.common import checked_config_from_cli, parse_cli, run_lease, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.generate import generate
@@ -35,34 +35,35 @@ def iterative_dpo(
     what a scheduled deployment wants (each scheduled flow run is the next online iteration).
     """
     cfg = with_overrides(config, iterations, run_name, store_root)
-    if more_iterations:
-        cfg = with_overrides(cfg, iterations=finished_iterations(cfg) + more_iterations)
     if not cfg.online:
         raise ValueError(f"iterative-dpo runs the online setups; setup {cfg.setup!r} belongs to an offline flow")
-    config_json = cfg.model_dump_json()
-    logger = get_run_logger()
-    logger.info("run %s under %s\n%s", cfg.store.run_name, cfg.store.root, dump_config(cfg))
-    preflight(config_json)
+    with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
+        if more_iterations:
+            cfg = with_overrides(cfg, iterations=finished_iterations(cfg) + more_iterations)
+        config_json = cfg.model_dump_json()
+        logger = get_run_logger()
+        logger.info("run %s under %s\n%s", cfg.store.run_name, cfg.store.root, dump_config(cfg))
+        preflight(config_json)
 
-    store = open_store(cfg)
-    initial_policy = cfg.model.policy
-    reference = cfg.model.reference or initial_policy
-    eval_prompts = load_eval_prompts(config_json, 0)
-    policy, summaries = initial_policy, []
-    for k in range(1, cfg.iterations + 1):
-        prompts = load_prompts(config_json, k)
-        generations = generate(config_json, prompts, policy, k)
-        annotations = annotate(config_json, generations, k)
-        round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
-        checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, reference, k)
-        stages = {"prompts": prompts, "generations": generations, "annotations": annotations, **round_data,
-                  "checkpoint": checkpoint, "metrics": store.stage_uri(cfg.store.run_name, k, "metrics")}
-        if cfg.evaluation.enabled:
-            stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
-        summaries.append(report_iteration(config_json, k, stages))
-        logger.info("iteration %d: %s", k, summaries[-1])
-        policy = checkpoint
-    return summaries
+        store = open_store(cfg)
+        initial_policy = cfg.model.policy
+        reference = cfg.model.reference or initial_policy
+        eval_prompts = load_eval_prompts(config_json, 0)
+        policy, summaries = initial_policy, []
+        for k in range(1, cfg.iterations + 1):
+            prompts = load_prompts(config_json, k)
+            generations = generate(config_json, prompts, policy, k)
+            annotations = annotate(config_json, generations, k)
+            round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
+            checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, reference, k)
+            stages = {"prompts": prompts, "generations": generations, "annotations": annotations, **round_data,
+                      "checkpoint": checkpoint, "metrics": store.stage_uri(cfg.store.run_name, k, "metrics")}
+            if cfg.evaluation.enabled:
+                stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
+            summaries.append(report_iteration(config_json, k, stages))
+            logger.info("iteration %d: %s", k, summaries[-1])
+            policy = checkpoint
+        return summaries
 
 
 HEADLINE = ("train_loss", "train_reward_accuracy", "annotation_reward_mean", "reward_mean", "oracle_reward_mean",

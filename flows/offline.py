@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
-from flows.common import checked_config_from_cli, parse_cli, with_overrides
+from flows.common import checked_config_from_cli, parse_cli, run_lease, with_overrides
 from tasks.evaluate import evaluate
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight
@@ -32,21 +32,22 @@ OFFLINE_SETUPS = {
 
 def offline_round(cfg: PipelineConfig) -> dict:
     """One training round on the dataset, evaluated on held-out prompts when the result is a policy."""
-    config_json = cfg.model_dump_json()
-    preflight(config_json)
-    policy = cfg.model.policy
-    examples = load_examples(config_json, 0)
-    round_data = reweight(config_json, policy, 1, examples_uri=examples)
-    checkpoint = train(config_json, round_data["units"], round_data["weights"], policy,
-                       cfg.model.reference or policy, 1)
-    stages = {"examples": examples, **round_data, "checkpoint": checkpoint,
-              "metrics": open_store(cfg).stage_uri(cfg.store.run_name, 1, "metrics")}
-    if cfg.evaluation.enabled and cfg.setup != "reward_modelling":
-        eval_prompts = load_eval_prompts(config_json, 0)
-        stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, policy, 1)
-    summary = report_iteration(config_json, 1, stages)
-    get_run_logger().info("%s finished: %s", cfg.setup, summary)
-    return summary
+    with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
+        config_json = cfg.model_dump_json()
+        preflight(config_json)
+        policy = cfg.model.policy
+        examples = load_examples(config_json, 0)
+        round_data = reweight(config_json, policy, 1, examples_uri=examples)
+        checkpoint = train(config_json, round_data["units"], round_data["weights"], policy,
+                           cfg.model.reference or policy, 1)
+        stages = {"examples": examples, **round_data, "checkpoint": checkpoint,
+                  "metrics": open_store(cfg).stage_uri(cfg.store.run_name, 1, "metrics")}
+        if cfg.evaluation.enabled and cfg.setup != "reward_modelling":
+            eval_prompts = load_eval_prompts(config_json, 0)
+            stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, policy, 1)
+        summary = report_iteration(config_json, 1, stages)
+        get_run_logger().info("%s finished: %s", cfg.setup, summary)
+        return summary
 
 
 def _checked(config: PipelineConfig, flow_name: str, run_name: str | None, store_root: str | None) -> PipelineConfig:
