@@ -1,4 +1,4 @@
-"""BatchFactory: training units -> the batch dict of SEED.md, for the seven learning setups.
+"""BatchFactory: training units -> one batch format for the seven learning setups.
 
 The path of a row to a batch:
 
@@ -10,7 +10,7 @@ A *unit* (records.UNITS) is one prompt with one or two responses and their rewar
 unit once (prompt through the chat template, responses with EOS appended, truncation as in the DPO reference
 implementation); `collate` pads a list of encoded units into tensors.
 
-Which generations and rewards a batch carries depends on the setup (SEED.md):
+Which generations and rewards a batch carries depends on the setup:
 
     setup              generations  generation1_reward           generation2_reward   weights
     sft                1            None                         -                    1.0 unless reweighted
@@ -44,7 +44,7 @@ TWO_GENERATION_SETUPS = ("reward_modelling", "offline_pairwise", "online_pairwis
 PAIRWISE_SETUPS = ("offline_pairwise", "online_pairwise")
 POINTWISE_SETUPS = ("offline_pointwise", "online_pointwise")
 OFFLINE_SETUPS = tuple(setup for setup in SETUPS if setup not in ONLINE_SETUPS)
-REWARDLESS_SETUPS = ("sft", "reward_modelling")  # SEED: their rewards are None
+REWARDLESS_SETUPS = ("sft", "reward_modelling")  # their rewards are None
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
 # Role names of the plain-text prompt format used when a tokenizer has no chat template (Anthropic HH style).
@@ -238,7 +238,7 @@ def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
 
 # ---- tokenisation and batches ---------------------------------------------------------------------------
 class BatchFactory:
-    """Tokenises units once (`encode`) and pads them into SEED.md batches (`collate`, `batches`)."""
+    """Tokenises units once (`encode`) and pads them into batches (`collate`, `batches`)."""
 
     def __init__(self, tokenizer, setup: str, *, max_length: int, max_prompt_length: int,
                  truncation_mode: str = "keep_end"):
@@ -342,7 +342,7 @@ class BatchFactory:
 
     # ---- collate ---------------------------------------------------------------------------------------
     def collate(self, encoded: list[dict]) -> dict:
-        """Pad encoded units into one batch with exactly SEED.md's keys for this setup.
+        """Pad encoded units into one batch with exactly the keys of this setup.
 
         Token ids are right-padded with the pad id. Both generations are padded to the same length, so a
         trainer can concatenate them for one forward pass. Texts are the untruncated originals.

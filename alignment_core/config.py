@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The seven learning setups of SEED.md.
+# The seven learning setups (README: The seven learning setups).
 Setup = Literal[
     "sft",
     "reward_modelling",
@@ -58,6 +58,17 @@ class StoreConfig(StrictModel):
     # own); leave it unset.
     lease_token: str | None = None
 
+    @field_validator("run_name")
+    @classmethod
+    def _one_folder(cls, run_name: str) -> str:
+        """The run is one folder under the root: `../x` or `a/b` would write (and clear stages) elsewhere."""
+        from alignment_core.store import check_segment
+
+        check_segment(run_name, "run_name")
+        if run_name[0] in "._":
+            raise ValueError(f"must not start with {run_name[0]!r} (such folders are not listed as runs)")
+        return run_name
+
 
 class DataConfig(StrictModel):
     source: str = "bundled:preferences"  # hub dataset name, local file, or bundled:<name>
@@ -72,6 +83,10 @@ class DataConfig(StrictModel):
     eval_source: str | None = None  # held-out prompts; defaults to the tail of `source`
     eval_prompts: int = Field(default=16, ge=0)
     min_pair_margin: float = Field(default=0.0, ge=0)  # scored lists: minimum score gap of a pair
+    # Online runs take `generation.prompts_per_iteration` new prompts per iteration. When the source runs out:
+    # "cycle" samples earlier iterations' prompts again (with a warning), "never" stops the run at its first
+    # stage with an error.
+    prompt_reuse: Literal["cycle", "never"] = "cycle"
 
 
 class AdapterConfig(StrictModel):
@@ -222,6 +237,43 @@ class ScaleOutConfig(StrictModel):
     timeout_s: float = Field(default=6 * 3600, gt=0)
 
 
+# Experiment trackers (driven through accelerate's tracker classes) and the pip package each one needs.
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
+
+
+class TrackingConfig(StrictModel):
+    """Experiment trackers: one tracker run per pipeline run, fed from the store after each iteration.
+
+    Part of no stage's fingerprint: turning a tracker on or off redoes no work. Credentials never go here:
+    they come from the environment (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD, WANDB_API_KEY,
+    HF_TOKEN), as each tracker reads them. Whether a tracker's package is installed is checked when a flow
+    starts (alignment_core.tracking.check_trackers), not here: stage workers never track.
+    """
+
+    report_to: list[str] = []  # any of tensorboard, mlflow, wandb, trackio; "none" or [] for no tracker
+    project: str | None = None  # MLflow experiment, W&B / trackio project; default: store.run_name
+    run_name: str | None = None  # the tracker run's name; default: store.run_name
+    # A local folder: TensorBoard event files, the default MLflow database, W&B's files. Default: the run's
+    # folder + /tracking when the store is local (required for tensorboard when the store is remote).
+    logging_dir: str | None = None
+    mlflow_tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///{logging_dir}/mlflow.db
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_trackers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "report_to" in data:
+            names = data["report_to"]
+            names = [] if names in (None, "none") else [names] if isinstance(names, str) else names
+            if isinstance(names, list):
+                unknown = [n for n in names if n not in TRACKERS]
+                if unknown:
+                    raise ValueError(f"unknown tracker {unknown[0]!r} in report_to; known: {', '.join(TRACKERS)}")
+                data = {**data, "report_to": list(dict.fromkeys(names))}
+        if isinstance(data, dict) and "://" in str(data.get("logging_dir") or "").removeprefix("file://"):
+            raise ValueError(f"logging_dir must be a local folder, got {data['logging_dir']!r}")
+        return data
+
+
 def _check_4bit_possible() -> None:
     """QLoRA's 4-bit base (bitsandbytes) runs on CUDA devices only: say so at config load, not mid-run."""
     import importlib.util
@@ -249,6 +301,7 @@ class PipelineConfig(StrictModel):
     evaluation: EvaluationConfig = EvaluationConfig()
     store: StoreConfig = StoreConfig()
     scale_out: ScaleOutConfig = ScaleOutConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":
@@ -269,6 +322,10 @@ class PipelineConfig(StrictModel):
         if self.reweight.strategy == "importance" and not self.reweight.behaviour_model:
             raise ValueError("reweight.behaviour_model must name the model that wrote the responses when "
                              "reweight.strategy is 'importance'")
+        remote_store = "://" in self.store.root and not self.store.root.startswith("file://")
+        if "tensorboard" in self.tracking.report_to and remote_store and not self.tracking.logging_dir:
+            raise ValueError("tracking.logging_dir must name a local folder for tensorboard when store.root is "
+                             f"remote ({self.store.root})")
         adapter = self.model.adapter
         if adapter is not None and adapter.load_in_4bit and not self.scale_out.train_deployment:
             # Training runs here (a train deployment runs it elsewhere, and validates the config there).

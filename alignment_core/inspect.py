@@ -130,8 +130,9 @@ def plot_run(store: ArtifactStore, run: str, path: str | None = None) -> str | N
     return uri
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("uri", help="a run folder ({root}/{run}) or a store root")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint")
     parser.add_argument("--plot", help="PNG path for the reward/win-rate plot (default: <run>/evaluation.png "

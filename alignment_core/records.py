@@ -60,7 +60,7 @@ GENERATIONS = pa.schema(
 )
 
 # One labelled training unit per row (annotate stage). Pairwise rows fill both generations; pointwise rows
-# only generation1. Rewards follow SEED.md: for pairwise feedback generation1_reward is 1.0 when generation1
+# only generation1. Rewards: for pairwise feedback generation1_reward is 1.0 when generation1
 # is preferred (0.5 on a tie); for pointwise feedback it is the label (1.0 desirable / 0.0 undesirable) or the
 # scalar reward (RL). Raw annotator output is kept verbatim; failed verdicts stay as rows with a status.
 ANNOTATIONS = pa.schema(
@@ -83,7 +83,7 @@ ANNOTATIONS = pa.schema(
 )
 
 # The training unit every setup shares: one prompt with one or two responses and their rewards, in the
-# vocabulary of SEED.md's batch. Built from dataset examples (offline: unit_id = example_id) or from
+# vocabulary of the training batch. Built from dataset examples (offline: unit_id = example_id) or from
 # generations joined with annotations (online: unit_id = annotation_id); see alignment_core.batches.
 UNITS = pa.schema(
     [

@@ -13,7 +13,7 @@ its weight came from. `temperature` (T) and `clip` (c) come from ReweightConfig.
                       probability of its verdict at T=1); else 1 when both orders agreed, 0.5 when they
                       disagreed (a tie); a unit with neither gets the mean of the others' raw weights.
     importance        s = (log pi(y|x) - log mu(y|x)) / T: the current policy pi over the behaviour policy mu
-                      that wrote the responses (SEED.md's distribution shift), tempered (T > 1 flattens
+                      that wrote the responses (the distribution shift), tempered (T > 1 flattens
                       sequence-level ratios, which between two different models span tens of nats);
                       self-normalised, log w = s - log mean exp(s); then clipped to [1/c, c]. Needs columns
                       generation{1,2}_policy_logp and generation{1,2}_behaviour_logp.

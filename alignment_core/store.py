@@ -1,6 +1,6 @@
 """The artifact store: every stage's output as Parquet shards under an fsspec URI.
 
-Layout (DESIGN.md):
+Layout:
     {root}/{run}/iter-{k:03d}/{stage}/part-{i:05d}.parquet
     {root}/{run}/iter-{k:03d}/{stage}/_manifest.json      written last: the stage is complete
     {root}/{run}/iter-{k:03d}/checkpoint/                 save_pretrained output + _complete.json
@@ -50,6 +50,13 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def check_segment(segment: str, what: str = "path segment") -> str:
+    """One folder or file name under the store root: no separator, not `.` or `..`, not empty."""
+    if not isinstance(segment, str) or segment in ("", ".", "..") or any(c in segment for c in "/\\\0"):
+        raise ValueError(f"{what} must be a single folder name (no '/', '\\', '..', not empty), got {segment!r}")
+    return segment
+
+
 class ArtifactStore:
     """Reads and writes stages and checkpoints under `root` (a local folder or an fsspec URI).
 
@@ -87,7 +94,7 @@ class ArtifactStore:
         return self.fs._strip_protocol(uri)
 
     def uri(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        return "/".join([self.root, *(check_segment(part) for part in parts)])
 
     def run_uri(self, run: str) -> str:
         return self.uri(run)

@@ -15,7 +15,7 @@ positive words and takes 0.05 per word beyond 20, so repeating a word or padding
 3. Per seed, a reward model: a reward head on pi_0 trained on that jsonl by the `reward-model` flow.
 4. Per seed, four arms of K iterations of DPO from pi_0 (the reference stays pi_0). Iteration k of every arm
    sees the same P prompts, so every arm gets the same number of labelled pairs per iteration:
-     offline             DPO on rho's pairs of iteration k (the distribution-shift case of SEED.md)
+     offline             DPO on rho's pairs of iteration k (the distribution-shift case)
      offline-importance  the same, each pair weighted by pi(pair) / rho(pair) (reweight.strategy: importance)
      online-rm           the current policy answers twice, the reward model labels (no new true labels)
      online-oracle       the current policy answers twice, the true reward labels

@@ -35,5 +35,13 @@ def deployments():
     ]
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None, prog: str = "python -m flows.serve") -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog=prog, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     serve(*deployments())
+
+
+if __name__ == "__main__":
+    main()

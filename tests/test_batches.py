@@ -1,4 +1,4 @@
-"""BatchFactory: units from examples and annotations, SEED.md batch keys, masks, truncation, grouping."""
+"""BatchFactory: units from examples and annotations, batch keys, masks, truncation, grouping."""
 
 import logging
 
@@ -122,7 +122,7 @@ def units_for(setup):
     return units_from_examples(make_examples(), setup)
 
 
-# SEED.md: (generation1_reward, generation2_reward) of the two units units_for(setup) builds.
+# (generation1_reward, generation2_reward) of the two units units_for(setup) builds.
 EXPECTED_REWARDS = {
     "sft": (None, None),
     "reward_modelling": (None, None),

@@ -1,4 +1,4 @@
-"""The seven learning setups of SEED.md through the pipeline's stages (plain functions, no Prefect)."""
+"""The seven learning setups through the pipeline's stages (plain functions, no Prefect)."""
 
 import json
 import math

@@ -28,7 +28,7 @@ LABEL_STATUSES = ("ok", "tie")
 FAILURE_STATUSES = ("unparseable", "error")
 
 # What the rows of a stage are, by learning setup: preference pairs, desirable/undesirable labels, or
-# scalar rewards (SEED.md: online pairwise, online pointwise, reinforcement learning).
+# scalar rewards (online pairwise, online pointwise, reinforcement learning).
 OutputMode = Literal["pairs", "labels", "rewards"]
 PairSelection = Literal["best_vs_worst", "best_vs_random", "random"]
 

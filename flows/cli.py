@@ -1,0 +1,48 @@
+"""The `alignment-core` command: every entry point of the project under one name.
+
+    alignment-core run --config configs/tiny.yaml           # the online flow (python -m flows.iterative_dpo)
+    alignment-core offline sft --config configs/sft.yaml    # sft | reward-model | offline-preference
+    alignment-core inspect ./runs/tiny                      # stages, row counts, metrics, the learning plot
+    alignment-core serve                                    # serve the deployments (needs PREFECT_API_URL)
+
+`alignment-core COMMAND --help` describes each command's options.
+"""
+
+import sys
+
+COMMANDS = {
+    "run": "run the online iterative-dpo pipeline in ephemeral Prefect",
+    "offline": "run an offline flow: sft, reward-model or offline-preference",
+    "inspect": "look inside a run or a store: stages, row counts, metrics, the learning plot",
+    "serve": "serve the deployments from this process (a Prefect server must be running)",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8} {what}" for name, what in COMMANDS.items()]
+        print(__doc__.strip() + "\n\ncommands:\n" + "\n".join(lines))
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    command, rest = argv[0], argv[1:]
+    prog = f"alignment-core {command}"
+    if command == "run":
+        from flows.iterative_dpo import main as run
+
+        run(rest, prog)
+    elif command == "offline":
+        from flows.offline import main as offline
+
+        offline(rest, prog)
+    elif command == "inspect":
+        from alignment_core.inspect import main as inspect
+
+        sys.exit(inspect(rest, prog))
+    else:
+        from flows.serve import main as serve
+
+        serve(rest, prog)
+
+
+if __name__ == "__main__":
+    main()
