@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
+from alignment_core.tracking import check_trackers
 from flows.common import checked_config_from_cli, parse_cli, run_lease, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -18,6 +19,7 @@ from tasks.load_prompts import load_eval_prompts, load_prompts
 from tasks.preflight import preflight
 from tasks.report import report_iteration
 from tasks.reweight import reweight
+from tasks.track import track_iteration
 from tasks.train import train
 
 
@@ -44,6 +46,7 @@ def iterative_dpo(
         logger = get_run_logger()
         logger.info("run %s under %s\n%s", cfg.store.run_name, cfg.store.root, dump_config(cfg))
         preflight(config_json)
+        check_trackers(cfg)  # a tracker that cannot work fails now, not after the first round
 
         store = open_store(cfg)
         initial_policy = cfg.model.policy
@@ -61,6 +64,8 @@ def iterative_dpo(
             if cfg.evaluation.enabled:
                 stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
             summaries.append(report_iteration(config_json, k, stages))
+            if cfg.tracking.report_to:
+                track_iteration(config_json, k)
             logger.info("iteration %d: %s", k, summaries[-1])
             policy = checkpoint
         return summaries

@@ -15,12 +15,14 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
+from alignment_core.tracking import check_trackers
 from flows.common import checked_config_from_cli, parse_cli, run_lease, with_overrides
 from tasks.evaluate import evaluate
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight
 from tasks.report import report_iteration
 from tasks.reweight import reweight
+from tasks.track import track_iteration
 from tasks.train import train
 
 OFFLINE_SETUPS = {
@@ -35,6 +37,7 @@ def offline_round(cfg: PipelineConfig) -> dict:
     with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
         config_json = cfg.model_dump_json()
         preflight(config_json)
+        check_trackers(cfg)
         policy = cfg.model.policy
         examples = load_examples(config_json, 0)
         round_data = reweight(config_json, policy, 1, examples_uri=examples)
@@ -46,6 +49,8 @@ def offline_round(cfg: PipelineConfig) -> dict:
             eval_prompts = load_eval_prompts(config_json, 0)
             stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, policy, 1)
         summary = report_iteration(config_json, 1, stages)
+        if cfg.tracking.report_to:
+            track_iteration(config_json, 1)
         get_run_logger().info("%s finished: %s", cfg.setup, summary)
         return summary
 
