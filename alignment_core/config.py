@@ -41,22 +41,28 @@ TINY_MODEL = "tiny://llama"
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A field's docstring (the string under it) is its description: in the JSON schema, so in the Prefect UI's
+    # form, and in `--help`-style listings.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class StoreConfig(StrictModel):
     """Where artifacts live. Credentials never go here: they come from the environment (AWS_*) or a block."""
 
-    root: str = "./runs"  # a local folder or an fsspec URI such as s3://bucket/prefix
+    root: str = "./runs"
+    """a local folder or an fsspec URI such as s3://bucket/prefix"""
     run_name: str = "tiny"
-    endpoint_url: str | None = None  # S3-compatible server, e.g. http://127.0.0.1:9000
-    cache_dir: str = "~/.cache/alignment_core"  # local copies of remote checkpoints
-    # One flow run writes a run at a time: it holds `{root}/{run}/_lease.json`, renewed every quarter of this
-    # timeout while it runs; a lease not renewed for this long (its owner crashed) is taken over.
+    """The run's folder under the root; every flow run with this name continues the same run."""
+    endpoint_url: str | None = None
+    """S3-compatible server, e.g. http://127.0.0.1:9000"""
+    cache_dir: str = "~/.cache/alignment_core"
+    """local copies of remote checkpoints"""
     lease_timeout_s: float = Field(default=600.0, gt=0)
-    # Set by the flow that holds the run's lease (dispatched stage flows verify it instead of taking their
-    # own); leave it unset.
+    """One flow run writes a run at a time: it holds `{root}/{run}/_lease.json`, renewed every quarter of this
+    timeout while it runs; a lease not renewed for this long (its owner crashed) is taken over."""
     lease_token: str | None = None
+    """Set by the flow that holds the run's lease (dispatched stage flows verify it instead of taking their own);
+    leave it unset."""
 
     @field_validator("run_name")
     @classmethod
@@ -71,22 +77,32 @@ class StoreConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    source: str = "bundled:preferences"  # hub dataset name, local file, or bundled:<name>
+    source: str = "bundled:preferences"
+    """hub dataset name, local file, or bundled:<name>"""
     format: Literal[
         "auto", "prompt_only", "pairs", "hh_rlhf", "messages_pairs", "pointwise", "sft", "scored"
     ] = "auto"
+    """The source's format; auto detects it from the columns (README: Bring your own data)."""
     split: str = "train"
+    """Hub datasets and dataset folders: the split to read."""
     subset: str | None = None
+    """Hub datasets: the configuration (subset) name."""
     revision: str | None = None
+    """Hub datasets: a branch, tag or commit."""
     max_rows: int | None = Field(default=None, gt=0)
+    """Read at most this many rows of the source (skipped rows count)."""
     on_bad_row: Literal["skip", "fail"] = "skip"
-    eval_source: str | None = None  # held-out prompts; defaults to the tail of `source`
+    """skip: count and log rows that cannot be read; fail: stop at the first one."""
+    eval_source: str | None = None
+    """held-out prompts; defaults to the tail of `source`"""
     eval_prompts: int = Field(default=16, ge=0)
-    min_pair_margin: float = Field(default=0.0, ge=0)  # scored lists: minimum score gap of a pair
-    # Online runs take `generation.prompts_per_iteration` new prompts per iteration. When the source runs out:
-    # "cycle" samples earlier iterations' prompts again (with a warning), "never" stops the run at its first
-    # stage with an error.
+    """How many held-out prompts evaluation uses (never trained on)."""
+    min_pair_margin: float = Field(default=0.0, ge=0)
+    """scored lists: minimum score gap of a pair"""
     prompt_reuse: Literal["cycle", "never"] = "cycle"
+    """Online runs take `generation.prompts_per_iteration` new prompts per iteration. When the source runs out:
+    "cycle" samples earlier iterations' prompts again (with a warning), "never" stops the run at its first stage
+    with an error."""
 
 
 class AdapterConfig(StrictModel):
@@ -96,16 +112,22 @@ class AdapterConfig(StrictModel):
     base model; the next iteration continues the same adapter; the reference is the base with the adapter off.
     """
 
-    r: int = Field(default=16, gt=0)  # LoRA rank
-    alpha: float = Field(default=32.0, gt=0)  # scaling alpha / r
+    r: int = Field(default=16, gt=0)
+    """LoRA rank"""
+    alpha: float = Field(default=32.0, gt=0)
+    """scaling alpha / r"""
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    # Module names (suffixes) to adapt, or "all-linear": every linear layer but the output head.
+    """LoRA dropout."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names (suffixes) to adapt, or "all-linear": every linear layer but the output head."""
     bias: Literal["none", "all", "lora_only"] = "none"
-    # QLoRA: load the frozen base in 4 bits (bitsandbytes NF4; needs a CUDA device), compute in model.dtype.
+    """Which biases LoRA trains (peft's `bias`)."""
     load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4 bits (bitsandbytes NF4; needs a CUDA device), compute in model.dtype."""
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """QLoRA: 4-bit quantisation type of the frozen base."""
     bnb_4bit_use_double_quant: bool = True
+    """QLoRA: quantise the quantisation constants too."""
 
     @model_validator(mode="after")
     def _targets(self) -> "AdapterConfig":
@@ -115,101 +137,170 @@ class AdapterConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    policy: str = TINY_MODEL  # hub name, local folder, store URI, or tiny://llama
-    reference: str | None = None  # defaults to the policy the round starts from
-    tokenizer: str | None = None  # defaults to the policy's
+    policy: str = TINY_MODEL
+    """hub name, local folder, store URI, or tiny://llama"""
+    reference: str | None = None
+    """defaults to the policy the round starts from"""
+    tokenizer: str | None = None
+    """defaults to the policy's"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for loading every model of the run."""
     trust_remote_code: bool = False
-    # Attention kernel passed to from_pretrained; flash_attention_2/3 need the flash-attn package (and a GPU).
+    """Run model code from the hub repository (only for models you trust)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
-    adapter: AdapterConfig | None = None  # None: full fine-tuning
+    """Attention kernel passed to from_pretrained; flash_attention_2/3 need the flash-attn package (and a GPU)."""
+    adapter: AdapterConfig | None = None
+    """None: full fine-tuning"""
 
 
 class GenerationConfig(StrictModel):
     backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """auto: vLLM where a GPU and vllm are present, else transformers."""
     prompts_per_iteration: int = Field(default=32, gt=0)
+    """New training prompts sampled each online iteration."""
     n_samples: int = Field(default=2, gt=0)
+    """Responses per prompt (pairwise setups need at least 2)."""
     temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature (0: greedy)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling probability mass."""
     max_new_tokens: int = Field(default=32, gt=0)
-    batch_size: int = Field(default=16, gt=0)  # prompts per model.generate call (transformers backend)
-    shard_size: int = Field(default=16, gt=0)  # prompts per output shard: the unit of resume
+    """Longest response, in tokens."""
+    batch_size: int = Field(default=16, gt=0)
+    """prompts per model.generate call (transformers backend)"""
+    shard_size: int = Field(default=16, gt=0)
+    """prompts per output shard: the unit of resume"""
     seed: int = 0
+    """Base seed; each shard's seed derives from run, iteration and shard."""
     tensor_parallel_size: int = Field(default=1, gt=0)
+    """vLLM: GPUs one engine shards the model over."""
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    """vLLM: fraction of GPU memory the engine may take."""
     max_model_len: int = Field(default=512, gt=0)
+    """vLLM: longest prompt + response the engine accepts."""
 
 
 class JudgeConfig(StrictModel):
-    backend: Literal["local", "vllm", "http"] = "local"  # local: transformers; vllm: an in-process engine
-    model: str | None = None  # local path/hub name, or the served model name for http
-    template: str = "helpfulness"  # a bundled template name, or a path to a Jinja file
-    base_url: str | None = None  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable that holds the key
+    backend: Literal["local", "vllm", "http"] = "local"
+    """local: transformers; vllm: an in-process engine"""
+    model: str | None = None
+    """local path/hub name, or the served model name for http"""
+    template: str = "helpfulness"
+    """a bundled template name, or a path to a Jinja file"""
+    base_url: str | None = None
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """name of the environment variable that holds the key"""
     timeout_s: float = Field(default=60.0, gt=0)
+    """http judge: seconds per request."""
     max_retries: int = Field(default=3, ge=0)
+    """http judge: retries of a failed request (transient errors only)."""
     concurrency: int = Field(default=4, gt=0)
+    """http judge: requests in flight."""
     both_orders: bool = True
+    """Ask the pairwise judge in both orders (position bias check)."""
     on_disagreement: Literal["tie", "drop"] = "tie"
+    """When the two orders disagree: a tie, or drop the pair."""
     max_new_tokens: int = Field(default=8, gt=0)
-    # judge_pointwise: "yes_no" (desirable or not) or "score" (1-10); bundled templates are {template}_{scale}
+    """Tokens the judge may write for its verdict."""
     pointwise_scale: Literal["yes_no", "score"] = "yes_no"
+    """judge_pointwise: "yes_no" (desirable or not) or "score" (1-10); bundled templates are {template}_{scale}"""
 
 
 class AnnotationConfig(StrictModel):
     annotator: Literal["reward_model", "judge_pairwise", "judge_pointwise", "programmatic"] = "programmatic"
-    reward_model: str | None = None  # path or hub name of an AutoModelForSequenceClassification
-    programmatic: str = "alignment_core.rewards:positive_words"  # module:function(prompt, response) -> float
+    """Who labels the samples: a reward model, an LLM judge (pairwise or pointwise), or a rule."""
+    reward_model: str | None = None
+    """path or hub name of an AutoModelForSequenceClassification"""
+    programmatic: str = "alignment_core.rewards:positive_words"
+    """module:function(prompt, response) -> float"""
     pair_selection: Literal["best_vs_worst", "best_vs_random", "random"] = "best_vs_worst"
+    """Which two of a prompt's scored samples make a pair."""
     min_margin: float = Field(default=0.0, ge=0)
-    pointwise_threshold: float | None = None  # pointwise labels: reward >= threshold is desirable
+    """Drop pairs whose score gap is smaller than this."""
+    pointwise_threshold: float | None = None
+    """pointwise labels: reward >= threshold is desirable"""
     batch_size: int = Field(default=16, gt=0)
+    """Samples per reward-model or local-judge forward."""
     max_failure_fraction: float = Field(default=0.2, ge=0, le=1)
+    """Fail the stage when more than this fraction of annotations failed."""
     judge: JudgeConfig = JudgeConfig()
+    """The LLM judge (annotator judge_pairwise / judge_pointwise)."""
 
 
 class ReweightConfig(StrictModel):
     strategy: Literal["uniform", "margin", "judge_confidence", "importance", "length_debias"] = "uniform"
+    """How training units are weighted (uniform, margin, judge_confidence, importance, length_debias)."""
     temperature: float = Field(default=1.0, gt=0)
-    clip: float = Field(default=5.0, gt=0)  # importance ratios and weights are clipped to [1/clip, clip]
-    behaviour_model: str | None = None  # importance: the model that wrote the responses
+    """Softens margin and importance weights (higher: flatter)."""
+    clip: float = Field(default=5.0, gt=0)
+    """importance ratios and weights are clipped to [1/clip, clip]"""
+    behaviour_model: str | None = None
+    """importance: the model that wrote the responses"""
 
 
 class TrainingConfig(StrictModel):
     loss: Literal["sft", "reward", "dpo", "cdpo", "ipo", "slic", "simpo", "kto", "rl"] = "dpo"
+    """The loss; must fit the setup (README: The seven learning setups)."""
     beta: float = Field(default=0.1, gt=0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # cdpo
-    reward_margin: float = Field(default=0.0, ge=0)  # reward model: -log sigmoid(r_chosen - r_rejected - margin)
-    slic_margin: float = Field(default=1.0, ge=0)  # slic: max(0, margin - beta * (logp_chosen - logp_rejected))
+    """Strength of the KL regularisation towards the reference (dpo family, kto)."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """cdpo"""
+    reward_margin: float = Field(default=0.0, ge=0)
+    """reward model: -log sigmoid(r_chosen - r_rejected - margin)"""
+    slic_margin: float = Field(default=1.0, ge=0)
+    """slic: max(0, margin - beta * (logp_chosen - logp_rejected))"""
     simpo_gamma: float = Field(default=0.5, ge=0)
+    """simpo: target reward margin."""
     slic_nll_weight: float = Field(default=0.1, ge=0)
+    """slic: weight of the chosen response's NLL term."""
     kto_desirable_weight: float = Field(default=1.0, gt=0)
+    """kto: weight of desirable examples."""
     kto_undesirable_weight: float = Field(default=1.0, gt=0)
+    """kto: weight of undesirable examples."""
     rl_kl_coef: float = Field(default=0.05, ge=0)
+    """rl: KL penalty coefficient of the shaped reward."""
     learning_rate: float = Field(default=5e-5, gt=0)
+    """Peak learning rate (AdamW)."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
     epochs: int = Field(default=1, gt=0)
-    batch_size: int = Field(default=8, gt=0)  # per process
+    """Passes over this round's data."""
+    batch_size: int = Field(default=8, gt=0)
+    """per process"""
     gradient_accumulation_steps: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step."""
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    """Fraction of the round's steps spent warming up the learning rate."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
     max_grad_norm: float = Field(default=1.0, gt=0)
+    """Gradient clipping norm."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """accelerate's mixed precision (bf16 on recent GPUs)."""
     gradient_checkpointing: bool = False
-    # Rows per forward pass; 0: every row of a micro-batch in one forward (best on GPUs). On CPUs a few rows
-    # sorted by length waste far fewer padded tokens: same log-probs and gradients, less compute.
-    # None: 4 on a CPU, 0 on an accelerator.
+    """Recompute activations in the backward pass (less memory, slower)."""
     rows_per_forward: int | None = Field(default=None, ge=0)
+    """Rows per forward pass; 0: every row of a micro-batch in one forward (best on GPUs). On CPUs a few rows
+    sorted by length waste far fewer padded tokens: same log-probs and gradients, less compute. None: 4 on a CPU, 0
+    on an accelerator."""
     precompute_reference: bool = True
+    """Compute reference log-probs once before training (the reference then leaves memory)."""
     max_length: int = Field(default=256, gt=0)
+    """Longest prompt + response in tokens; longer ones are truncated."""
     max_prompt_length: int = Field(default=128, gt=0)
+    """Longest prompt in tokens."""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """Which end of a too-long prompt to keep."""
     seed: int = 0
-    save_every_steps: int = Field(default=0, ge=0)  # 0: save only at the end of the round
-    # More than one process: the round runs under `accelerate launch` (DDP, DeepSpeed or FSDP per the
-    # accelerate config file; deployments/accelerate/ ships some).
+    """Seed of the batch order."""
+    save_every_steps: int = Field(default=0, ge=0)
+    """0: save only at the end of the round"""
     num_processes: int = Field(default=1, gt=0)
+    """More than one process: the round runs under `accelerate launch` (DDP, DeepSpeed or FSDP per the accelerate
+    config file; deployments/accelerate/ ships some)."""
     accelerate_config: str | None = None
+    """accelerate config file for multi-process rounds (deployments/accelerate/)."""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "TrainingConfig":
@@ -224,17 +315,24 @@ class EvaluationConfig(StrictModel):
     """Held-out prompts, the new policy against the previous and the initial one, judged by the annotator."""
 
     enabled: bool = True
+    """Evaluate each iteration on held-out prompts."""
     max_new_tokens: int = Field(default=32, gt=0)
+    """Longest held-out response, in tokens."""
     temperature: float = Field(default=0.7, ge=0)
-    oracle: str | None = None  # module:function true reward to report beside the annotator (experiments)
+    """Sampling temperature of held-out responses."""
+    oracle: str | None = None
+    """module:function true reward to report beside the annotator (experiments)"""
 
 
 class ScaleOutConfig(StrictModel):
     """Run the GPU stages as their own deployed flows (e.g. on a GPU work pool); None runs them in-process."""
 
-    generate_deployment: str | None = None  # e.g. "generate-stage/gpu"
-    train_deployment: str | None = None  # e.g. "train-stage/gpu"
+    generate_deployment: str | None = None
+    """e.g. `generate-stage/gpu`"""
+    train_deployment: str | None = None
+    """e.g. `train-stage/gpu`"""
     timeout_s: float = Field(default=6 * 3600, gt=0)
+    """Seconds to wait for a dispatched stage flow."""
 
 
 # Experiment trackers (driven through accelerate's tracker classes) and the pip package each one needs.
@@ -250,13 +348,17 @@ class TrackingConfig(StrictModel):
     starts (alignment_core.tracking.check_trackers), not here: stage workers never track.
     """
 
-    report_to: list[str] = []  # any of tensorboard, mlflow, wandb, trackio; "none" or [] for no tracker
-    project: str | None = None  # MLflow experiment, W&B / trackio project; default: store.run_name
-    run_name: str | None = None  # the tracker run's name; default: store.run_name
-    # A local folder: TensorBoard event files, the default MLflow database, W&B's files. Default: the run's
-    # folder + /tracking when the store is local (required for tensorboard when the store is remote).
+    report_to: list[str] = []
+    """any of tensorboard, mlflow, wandb, trackio; "none" or [] for no tracker"""
+    project: str | None = None
+    """MLflow experiment, W&B / trackio project; default: store.run_name"""
+    run_name: str | None = None
+    """the tracker run's name; default: store.run_name"""
     logging_dir: str | None = None
-    mlflow_tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///{logging_dir}/mlflow.db
+    """A local folder: TensorBoard event files, the default MLflow database, W&B's files. Default: the run's folder
+    + /tracking when the store is local (required for tensorboard when the store is remote)."""
+    mlflow_tracking_uri: str | None = None
+    """default: MLFLOW_TRACKING_URI, else sqlite:///{logging_dir}/mlflow.db"""
 
     @model_validator(mode="before")
     @classmethod
@@ -291,17 +393,29 @@ def _check_4bit_possible() -> None:
 
 class PipelineConfig(StrictModel):
     setup: Setup = "online_pairwise"
+    """The learning setup: online (rl, online_pointwise, online_pairwise) or offline (the other four)."""
     iterations: int = Field(default=2, gt=0)
+    """Online iterations of the run (the flow's `iterations` parameter overrides it when set)."""
     data: DataConfig = DataConfig()
+    """Where prompts or examples come from, and which are held out."""
     model: ModelConfig = ModelConfig()
+    """The policy, reference, tokenizer, adapter and loading knobs."""
     generation: GenerationConfig = GenerationConfig()
+    """Sampling from the policy (online setups)."""
     annotation: AnnotationConfig = AnnotationConfig()
+    """Labelling the samples: reward model, LLM judge or rule (online setups, and evaluation)."""
     reweight: ReweightConfig = ReweightConfig()
+    """Per-unit training weights."""
     training: TrainingConfig = TrainingConfig()
+    """One training round per iteration."""
     evaluation: EvaluationConfig = EvaluationConfig()
+    """Held-out win-rates and rewards after each round."""
     store: StoreConfig = StoreConfig()
+    """Where stages and checkpoints are written (the flow's `run_name` and `store_root` override it when set)."""
     scale_out: ScaleOutConfig = ScaleOutConfig()
+    """Stages run as their own deployed flows (e.g. on a GPU pool)."""
     tracking: TrackingConfig = TrackingConfig()
+    """Experiment trackers (TensorBoard, MLflow, W&B, trackio)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":

@@ -17,8 +17,8 @@ def with_overrides(config: PipelineConfig, iterations: int | None = None, run_na
     return PipelineConfig.model_validate(data)
 
 
-def parse_cli(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_cli(description: str, argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, prog=prog)
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (see configs/)")
     parser.add_argument("--store-root", help="where artifacts go: a folder or s3://bucket/prefix")
     parser.add_argument("--run-name", help="run folder under the store root")
@@ -27,7 +27,7 @@ def parse_cli(description: str) -> argparse.Namespace:
                         help="run this many iterations after the run's last finished one (continue a run)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set training.beta=0.2 (YAML value)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def config_from_cli(args: argparse.Namespace) -> PipelineConfig:
@@ -84,3 +84,45 @@ def run_lease(cfg: PipelineConfig) -> Iterator[PipelineConfig]:
     with RunLease(store, cfg.store.run_name, holder={k: v for k, v in holder.items() if v},
                   timeout_s=cfg.store.lease_timeout_s) as lease:
         yield cfg.model_copy(update={"store": cfg.store.model_copy(update={"lease_token": lease.token})})
+
+
+# The per-iteration table printed at the end of a command-line run.
+HEADLINE = ("train_loss", "train_reward_accuracy", "annotation_score_mean", "annotator_score_mean",
+            "oracle_reward_mean", "win_rate_vs_initial", "oracle_win_rate_vs_initial", "generation_tokens_per_s",
+            "train_tokens_per_s")
+
+
+def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:
+    from alignment_core.pipeline import open_store
+
+    run_uri = open_store(cfg).run_uri(cfg.store.run_name)
+    print(f"\nrun {cfg.store.run_name} finished: {run_uri}")
+    if summaries and "checkpoint" in summaries[-1]:
+        print(f"last checkpoint: {summaries[-1]['checkpoint']}")
+    columns = [c for c in HEADLINE if any(c in s for s in summaries)]
+    print("iteration  " + "  ".join(f"{c:>{max(len(c), 8)}}" for c in columns))
+    for s in summaries:
+        cells = [f"{s[c]:>{max(len(c), 8)}.4g}" if isinstance(s.get(c), float) else f"{'-':>{max(len(c), 8)}}"
+                 for c in columns]
+        print(f"{s['iteration']:>9}  " + "  ".join(cells))
+    if summaries:
+        print(significance_line(summaries[-1]))
+    print(f"inspect it: python -m alignment_core.inspect {run_uri}")
+
+
+def significance_line(summary: dict) -> str:
+    """Whether the last policy beats the initial one beyond chance: its win-rate interval excludes 0.5."""
+    for prefix, who in (("oracle_", "the oracle"), ("", "the annotator")):
+        key = f"{prefix}win_rate_vs_initial"
+        if isinstance(summary.get(key), float) and summary.get(f"{key}_low") is not None:
+            rate, low, high = summary[key], summary[f"{key}_low"], summary[f"{key}_high"]
+            n = int(summary.get(f"{prefix}judged_vs_initial", 0))
+            if low > 0.5:
+                verdict = "significantly better than the initial policy"
+            elif high < 0.5:
+                verdict = "significantly worse than the initial policy"
+            else:
+                verdict = "not distinguishable from the initial policy at this size (the 95% interval holds 0.5)"
+            return (f"win-rate vs initial, judged by {who}: {rate:.2f} [{low:.2f}, {high:.2f}] over {n} held-out "
+                    f"prompts: {verdict}")
+    return "no evaluation: nothing says whether the policy improved"

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
 from alignment_core.tracking import check_trackers
-from flows.common import checked_config_from_cli, parse_cli, run_lease, with_overrides
+from flows.common import checked_config_from_cli, parse_cli, print_summary, run_lease, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.generate import generate
@@ -33,8 +33,13 @@ def iterative_dpo(
 ) -> list[dict]:
     """Online preference learning (OAIF-style): sample, label, reweight and train, `iterations` times.
 
-    `more_iterations` continues the run instead: that many iterations after its last finished one, which is
-    what a scheduled deployment wants (each scheduled flow run is the next online iteration).
+    Args:
+        config: The whole typed pipeline config (every field is described in the form).
+        iterations: When set, wins over `config.iterations`.
+        run_name: When set, wins over `config.store.run_name`: the run folder this flow run writes.
+        store_root: When set, wins over `config.store.root`.
+        more_iterations: Continue the run instead: this many iterations after its last finished one, which
+            is what a scheduled deployment wants (each scheduled flow run is the next online iteration).
     """
     cfg = with_overrides(config, iterations, run_name, store_root)
     if not cfg.online:
@@ -71,23 +76,12 @@ def iterative_dpo(
         return summaries
 
 
-HEADLINE = ("train_loss", "train_reward_accuracy", "annotation_reward_mean", "reward_mean", "oracle_reward_mean",
-            "win_rate_vs_previous", "win_rate_vs_initial", "generation_tokens_per_s", "train_tokens_per_s")
-
-
-def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:
-    print(f"\nrun {cfg.store.run_name} finished: {open_store(cfg).run_uri(cfg.store.run_name)}")
-    columns = [c for c in HEADLINE if any(c in s for s in summaries)]
-    print("iteration  " + "  ".join(f"{c:>{max(len(c), 8)}}" for c in columns))
-    for s in summaries:
-        cells = [f"{s[c]:>{max(len(c), 8)}.4g}" if isinstance(s.get(c), float) else f"{'-':>{max(len(c), 8)}}"
-                 for c in columns]
-        print(f"{s['iteration']:>9}  " + "  ".join(cells))
-    print(f"inspect it: python -m alignment_core.inspect {open_store(cfg).run_uri(cfg.store.run_name)}")
-
-
-if __name__ == "__main__":
-    args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.", argv, prog)
     config = checked_config_from_cli(args)
     summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
     print_summary(config, summaries)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
 from alignment_core.tracking import check_trackers
-from flows.common import checked_config_from_cli, parse_cli, run_lease, with_overrides
-from tasks.evaluate import evaluate
+from flows.common import checked_config_from_cli, parse_cli, print_summary, run_lease, with_overrides
+from tasks.evaluate import evaluate, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight
 from tasks.report import report_iteration
@@ -33,7 +33,8 @@ OFFLINE_SETUPS = {
 
 
 def offline_round(cfg: PipelineConfig) -> dict:
-    """One training round on the dataset, evaluated on held-out prompts when the result is a policy."""
+    """One training round on the dataset, evaluated on prompts it did not train on: a policy by its win-rates,
+    a reward model by its accuracy on the held-out preference pairs."""
     with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
         config_json = cfg.model_dump_json()
         preflight(config_json)
@@ -45,7 +46,9 @@ def offline_round(cfg: PipelineConfig) -> dict:
                            cfg.model.reference or policy, 1)
         stages = {"examples": examples, **round_data, "checkpoint": checkpoint,
                   "metrics": open_store(cfg).stage_uri(cfg.store.run_name, 1, "metrics")}
-        if cfg.evaluation.enabled and cfg.setup != "reward_modelling":
+        if cfg.evaluation.enabled and cfg.setup == "reward_modelling":
+            stages["evaluation"] = evaluate_reward_model(config_json, examples, checkpoint, 1)
+        elif cfg.evaluation.enabled:
             eval_prompts = load_eval_prompts(config_json, 0)
             stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, policy, 1)
         summary = report_iteration(config_json, 1, stages)
@@ -64,24 +67,51 @@ def _checked(config: PipelineConfig, flow_name: str, run_name: str | None, store
 
 @flow(name="sft", log_prints=True)
 def sft(config: PipelineConfig, run_name: str | None = None, store_root: str | None = None) -> dict:
+    """Supervised fine-tuning on prompt/completion data.
+
+    Args:
+        config: The whole typed pipeline config (every field is described in the form).
+        run_name: When set, wins over `config.store.run_name`.
+        store_root: When set, wins over `config.store.root`.
+    """
     return offline_round(_checked(config, "sft", run_name, store_root))
 
 
 @flow(name="reward-model", log_prints=True)
 def reward_model(config: PipelineConfig, run_name: str | None = None, store_root: str | None = None) -> dict:
+    """A Bradley-Terry reward model from preference pairs.
+
+    Args:
+        config: The whole typed pipeline config (every field is described in the form).
+        run_name: When set, wins over `config.store.run_name`.
+        store_root: When set, wins over `config.store.root`.
+    """
     return offline_round(_checked(config, "reward-model", run_name, store_root))
 
 
 @flow(name="offline-preference", log_prints=True)
 def offline_preference(config: PipelineConfig, run_name: str | None = None, store_root: str | None = None) -> dict:
+    """dpo / ipo / cdpo / slic / simpo on pairs, or kto on pointwise labels.
+
+    Args:
+        config: The whole typed pipeline config (every field is described in the form).
+        run_name: When set, wins over `config.store.run_name`.
+        store_root: When set, wins over `config.store.root`.
+    """
     return offline_round(_checked(config, "offline-preference", run_name, store_root))
 
 
 FLOWS = {"sft": sft, "reward-model": reward_model, "offline-preference": offline_preference}
 
+def main(argv: list[str] | None = None, prog: str = "python -m flows.offline") -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in FLOWS:
+        sys.exit(f"usage: {prog} {{{','.join(FLOWS)}}} --config CONFIG.yaml  (--help after the flow name)")
+    name = argv[0]
+    args = parse_cli(f"Run the offline {name} flow in ephemeral Prefect.", argv[1:], f"{prog} {name}")
+    config = checked_config_from_cli(args)
+    print_summary(config, [FLOWS[name](config=config)])
+
+
 if __name__ == "__main__":
-    name = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in FLOWS else None
-    if name is None:
-        sys.exit(f"usage: python -m flows.offline {{{','.join(FLOWS)}}} --config CONFIG.yaml")
-    config = checked_config_from_cli(parse_cli(f"Run the offline {name} flow in ephemeral Prefect."))
-    print(FLOWS[name](config=config))
+    main()

@@ -167,3 +167,21 @@ def test_online_iteration_without_usable_pairs_carries_the_policy_over(tmp_path)
     after = load_causal_lm(store.local_checkpoint(uris["checkpoint"])).state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert pipeline.finished_iterations(cfg) == 1
+
+
+def test_reward_model_reports_accuracy_on_pairs_it_did_not_train_on(tmp_path):
+    cfg = small(tmp_path, setup="reward_modelling", data={"source": "bundled:preferences", "max_rows": 96,
+                                                         "eval_prompts": 24},
+                model={"policy": "tiny://reward"}, training={"loss": "reward", "learning_rate": 5e-4, "epochs": 2})
+    uris = offline_round(cfg)
+    store = pipeline.open_store(cfg)
+    heldout = pipeline.heldout_examples_uri(store, uris["examples"])
+    assert set(store.read_pandas(heldout)["example_id"]).isdisjoint(store.read_pandas(uris["units"])["unit_id"])
+    summary = pipeline.evaluation_summary(store, pipeline.evaluate_reward_model(cfg, heldout, uris["checkpoint"], 1))
+    assert summary["heldout_pairs"] == 24
+    # The bundled pairs are separable (the chosen answer is the positive one): a trained model generalises.
+    assert summary["heldout_accuracy"] >= 0.75 and summary["heldout_margin_mean"] > 0, summary
+    assert summary["heldout_accuracy_low"] < summary["heldout_accuracy"] <= summary["heldout_accuracy_high"]
+    # The untrained reward model, scored the same way, is near chance: the number measures the training.
+    untrained = pipeline.evaluate_reward_model(cfg, heldout, "tiny://reward", 2)
+    assert pipeline.evaluation_summary(store, untrained)["heldout_accuracy"] < summary["heldout_accuracy"]

@@ -113,3 +113,16 @@ def test_config_typos_suggest_the_field():
     with pytest.raises(ConfigError, match=r"generaton is not a known field; did you mean 'generation'\?"):
         parse_config({"generaton": {}})
     assert math.isclose(parse_config({"training": {"beta": 0.2}}).training.beta, 0.2)
+
+
+def test_ui_form_describes_every_field_and_which_parameter_wins():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.iterative_dpo import iterative_dpo
+
+    schema = parameter_schema(iterative_dpo.fn).model_dump()
+    assert "wins over `config.iterations`" in schema["properties"]["iterations"]["description"]
+    assert "wins over `config.store.run_name`" in schema["properties"]["run_name"]["description"]
+    undescribed = [f"{name}.{field}" for name, section in schema["definitions"].items()
+                   for field, spec in section.get("properties", {}).items() if not spec.get("description")]
+    assert undescribed == []
