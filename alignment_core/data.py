@@ -573,7 +573,8 @@ class DatasLoader:
                 if self.on_bad_row == "fail":
                     raise ValueError(f"{self.source}: row {index} ({fmt} format): {bad.detail}") from None
                 if bad.reason not in report.skipped_by_reason:
-                    logger.warning("%s: skipping row %d (%s format): %s", self.source, index, fmt, bad.detail)
+                    logger.warning("%s: skipping row %d (%s format): %s; further %r rows are counted in the load "
+                                   "report, not logged one by one", self.source, index, fmt, bad.detail, bad.reason)
                 report.skip(index, bad)
                 continue
             examples.append(example)
