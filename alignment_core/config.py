@@ -63,6 +63,9 @@ class StoreConfig(StrictModel):
     lease_token: str | None = None
     """Set by the flow that holds the run's lease (dispatched stage flows verify it instead of taking their own);
     leave it unset."""
+    verify_checksums: bool = False
+    """Reading a stage always checks each shard's size and row count against its manifest; this also checks
+    each shard's sha256. `python -m alignment_core.inspect RUN --verify` checks every stage's checksums."""
 
     @field_validator("run_name")
     @classmethod
@@ -345,7 +348,7 @@ class TrackingConfig(StrictModel):
     Part of no stage's fingerprint: turning a tracker on or off redoes no work. Credentials never go here:
     they come from the environment (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD, WANDB_API_KEY,
     HF_TOKEN), as each tracker reads them. Whether a tracker's package is installed is checked when a flow
-    starts (alignment_core.tracking.check_trackers), not here: stage workers never track.
+    starts (its preflight: alignment_core.tracking.tracking_problems), not here: stage workers never track.
     """
 
     report_to: list[str] = []

@@ -6,8 +6,8 @@
 What is checked: every model the run will load (policy, reference, tokenizer, reward model, judge, behaviour
 model; a hub id resolves to its snapshot in the local hub cache, downloading it if the hub is reachable), the
 data sources, the judge template and endpoint (reachable, model served), reward functions, the accelerate
-config, and that the store is writable. A hub *dataset* is left to the prompts stage, which runs first and
-before any model is loaded.
+config, the experiment trackers, and that the store is writable. A hub *dataset* is left to the prompts stage,
+which runs first and before any model is loaded.
 
 `is_transient(error)` says whether a failed stage is worth retrying: a network hiccup or a killed worker is;
 a wrong path, a bad config or a schema mismatch fails the same way every time and is not.
@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from alignment_core.config import PipelineConfig
+from alignment_core.tracking import tracking_problems
 
 
 class PreflightError(ValueError):
@@ -66,7 +67,7 @@ def preflight_problems(cfg: PipelineConfig) -> list[str]:
     if cfg.training.accelerate_config and not Path(cfg.training.accelerate_config).is_file():
         problems.append(f"training.accelerate_config: no such file {cfg.training.accelerate_config!r}")
     problems += _problem("store.root", _check_writable, store, cfg.store.run_name)
-    return problems
+    return problems + tracking_problems(cfg)
 
 
 def preflight(cfg: PipelineConfig) -> None:

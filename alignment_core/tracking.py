@@ -28,7 +28,7 @@ tracker run and every finished iteration.
 
 Failures: a tracker that fails (a server down, a full disk) is reported with its reason and does not fail
 the finished iteration; it catches up, in order, at the next iteration. A misconfiguration (a package not
-installed, nowhere to write) fails when the flow starts: `check_trackers`.
+installed, nowhere to write) fails in the run's preflight (`tracking_problems`).
 """
 
 import importlib.util
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 LEDGER = "tracking.json"
 # The module each tracker imports (TensorBoard through torch.utils.tensorboard, which needs `tensorboard`).
 MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
-
-
-class TrackingError(ValueError):
-    """A tracking setup that cannot work (a package not installed, nowhere to write); one line per problem."""
 
 
 @dataclass(frozen=True)
@@ -98,13 +94,6 @@ def tracking_problems(cfg: PipelineConfig) -> list[str]:
         if "tensorboard" in cfg.tracking.report_to and not s.logging_dir:
             problems.append("tracking.logging_dir must name a local folder for tensorboard with a remote store")
     return problems
-
-
-def check_trackers(cfg: PipelineConfig) -> None:
-    """Fail before any work when a configured tracker cannot work; a flow calls this when it starts."""
-    problems = tracking_problems(cfg)
-    if problems:
-        raise TrackingError("tracking is misconfigured:\n" + "\n".join(f"- {p}" for p in problems))
 
 
 # ---- the ledger ------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
-from alignment_core.tracking import check_trackers
 from flows.common import checked_config_from_cli, parse_cli, print_summary, run_lease, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -51,7 +50,6 @@ def iterative_dpo(
         logger = get_run_logger()
         logger.info("run %s under %s\n%s", cfg.store.run_name, cfg.store.root, dump_config(cfg))
         preflight(config_json)
-        check_trackers(cfg)  # a tracker that cannot work fails now, not after the first round
 
         store = open_store(cfg)
         initial_policy = cfg.model.policy

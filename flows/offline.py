@@ -15,7 +15,6 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
-from alignment_core.tracking import check_trackers
 from flows.common import checked_config_from_cli, parse_cli, print_summary, run_lease, with_overrides
 from tasks.evaluate import evaluate, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
@@ -38,7 +37,6 @@ def offline_round(cfg: PipelineConfig) -> dict:
     with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
         config_json = cfg.model_dump_json()
         preflight(config_json)
-        check_trackers(cfg)
         policy = cfg.model.policy
         examples = load_examples(config_json, 0)
         round_data = reweight(config_json, policy, 1, examples_uri=examples)

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from alignment_core.config import ConfigError, PipelineConfig, parse_config
+from alignment_core.preflight import PreflightError, preflight, preflight_problems
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
-from alignment_core.tracking import TrackingError, check_trackers, log_iteration, read_ledger, tracking_problems
+from alignment_core.tracking import log_iteration, read_ledger, tracking_problems
 
 pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
@@ -198,10 +199,10 @@ def test_misconfigured_trackers_fail_before_any_work(tmp_path, monkeypatch):
     assert any("MLFLOW_TRACKING_URI" in p for p in tracking_problems(remote))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # credentials would come from the env too
     assert tracking_problems(remote) == []
-    check_trackers(unit_config(tmp_path, "tensorboard", "mlflow"))
+    assert preflight_problems(unit_config(tmp_path, "tensorboard", "mlflow")) == []
     if importlib.util.find_spec("trackio") is None:
-        with pytest.raises(TrackingError, match="'trackio' but its package is not installed: pip install trackio"):
-            check_trackers(unit_config(tmp_path, "trackio"))
+        with pytest.raises(PreflightError, match="'trackio' but its package is not installed: pip install trackio"):
+            preflight(unit_config(tmp_path, "trackio"))
 
 
 # ---- the real flow: two iterations, a rerun, one more iteration, then W&B turned on -------------------------
