@@ -3,13 +3,14 @@
     python -m alignment_core.inspect ./runs/tiny                 # one run
     python -m alignment_core.inspect ./runs                      # every run under a store root
     python -m alignment_core.inspect s3://bucket/prefix/tiny --endpoint-url http://127.0.0.1:9000
+    python -m alignment_core.inspect ./runs/tiny --verify        # + every shard's size, rows and sha256
 """
 
 import argparse
 import math
 import sys
 
-from alignment_core.store import ArtifactStore
+from alignment_core.store import ArtifactStore, DamagedStageError
 
 
 def run_report(store: ArtifactStore, run: str) -> tuple[str, list[dict]]:
@@ -33,10 +34,28 @@ def run_report(store: ArtifactStore, run: str) -> tuple[str, list[dict]]:
                 evaluations.append({"iteration": iteration, **summary})
                 lines += [f"      {k:<28} {_fmt(v)}" for k, v in summary.items()]
             if stage == "metrics":
-                frame = store.read_pandas(uri)
+                try:
+                    frame = store.read_pandas(uri)
+                except DamagedStageError as error:
+                    lines.append(f"      DAMAGED: {'; '.join(error.problems)}")
+                    continue
                 last = frame.sort_values("step").groupby("metric")["value"].last()
                 lines += [f"      {k:<28} {_fmt(v)}" for k, v in last.items()]
     return "\n".join(lines), evaluations
+
+
+def verify_run(store: ArtifactStore, run: str) -> tuple[int, list[str]]:
+    """(stages checked, problems): every finished stage's shards against its manifest, sha256 included."""
+    checked, problems = 0, []
+    for iteration in store.list_iterations(run):
+        for stage in store.list_stages(run, iteration):
+            uri = store.stage_uri(run, iteration, stage)
+            manifest = store.read_manifest(uri) if stage != "checkpoint" else None
+            if manifest is None:
+                continue
+            checked += 1
+            problems += [f"iter-{iteration:03d}/{stage}: {p}" for p in store.verify_stage(uri, manifest, True)]
+    return checked, problems
 
 
 def _fmt(value) -> str:
@@ -137,6 +156,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint")
     parser.add_argument("--plot", help="PNG path for the reward/win-rate plot (default: <run>/evaluation.png "
                                        "in the store)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every shard of every finished stage against its manifest (size, rows, sha256); "
+                             "exit 1 if any differs")
     args = parser.parse_args(argv)
 
     root, _, run = args.uri.rstrip("/").rpartition("/")
@@ -149,13 +171,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not runs:
         print(f"no runs under {args.uri}", file=sys.stderr)
         return 1
+    damaged = False
     for name in runs:
         report, _ = run_report(store, name)
         print(report)
         plot = plot_run(store, name, args.plot if len(runs) == 1 else None)
         if plot:
             print(f"  plot: {plot}")
-    return 0
+        if args.verify:
+            checked, problems = verify_run(store, name)
+            damaged = damaged or bool(problems)
+            print(f"  verify: {checked} finished stages, "
+                  + ("every shard matches its manifest (size, rows, sha256)" if not problems else
+                     f"{len(problems)} problems (a rerun redoes these stages):"))
+            for problem in problems:
+                print(f"    DAMAGED {problem}")
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ Why it is safe to kill a run at any moment:
 - A stage first records the fingerprint of what it is computing (`_stage.json`); shards found under a
   different fingerprint are stale and removed, shards under the same one are reused, so a resumed stage
   continues at its first missing shard.
-- The manifest, written last, is the only proof a stage is complete.
+- The manifest, written last, is the only proof a stage is complete. It records each shard's rows, byte size
+  and sha256; a stage whose shards no longer match (truncated, rewritten, deleted) is not complete, and
+  reading it raises DamagedStageError naming the shard (sizes and rows always; checksums on request).
 """
 
 import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -35,6 +38,8 @@ from fsspec.asyn import sync
 from alignment_core import __version__
 from alignment_core.records import SCHEMA_VERSION, SCHEMAS, conform
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "_manifest.json"
 STAGE_PLAN = "_stage.json"
 CHECKPOINT_MARKER = "_complete.json"
@@ -50,11 +55,52 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+class DamagedStageError(RuntimeError):
+    """A finished stage whose shards no longer match its manifest (truncated, rewritten, deleted)."""
+
+    def __init__(self, stage_uri: str, problems: list[str]):
+        self.stage_uri, self.problems = stage_uri, problems
+        super().__init__(f"stage {stage_uri} is damaged: " + "; ".join(problems)
+                         + ". Re-run the pipeline to redo it from its inputs")
+
+
+def shard_record(name: str, data: bytes) -> dict:
+    """What a manifest records of one shard: rows (from its Parquet footer), byte size and sha256."""
+    return {"name": name, "rows": pq.ParquetFile(io.BytesIO(data)).metadata.num_rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def check_segment(segment: str, what: str = "path segment") -> str:
     """One folder or file name under the store root: no separator, not `.` or `..`, not empty."""
     if not isinstance(segment, str) or segment in ("", ".", "..") or any(c in segment for c in "/\\\0"):
         raise ValueError(f"{what} must be a single folder name (no '/', '\\', '..', not empty), got {segment!r}")
     return segment
+
+
+def _shard_problems(record: dict, data: bytes | None = None, *, size: int | None = None, rows=None) -> list[str]:
+    """How a shard differs from its manifest record: [] or one line naming the shard and each difference.
+
+    From its bytes (size, footer rows, and the sha256 when the record has one), or from a size and a row count
+    (or the error reading the footer) found without reading the whole file.
+    """
+    if data is not None:
+        size = len(data)
+        try:
+            rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        except (pa.ArrowException, OSError) as error:
+            rows = error
+    differs = []
+    if "bytes" in record and size != record["bytes"]:
+        differs.append(f"{size} bytes (the manifest records {record['bytes']})")
+    if isinstance(rows, Exception):
+        differs.append(f"no readable Parquet footer ({rows})")
+    elif rows != record["rows"]:
+        differs.append(f"{rows} rows (the manifest records {record['rows']})")
+    if not differs and data is not None and "sha256" in record:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record["sha256"]:
+            differs.append(f"sha256 {digest[:12]}... (the manifest records {record['sha256'][:12]}...)")
+    return [f"{record['name']} has " + ", ".join(differs)] if differs else []
 
 
 class ArtifactStore:
@@ -64,7 +110,10 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str, endpoint_url: str | None = None, cache_dir: str = "~/.cache/alignment_core",
-                 lease_token: str | None = None):
+                 lease_token: str | None = None, verify_checksums: bool = False):
+        # Reading a stage always checks each shard's size and row count against the manifest; with
+        # verify_checksums also its sha256 (reads the whole shard: what `inspect --verify` does).
+        self.verify_checksums = verify_checksums
         # The run lease this store writes under (alignment_core/lease.py): stage writers check that it is
         # still the run's live lease; without one they check that nobody else holds a live lease on the run.
         self.lease_token = lease_token
@@ -81,7 +130,8 @@ class ArtifactStore:
     @classmethod
     def from_config(cls, store_cfg) -> "ArtifactStore":
         return cls(store_cfg.root, endpoint_url=store_cfg.endpoint_url, cache_dir=store_cfg.cache_dir,
-                   lease_token=getattr(store_cfg, "lease_token", None))
+                   lease_token=getattr(store_cfg, "lease_token", None),
+                   verify_checksums=getattr(store_cfg, "verify_checksums", False))
 
     # ---- URIs -------------------------------------------------------------------------------------
     def _unstrip(self, path: str) -> str:
@@ -289,8 +339,47 @@ class ArtifactStore:
         return self.read_json(uri) if self.exists(uri) else None
 
     def is_complete(self, stage_uri: str, fingerprint: dict[str, Any]) -> bool:
+        """A manifest of this fingerprint whose shards are all there, of the recorded size and row count.
+
+        A damaged stage is not complete: the stage function redoes its missing or damaged shards.
+        """
         manifest = self.read_manifest(stage_uri)
-        return manifest is not None and manifest["fingerprint_digest"] == fingerprint_digest(fingerprint)
+        if manifest is None or manifest["fingerprint_digest"] != fingerprint_digest(fingerprint):
+            return False
+        problems = self.verify_stage(stage_uri, manifest)
+        if problems:
+            log.warning("stage %s is damaged, redoing it: %s", stage_uri, "; ".join(problems))
+        return not problems
+
+    def verify_stage(self, stage_uri: str, manifest: dict | None = None, checksums: bool | None = None) -> list[str]:
+        """What differs between a finished stage's shards and its manifest ([] when nothing does).
+
+        Size (from the file system) and rows (from the Parquet footer) always; the sha256 of each shard's bytes
+        with `checksums` (default: the store's verify_checksums).
+        """
+        manifest = manifest or self.read_manifest(stage_uri)
+        if manifest is None:
+            return [f"no {MANIFEST}"]
+        checksums = self.verify_checksums if checksums is None else checksums
+        problems = []
+        for record in manifest["shards"]:
+            path = self._path(f"{stage_uri}/{record['name']}")
+            try:
+                if checksums:
+                    problems += _shard_problems(record, self.fs.cat_file(path))
+                    continue
+                size = self.fs.info(path)["size"]
+                try:
+                    with self.fs.open(path, "rb") as f:
+                        rows = pq.ParquetFile(f).metadata.num_rows
+                except (pa.ArrowException, OSError) as error:
+                    if isinstance(error, FileNotFoundError):
+                        raise
+                    rows = error
+                problems += _shard_problems(record, size=size, rows=rows)
+            except FileNotFoundError:
+                problems.append(f"{record['name']} is missing")
+        return problems
 
     def stage_writer(self, stage_uri: str, schema_name: str, fingerprint: dict[str, Any]) -> "StageWriter":
         return StageWriter(self, stage_uri, schema_name, fingerprint)
@@ -318,7 +407,7 @@ class ArtifactStore:
         if manifest is None:
             raise FileNotFoundError(f"stage {stage_uri} is not complete (no {MANIFEST})")
         schema = SCHEMAS[manifest["schema"]]
-        tables = [self._read_shard(uri) for uri in self.shard_uris(stage_uri)]
+        tables = [self._read_verified_shard(stage_uri, record) for record in manifest["shards"]]
         return pa.concat_tables([conform(t, schema, manifest["schema"]) for t in tables]) if tables else (
             schema.empty_table()
         )
@@ -329,6 +418,18 @@ class ArtifactStore:
     def _read_shard(self, uri: str) -> pa.Table:
         with self.fs.open(self._path(uri), "rb") as f:
             return pq.read_table(f)
+
+    def _read_verified_shard(self, stage_uri: str, record: dict) -> pa.Table:
+        """One shard, checked against its manifest record (size, rows; sha256 with verify_checksums)."""
+        try:
+            data = self.fs.cat_file(self._path(f"{stage_uri}/{record['name']}"))
+        except FileNotFoundError:
+            raise DamagedStageError(stage_uri, [f"{record['name']} is missing"]) from None
+        record = record if self.verify_checksums else {k: v for k, v in record.items() if k != "sha256"}
+        problems = _shard_problems(record, data)
+        if problems:
+            raise DamagedStageError(stage_uri, problems)
+        return pq.read_table(io.BytesIO(data))
 
     # ---- listing ------------------------------------------------------------------------------------
     def _children(self, uri: str) -> list[str]:
@@ -437,6 +538,7 @@ class StageWriter:
         self.fingerprint = fingerprint
         self.digest = fingerprint_digest(fingerprint)
         self.rows: dict[int, int] = {}
+        self.records: dict[int, dict] = {}  # per shard: rows, bytes, sha256 (what the manifest records)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -457,10 +559,28 @@ class StageWriter:
             return
         if plan.get("lease_token") != store.lease_token:
             store.write_json(plan_uri, new_plan)  # the stage resumes under this lease
+        # A finished stage being redone is damaged: its shards that differ from the old manifest are dropped
+        # (and redone), and the old manifest goes first, so the stage is complete again only when finished.
+        old = store.read_manifest(self.stage_uri)
+        recorded = {r["name"]: r for r in old["shards"]} if old and old["fingerprint_digest"] == self.digest else {}
+        if old is not None:
+            store.fs.rm_file(store._path(f"{self.stage_uri}/{MANIFEST}"))
         for path in store.fs.ls(store._path(self.stage_uri), detail=False):
-            match = _SHARD.match(os.path.basename(path))
-            if match:
-                self.rows[int(match.group(1))] = pq.ParquetFile(store.fs.open(path, "rb")).metadata.num_rows
+            name = os.path.basename(path)
+            match = _SHARD.match(name)
+            if not match:
+                continue
+            data = store.fs.cat_file(path)
+            try:
+                record = shard_record(name, data)
+            except (pa.ArrowException, OSError):
+                record = None
+            if record is None or (name in recorded and _shard_problems(recorded[name], data)):
+                log.warning("stage %s: shard %s is damaged; writing it again", self.stage_uri, name)
+                store.fs.rm_file(path)
+                continue
+            self.records[int(match.group(1))] = record
+            self.rows[int(match.group(1))] = record["rows"]
 
     @property
     def done_shards(self) -> set[int]:
@@ -471,8 +591,10 @@ class StageWriter:
         self.store.check_lease(self.stage_uri)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        self.store.write_bytes(f"{self.stage_uri}/{shard_name(index)}", buffer.getvalue())
+        data = buffer.getvalue()
+        self.store.write_bytes(f"{self.stage_uri}/{shard_name(index)}", data)
         self.rows[index] = table.num_rows
+        self.records[index] = shard_record(shard_name(index), data)
 
     def finish(self, extra: dict | None = None) -> dict:
         """Write the manifest (last): the shards 0..n-1 must all be present."""
@@ -488,7 +610,7 @@ class StageWriter:
             "package_version": __version__,
             "fingerprint": self.fingerprint,
             "fingerprint_digest": self.digest,
-            "shards": [{"name": shard_name(i), "rows": self.rows[i]} for i in indices],
+            "shards": [self.records[i] for i in indices],
             "rows": sum(self.rows.values()),
             "created_at": time.time(),
             "extra": extra or {},
