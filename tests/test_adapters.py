@@ -4,6 +4,7 @@
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -252,7 +253,28 @@ def test_merge_command_writes_full_weights(named_adapter, tiny2_dir, tmp_path):
     assert (base - expected).abs().max() > 0.1
 
 
-def random_adapter(base_dir: str, out_dir) -> str:
+def test_a_judge_given_as_an_adapter_loads_base_and_adapter(named_adapter, tiny2_dir):
+    """The local judge backend takes an adapter checkpoint like a full model: its verdict log-probs are those
+    of base + adapter, not of the base."""
+    from alignment_core.annotation.backends import LocalJudgeBackend, option_token_ids
+
+    options = {"A": ["A"], "B": ["B"]}
+    prompts = ["Which is better, A or B?", "Is the sun warm? A: yes B: no"]
+    judge = LocalJudgeBackend(named_adapter).complete(prompts, options)
+    base = LocalJudgeBackend(tiny2_dir).complete(prompts, options)
+    peft_model = load_causal_lm(named_adapter, adapter_mode="frozen").eval()
+    tokenizer = load_tokenizer(named_adapter)
+    for prompt, reply, base_reply in zip(prompts, judge, base, strict=True):
+        ids = render_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            next_token = peft_model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+        for option, token_ids in option_token_ids(tokenizer, options, "judge").items():
+            expected = torch.logsumexp(next_token[token_ids], dim=0).item()
+            assert reply.logprobs[option] == pytest.approx(expected, abs=1e-4)
+        assert reply.logprobs != pytest.approx(base_reply.logprobs, abs=1e-3)
+
+
+def random_adapter(base_dir: str, out_dir, seed: int = 0) -> str:
     """An adapter with random non-zero A and B on every linear layer: it changes the model a lot."""
     from peft import LoraConfig, get_peft_model
 
@@ -261,7 +283,7 @@ def random_adapter(base_dir: str, out_dir) -> str:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+                parameter.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name) + 1000 * seed))
     adapters.set_base_name(model, base_dir)
     model.save_pretrained(out_dir)
     load_tokenizer(base_dir).save_pretrained(out_dir)
@@ -302,32 +324,49 @@ VLLM_CFG = GenerationConfig(backend="vllm", n_samples=2, max_new_tokens=16, max_
                             gpu_memory_utilization=0.3)
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_vllm_serves_the_adapter_with_transformers_logprobs(stopping_adapter, stopping_dir, vllm_env):
-    """vLLM's LoRA path (base loaded once, a LoRARequest per call): log-probs of its samples equal the
-    transformers PeftModel's teacher-forced ones, as for full models in test_generation_vllm.py."""
-    pytest.importorskip("vllm")
-    generator = make_generator(VLLM_CFG, stopping_adapter, POLICY_URI)
-    try:
-        assert generator.adapter_path == stopping_adapter and generator.policy_path == stopping_dir
-        prompts = make_prompts(4)
-        rows = generator.generate(prompts, seed=5)
-        assert generator.llm.llm_engine.vllm_config.lora_config.max_lora_rank == 8
-    finally:
-        generator.close()
-    peft_model = load_causal_lm(stopping_adapter, adapter_mode="frozen").eval()
-    base = load_causal_lm(stopping_dir).eval()
+def adapter_logprob_gaps(rows, prompts, tokenizer, adapter_dir: str, base) -> tuple[float, float]:
+    """(largest gap to the transformers PeftModel's teacher-forced log-probs, largest gap to the base's)."""
+    peft_model = load_causal_lm(adapter_dir, adapter_mode="frozen").eval()
     by_id = {p["prompt_id"]: p for p in prompts}
     worst, gap_to_base = 0.0, 0.0
     for row in rows:
-        ids = render_prompt_ids(generator.tokenizer, by_id[row["prompt_id"]]["prompt_messages"])
+        ids = render_prompt_ids(tokenizer, by_id[row["prompt_id"]]["prompt_messages"])
         expected = teacher_forced_logprobs(peft_model, ids, row["response_token_ids"])
         worst = max(worst, (torch.tensor(row["token_logprobs"]) - expected).abs().max().item())
         gap_to_base = max(gap_to_base, (teacher_forced_logprobs(base, ids, row["response_token_ids"])
                                         - expected).abs().max().item())
-    assert worst < 1e-2, f"largest log-prob gap between vLLM+LoRA and transformers+peft: {worst}"
-    assert gap_to_base > 0.1  # the adapter was applied: the base alone would not match
+    return worst, gap_to_base
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_serves_adapters_with_transformers_logprobs(stopping_adapter, stopping_dir, vllm_env, tmp_path):
+    """vLLM's LoRA path (the base loaded once, a LoRARequest per call): log-probs of its samples equal the
+    transformers PeftModel's teacher-forced ones, as for full models in test_generation_vllm.py; then the same
+    engine serves the next adapter of that base (`use_adapter`)."""
+    pytest.importorskip("vllm")
+    second_adapter = random_adapter(stopping_dir, tmp_path / "second", seed=1)
+    prompts = make_prompts(4)
+    generator = make_generator(VLLM_CFG, stopping_adapter, POLICY_URI)
+    try:
+        assert generator.adapter_path == stopping_adapter and generator.policy_path == stopping_dir
+        first = generator.generate(prompts, seed=5)
+        engine = generator.llm
+        assert engine.llm_engine.vllm_config.lora_config.max_lora_rank == 8
+        generator.use_adapter(second_adapter, "tiny://second", model_digest(second_adapter))
+        second = generator.generate(prompts, seed=5)
+        assert generator.llm is engine  # no restart, the base weights stay loaded
+    finally:
+        generator.close()
+    base = load_causal_lm(stopping_dir).eval()
+    for rows, adapter_dir in ((first, stopping_adapter), (second, second_adapter)):
+        worst, gap_to_base = adapter_logprob_gaps(rows, prompts, generator.tokenizer, adapter_dir, base)
+        print(f"vLLM+LoRA vs transformers+peft ({Path(adapter_dir).name}): largest log-prob gap {worst:.2e}; "
+              f"base vs adapter: {gap_to_base:.2f}")
+        assert worst < 1e-2, f"largest log-prob gap between vLLM+LoRA and transformers+peft: {worst}"
+        assert gap_to_base > 0.1  # the adapter was applied: the base alone would not match
+    assert {row["policy_uri"] for row in second} == {"tiny://second"}
+    assert [r["response_token_ids"] for r in first] != [r["response_token_ids"] for r in second]
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
@@ -428,3 +467,44 @@ def test_lora_reward_model_then_two_online_lora_iterations(tmp_path):
     lineage2 = json.loads(Path(store.local_checkpoint(store.checkpoint_uri("lora", 2)), "lineage.json").read_text())
     assert lineage2["policy_uri"] == store.checkpoint_uri("lora", 1)  # iteration 2 trained from iteration 1's
     assert lineage2["reference_uri"] == "tiny://llama"
+
+
+# ---- distributed ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lora_round_on_two_gloo_processes_matches_one_process(tiny2_dir, tmp_path):
+    """As tests/test_training.py's DDP test, with an adapter: 1 process x 8 pairs vs 2 processes x 4 per step
+    give the same losses, and the checkpoint is an adapter naming its base by the name the pipeline passes."""
+    import pyarrow as pa
+
+    from tests.test_training import ACCELERATE_CPU_CONFIG
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    units_uri = store.stage_uri("ddp", 0, "units")
+    store.write_stage(units_uri, "units", {"test": 1}, [pa.Table.from_pandas(make_units(16))])
+    losses_by_processes = {}
+    for processes, batch_size in ((1, 8), (2, 4)):
+        config = {"setup": "offline_pairwise", "model": {"policy": tiny2_dir, "adapter": LORA},
+                  "store": {"root": str(tmp_path / "store"), "run_name": "ddp"},
+                  "training": {"loss": "dpo", "batch_size": batch_size, "epochs": 2, "learning_rate": 1e-2,
+                               "precompute_reference": processes == 2}}  # both reference paths, same numbers
+        config_path = tmp_path / f"config-{processes}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        metrics_uri = store.stage_uri("ddp", processes, "metrics")
+        launcher = ["--config_file", str(ACCELERATE_CPU_CONFIG)] if processes == 2 else ["--cpu"]
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes),
+                   "-m", "alignment_core.training", "--config", str(config_path), "--units", units_uri,
+                   "--checkpoint", store.checkpoint_uri("ddp", processes), "--metrics", metrics_uri,
+                   "--policy-name", "tiny-base-name"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        losses_by_processes[processes] = step_metrics(store, metrics_uri)["loss"]
+        folder = store.local_checkpoint(store.checkpoint_uri("ddp", processes))
+        assert adapters.adapter_base(folder) == "tiny-base-name"
+    one, two = losses_by_processes[1], losses_by_processes[2]
+    assert len(one) == len(two) == 4
+    assert (one - two).abs().max() < 1e-4
+    assert one.iloc[-1] < one.iloc[0]
