@@ -116,27 +116,12 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
             f"folder instead, or use {TINY_MODEL!r}") from None
 
 
-def _from_pretrained(loader, name: str, path: str, **kwargs):
-    """`loader.from_pretrained`, with a message that says what to do when a hub model cannot be fetched."""
-    try:
-        return loader.from_pretrained(path, **kwargs)
-    except OSError as error:
-        if Path(path).is_dir():
-            raise
-        raise OSError(
-            f"could not load {name!r} from the Hugging Face hub ({error}). If this machine is offline, "
-            f"download the model elsewhere and pass its local folder, or use {TINY_MODEL!r}."
-        ) from error
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, store=None, **kwargs):
     """AutoTokenizer with a pad token (the EOS token when the tokenizer has none)."""
     path = resolve_model_path(name_or_path, store=store)
     if is_adapter(path) and not any(Path(path, f).exists() for f in ("tokenizer_config.json", "tokenizer.json")):
         path = resolve_model_path(adapter_base(path), store=store)  # an adapter saved without its tokenizer
-    tokenizer = _from_pretrained(
-        AutoTokenizer, name_or_path, path, trust_remote_code=trust_remote_code, **kwargs
-    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
@@ -203,8 +188,7 @@ def _load(loader, name_or_path, dtype, trust_remote_code, store, attn_implementa
         return model.merge_and_unload() if adapter_mode == "merge" else model
     if attn_implementation is not None:
         kwargs = {**kwargs, "attn_implementation": attn_implementation}
-    return _from_pretrained(loader, name_or_path, path, dtype=_torch_dtype(dtype),
-                            trust_remote_code=trust_remote_code, **kwargs)
+    return loader.from_pretrained(path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
 
 
 def model_digest(path: str | Path) -> str:

@@ -1,17 +1,18 @@
 """Shared fixtures: the tiny model and reward model (built once per session), an S3 server on loopback."""
 
 import os
-import shutil
-import socket
-from pathlib import Path
 
-import pytest
-
-from alignment_core.tiny import build_tiny
-
-# Keep every test offline.
+# Keep every test offline: set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from alignment_core.tiny import build_tiny
 
 
 @pytest.fixture(scope="session")
