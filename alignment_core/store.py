@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 STAGE_PLAN = "_stage.json"
 CHECKPOINT_MARKER = "_complete.json"
+RESUME_MARKER = "_resume.json"  # a mid-round save: a point to resume training from, not a finished checkpoint
 _SHARD = re.compile(r"^part-(\d{5})\.parquet$")
 
 
@@ -452,15 +453,25 @@ class ArtifactStore:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def checkpoint_complete(self, uri: str) -> bool:
+        """A finished checkpoint (a round's final save), not a mid-round resume point."""
         self.fs.invalidate_cache()
         return self.exists(f"{uri}/{CHECKPOINT_MARKER}")
 
-    def save_checkpoint(self, model, tokenizer, uri: str, extra_files: dict[str, bytes] | None = None) -> str:
+    def checkpoint_marker(self, uri: str) -> str | None:
+        """CHECKPOINT_MARKER (finished), RESUME_MARKER (a mid-round resume point) or None (nothing usable)."""
+        self.fs.invalidate_cache()
+        return next((m for m in (CHECKPOINT_MARKER, RESUME_MARKER) if self.exists(f"{uri}/{m}")), None)
+
+    def save_checkpoint(self, model, tokenizer, uri: str, extra_files: dict[str, bytes] | None = None,
+                        final: bool = True) -> str:
         """save_pretrained (safetensors) + tokenizer + extra files, then the completion marker last.
 
         The files are written next to the target and swapped in (locally) or uploaded before the marker
-        (object storage), so a reader never loads a checkpoint that is half written.
+        (object storage), so a reader never loads a checkpoint that is half written. `final=False` is a
+        mid-round save (`training.save_every_steps`): marked as a resume point, never as complete, so a
+        half-trained or aborted round does not count as a finished iteration.
         """
+        marker_name = CHECKPOINT_MARKER if final else RESUME_MARKER
         self.check_lease(uri)
         with tempfile.TemporaryDirectory() as tmp:
             # A peft model writes its adapter only; its embeddings are not adapted, so peft need not look its
@@ -473,8 +484,8 @@ class ArtifactStore:
                 Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)
                 Path(tmp, name).write_bytes(data)
             files = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file())
-            marker = {"files": files, "saved_at": time.time(), "package_version": __version__}
-            Path(tmp, CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2))
+            marker = {"files": files, "saved_at": time.time(), "package_version": __version__, "final": final}
+            Path(tmp, marker_name).write_text(json.dumps(marker, indent=2))
             if self.protocol in ("file", "local"):
                 self._swap_local_dir(tmp, self._path(uri))
             else:
@@ -483,7 +494,7 @@ class ArtifactStore:
                     self.fs.rm(path, recursive=True)
                 for name in files:
                     self.fs.put_file(os.path.join(tmp, name), f"{path}/{name}")
-                self.fs.put_file(os.path.join(tmp, CHECKPOINT_MARKER), f"{path}/{CHECKPOINT_MARKER}")
+                self.fs.put_file(os.path.join(tmp, marker_name), f"{path}/{marker_name}")
         return uri
 
     @staticmethod
@@ -502,21 +513,26 @@ class ArtifactStore:
         else:
             os.replace(staging, dst)
 
-    def local_checkpoint(self, uri: str) -> str:
-        """A local folder holding the checkpoint at `uri`, for from_pretrained; remote ones are cached."""
-        if not self.checkpoint_complete(uri):
+    def local_checkpoint(self, uri: str, resume_point: bool = False) -> str:
+        """A local folder holding the checkpoint at `uri`, for from_pretrained; remote ones are cached.
+
+        Only finished checkpoints, unless `resume_point` (the trainer resuming a round) also accepts a
+        mid-round save.
+        """
+        marker_name = self.checkpoint_marker(uri)
+        if marker_name is None or (marker_name == RESUME_MARKER and not resume_point):
             raise FileNotFoundError(f"checkpoint {uri} is missing or incomplete (no {CHECKPOINT_MARKER})")
         if self.protocol in ("file", "local"):
             return self._path(uri)
-        marker = self.read_json(f"{uri}/{CHECKPOINT_MARKER}")
+        marker = self.read_json(f"{uri}/{marker_name}")
         key = hashlib.sha256(f"{uri}|{marker['saved_at']}".encode()).hexdigest()[:16]
         local = self.cache_dir / "checkpoints" / key
-        if not (local / CHECKPOINT_MARKER).exists():
+        if not (local / marker_name).exists():
             staging = Path(tempfile.mkdtemp(dir=self.cache_dir.mkdir(parents=True, exist_ok=True) or self.cache_dir))
             for name in marker["files"]:
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(f"{self._path(uri)}/{name}", str(staging / name))
-            (staging / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+            (staging / marker_name).write_text(json.dumps(marker))
             local.parent.mkdir(parents=True, exist_ok=True)
             if local.exists():  # a concurrent download won the race; both copies are identical
                 import shutil

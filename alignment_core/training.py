@@ -488,20 +488,21 @@ class Trainer:
         return tuple(table.T)
 
     # ---- checkpoints ----
-    def _save(self, uri: str, state: dict) -> None:
-        """Weights + tokenizer + optimizer/scheduler/step state, written by the main process."""
+    def _save(self, uri: str, state: dict, final: bool = True) -> None:
+        """Weights + tokenizer + optimizer/scheduler/step state, written by the main process; only the round's
+        final save is marked complete, a mid-round one is a resume point."""
         if self.accelerator.is_main_process:
             extra = optimizer_state_files(self.optimizer.state_dict())
             extra[SCHEDULER_STATE] = json.dumps(self.scheduler.state_dict()).encode()
             extra[TRAINER_STATE] = json.dumps(state, indent=2).encode()
             self.store.save_checkpoint(self.accelerator.unwrap_model(self.model), self.tokenizer, uri,
-                                       extra_files=extra)
+                                       extra_files=extra, final=final)
         self.accelerator.wait_for_everyone()
 
     def _resumable_state(self, uri: str, fingerprint: str) -> dict | None:
-        if not self.store.checkpoint_complete(uri):
+        if self.store.checkpoint_marker(uri) is None:
             return None
-        local = Path(self.store.local_checkpoint(uri))
+        local = Path(self.store.local_checkpoint(uri, resume_point=True))
         if not (local / TRAINER_STATE).exists():
             return None
         state = json.loads((local / TRAINER_STATE).read_text())
@@ -591,7 +592,7 @@ class Trainer:
                     shards, pending_rows = shards + 1, []
                     self._save(checkpoint_uri, {"fingerprint": fingerprint, "step": step, "total_steps": total,
                                                 "metrics": last_metrics, "metrics_shards": shards,
-                                                "tokens_per_s": tokens_seen / train_seconds})
+                                                "tokens_per_s": tokens_seen / train_seconds}, final=step == total)
                 if progress_callback is not None and accelerator.is_main_process:
                     progress_callback(step, total, metrics)
         if metrics_writer is not None:

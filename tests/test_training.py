@@ -248,7 +248,7 @@ def test_reward_model_training_raises_pair_accuracy(tiny2_dir, tmp_path):
 
 
 def checkpoint_bytes(store: ArtifactStore, uri: str) -> dict[str, bytes]:
-    folder = Path(store.local_checkpoint(uri))
+    folder = Path(store.local_checkpoint(uri, resume_point=True))  # a mid-round save is a resume point
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -297,7 +297,7 @@ def test_resume_continues_to_the_same_weights(tiny2_dir, tmp_path):
     store_b = ArtifactStore(str(tmp_path / "b" / "store"))
     with pytest.raises(Interrupted):
         run_round(tmp_path / "b", tiny2_dir, cfg, units, progress_callback=stop_at_step_3)
-    state = json.loads(Path(store_b.local_checkpoint(store_b.checkpoint_uri("round", 0)),
+    state = json.loads(Path(store_b.local_checkpoint(store_b.checkpoint_uri("round", 0), resume_point=True),
                             "trainer_state.json").read_text())
     assert state["step"] == 2
     _, _, _, resumed = run_round(tmp_path / "b", tiny2_dir, cfg, units)
