@@ -65,6 +65,7 @@ experiment: $(VENV)/.installed
 benchmarks: $(VENV)/.installed
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
+	$(PY) benchmarks/lora_memory.py
 
 clean:
 	rm -rf runs .pytest_cache

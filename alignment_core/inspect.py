@@ -116,7 +116,8 @@ def plot_evaluations(evaluations: list[dict], path: str, title: str, judge: str,
         win_ax.errorbar(series["iterations"], values, yerr=errors, marker="o", capsize=3, label=label)
     win_ax.axhline(0.5, color="grey", linestyle=":")
     judged = max((max(s["judged"]) for s in curves["win_rates"].values()), default=0)
-    win_ax.set(xlabel="iteration", ylabel="win-rate, 95% Wilson interval", ylim=(0, 1),
+    iterations = sorted({k for s in curves["win_rates"].values() for k in s["iterations"]})
+    win_ax.set(xlabel="iteration", ylabel="win-rate, 95% Wilson interval", ylim=(0, 1), xticks=iterations,
                title=f"win-rate of the new policy ({judged:.0f} held-out prompts)")
     win_ax.legend(fontsize=8)
     fig.suptitle(title)
