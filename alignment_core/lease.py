@@ -44,8 +44,8 @@ class LeaseHeld(LeaseError):
 
     def __init__(self, run_uri: str, lease: dict):
         self.lease = lease
-        super().__init__(f"run {run_uri} is in use: {describe(lease)}. Nothing was written. Wait for that run "
-                         "to finish, or, if it died, for its lease to expire (or delete "
+        super().__init__(f"run {run_uri} is in use: {describe(lease)}. Stopped before writing any stage. Wait "
+                         "for that run to finish or, if it died, for its lease to expire (or delete "
                          f"{run_uri}/{LEASE_FILE} once you are sure it is gone)")
 
 

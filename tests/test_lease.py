@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from alignment_core.config import parse_config
 from alignment_core.lease import LeaseHeld, LeaseLost, RunLease, check_lease, read_lease
@@ -345,3 +346,11 @@ def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(
             assert plan["fingerprint"] == json.loads(
                 Path(solo.stage_uri("e2e", k, stage), "_stage.json").read_text())["fingerprint"]
         assert shared.checkpoint_complete(shared.checkpoint_uri("e2e", k))
+
+
+def test_the_online_deployments_queue_one_flow_run_at_a_time():
+    deployments = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
+    online = [d for d in deployments if d["entrypoint"].endswith(":iterative_dpo")]
+    assert len(online) == 3
+    for deployment in online:
+        assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}, deployment["name"]
