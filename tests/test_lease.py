@@ -351,6 +351,6 @@ def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(
 def test_the_online_deployments_queue_one_flow_run_at_a_time():
     deployments = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
     online = [d for d in deployments if d["entrypoint"].endswith(":iterative_dpo")]
-    assert len(online) == 3
+    assert {"tiny-local", "s3", "tiny-scale-out"} <= {d["name"] for d in online}
     for deployment in online:
         assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}, deployment["name"]
