@@ -42,10 +42,26 @@ RACER = textwrap.dedent("""
     try:
         lease = RunLease(store, "r", timeout_s=600).acquire()
         print("won", lease.token, flush=True)
-        lease._stop.set()  # keep the lease in the store: the test reads who won
     except LeaseHeld:
         print("held", flush=True)
+    while not os.path.exists(sys.argv[4]):  # the winner stays alive (a dead owner's lease is free) until all ran
+        time.sleep(0.01)
+    os._exit(0)  # the winner's lease stays in the store: the test reads who won
 """)
+
+
+def race(root: str, endpoint: str, tmp_path: Path, name: str, n: int) -> list[list[str]]:
+    """n processes acquire the lease at the same instant; each one's output, once all have tried."""
+    go, done = tmp_path / f"go-{name}", tmp_path / f"done-{name}"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, root, endpoint, str(go), str(done)], cwd=REPO,
+                               stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    time.sleep(4)  # imports done: all wait on the start file
+    go.touch()
+    outputs = [racer.stdout.readline().split() for racer in racers]
+    done.touch()
+    for racer in racers:
+        racer.wait(timeout=60)
+    return outputs
 
 
 def metrics_table(start: int, n: int):
@@ -95,12 +111,7 @@ def test_racing_processes_one_wins(tmp_path):
         if expired:
             store.write_json(store.uri("r", "_lease.json"), {"token": "old", "expires_at": time.time() - 1,
                                                              "holder": {"host": "elsewhere", "pid": 1}})
-        go = tmp_path / f"go-{expired}"
-        racers = [subprocess.Popen([sys.executable, "-c", RACER, root, "", str(go)], cwd=REPO,
-                                   stdout=subprocess.PIPE, text=True) for _ in range(8)]
-        time.sleep(3)  # imports done: all wait on the start file
-        go.touch()
-        outputs = [racer.communicate(timeout=120)[0].split() for racer in racers]
+        outputs = race(root, "", tmp_path, str(expired), 8)
         winners = [out[1] for out in outputs if out[:1] == ["won"]]
         assert len(winners) == 1, outputs
         assert sum(out == ["held"] for out in outputs) == 7
@@ -258,12 +269,7 @@ def test_lease_on_s3(s3_server, tmp_path):
     assert store.delete_if(uri, store.read_versioned(uri)[1]) and store.read_versioned(uri) is None
 
     # Racing processes: exactly one wins.
-    go = tmp_path / "go"
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, root, s3_server, str(go)], cwd=REPO,
-                               stdout=subprocess.PIPE, text=True) for _ in range(6)]
-    time.sleep(4)
-    go.touch()
-    outputs = [racer.communicate(timeout=120)[0].split() for racer in racers]
+    outputs = race(root, s3_server, tmp_path, "s3", 6)
     assert [out[0] for out in outputs].count("won") == 1, outputs
     winner = next(out[1] for out in outputs if out[0] == "won")
     # The winner's process is gone (same machine): taken over at once, then renewed and released.
