@@ -66,6 +66,10 @@ class StoreConfig(StrictModel):
     verify_checksums: bool = False
     """Reading a stage always checks each shard's size and row count against its manifest; this also checks
     each shard's sha256. `python -m alignment_core.inspect RUN --verify` checks every stage's checksums."""
+    force_rerun: bool = False
+    """A finished iteration (complete checkpoint) whose stages would now be computed from something else (config,
+    data, template, reward function, library code) is refused; true redoes it, replacing its checkpoint
+    (`--force`, the flow parameter `force`)."""
 
     @field_validator("run_name")
     @classmethod

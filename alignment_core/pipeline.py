@@ -24,10 +24,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from alignment_core import __version__
 from alignment_core.config import PipelineConfig, dump_config
+from alignment_core.digests import callable_digest, data_digests, stage_code_digest, template_digest
 from alignment_core.records import METRICS, from_rows
-from alignment_core.store import ArtifactStore
+from alignment_core.store import ArtifactStore, fingerprint_digest
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,15 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
 
 
 def input_digest(store: ArtifactStore, uri: str) -> str:
-    """What a stage's output depends on from one input: a stage's fingerprint or a model's content digest."""
+    """What a stage's output depends on from one input: a stage's fingerprint or a model's content digest.
+
+    A stage whose rows can change under the same fingerprint (annotations whose transient failures a rerun
+    retried) records a digest of its labels too, so that what was built from the old rows is redone.
+    """
     manifest = store.read_manifest(uri)
     if manifest is not None:
-        return manifest["fingerprint_digest"]
+        labels = manifest.get("extra", {}).get("labels_digest")
+        return manifest["fingerprint_digest"] + (f"+{labels}" if labels else "")
     return policy_digest(store, uri)
 
 
@@ -85,7 +90,55 @@ def already_done(store: ArtifactStore, stage_uri: str, fingerprint: dict) -> boo
 
 
 def _fingerprint(cfg: PipelineConfig, stage: str, sections: tuple[str, ...], **inputs) -> dict:
-    return {"stage": stage, "config": cfg.stage_hash(*sections), "inputs": inputs, "code": __version__}
+    """What a stage's output is computed from: its config sections, the digests of what it reads (stages,
+    models, data files, templates, reward functions) and of the library code that produces it."""
+    return {"stage": stage, "config": cfg.stage_hash(*sections), "inputs": inputs, "code": stage_code_digest(stage)}
+
+
+class FinishedIterationChangedError(ValueError):
+    """Redoing a stage of a finished iteration (complete checkpoint) computed from something else."""
+
+
+def _differences(old: dict, new: dict) -> str:
+    """Which parts of two fingerprints differ, in words: config, which inputs, library code."""
+    parts = []
+    if old.get("config") != new.get("config"):
+        parts.append("the config")
+    old_inputs, new_inputs = old.get("inputs", {}), new.get("inputs", {})
+    changed = sorted(k for k in set(old_inputs) | set(new_inputs) if old_inputs.get(k) != new_inputs.get(k))
+    if changed:
+        parts.append("its inputs (" + ", ".join(changed) + ")")
+    if old.get("code") != new.get("code"):
+        parts.append("the library code")
+    others = sorted(k for k in set(old) | set(new)
+                    if k not in ("config", "inputs", "code") and old.get(k) != new.get(k))
+    return ", ".join(parts + others) or "the fingerprint"
+
+
+def refuse_redoing_finished(cfg: PipelineConfig, store: ArtifactStore, stage_uri: str, iteration: int,
+                            fingerprint: dict, previous: dict | None = None) -> None:
+    """Raise when a stage of a finished iteration would be redone from something else (a changed config, input
+    or library), which would silently replace that iteration's checkpoint; `store.force_rerun` allows it.
+
+    `previous` is the fingerprint the stage was computed from (default: its manifest's). Iteration 0's stages
+    (the offline examples) count as finished with iteration 1.
+    """
+    if cfg.store.force_rerun:
+        return
+    if previous is None:
+        manifest = store.read_manifest(stage_uri)
+        previous = manifest.get("fingerprint") if manifest else None
+    if previous is None or fingerprint_digest(previous) == fingerprint_digest(fingerprint):
+        return
+    checkpoint = store.checkpoint_uri(cfg.store.run_name, max(iteration, 1))
+    if not store.checkpoint_complete(checkpoint):
+        return
+    raise FinishedIterationChangedError(
+        f"iteration {max(iteration, 1)} of run {cfg.store.run_name!r} is finished ({checkpoint}), but its stage "
+        f"{stage_uri.rsplit('/', 1)[-1]!r} would now be computed from something else: "
+        f"{_differences(previous, fingerprint)} changed. Redoing it would replace the finished iteration. "
+        "Give this config its own run (--run-name NAME, or store.run_name), or redo the run on purpose with "
+        "--force (flow parameter force=true, or store.force_rerun: true)")
 
 
 # ---- prompts and examples --------------------------------------------------------------------------------
@@ -113,9 +166,11 @@ def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "prompts")
     fingerprint = _fingerprint(cfg, "prompts", ("data",), iteration=iteration,
-                               per_iteration=cfg.generation.prompts_per_iteration, seed=cfg.generation.seed)
+                               per_iteration=cfg.generation.prompts_per_iteration, seed=cfg.generation.seed,
+                               data=data_digests(cfg.data))
     if already_done(store, out, fingerprint):
         return out
+    refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
     train_prompts, _, report = _all_prompts(cfg)
     if train_prompts.num_rows == 0:
         raise ValueError(f"data source {cfg.data.source!r} has no training prompts left after the held-out split")
@@ -141,7 +196,7 @@ def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
 def load_eval_prompts(cfg: PipelineConfig) -> str:
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, 0, "eval_prompts")
-    fingerprint = _fingerprint(cfg, "eval_prompts", ("data",))
+    fingerprint = _fingerprint(cfg, "eval_prompts", ("data",), data=data_digests(cfg.data))
     if not already_done(store, out, fingerprint):
         _, eval_prompts, report = _all_prompts(cfg)
         store.write_stage(out, "prompts", fingerprint, [eval_prompts], extra={"report": report})
@@ -156,9 +211,10 @@ def load_examples(cfg: PipelineConfig) -> str:
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, 0, "examples")
     heldout = store.stage_uri(cfg.store.run_name, 0, "heldout_examples")
-    fingerprint = _fingerprint(cfg, "examples", ("data",))
+    fingerprint = _fingerprint(cfg, "examples", ("data",), data=data_digests(cfg.data))
     if already_done(store, out, fingerprint) and store.is_complete(heldout, fingerprint):
         return out
+    refuse_redoing_finished(cfg, store, out, 0, fingerprint)
     loader = DatasLoader.from_config(cfg.data)
     examples = loader.load()
     _, eval_prompts, report = _all_prompts(cfg, loader)
@@ -186,11 +242,13 @@ def generate(
     out = store.stage_uri(cfg.store.run_name, iteration, stage)
     gen_cfg = _generation_config(cfg, stage)
     fingerprint = {
-        "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": __version__,
+        "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": stage_code_digest(stage),
         "inputs": {"prompts": input_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)},
     }
     if already_done(store, out, fingerprint):
         return out
+    if stage == "generations":  # held-out samples (eval_generations) feed no checkpoint
+        refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
     run_generation(
         store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
         run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
@@ -208,14 +266,26 @@ def _generation_config(cfg: PipelineConfig, stage: str):
 
 
 def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int) -> str:
+    """Label the generations; a complete stage is redone only in its rows that failed for a transient reason
+    (judge outage, timeout), unless its iteration is finished."""
     from alignment_core.annotation import run_annotation
 
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
     fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
-                               generations=input_digest(store, generations_uri), **annotator_models(cfg, store))
-    if not already_done(store, out, fingerprint):
-        run_annotation(store, generations_uri, out, cfg, fingerprint)
+                               generations=input_digest(store, generations_uri), **annotator_digests(cfg, store))
+    if already_done(store, out, fingerprint):
+        transient = store.read_manifest(out)["extra"].get("transient_failures", 0)
+        if not transient:
+            return out
+        if store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, iteration)):
+            log.warning("%s: %d annotations failed for a transient reason; its iteration is finished, so they are "
+                        "not retried", out, transient)
+            return out
+        log.info("%s: retrying the %d annotations that failed for a transient reason", out, transient)
+    else:
+        refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
+    run_annotation(store, generations_uri, out, cfg, fingerprint)
     return out
 
 
@@ -227,6 +297,18 @@ def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str
     if cfg.annotation.annotator.startswith("judge") and cfg.annotation.judge.backend != "http":
         models["judge"] = policy_digest(store, cfg.annotation.judge.model)
     return models
+
+
+def annotator_digests(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:
+    """Everything an annotator reads besides its config: its models, the judge template's text, the reward
+    function's code."""
+    annotation, digests = cfg.annotation, annotator_models(cfg, store)
+    if annotation.annotator == "programmatic":
+        digests["programmatic"] = callable_digest(annotation.programmatic)
+    elif annotation.annotator.startswith("judge"):
+        suffix = f"_{annotation.judge.pointwise_scale}" if annotation.annotator == "judge_pointwise" else ""
+        digests["template"] = template_digest(annotation.judge.template, suffix)
+    return digests
 
 
 def build_units(
@@ -243,6 +325,7 @@ def build_units(
                                sources=[input_digest(store, uri) for uri in sources])
     if already_done(store, out, fingerprint):
         return out
+    refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
     if examples_uri:
         units = units_from_examples(store.read_pandas(examples_uri), cfg.setup)
     else:
@@ -273,6 +356,7 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
     fingerprint = _fingerprint(cfg, "weights", ("reweight",), **inputs)
     if already_done(store, out, fingerprint):
         return out
+    refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
     units = store.read_pandas(units_uri)
     if len(units) == 0:
         store.write_stage(out, "weights", fingerprint, [], extra={"note": "no units to weigh"})
@@ -295,11 +379,12 @@ def train(
         reference=policy_digest(store, reference_uri),
     )
     lineage_uri = f"{checkpoint}/lineage.json"
-    if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri) and (
-        store.read_json(lineage_uri)["fingerprint"] == fingerprint
-    ):
-        log.info("%s: already complete, skipped", checkpoint)
-        return checkpoint
+    if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri):
+        previous = store.read_json(lineage_uri)["fingerprint"]
+        if previous == fingerprint:
+            log.info("%s: already complete, skipped", checkpoint)
+            return checkpoint
+        refuse_redoing_finished(cfg, store, checkpoint, iteration, fingerprint, previous=previous)
     policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
     if store.read_manifest(units_uri)["rows"] == 0:
         _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
@@ -396,9 +481,10 @@ def evaluate(
     new = generate(cfg, eval_prompts_uri, policy_uri, iteration, stage="eval_generations")
     previous = generate(cfg, eval_prompts_uri, previous_policy_uri, iteration - 1, stage="eval_generations")
     initial = generate(cfg, eval_prompts_uri, initial_policy_uri, 0, stage="eval_generations")
+    oracle = {"oracle": callable_digest(cfg.evaluation.oracle)} if cfg.evaluation.oracle else {}
     fingerprint = _fingerprint(cfg, "evaluation", ("annotation", "evaluation"),
                                new=input_digest(store, new), previous=input_digest(store, previous),
-                               initial=input_digest(store, initial))
+                               initial=input_digest(store, initial), **annotator_digests(cfg, store), **oracle)
     if already_done(store, out, fingerprint):
         return out
     new_df = store.read_pandas(new)

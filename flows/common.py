@@ -8,12 +8,14 @@ from alignment_core.config import PipelineConfig, load_config
 
 
 def with_overrides(config: PipelineConfig, iterations: int | None = None, run_name: str | None = None,
-                   store_root: str | None = None) -> PipelineConfig:
+                   store_root: str | None = None, force: bool | None = None) -> PipelineConfig:
     """Flat flow parameters win over the config object (what users change most, without resending it)."""
     data = config.model_dump()
     if iterations is not None:
         data["iterations"] = iterations
     data["store"].update({k: v for k, v in (("run_name", run_name), ("root", store_root)) if v is not None})
+    if force:
+        data["store"]["force_rerun"] = True
     return PipelineConfig.model_validate(data)
 
 
@@ -27,6 +29,9 @@ def parse_cli(description: str, argv: list[str] | None = None, prog: str | None 
                         help="run this many iterations after the run's last finished one (continue a run)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set training.beta=0.2 (YAML value)")
+    parser.add_argument("--force", action="store_true",
+                        help="redo finished iterations whose config, data or code changed (replaces their "
+                             "checkpoints; without it such a rerun is refused)")
     return parser.parse_args(argv)
 
 
@@ -38,7 +43,7 @@ def config_from_cli(args: argparse.Namespace) -> PipelineConfig:
         field, _, value = item.partition("=")
         overrides[field] = yaml.safe_load(value)
     config = load_config(args.config, overrides)
-    return with_overrides(config, args.iterations, args.run_name, args.store_root)
+    return with_overrides(config, args.iterations, args.run_name, args.store_root, getattr(args, "force", None))
 
 
 def checked_config_from_cli(args: argparse.Namespace) -> PipelineConfig:

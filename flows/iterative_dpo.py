@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
+from alignment_core.redact import redact
 from flows.common import checked_config_from_cli, parse_cli, print_summary, run_lease, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -29,6 +30,7 @@ def iterative_dpo(
     run_name: str | None = None,
     store_root: str | None = None,
     more_iterations: int | None = None,
+    force: bool = False,
 ) -> list[dict]:
     """Online preference learning (OAIF-style): sample, label, reweight and train, `iterations` times.
 
@@ -39,8 +41,10 @@ def iterative_dpo(
         store_root: When set, wins over `config.store.root`.
         more_iterations: Continue the run instead: this many iterations after its last finished one, which
             is what a scheduled deployment wants (each scheduled flow run is the next online iteration).
+        force: Redo finished iterations whose config, data or code changed, replacing their checkpoints
+            (without it such a flow run is refused); wins over `config.store.force_rerun` when true.
     """
-    cfg = with_overrides(config, iterations, run_name, store_root)
+    cfg = with_overrides(config, iterations, run_name, store_root, force)
     if not cfg.online:
         raise ValueError(f"iterative-dpo runs the online setups; setup {cfg.setup!r} belongs to an offline flow")
     with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
@@ -48,7 +52,7 @@ def iterative_dpo(
             cfg = with_overrides(cfg, iterations=finished_iterations(cfg) + more_iterations)
         config_json = cfg.model_dump_json()
         logger = get_run_logger()
-        logger.info("run %s under %s\n%s", cfg.store.run_name, cfg.store.root, dump_config(cfg))
+        logger.info("run %s under %s\n%s", cfg.store.run_name, redact(cfg.store.root), redact(dump_config(cfg)))
         preflight(config_json)
 
         store = open_store(cfg)
