@@ -230,3 +230,205 @@ def test_http_judge_stage_failure_guard(judge_server, monkeypatch, tmp_path):
     table = store.read_pandas(out)
     labelled = table[table["status"] == "ok"]
     assert set(labelled["generation1_id"]) == {"alpha-g1", "beta-g0"}  # the good answers, never the failures
+
+
+# ---- transient failures are retried by a rerun, answers are cached, each request has a deadline ------------
+class OutageJudge:
+    """Answers every pairwise prompt with the letter of its "good" response (log-probs), except while down:
+    then every request gets a 503. Goes down after `up_for` answered requests; counts what it received."""
+
+    def __init__(self, up_for: int):
+        self.up_for, self.down, self.answered = up_for, False, 0
+        self.requests: list[str] = []
+        self.failed: list[str] = []
+        self.lock = threading.Lock()
+
+    def answer(self, headers: dict, body: dict) -> tuple[int, dict | str]:
+        prompt = body["messages"][0]["content"]
+        with self.lock:
+            self.requests.append(prompt)
+            if self.answered >= self.up_for:
+                self.down = True
+            if self.down:
+                self.failed.append(prompt)
+                return 503, "down for maintenance"
+            self.answered += 1
+        letter = "A" if prompt.index("good") < prompt.index("bad") else "B"
+        return 200, completion(letter, [(letter, -0.05), ("B" if letter == "A" else "A", -2.55)])
+
+    def come_back(self) -> None:
+        with self.lock:
+            self.down, self.up_for = False, 10**9
+
+
+def serve(script) -> tuple[ThreadingHTTPServer, str]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, payload = script.answer(dict(self.headers), body)
+            data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+@pytest.fixture
+def outage_judge():
+    script = OutageJudge(up_for=5)
+    server, url = serve(script)
+    yield url, script
+    server.shutdown()
+    server.server_close()
+
+
+SIX_PAIRS = {f"p{i}": [f"answer {i} bad", f"answer {i} good"] for i in range(6)}
+
+
+def outage_config(base_url: str, max_failure_fraction: float) -> PipelineConfig:
+    judge = {"backend": "http", "base_url": base_url, "model": "judge-model", "max_retries": 0, "concurrency": 1}
+    return PipelineConfig.model_validate({
+        "generation": {"shard_size": 2},
+        "annotation": {"annotator": "judge_pairwise", "judge": judge, "max_failure_fraction": max_failure_fraction},
+    })
+
+
+def test_rerun_after_a_judge_outage_sends_only_the_failed_requests(outage_judge, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    base_url, script = outage_judge
+    store = ArtifactStore(str(tmp_path))
+    generations_uri = write_generations(store, make_generations(SIX_PAIRS))
+    out = store.stage_uri("run", 0, "annotations")
+    cfg = outage_config(base_url, max_failure_fraction=0.2)
+    # 6 pairs x 2 orders = 12 requests; the judge goes down after 5: pair 2 loses its second order, pairs 3-5 both
+    with pytest.raises(AnnotationFailureError, match=r"4 of 6 annotations failed.*4 failed for a transient reason"):
+        run_annotation(store, generations_uri, out, cfg, {"fp": 1})
+    assert len(script.requests) == 12 and len(script.failed) == 7
+    failed = list(script.failed)
+
+    # Still down: the rerun asks again (it does not reuse the failed rows) and fails again.
+    script.requests.clear()
+    script.failed.clear()
+    with pytest.raises(AnnotationFailureError):
+        run_annotation(store, generations_uri, out, cfg, {"fp": 1})
+    assert sorted(script.requests) == sorted(failed)  # only the failed ones: the 5 answers came from the cache
+
+    script.come_back()
+    script.requests.clear()
+    manifest = run_annotation(store, generations_uri, out, cfg, {"fp": 1})
+    assert sorted(script.requests) == sorted(failed)  # exactly the requests that failed, once each
+    assert manifest["extra"]["counts"] == {"ok": 6} and manifest["extra"]["transient_failures"] == 0
+    table = store.read_pandas(out)
+    assert list(table["prompt_id"]) == list(SIX_PAIRS)  # rows in prompt order, each prompt once
+    assert set(table["generation1_id"]) == {f"p{i}-g1" for i in range(6)}  # the good answers won
+
+    # Complete now: nothing is asked again; a re-label of the same generations by the same judge (another stage
+    # folder, e.g. a new run under the same store) is answered by the cache.
+    script.requests.clear()
+    run_annotation(store, generations_uri, out, cfg, {"fp": 1})
+    relabelled = run_annotation(store, generations_uri, store.stage_uri("other", 0, "annotations"), cfg, {"fp": 1})
+    assert script.requests == [] and relabelled["extra"]["counts"] == {"ok": 6}
+
+
+def test_transient_failures_under_the_threshold_are_retried_by_the_next_run(outage_judge, tmp_path, monkeypatch):
+    """A stage that completed with a few transient failures is not final: the next run of the pipeline's
+    annotate stage asks again for those, keeps the rest, and the new labels reach what is built from them."""
+    from alignment_core import pipeline
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    base_url, script = outage_judge
+    script.up_for = 10  # pairs 0-4 answered, pair 5 fails
+    cfg = outage_config(base_url, max_failure_fraction=0.5)
+    cfg.store.root, cfg.store.run_name, cfg.setup = str(tmp_path), "run", "online_pairwise"
+    store = pipeline.open_store(cfg)
+    generations_uri = write_generations(store, make_generations(SIX_PAIRS))
+    out = pipeline.annotate(cfg, generations_uri, 1)
+    first = store.read_manifest(out)
+    assert first["extra"]["counts"] == {"error": 1, "ok": 5} and first["extra"]["transient_failures"] == 1
+    failed = list(script.failed)
+    assert len(failed) == 2
+
+    script.come_back()
+    script.requests.clear()
+    assert pipeline.annotate(cfg, generations_uri, 1) == out
+    second = store.read_manifest(out)
+    assert sorted(script.requests) == sorted(failed)
+    assert second["extra"]["counts"] == {"ok": 6} and second["extra"]["transient_failures"] == 0
+    assert second["fingerprint_digest"] == first["fingerprint_digest"]
+    assert pipeline.input_digest(store, out) != first["fingerprint_digest"] + "+" + first["extra"]["labels_digest"]
+
+
+class TricklingJudge:
+    """Sends the status line and headers at once, then the body one byte every `interval_s` seconds: every
+    read returns within a per-read timeout, the whole answer takes len(body) * interval_s."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s, self.requests = interval_s, 0
+
+
+@pytest.fixture
+def trickling_judge():
+    script = TricklingJudge(interval_s=0.25)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            script.requests += 1
+            data = json.dumps(completion("A")).encode()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.flush()
+                for byte in data:
+                    time.sleep(script.interval_s)
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_judge_deadline_cuts_off_a_trickling_server(trickling_judge, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    base_url, script = trickling_judge
+    assert len(json.dumps(completion("A"))) * script.interval_s > 10  # a whole answer takes over 10 s
+    backend = HttpJudgeBackend(base_url, "judge-model", timeout_s=1.0, max_retries=0, backoff_s=0.01)
+    started = time.monotonic()
+    rows = PairwiseJudgeAnnotator(backend, load_template("helpfulness")).annotate(
+        make_generations({"p": ["first", "second"]}))
+    assert time.monotonic() - started < 3  # one deadline per request (both orders in parallel), not per read
+    assert rows[0]["status"] == "error"
+    raw = json.loads(rows[0]["raw"])
+    assert raw["transient"] is True and "within 1 s" in json.dumps(raw)
+
+    store = ArtifactStore(str(tmp_path))
+    generations_uri = write_generations(store, make_generations({"p": ["first", "second"]}))
+    judge = {"backend": "http", "base_url": base_url, "model": "judge-model", "max_retries": 1, "timeout_s": 1.0}
+    cfg = PipelineConfig.model_validate({"annotation": {"annotator": "judge_pairwise", "judge": judge}})
+    started = time.monotonic()
+    with pytest.raises(AnnotationFailureError, match="1 failed for a transient reason"):
+        run_annotation(store, generations_uri, store.stage_uri("run", 0, "annotations"), cfg, {"fp": 1})
+    assert time.monotonic() - started < 2 * 1.0 + 0.5 * 2 + 2  # two attempts of 1 s, a backoff, slack

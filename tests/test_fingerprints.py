@@ -219,3 +219,32 @@ def test_a_finished_iteration_is_not_redone_from_a_changed_config_without_force(
     assert config_from_cli(args).store.force_rerun is True
     assert config_from_cli(parse_cli("test", ["--config", "configs/tiny.yaml"])).store.force_rerun is False
 
+
+@pytest.mark.slow
+def test_relabelling_an_iteration_with_a_new_judge_reuses_its_generations(tmp_path, judge, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    base_url, script = judge
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(4)])
+    cfg = config(tmp_path, model={"policy": "tiny://llama"})
+    prompts = pipeline.load_prompts(cfg, 1)
+    generations = pipeline.generate(cfg, prompts, cfg.model.policy, 1)
+    annotations = pipeline.annotate(cfg, generations, 1)
+    store = pipeline.open_store(cfg)
+    generated, labelled = store.read_manifest(generations), store.read_manifest(annotations)
+
+    relabel = config(tmp_path, model={"policy": "tiny://llama"}, annotation={"annotator": "judge_pairwise", "judge": {
+        "backend": "http", "base_url": base_url, "model": "judge"}})
+    assert pipeline.load_prompts(relabel, 1) == prompts
+    assert pipeline.generate(relabel, prompts, relabel.model.policy, 1) == generations
+    assert store.read_manifest(generations)["created_at"] == generated["created_at"]  # not generated again
+    pipeline.annotate(relabel, generations, 1)
+    relabelled = store.read_manifest(annotations)
+    assert relabelled["fingerprint_digest"] != labelled["fingerprint_digest"]
+    assert relabelled["extra"]["annotators"][0].startswith("judge:judge:helpfulness@")
+    assert len(script.requests) == 2 * 2  # two prompts, one pair each, both orders
+
+    # The same judge again on a fresh copy of the stage (e.g. after it was deleted): answered by the cache.
+    store.fs.rm(store._path(annotations), recursive=True)
+    pipeline.annotate(relabel, generations, 1)
+    assert len(script.requests) == 4  # always "A": the orders disagree, two ties, as before
+    assert store.read_manifest(annotations)["extra"]["counts"] == relabelled["extra"]["counts"] == {"tie": 2}

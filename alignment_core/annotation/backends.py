@@ -9,11 +9,11 @@ job (alignment_core.annotation.judge), not the backend's.
 {"yes": ["yes", "Yes"], "no": ["no", "No"]}; a leading space is always accepted too.
 """
 
+import asyncio
 import json
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +31,8 @@ Options = dict[str, list[str]]
 class JudgeReply:
     text: str | None = None  # the generated answer, when the backend generated one
     logprobs: dict[str, float] | None = None  # next-token log-prob of each option the backend saw
-    error: str | None = None  # why there is no answer (HTTP error, timeout, malformed response)
+    error: str | None = None  # why there is no answer (HTTP error, timeout, malformed response): transient, a
+    # rerun of the stage asks again (a reply that is there but holds no verdict is "unparseable", final)
     raw: dict = field(default_factory=dict)  # backend details kept in the annotation row
 
 
@@ -86,6 +87,7 @@ class LocalJudgeBackend:
         from alignment_core.models import load_causal_lm, load_tokenizer, resolve_model_path
 
         path = resolve_model_path(model)
+        self.path = path
         self.tokenizer = load_tokenizer(path)
         self.tokenizer.padding_side = "left"  # the next token of every row is then at the last position
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,8 +213,10 @@ class HttpJudgeBackend:
     for the options they are used, else the judge parses the text. Failures are bounded: each request is
     retried at most `max_retries` times, on 429/5xx, timeouts and connection errors, with exponential
     backoff (`backoff_s * 2**attempt`, or the server's Retry-After when longer, capped at 60 s); other
-    errors are not retried. At most `concurrency` requests are in flight. The API key is read from the
-    environment variable named `api_key_env` and is never logged or stored in a reply.
+    errors are not retried. `timeout_s` is each attempt's deadline for the whole request (connect, send,
+    headers and body), not a limit per read: a server that trickles bytes is cut off when it runs out. At
+    most `concurrency` requests are in flight. The API key is read from the environment variable named
+    `api_key_env` and is never logged or stored in a reply.
     """
 
     def __init__(
@@ -240,20 +244,32 @@ class HttpJudgeBackend:
             log.warning(
                 "environment variable %s is not set: judge requests go without an API key", api_key_env
             )
-        self.client = httpx.Client(
-            headers=headers, timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency)
-        )
+        self.headers, self.timeout_s = headers, timeout_s
         self.max_retries, self.concurrency = max_retries, concurrency
         self.max_new_tokens, self.backoff_s = max_new_tokens, backoff_s
 
     def complete(self, prompts: Sequence[str], options: Options | None) -> list[JudgeReply]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda prompt: self._complete_one(prompt, options), prompts))
+        if not prompts:
+            return []
+        # An event loop of its own, in a thread of its own: callers may already run one (Prefect, notebooks).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self._complete_all(list(prompts), options)).result()
 
     def close(self) -> None:
-        self.client.close()
+        """Nothing to release: each `complete` call opens and closes its own connection pool."""
 
-    def _complete_one(self, prompt: str, options: Options | None) -> JudgeReply:
+    async def _complete_all(self, prompts: list[str], options: Options | None) -> list[JudgeReply]:
+        limits = httpx.Limits(max_connections=self.concurrency)
+        async with httpx.AsyncClient(headers=self.headers, timeout=self.timeout_s, limits=limits) as client:
+            slots = asyncio.Semaphore(self.concurrency)
+
+            async def one(prompt: str) -> JudgeReply:
+                async with slots:
+                    return await self._complete_one(client, prompt, options)
+
+            return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+
+    async def _complete_one(self, client: httpx.AsyncClient, prompt: str, options: Options | None) -> JudgeReply:
         body = {
             "model": self.name,
             "messages": [{"role": "user", "content": prompt}],
@@ -262,7 +278,7 @@ class HttpJudgeBackend:
             "logprobs": True,
             "top_logprobs": 5,
         }
-        payload, attempts, error = self._post_with_retries(body)
+        payload, attempts, error = await self._post_with_retries(client, body)
         if payload is None:
             return JudgeReply(error=error, raw={"error": error, "attempts": attempts})
         try:
@@ -276,13 +292,17 @@ class HttpJudgeBackend:
         raw = {"text": text, "top_logprobs": top, "attempts": attempts}
         return JudgeReply(text=text, logprobs=logprobs, raw=raw)
 
-    def _post_with_retries(self, body: dict) -> tuple[dict | None, int, str | None]:
+    async def _post_with_retries(self, client: httpx.AsyncClient, body: dict) -> tuple[dict | None, int, str | None]:
         """(JSON payload or None, attempts made, last error)."""
         error = None
         for attempt in range(self.max_retries + 1):
             wait = self.backoff_s * 2**attempt
             try:
-                response = self.client.post(self.url, json=body)
+                # The whole request under one deadline: httpx's own timeout is per read, and a server that
+                # sends a byte now and then would never trip it.
+                response = await asyncio.wait_for(client.post(self.url, json=body), timeout=self.timeout_s)
+            except TimeoutError:
+                error = f"TimeoutError: no complete answer within {self.timeout_s:g} s (annotation.judge.timeout_s)"
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             else:
@@ -307,7 +327,7 @@ class HttpJudgeBackend:
                     self.max_retries,
                     wait,
                 )
-                time.sleep(min(wait, 60.0))
+                await asyncio.sleep(min(wait, 60.0))
         return None, self.max_retries + 1, error
 
 

@@ -24,6 +24,8 @@ from typing import Literal, Protocol
 
 import pandas as pd
 
+from alignment_core.redact import redact
+
 LABEL_STATUSES = ("ok", "tie")
 FAILURE_STATUSES = ("unparseable", "error")
 
@@ -88,7 +90,8 @@ def annotation_row(
         "confidence": confidence,
         "agreement": agreement,
         "status": status,
-        "raw": json.dumps(raw, sort_keys=True, default=str),
+        # Raw output and error text may echo a credential (an endpoint quoting the request's key): masked.
+        "raw": redact(json.dumps(raw, sort_keys=True, default=str)),
     }
 
 

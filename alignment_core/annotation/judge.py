@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
+import jinja2.sandbox
 import pandas as pd
 
 from alignment_core.annotation.backends import JudgeBackend, JudgeReply
@@ -32,8 +33,15 @@ class JudgeTemplate:
     source: str
 
     def render(self, **variables: str) -> str:
-        environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-        return environment.from_string(self.source).render(**variables)
+        # Sandboxed: a template (a config names it, so whoever sets the config writes it) reaches no Python
+        # internals (`''.__class__.__mro__`, `x.__globals__`): such an access raises SecurityError.
+        environment = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined,
+                                                          keep_trailing_newline=False)
+        try:
+            return environment.from_string(self.source).render(**variables)
+        except jinja2.exceptions.SecurityError as error:
+            raise ValueError(f"judge template {self.name} tried an unsafe operation, refused by the sandbox: "
+                             f"{error}") from None
 
 
 def bundled_templates() -> list[str]:

@@ -1,8 +1,12 @@
 """The annotate stage: generations in, annotation shards out, resumable, with a failure guard."""
 
+import hashlib
+import json
 import logging
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend, VLLMJudgeBackend
@@ -12,9 +16,11 @@ from alignment_core.annotation.base import (
     AnnotationFailureError,
     Annotator,
     ScoreRules,
+    is_transient_failure,
     output_mode,
     prompt_groups,
 )
+from alignment_core.annotation.cache import CachedJudgeBackend, JudgeCache, judge_identity
 from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
 from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator
 from alignment_core.config import PipelineConfig
@@ -93,6 +99,17 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
     raise ValueError(f"unknown annotation.annotator {annotation.annotator!r}")
 
 
+def stage_annotator(cfg: PipelineConfig, store: ArtifactStore) -> Annotator:
+    """`make_annotator(cfg)`, a judge's answers cached by content in `store` (annotation/cache.py)."""
+    annotator = make_annotator(cfg)
+    template = getattr(annotator, "template", None)
+    if template is not None and hasattr(annotator, "backend"):
+        kind = "pairwise" if isinstance(annotator, PairwiseJudgeAnnotator) else f"pointwise_{annotator.scale}"
+        identity = judge_identity(cfg, annotator.backend, template.name, kind)
+        annotator.backend = CachedJudgeBackend(annotator.backend, JudgeCache(store, identity))
+    return annotator
+
+
 def shards_by_prompt(generations: pd.DataFrame, prompts_per_shard: int) -> list[pd.DataFrame]:
     """Consecutive prompts' samples per shard: all samples of a prompt land in the same shard."""
     groups = prompt_groups(generations)
@@ -106,6 +123,7 @@ def annotation_summary(annotations: pd.DataFrame) -> dict:
     """Counts per status, failure fraction, and the statistics of the labelled rows."""
     counts = {str(k): int(v) for k, v in annotations["status"].value_counts().sort_index().items()}
     failures = sum(counts.get(status, 0) for status in FAILURE_STATUSES)
+    transient = int(transient_mask(annotations).sum())
     labelled = annotations[annotations["status"].isin(LABEL_STATUSES)]
     scores = pd.concat([labelled["score1"], labelled["score2"]]).dropna()
     rewards = labelled["generation1_reward"].dropna()
@@ -117,6 +135,8 @@ def annotation_summary(annotations: pd.DataFrame) -> dict:
         "rows": len(annotations),
         "counts": counts,
         "failures": failures,
+        # failed for a reason that may pass (judge outage, timeout): a rerun asks again for exactly these
+        "transient_failures": transient,
         "failure_fraction": failures / len(annotations) if len(annotations) else 0.0,
         # generation1's label: a preference (pairwise: 1 won, 0.5 tie, 0 lost) or a reward (rl, pointwise)
         "label_mean": stat(rewards, "mean"),
@@ -126,9 +146,55 @@ def annotation_summary(annotations: pd.DataFrame) -> dict:
     }
 
 
+def transient_mask(annotations: pd.DataFrame) -> pd.Series:
+    """Rows that failed for a transient reason (see base.is_transient_failure)."""
+    if len(annotations) == 0:
+        return pd.Series([], dtype=bool)
+    return pd.Series([is_transient_failure(status, raw) for status, raw in
+                      zip(annotations["status"], annotations["raw"], strict=True)], index=annotations.index)
+
+
+def labels_digest(annotations: pd.DataFrame) -> str:
+    """A digest of the labels (ids, statuses, rewards, scores): what the training units are built from."""
+    columns = ["annotation_id", "status", "generation1_id", "generation2_id", "generation1_reward",
+               "generation2_reward", "score1", "score2", "confidence"]
+    frame = annotations[columns].sort_values("annotation_id", kind="stable")
+    rows = frame.astype(object).where(frame.notna(), None).values.tolist()
+    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
+
+
+def _retry_transient(annotator: Annotator, shard: pd.DataFrame, done: pa.Table, index: int) -> pa.Table:
+    """The shard's rows with its prompts that failed for a transient reason annotated again, the others kept.
+
+    A prompt is redone whole (its pair or labels depend on all its samples' answers); the judge cache answers
+    what was answered before, so only the failed requests go out again.
+    """
+    frame = done.select(["prompt_id", "status", "raw"]).to_pandas()
+    retry = set(frame.loc[transient_mask(frame), "prompt_id"])
+    redone = from_rows(annotator.annotate(shard[shard["prompt_id"].isin(retry)]), ANNOTATIONS,
+                       f"annotations shard {index}")
+    kept = done.filter(pa.array([pid not in retry for pid in frame["prompt_id"]], pa.bool_()))
+    merged = pa.concat_tables([kept.cast(redone.schema), redone])
+    position = {pid: i for i, pid in enumerate(dict.fromkeys(shard["prompt_id"]))}
+    order = np.argsort([position[pid] for pid in merged.column("prompt_id").to_pylist()], kind="stable")
+    log.info("annotations shard %d: asked again for %d prompts that failed for a transient reason", index, len(retry))
+    return merged.take(pa.array(order))
+
+
+def annotation_complete(store: ArtifactStore, out_uri: str, fingerprint: dict) -> bool:
+    """Complete, with no rows left that failed for a transient reason."""
+    if not store.is_complete(out_uri, fingerprint):
+        return False
+    return not store.read_manifest(out_uri)["extra"].get("transient_failures", 0)
+
+
 def check_failures(summary: dict, max_failure_fraction: float, where: str) -> None:
     if summary["failure_fraction"] > max_failure_fraction:
         detail = ", ".join(f"{s} {summary['counts'].get(s, 0)}" for s in FAILURE_STATUSES)
+        transient = summary.get("transient_failures", 0)
+        if transient:
+            detail += (f"; {transient} failed for a transient reason (judge outage, timeout): run the stage again "
+                       "to ask again for those only")
         raise AnnotationFailureError(
             f"{where}: {summary['failures']} of {summary['rows']} annotations failed "
             f"({summary['failure_fraction']:.1%} > annotation.max_failure_fraction "
@@ -144,11 +210,13 @@ def run_annotation(
     """Annotate the generations stage into `out_uri`; returns the stage manifest.
 
     Shards are groups of `generation.shard_size` prompts; shards already written under the same fingerprint
-    are kept (resume), and a complete stage is not touched. The annotator (which may load a model) is only
-    built when a shard is missing. The failure guard runs over the whole stage before the manifest is
-    written, so a stage with too many failures never counts as complete.
+    are kept (resume), except their prompts whose annotations failed for a transient reason (judge outage,
+    timeout): those are annotated again, in a complete stage too. A judge's answers are cached by content in
+    the store (annotation/cache.py), so nothing already answered is asked twice. The annotator (which may
+    load a model) is only built when there is something to annotate. The failure guard runs over the whole
+    stage before the manifest is written, so a stage with too many failures never counts as complete.
     """
-    if store.is_complete(out_uri, fingerprint):
+    if annotation_complete(store, out_uri, fingerprint):
         return store.read_manifest(out_uri)
     shards = shards_by_prompt(store.read_pandas(generations_uri), cfg.generation.shard_size)
     writer = store.stage_writer(out_uri, "annotations", fingerprint)
@@ -157,9 +225,15 @@ def run_annotation(
     for index, shard in enumerate(shards):
         if index in writer.done_shards:
             with store.fs.open(f"{out_uri}/{shard_name(index)}", "rb") as f:
-                tables.append(pq.read_table(f).to_pandas())
+                done = pq.read_table(f)
+            retry = transient_mask(done.select(["status", "raw"]).to_pandas()).any()
+            if retry:  # the prompts whose judge did not answer are asked again; the other rows are kept
+                annotator = annotator or stage_annotator(cfg, store)
+                done = _retry_transient(annotator, shard, done, index)
+                writer.write_shard(index, done)
+            tables.append(done.to_pandas())
             continue
-        annotator = annotator or make_annotator(cfg)
+        annotator = annotator or stage_annotator(cfg, store)
         table = from_rows(annotator.annotate(shard), ANNOTATIONS, f"annotations shard {index}")
         writer.write_shard(index, table)
         tables.append(table.to_pandas())
@@ -173,4 +247,4 @@ def run_annotation(
     summary = annotation_summary(annotations)
     check_failures(summary, cfg.annotation.max_failure_fraction, f"annotation stage {out_uri}")
     names = sorted(set(annotations["annotator"]))
-    return writer.finish({**summary, "annotators": names})
+    return writer.finish({**summary, "annotators": names, "labels_digest": labels_digest(annotations)})
