@@ -576,11 +576,9 @@ class StageWriter:
         if plan.get("lease_token") != store.lease_token:
             store.write_json(plan_uri, new_plan)  # the stage resumes under this lease
         # A finished stage being redone is damaged: its shards that differ from the old manifest are dropped
-        # (and redone), and the old manifest goes first, so the stage is complete again only when finished.
+        # (and redone), and the old manifest goes, so the stage is complete again only when it is finished.
         old = store.read_manifest(self.stage_uri)
         recorded = {r["name"]: r for r in old["shards"]} if old and old["fingerprint_digest"] == self.digest else {}
-        if old is not None:
-            store.fs.rm_file(store._path(f"{self.stage_uri}/{MANIFEST}"))
         for path in store.fs.ls(store._path(self.stage_uri), detail=False):
             name = os.path.basename(path)
             match = _SHARD.match(name)
@@ -597,6 +595,9 @@ class StageWriter:
                 continue
             self.records[int(match.group(1))] = record
             self.rows[int(match.group(1))] = record["rows"]
+        kept = {record["name"] for record in self.records.values()}
+        if old is not None and not set(recorded) <= kept:
+            store.fs.rm_file(store._path(f"{self.stage_uri}/{MANIFEST}"))
 
     @property
     def done_shards(self) -> set[int]:

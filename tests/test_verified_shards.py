@@ -59,6 +59,9 @@ def test_the_manifest_records_rows_bytes_and_sha256_of_each_shard(finished):
         assert record["bytes"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
     assert store.verify_stage(uri, checksums=True) == []
     assert store.is_complete(uri, {"v": 1})
+    # A writer opened on an intact finished stage (a late fan-out worker, say) leaves it complete.
+    assert store.stage_writer(uri, "metrics", {"v": 1}).done_shards == {0, 1, 2}
+    assert store.is_complete(uri, {"v": 1})
 
 
 @pytest.mark.parametrize("damage", [truncate, fewer_rows, delete])
