@@ -34,7 +34,7 @@ from typing import get_args
 import pandas as pd
 import torch
 
-from alignment_core.config import ONLINE_SETUPS, PipelineConfig, Setup
+from alignment_core.config import ONLINE_SETUPS, PipelineConfig, Setup, check_prompt_fits
 from alignment_core.records import UNITS, from_rows
 
 logger = logging.getLogger(__name__)
@@ -246,8 +246,7 @@ class BatchFactory:
             raise ValueError(f"unknown setup {setup!r}; expected one of {SETUPS}")
         if truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"unknown truncation_mode {truncation_mode!r}; expected {TRUNCATION_MODES}")
-        if not 0 < max_prompt_length < max_length:
-            raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+        check_prompt_fits(max_prompt_length, max_length)  # the config's rule, for callers without a config
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs EOS and pad tokens (models.load_tokenizer sets the pad)")
         self.tokenizer = tokenizer

@@ -39,11 +39,72 @@ LOSSES_OF_SETUP = {
 # The bundled tiny model is built on first use under this folder-relative name (see alignment_core.tiny).
 TINY_MODEL = "tiny://llama"
 
+# ---- cross-field rules: each is one function, called by the config validators (so a bad combination fails at
+# config load) and, where a library entry point takes the same values without a config, by that entry point.
+
+# Data formats (an explicit data.format) whose examples each offline setup can train on.
+FORMATS_OF_SETUP = {
+    "sft": ("sft", "pairs", "hh_rlhf", "messages_pairs", "scored", "pointwise"),
+    "reward_modelling": ("pairs", "hh_rlhf", "messages_pairs", "scored"),
+    "offline_pairwise": ("pairs", "hh_rlhf", "messages_pairs", "scored"),
+    "offline_pointwise": ("pointwise",),
+}
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def is_single_file_source(source: str) -> bool:
+    """A bundled dataset or a data file (one split of one dataset), as opposed to a hub dataset or a folder."""
+    return source.startswith("bundled:") or source.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def check_single_file_options(source: str, split: str, subset: str | None, revision: str | None) -> None:
+    """A file is one split of one dataset: a split, subset or revision asked of it would be silently ignored."""
+    if is_single_file_source(source) and (split != "train" or subset is not None or revision is not None):
+        raise ValueError(
+            f"data source {source!r} is a single file: split/subset/revision apply only to hub datasets "
+            f"and folders (got split={split!r}, subset={subset!r}, revision={revision!r})"
+        )
+
+
+def check_prompt_fits(max_prompt_length: int, max_length: int) -> None:
+    """The prompt must leave room for a response in the training sequence."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
+
+
+def check_fits_model_len(what: str, max_new_tokens: int, max_model_len: int) -> None:
+    """A response of max_new_tokens after a prompt of at least one token must fit the engine's max_model_len
+    (else generation skips every prompt)."""
+    if max_new_tokens >= max_model_len:
+        raise ValueError(f"{what} ({max_new_tokens}) must be < generation.max_model_len ({max_model_len}): "
+                         "a prompt and its response must fit the model length")
+
+
+def check_reweight_clip(clip: float) -> None:
+    if clip < 1:
+        raise ValueError(f"clip must be >= 1 (weights are clipped to [1/clip, clip]), got {clip}")
+
+
+def samples_needed(cfg: "PipelineConfig") -> tuple[int, str]:
+    """(samples per prompt the online setup needs, why): pairs, a leave-one-out baseline or a median need 2."""
+    annotation = cfg.annotation
+    if cfg.setup == "online_pairwise":
+        return 2, "a preference pair is two samples of one prompt"
+    if cfg.setup == "rl":
+        return 2, "rl's leave-one-out baseline compares each sample with the prompt's other samples"
+    judge_yes_no = annotation.annotator == "judge_pointwise" and annotation.judge.pointwise_scale == "yes_no"
+    if cfg.setup == "online_pointwise" and annotation.pointwise_threshold is None and not judge_yes_no:
+        return 2, ("pointwise labels by the per-prompt median need two samples (or set "
+                   "annotation.pointwise_threshold)")
+    return 1, ""
+
 
 class StrictModel(BaseModel):
     # A field's docstring (the string under it) is its description: in the JSON schema, so in the Prefect UI's
     # form, and in `--help`-style listings.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: every float knob is a finite number (YAML's .inf / .nan fail at load).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
 
 
 class StoreConfig(StrictModel):
@@ -110,6 +171,14 @@ class DataConfig(StrictModel):
     """Online runs take `generation.prompts_per_iteration` new prompts per iteration. When the source runs out:
     "cycle" samples earlier iterations' prompts again (with a warning), "never" stops the run at its first stage
     with an error."""
+
+    @model_validator(mode="after")
+    def _file_options(self) -> "DataConfig":
+        # split/subset/revision apply to eval_source too (it is read with the same options).
+        for source in (self.source, self.eval_source):
+            if source:
+                check_single_file_options(source, self.split, self.subset, self.revision)
+        return self
 
 
 class AdapterConfig(StrictModel):
@@ -186,6 +255,11 @@ class GenerationConfig(StrictModel):
     max_model_len: int = Field(default=512, gt=0)
     """vLLM: longest prompt + response the engine accepts."""
 
+    @model_validator(mode="after")
+    def _response_fits(self) -> "GenerationConfig":
+        check_fits_model_len("generation.max_new_tokens", self.max_new_tokens, self.max_model_len)
+        return self
+
 
 class JudgeConfig(StrictModel):
     backend: Literal["local", "vllm", "http"] = "local"
@@ -244,6 +318,12 @@ class ReweightConfig(StrictModel):
     """importance ratios and weights are clipped to [1/clip, clip]"""
     behaviour_model: str | None = None
     """importance: the model that wrote the responses"""
+
+    @field_validator("clip")
+    @classmethod
+    def _clip_at_least_one(cls, clip: float) -> float:
+        check_reweight_clip(clip)
+        return clip
 
 
 class TrainingConfig(StrictModel):
@@ -311,10 +391,9 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "TrainingConfig":
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
-            )
+        check_prompt_fits(self.max_prompt_length, self.max_length)
+        if self.loss == "kto" and self.batch_size < 2:
+            raise ValueError("loss 'kto' needs batch_size >= 2 for its mismatched KL pairs")
         return self
 
 
@@ -431,6 +510,20 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"training.loss {self.training.loss!r} does not fit setup {self.setup!r}; "
                              f"use one of {LOSSES_OF_SETUP[self.setup]}")
         annotation = self.annotation
+        needed, why = samples_needed(self)
+        if self.online and self.generation.n_samples < needed:
+            raise ValueError(f"generation.n_samples must be >= {needed} for setup {self.setup!r} "
+                             f"({why}), got {self.generation.n_samples}")
+        if self.setup in ("rl", "online_pointwise") and annotation.annotator == "judge_pairwise":
+            raise ValueError(f"annotation.annotator 'judge_pairwise' gives preference pairs, but setup "
+                             f"{self.setup!r} needs {'rewards' if self.setup == 'rl' else 'labels'}: use "
+                             "'judge_pointwise', 'reward_model' or 'programmatic'")
+        if self.evaluation.enabled:
+            check_fits_model_len("evaluation.max_new_tokens", self.evaluation.max_new_tokens,
+                                 self.generation.max_model_len)
+        if not self.online and self.data.format != "auto" and self.data.format not in FORMATS_OF_SETUP[self.setup]:
+            raise ValueError(f"data.format {self.data.format!r} gives no examples setup {self.setup!r} can train "
+                             f"on; use one of {FORMATS_OF_SETUP[self.setup]} (or auto)")
         if self.online and annotation.annotator == "reward_model" and not annotation.reward_model:
             raise ValueError("annotation.reward_model must name a reward model when annotation.annotator is "
                              "'reward_model'")
@@ -506,9 +599,40 @@ def parse_config(data: dict[str, Any]) -> PipelineConfig:
         raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in error.errors())) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a mapping repeating a key (plain YAML keeps the last one silently).
+
+    Keys brought in by a merge (`<<: *anchor`) may be overridden by the mapping's own keys, as YAML intends.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first_line.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if earlier != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {earlier})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_load_unique(text: str) -> Any:
+    """yaml.safe_load, except that a repeated mapping key raises a yaml.YAMLError naming the key and line."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a YAML config; `overrides` maps dotted names to values (`{"training.beta": 0.2}`)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml_load_unique(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not a valid config file: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():

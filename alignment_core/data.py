@@ -35,7 +35,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from alignment_core.config import DataConfig
+from alignment_core.config import DataConfig, check_single_file_options
 from alignment_core.records import EXAMPLES, PROMPTS, from_rows
 
 logger = logging.getLogger(__name__)
@@ -252,24 +252,37 @@ def adapt_sft(row: dict, loader: "DatasLoader") -> dict:
     return {"prompt_messages": prompt_messages, "completion": completion}
 
 
+def _column(row: dict, spellings: tuple[str, ...]) -> str:
+    """The first of the spellings the row has a value for (else the first spelling: missing_field names it)."""
+    return next((name for name in spellings if row.get(name) is not None), spellings[0])
+
+
+def _scored_response(value: Any, name: str) -> str:
+    """One response of a scored list: a string, or chat turns ending in the assistant's answer."""
+    if isinstance(value, list):
+        return _split_final_answer(_messages(value, name), name)[1]
+    return _string(value, name)
+
+
 def adapt_scored(row: dict, loader: "DatasLoader") -> dict:
     prompt_messages = _prompt(_field(row, "prompt"))
-    responses, scores = _field(row, "responses"), _field(row, "scores")
+    responses_name, scores_name = _column(row, SCORED_RESPONSES), _column(row, SCORED_SCORES)
+    responses, scores = _field(row, responses_name), _field(row, scores_name)
     if not isinstance(responses, list) or not isinstance(scores, list):
-        raise BadRow("not_a_list", "fields 'responses' and 'scores' must both be lists")
+        raise BadRow("not_a_list", f"fields {responses_name!r} and {scores_name!r} must both be lists")
     if len(responses) != len(scores):
-        raise BadRow("length_mismatch", f"{len(responses)} responses but {len(scores)} scores")
+        raise BadRow("length_mismatch", f"{len(responses)} {responses_name} but {len(scores)} {scores_name}")
     if len(responses) < 2:
-        raise BadRow("length_mismatch", f"{len(responses)} responses: a pair needs at least 2")
-    responses = [_string(r, f"responses[{i}]") for i, r in enumerate(responses)]
-    scores = [_number(s, f"scores[{i}]") for i, s in enumerate(scores)]
+        raise BadRow("length_mismatch", f"{len(responses)} {responses_name}: a pair needs at least 2")
+    responses = [_scored_response(r, f"{responses_name}[{i}]") for i, r in enumerate(responses)]
+    scores = [_number(s, f"{scores_name}[{i}]") for i, s in enumerate(scores)]
     best = max(range(len(scores)), key=scores.__getitem__)  # the first of equal scores, for determinism
     worst = min(range(len(scores)), key=scores.__getitem__)
     gap = scores[best] - scores[worst]
     if gap <= 0 or gap < loader.min_pair_margin:
         raise BadRow("below_margin", f"best-worst score gap {gap:g} (needs > 0 and >= {loader.min_pair_margin:g})")
-    chosen = _response(responses[best], f"responses[{best}]")
-    rejected = _response(responses[worst], f"responses[{worst}]")
+    chosen = _response(responses[best], f"{responses_name}[{best}]")
+    rejected = _response(responses[worst], f"{responses_name}[{worst}]")
     _check_distinct(chosen, rejected)
     return {
         "prompt_messages": prompt_messages,
@@ -279,6 +292,26 @@ def adapt_scored(row: dict, loader: "DatasLoader") -> dict:
         "rejected_score": scores[worst],
     }
 
+
+# Spellings of a scored list's columns in public datasets: responses and their scores, index for index.
+SCORED_RESPONSES = ("responses", "completions", "outputs", "candidates", "generations")
+SCORED_SCORES = ("scores", "rewards", "ratings")
+# The columns each format reads (for messages that say what a source should look like).
+FORMAT_COLUMNS = {
+    "prompt_only": "prompt or messages",
+    "pairs": "prompt, chosen, rejected",
+    "hh_rlhf": "chosen, rejected transcripts",
+    "messages_pairs": "chosen, rejected chat turns",
+    "pointwise": "prompt, completion, label",
+    "sft": "prompt, completion or messages",
+    "scored": f"prompt, {'/'.join(SCORED_RESPONSES)}, {'/'.join(SCORED_SCORES)}",
+}
+# Columns that carry no training signal: beside them, a prompt column alone is a prompt_only source.
+PROMPT_ONLY_METADATA = frozenset({
+    "id", "idx", "index", "uid", "prompt_id", "example_id", "source", "dataset", "origin", "category",
+    "categories", "task", "task_type", "type", "domain", "subset", "split", "tags", "tag", "lang", "language",
+    "metadata", "meta", "info", "license", "url", "title", "created_at", "timestamp", "difficulty", "level",
+})
 
 ADAPTERS: dict[str, Callable[[dict, "DatasLoader"], dict]] = {
     "prompt_only": adapt_prompt_only,
@@ -292,13 +325,19 @@ ADAPTERS: dict[str, Callable[[dict, "DatasLoader"], dict]] = {
 
 
 def detect_format(rows: list[dict]) -> str:
-    """The adapter that fits the columns (and, where needed, the value types) of the given leading rows."""
+    """The adapter that fits the columns (and, where needed, the value types) of the given leading rows.
+
+    prompt_only is detected only when every other column is known metadata (PROMPT_ONLY_METADATA): a column
+    such as `response` or `reward` that no adapter reads would otherwise be dropped without a word, and an
+    offline run would train on nothing it meant to. Such a source fails, naming the columns; rename them to a
+    known spelling, or name `format: prompt_only` to load only the prompts.
+    """
     columns = {name for row in rows for name, value in row.items() if value is not None}
 
     def first(name: str) -> Any:
         return next(row[name] for row in rows if row.get(name) is not None)
 
-    if {"responses", "scores"} <= columns:
+    if "prompt" in columns and columns & set(SCORED_RESPONSES) and columns & set(SCORED_SCORES):
         return "scored"
     if {"chosen", "rejected"} <= columns:
         if isinstance(first("chosen"), list):
@@ -308,14 +347,24 @@ def detect_format(rows: list[dict]) -> str:
         return "pointwise"
     if {"prompt", "completion"} <= columns:
         return "sft"
+    fmt = None
     if "messages" in columns:
         last_turn = (first("messages") or [None])[-1]
-        return "sft" if isinstance(last_turn, dict) and last_turn.get("role") == "assistant" else "prompt_only"
-    if "prompt" in columns:
-        return "prompt_only"
-    raise ValueError(
-        f"cannot detect the data format from columns {sorted(columns)}; name one of {FORMATS} with format="
-    )
+        fmt = "sft" if isinstance(last_turn, dict) and last_turn.get("role") == "assistant" else "prompt_only"
+    elif "prompt" in columns:
+        fmt = "prompt_only"
+    known = "; ".join(f"{name}: {spelled}" for name, spelled in FORMAT_COLUMNS.items())
+    if fmt is None:
+        raise ValueError(f"cannot detect the data format from columns {sorted(columns)}; the known formats read "
+                         f"({known}); name one with format=")
+    unread = sorted(columns - {"prompt", "messages"} - PROMPT_ONLY_METADATA)
+    if fmt == "prompt_only" and unread:
+        raise ValueError(
+            f"cannot detect the data format from columns {sorted(columns)}: as prompt_only, columns {unread} "
+            f"would not be read. The known formats read ({known}). Rename the columns to a known spelling, name "
+            "the format with format=, or format=prompt_only to load the prompts alone"
+        )
+    return fmt
 
 
 # --- reading sources ---------------------------------------------------------------------------------------
@@ -334,10 +383,51 @@ def bundled_path(name: str) -> str:
     return str(resources.files("alignment_core.bundled") / f"{name}.jsonl")
 
 
+def _unencodable_field(value: Any, name: str = "") -> str | None:
+    """The first string inside `value` that is not valid UTF-8 text, by its path (None when all are).
+
+    Such strings hold undecodable bytes (read with surrogateescape) or an unpaired surrogate escape such as
+    "\\ud800" (valid JSON, but no UTF-8 encoding exists): Arrow, ids and Parquet all need UTF-8.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return name or "the row"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable_field(key, name) or _unencodable_field(item, f"{name}.{key}" if name else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unencodable_field(item, f"{name}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def _checked_row(row: Any, where: str) -> dict | BadRow:
+    """A parsed JSON row, or the BadRow saying why it cannot be one (`where`: "line 7", "item 3")."""
+    if not isinstance(row, dict):
+        return BadRow("invalid_json", f"{where} is not an object")
+    field_path = _unencodable_field(row)
+    if field_path is not None:
+        return BadRow("invalid_encoding", f"{where}: {field_path!r} is not valid UTF-8 text (undecodable bytes "
+                                          "or an unpaired surrogate escape)")
+    return row
+
+
 def _read_jsonl(path: str) -> Iterator[dict | BadRow]:
-    """One item per non-blank line; a line that is not a JSON object is a BadRow (counted, not fatal)."""
-    with fsspec.open(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    """One item per non-blank line; a line that is not a UTF-8 JSON object is a BadRow (counted, not fatal)."""
+    with fsspec.open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield BadRow("invalid_encoding", f"line {line_number}: not valid UTF-8 (byte "
+                                                 f"{raw[error.start]:#04x} at column {error.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -345,27 +435,55 @@ def _read_jsonl(path: str) -> Iterator[dict | BadRow]:
             except json.JSONDecodeError as error:
                 yield BadRow("invalid_json", f"line {line_number}: {error.msg}")
                 continue
-            yield row if isinstance(row, dict) else BadRow("invalid_json", f"line {line_number} is not an object")
+            yield _checked_row(row, f"line {line_number}")
+
+
+def _array_items_with_lines(text: str) -> list[tuple[Any, int]]:
+    """(item, line of its first character) for each item of the top-level JSON array `text`."""
+    decoder, items = json.JSONDecoder(), []
+    whitespace = re.compile(r"\s*")
+    position = whitespace.match(text, text.index("[") + 1).end()
+    line, counted_to = 1, 0
+    while text[position : position + 1] != "]":
+        if items:
+            if text[position : position + 1] != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+            position = whitespace.match(text, position + 1).end()
+        item, end = decoder.raw_decode(text, position)
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        items.append((item, line))
+        position = whitespace.match(text, end).end()
+    if text[position + 1 :].strip():
+        raise json.JSONDecodeError("Extra data", text, position + 1)
+    return items
 
 
 def _read_json(path: str) -> Iterator[dict | BadRow]:
-    """A JSON array of objects, or {"<key>": [objects]}; a file of JSON lines named .json also works."""
-    with fsspec.open(path, "rt", encoding="utf-8") as handle:
-        text = handle.read()
+    """A JSON array of objects, or {"<key>": [objects]}; a file of JSON lines named .json also works.
+
+    Undecodable bytes do not stop the load: the text is decoded with surrogateescape, and each row holding
+    such bytes is a BadRow (with its line, for a top-level array).
+    """
+    with fsspec.open(path, "rb") as handle:
+        text = handle.read().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     try:
-        document = json.loads(text)
+        if text.lstrip().startswith("["):
+            items = [(row, f"item {index} (line {line})")
+                     for index, (row, line) in enumerate(_array_items_with_lines(text))]
+        else:
+            document = json.loads(text)
+            if not isinstance(document, dict):
+                raise ValueError(f"{path}: expected a JSON array of rows, got {type(document).__name__}")
+            lists = [value for value in document.values() if isinstance(value, list)]
+            if len(lists) != 1:
+                raise ValueError(f"{path}: expected a JSON array of rows, or an object holding one array of rows")
+            items = [(row, f"item {index}") for index, row in enumerate(lists[0])]
     except json.JSONDecodeError:
         yield from _read_jsonl(path)
         return
-    if isinstance(document, dict):
-        lists = [value for value in document.values() if isinstance(value, list)]
-        if len(lists) != 1:
-            raise ValueError(f"{path}: expected a JSON array of rows, or an object holding one array of rows")
-        document = lists[0]
-    if not isinstance(document, list):
-        raise ValueError(f"{path}: expected a JSON array of rows, got {type(document).__name__}")
-    for index, row in enumerate(document):
-        yield row if isinstance(row, dict) else BadRow("invalid_json", f"item {index} is not an object")
+    for row, where in items:
+        yield _checked_row(row, where)
 
 
 def _read_parquet(path: str) -> Iterator[dict]:
@@ -376,12 +494,50 @@ def _read_parquet(path: str) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def _read_csv(path: str) -> Iterator[dict]:
-    """CSV holds flat columns only (prompt, chosen, rejected, completion, label); types are inferred."""
+def _csv_record_lines(raw: bytes) -> list[int]:
+    """The line on which each non-empty CSV record (the header first) starts; quoted fields may span lines."""
+    import csv
+    import io
+
+    # latin-1 maps bytes to characters one to one, so quotes and newlines stay where they are in any encoding.
+    reader = csv.reader(io.StringIO(raw.decode("latin-1"), newline=""))
+    starts, line = [], 1
+    for record in reader:
+        if record:
+            starts.append(line)
+        line = reader.line_num + 1
+    return starts
+
+
+def _read_csv(path: str) -> Iterator[dict | BadRow]:
+    """CSV holds flat columns only (prompt, chosen, rejected, completion, label); types are inferred.
+
+    pyarrow reads a column holding bytes that are not UTF-8 as binary: each value of such a column is decoded
+    here, and a row with undecodable bytes is a BadRow naming its line (the rest of the column loads as text).
+    """
     import pyarrow.csv as pcsv
 
     with fsspec.open(path, "rb") as handle:
-        yield from pcsv.read_csv(handle).to_pylist()
+        raw = handle.read()
+    table = pcsv.read_csv(pa.BufferReader(raw))
+    binary = [field.name for field in table.schema if pa.types.is_binary(field.type) or
+              pa.types.is_large_binary(field.type)]
+    record_lines = _csv_record_lines(raw) if binary else []
+    for index, row in enumerate(table.to_pylist()):
+        bad = None
+        for name in binary:
+            if row[name] is None:
+                continue
+            try:
+                row[name] = row[name].decode("utf-8")
+            except UnicodeDecodeError:
+                bad = bad or name
+        if bad is None:
+            yield row
+            continue
+        line = record_lines[index + 1] if index + 1 < len(record_lines) else None
+        where = f"line {line}" if line is not None else f"record {index + 1}"
+        yield BadRow("invalid_encoding", f"{where}: column {bad!r} is not valid UTF-8 text")
 
 
 FILE_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
@@ -534,12 +690,7 @@ class DatasLoader:
         path, suffix = check_source(self.source)
         if suffix is None:
             return _read_hub(os.path.expanduser(path), self.subset, self.split, self.revision, self.max_rows)
-        # A file is one split of one dataset: a split, subset or revision asked of it would be silently ignored.
-        if self.split != "train" or self.subset is not None or self.revision is not None:
-            raise ValueError(
-                f"data source {path!r} is a single file: split/subset/revision apply only to hub datasets "
-                f"and folders (got split={self.split!r}, subset={self.subset!r}, revision={self.revision!r})"
-            )
+        check_single_file_options(self.source, self.split, self.subset, self.revision)
         return itertools.islice(FILE_READERS[suffix](path), self.max_rows)
 
     def load(self) -> pa.Table:

@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from alignment_core.config import PipelineConfig, ReweightConfig
+from alignment_core.config import PipelineConfig, ReweightConfig, check_reweight_clip
 from alignment_core.records import WEIGHTS, conform
 from alignment_core.store import ArtifactStore
 
@@ -58,10 +58,7 @@ def _is_pair(row: pd.Series) -> bool:
 
 class SampleReweighter:
     def __init__(self, cfg: ReweightConfig):
-        if cfg.clip < 1:
-            raise ValueError(
-                f"reweight.clip must be >= 1 (weights are clipped to [1/clip, clip]), got {cfg.clip}"
-            )
+        check_reweight_clip(cfg.clip)  # the config's own rule (a copy made with model_copy is not validated)
         self.cfg = cfg
         self.strategy = cfg.strategy
 

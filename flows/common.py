@@ -99,8 +99,9 @@ HEADLINE = ("train_loss", "train_reward_accuracy", "annotation_score_mean", "ann
 
 def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:
     from alignment_core.pipeline import open_store
+    from alignment_core.redact import redact
 
-    run_uri = open_store(cfg).run_uri(cfg.store.run_name)
+    run_uri = redact(open_store(cfg).run_uri(cfg.store.run_name))  # a URI may carry user:password@
     print(f"\nrun {cfg.store.run_name} finished: {run_uri}")
     if summaries and "checkpoint" in summaries[-1]:
         print(f"last checkpoint: {summaries[-1]['checkpoint']}")

@@ -5,6 +5,10 @@
     prefect deployment run 'iterative-dpo/tiny-local' --watch
 
 Set ALIGNMENT_SCHEDULE (a cron string, e.g. "0 3 * * *") to schedule the online flow.
+
+The served flow runs import only code under `alignment_core.` that their config names (reward functions,
+oracles): ALIGNMENT_CORE_ALLOWED_CODE defaults to that here; set it before starting to widen it (README: Trust
+model).
 """
 
 import os
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from prefect import serve
 
+from alignment_core.annotation.scorers import ALLOWED_CODE_ENV
 from alignment_core.config import load_config
 from flows.iterative_dpo import iterative_dpo
 from flows.offline import offline_preference, reward_model, sft
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.serve") -> 
 
     argparse.ArgumentParser(prog=prog, description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    # Anyone who can start a served deployment sets its config: it may name only the library's own code.
+    os.environ.setdefault(ALLOWED_CODE_ENV, "alignment_core.")
     serve(*deployments())
 
 

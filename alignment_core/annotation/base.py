@@ -11,9 +11,7 @@ decision it makes is a row, so the stage can be audited and its failures counted
     unparseable  the judge answered, but not with a clear verdict              no (a failure)
     error        the annotator failed (exception, HTTP error, timeout)         no (a failure)
 
-Downstream code keeps only rows whose status is in LABEL_STATUSES. An "error" row whose raw JSON says
-`"transient": true` (the judge did not answer: outage, timeout, a malformed reply) is not final: a rerun of the
-stage asks again for exactly those prompts (`is_transient_failure`); "unparseable" answers stay as they are.
+Downstream code keeps only rows whose status is in LABEL_STATUSES.
 """
 
 import hashlib
@@ -26,13 +24,10 @@ from typing import Literal, Protocol
 
 import pandas as pd
 
+from alignment_core.redact import redact
+
 LABEL_STATUSES = ("ok", "tie")
 FAILURE_STATUSES = ("unparseable", "error")
-
-
-def is_transient_failure(status: str, raw: str) -> bool:
-    """An annotation row that failed for a reason that may pass (the judge did not answer): not final."""
-    return status == "error" and bool(json.loads(raw or "{}").get("transient"))
 
 # What the rows of a stage are, by learning setup: preference pairs, desirable/undesirable labels, or
 # scalar rewards (online pairwise, online pointwise, reinforcement learning).
@@ -95,7 +90,8 @@ def annotation_row(
         "confidence": confidence,
         "agreement": agreement,
         "status": status,
-        "raw": json.dumps(raw, sort_keys=True, default=str),
+        # Raw output and error text may echo a credential (an endpoint quoting the request's key): masked.
+        "raw": redact(json.dumps(raw, sort_keys=True, default=str)),
     }
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
+import jinja2.sandbox
 import pandas as pd
 
 from alignment_core.annotation.backends import JudgeBackend, JudgeReply
@@ -32,8 +33,15 @@ class JudgeTemplate:
     source: str
 
     def render(self, **variables: str) -> str:
-        environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-        return environment.from_string(self.source).render(**variables)
+        # Sandboxed: a template (a config names it, so whoever sets the config writes it) reaches no Python
+        # internals (`''.__class__.__mro__`, `x.__globals__`): such an access raises SecurityError.
+        environment = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined,
+                                                          keep_trailing_newline=False)
+        try:
+            return environment.from_string(self.source).render(**variables)
+        except jinja2.exceptions.SecurityError as error:
+            raise ValueError(f"judge template {self.name} tried an unsafe operation, refused by the sandbox: "
+                             f"{error}") from None
 
 
 def bundled_templates() -> list[str]:
@@ -180,8 +188,6 @@ class PairwiseJudgeAnnotator:
         ids = (first["generation_id"], second["generation_id"])
         for failure in ("error", "unparseable"):
             if any(v.status == failure for v in verdicts):
-                if failure == "error":  # the judge did not answer (outage, timeout): a rerun asks again
-                    raw["transient"] = True
                 return annotation_row(self.name, first["prompt_id"], "pairwise", failure, raw, *ids)
         # Order 0 shows generation1 as A, order 1 shows it as B: map both to "is generation1 preferred?".
         first_wins = [verdicts[0].answer == "A"] + ([verdicts[1].answer == "B"] if len(verdicts) > 1 else [])
@@ -265,12 +271,12 @@ class PointwiseJudgeAnnotator:
             verdict = read_choice(reply, YES_NO_OPTIONS)
             raw = _verdict_raw(reply, verdict)
             if verdict.answer is None:
-                return Score(None, verdict.status, {**raw, "transient": True} if verdict.status == "error" else raw)
+                return Score(None, verdict.status, raw)
             if verdict.logprobs is not None:
                 return Score(_sigmoid(verdict.logprobs["yes"] - verdict.logprobs["no"]), "ok", raw)
             return Score(1.0 if verdict.answer == "yes" else 0.0, "ok", raw)
-        if reply.error is not None:  # the judge did not answer (outage, timeout): a rerun asks again
-            return Score(None, "error", {**reply.raw, "transient": True})
+        if reply.error is not None:
+            return Score(None, "error", dict(reply.raw))
         value = parse_score(reply.text or "")
         raw = {**reply.raw, "answer": value}
         return Score(None, "unparseable", raw) if value is None else Score(float(value), "ok", raw)

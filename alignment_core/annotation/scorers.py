@@ -5,8 +5,10 @@ share the selection rules, the minimum margin and the pointwise threshold.
 """
 
 import importlib
+import inspect
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import pandas as pd
@@ -81,14 +83,43 @@ class RewardModelAnnotator:
         return rows_from_scores(self.name, generations, scores, self.rules)
 
 
+# Comma-separated module prefixes that config-named code (annotation.programmatic, evaluation.oracle) may come
+# from; unset: any module. Deployments set it (deployments/prefect.yaml, flows/serve.py): README, Trust model.
+ALLOWED_CODE_ENV = "ALIGNMENT_CORE_ALLOWED_CODE"
+
+
+def check_allowed_code(module_name: str) -> None:
+    """Raise unless `module_name` is under a prefix of $ALIGNMENT_CORE_ALLOWED_CODE (when that is set).
+
+    "pkg." allows pkg's submodules, "pkg" allows pkg and its submodules, "*" allows everything.
+    """
+    setting = os.environ.get(ALLOWED_CODE_ENV)
+    if setting is None:
+        return
+    prefixes = [p.strip() for p in setting.split(",") if p.strip()]
+    for prefix in prefixes:
+        if prefix == "*" or module_name == prefix or module_name.startswith(prefix.rstrip(".") + "."):
+            return
+    raise ValueError(f"module {module_name!r} is not allowed here: {ALLOWED_CODE_ENV} allows only modules under "
+                     f"{prefixes or 'nothing'} (README: Trust model)")
+
+
 def import_callable(path: str) -> Callable:
-    """`module:function` -> the function; any problem is a ValueError that says what was wrong."""
+    """`module:function` -> the function; any problem is a ValueError that says what was wrong.
+
+    The module must be allowed by $ALIGNMENT_CORE_ALLOWED_CODE when that is set; it is checked before the
+    import, since importing a module runs its code.
+    """
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(
             f"programmatic reward {path!r} must be 'module:function', "
             "e.g. alignment_core.rewards:positive_words"
         )
+    try:
+        check_allowed_code(module_name)
+    except ValueError as error:
+        raise ValueError(f"programmatic reward {path!r}: {error}") from None
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -102,6 +133,14 @@ def import_callable(path: str) -> Callable:
                 f"programmatic reward {path!r}: module {module_name!r} has no attribute {attribute!r}"
             )
         target = getattr(target, name)
+        if os.environ.get(ALLOWED_CODE_ENV) is not None:
+            # Not through an allowed module to what it imported (`allowed:os.system`, `allowed:np.load`).
+            where = target.__name__ if inspect.ismodule(target) else getattr(target, "__module__", None)
+            try:
+                check_allowed_code(where or "?")
+            except ValueError as error:
+                raise ValueError(f"programmatic reward {path!r}: {attribute!r} is defined elsewhere: "
+                                 f"{error}") from None
     if not callable(target):
         raise ValueError(f"programmatic reward {path!r}: {attribute!r} is not callable")
     return target
