@@ -11,7 +11,9 @@ decision it makes is a row, so the stage can be audited and its failures counted
     unparseable  the judge answered, but not with a clear verdict              no (a failure)
     error        the annotator failed (exception, HTTP error, timeout)         no (a failure)
 
-Downstream code keeps only rows whose status is in LABEL_STATUSES.
+Downstream code keeps only rows whose status is in LABEL_STATUSES. An "error" row whose raw JSON says
+`"transient": true` (the judge did not answer: outage, timeout, a malformed reply) is not final: a rerun of the
+stage asks again for exactly those prompts (`is_transient_failure`); "unparseable" answers stay as they are.
 """
 
 import hashlib
@@ -28,6 +30,11 @@ from alignment_core.redact import redact
 
 LABEL_STATUSES = ("ok", "tie")
 FAILURE_STATUSES = ("unparseable", "error")
+
+
+def is_transient_failure(status: str, raw: str) -> bool:
+    """An annotation row that failed for a reason that may pass (the judge did not answer): not final."""
+    return status == "error" and bool(json.loads(raw or "{}").get("transient"))
 
 # What the rows of a stage are, by learning setup: preference pairs, desirable/undesirable labels, or
 # scalar rewards (online pairwise, online pointwise, reinforcement learning).

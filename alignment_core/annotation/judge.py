@@ -188,6 +188,8 @@ class PairwiseJudgeAnnotator:
         ids = (first["generation_id"], second["generation_id"])
         for failure in ("error", "unparseable"):
             if any(v.status == failure for v in verdicts):
+                if failure == "error":  # the judge did not answer (outage, timeout): a rerun asks again
+                    raw["transient"] = True
                 return annotation_row(self.name, first["prompt_id"], "pairwise", failure, raw, *ids)
         # Order 0 shows generation1 as A, order 1 shows it as B: map both to "is generation1 preferred?".
         first_wins = [verdicts[0].answer == "A"] + ([verdicts[1].answer == "B"] if len(verdicts) > 1 else [])
@@ -271,12 +273,12 @@ class PointwiseJudgeAnnotator:
             verdict = read_choice(reply, YES_NO_OPTIONS)
             raw = _verdict_raw(reply, verdict)
             if verdict.answer is None:
-                return Score(None, verdict.status, raw)
+                return Score(None, verdict.status, {**raw, "transient": True} if verdict.status == "error" else raw)
             if verdict.logprobs is not None:
                 return Score(_sigmoid(verdict.logprobs["yes"] - verdict.logprobs["no"]), "ok", raw)
             return Score(1.0 if verdict.answer == "yes" else 0.0, "ok", raw)
-        if reply.error is not None:
-            return Score(None, "error", dict(reply.raw))
+        if reply.error is not None:  # the judge did not answer (outage, timeout): a rerun asks again
+            return Score(None, "error", {**reply.raw, "transient": True})
         value = parse_score(reply.text or "")
         raw = {**reply.raw, "answer": value}
         return Score(None, "unparseable", raw) if value is None else Score(float(value), "ok", raw)
