@@ -393,7 +393,8 @@ def test_an_http_error_body_quoting_the_key_is_masked_in_the_annotation_rows(mon
 
 
 def test_without_the_allow_list_any_module_is_importable(monkeypatch):
-    monkeypatch.delenv(ALLOWED_CODE_ENV, raising=False)
+    monkeypatch.setenv(ALLOWED_CODE_ENV, "recorded")
+    monkeypatch.delenv(ALLOWED_CODE_ENV)
     assert import_callable("json:dumps") is json.dumps
 
 
@@ -429,7 +430,8 @@ def test_deployments_set_the_allow_list(monkeypatch):
         assert deployment["job_variables"]["env"][ALLOWED_CODE_ENV] == "alignment_core.", deployment["name"]
     import flows.serve
 
-    monkeypatch.delenv(ALLOWED_CODE_ENV, raising=False)
+    monkeypatch.setenv(ALLOWED_CODE_ENV, "recorded")  # so that monkeypatch unsets what main() sets
+    monkeypatch.delenv(ALLOWED_CODE_ENV)
     served = []
     monkeypatch.setattr(flows.serve, "serve", lambda *deployments: served.extend(deployments))
     monkeypatch.setattr(flows.serve, "deployments", lambda: ["d"])
@@ -437,3 +439,9 @@ def test_deployments_set_the_allow_list(monkeypatch):
     import os
 
     assert served == ["d"] and os.environ[ALLOWED_CODE_ENV] == "alignment_core."
+
+
+def test_no_test_leaves_the_allow_list_set():
+    import os
+
+    assert ALLOWED_CODE_ENV not in os.environ
