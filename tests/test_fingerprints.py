@@ -220,6 +220,27 @@ def test_a_finished_iteration_is_not_redone_from_a_changed_config_without_force(
     assert config_from_cli(parse_cli("test", ["--config", "configs/tiny.yaml"])).store.force_rerun is False
 
 
+def test_a_finished_iteration_computed_by_older_library_code_is_kept(tmp_path, caplog):
+    """An upgrade does not redo (or block) finished iterations: a scheduled run continues after them."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(8)])
+    cfg = config(tmp_path)
+    uri = pipeline.load_prompts(cfg, 1)
+    store = pipeline.open_store(cfg)
+    written = store.read_manifest(uri)
+    # As a run written by an earlier release looks: the same fingerprint but for the code digest.
+    store.write_json(f"{uri}/_manifest.json", {**written, "fingerprint": {**written["fingerprint"], "code": "0.1.0"},
+                                               "fingerprint_digest": "older"})
+    store.write_json(f"{store.checkpoint_uri('fp', 1)}/{CHECKPOINT_MARKER}", {"files": []})  # iteration 1 finished
+    caplog.set_level("INFO", logger="alignment_core")
+    assert pipeline.load_prompts(cfg, 1) == uri
+    assert store.read_manifest(uri)["fingerprint_digest"] == "older"  # kept, not rewritten
+    assert "earlier version of the library; kept" in caplog.text
+    # An unfinished iteration is redone with the new code.
+    store.fs.rm(store._path(f"{store.checkpoint_uri('fp', 1)}/{CHECKPOINT_MARKER}"))
+    pipeline.load_prompts(cfg, 1)
+    assert store.read_manifest(uri)["fingerprint_digest"] == written["fingerprint_digest"]
+
+
 @pytest.mark.slow
 def test_relabelling_an_iteration_with_a_new_judge_reuses_its_generations(tmp_path, judge, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
