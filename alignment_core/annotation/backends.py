@@ -22,6 +22,8 @@ from typing import Protocol
 import httpx
 import torch
 
+from alignment_core.redact import redact
+
 log = logging.getLogger(__name__)
 
 Options = dict[str, list[str]]
@@ -315,7 +317,7 @@ class HttpJudgeBackend:
                             attempt + 1,
                             f"HTTP 200 with a body that is not JSON: {response.text[:300]}",
                         )
-                error = f"HTTP {response.status_code}: {response.text[:300]}"
+                error = redact(f"HTTP {response.status_code}: {response.text[:300]}")  # bodies can echo keys
                 if response.status_code not in RETRYABLE_STATUS:
                     return None, attempt + 1, error
                 wait = max(wait, _retry_after_s(response))
