@@ -310,11 +310,12 @@ def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(
     try:
         lease_file = shared_root / "e2e" / "_lease.json"
         deadline = time.time() + 300
-        while not (shared_root / "e2e" / "iter-001" / "prompts" / "_manifest.json").exists():
+        while not lease_file.exists():  # the first flow run has started and holds the run
             assert first.poll() is None, first.stdout.read()[-3000:]
-            assert time.time() < deadline, "the first run never started its first stage"
+            assert time.time() < deadline, "the first run never took the lease"
             time.sleep(0.1)
-        holder = json.loads(lease_file.read_text())["holder"]
+        first_lease = json.loads(lease_file.read_text())
+        holder = first_lease["holder"]
         assert holder["pid"] == first.pid and holder["flow_run_id"]
 
         # The same run with another config (another sampling temperature: other generation fingerprints).
@@ -349,8 +350,7 @@ def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(
                                for store in (shared, solo))  # policy_uri names the store root
             pd.testing.assert_frame_equal(mine, reference, obj=f"iter {k} {stage}")
             plan = json.loads(Path(shared.stage_uri("e2e", k, stage), "_stage.json").read_text())
-            assert plan["fingerprint"] == json.loads(
-                Path(solo.stage_uri("e2e", k, stage), "_stage.json").read_text())["fingerprint"]
+            assert plan["lease_token"] == first_lease["token"]  # written under the first run's lease only
         assert shared.checkpoint_complete(shared.checkpoint_uri("e2e", k))
 
 
