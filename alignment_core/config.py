@@ -250,10 +250,21 @@ class GenerationConfig(StrictModel):
     """Base seed; each shard's seed derives from run, iteration and shard."""
     tensor_parallel_size: int = Field(default=1, gt=0)
     """vLLM: GPUs one engine shards the model over."""
+    data_parallel_size: int = Field(default=1, gt=0)
+    """vLLM: engine replicas on this machine (data parallelism), each on `tensor_parallel_size` GPUs of its own,
+    passed to vLLM's `LLM(data_parallel_size=...)`. vLLM 0.32 refuses it in one process: then (and across machines)
+    use scale_out.generate_workers, one worker per GPU group."""
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     """vLLM: fraction of GPU memory the engine may take."""
     max_model_len: int = Field(default=512, gt=0)
     """vLLM: longest prompt + response the engine accepts."""
+
+    @model_validator(mode="after")
+    def _data_parallel_is_vllm(self) -> "GenerationConfig":
+        if self.data_parallel_size > 1 and self.backend == "transformers":
+            raise ValueError("data_parallel_size > 1 runs vLLM engine replicas: set backend to vllm (or auto on a GPU "
+                             "machine); to spread transformers sampling, use scale_out.generate_workers")
+        return self
 
     @model_validator(mode="after")
     def _response_fits(self) -> "GenerationConfig":
@@ -419,6 +430,28 @@ class ScaleOutConfig(StrictModel):
     """e.g. `train-stage/gpu`"""
     timeout_s: float = Field(default=6 * 3600, gt=0)
     """Seconds to wait for a dispatched stage flow."""
+    annotate_deployment: str | None = None
+    """e.g. `annotate-stage/gpu`: for annotators that run a model here (reward model, local or vLLM judge)."""
+    generate_workers: int = Field(default=1, gt=0)
+    """Fan-out: the generate stage's shards split across this many flow runs of `generate_deployment`, started
+    together (worker i samples shards i, i+N, ...); the rows are the same as one worker's."""
+    annotate_workers: int = Field(default=1, gt=0)
+    """Fan-out of the annotate stage across flow runs of `annotate_deployment`, as for generate_workers."""
+    max_redispatches: int = Field(default=2, ge=0)
+    """A worker's flow run that crashed (its process or machine died; Prefect does not retry those) is started
+    again, at most this many times per worker; it redoes only its missing shards."""
+    concurrency_limit: str | None = None
+    """A Prefect global concurrency limit (e.g. "gpu", made with `prefect gcl create gpu --limit 1`) whose slot every
+    GPU stage body holds while it runs, in-process or dispatched: pipelines sharing GPUs queue instead of
+    oversubscribing them."""
+
+    @model_validator(mode="after")
+    def _workers_need_a_deployment(self) -> "ScaleOutConfig":
+        for stage in ("generate", "annotate"):
+            if getattr(self, f"{stage}_workers") > 1 and not getattr(self, f"{stage}_deployment"):
+                raise ValueError(f"{stage}_workers > 1 fans the {stage} stage out over flow runs of "
+                                 f"{stage}_deployment: set it (e.g. {stage}-stage/gpu)")
+        return self
 
 
 # Experiment trackers (driven through accelerate's tracker classes) and the pip package each one needs.

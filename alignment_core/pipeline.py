@@ -233,9 +233,10 @@ def heldout_examples_uri(store: ArtifactStore, examples_uri: str) -> str:
 # ---- online stages ---------------------------------------------------------------------------------------
 def generate(
     cfg: PipelineConfig, prompts_uri: str, policy_uri: str, iteration: int, stage: str = "generations",
-    progress: Progress = None,
+    progress: Progress = None, shard_subset: tuple[int, int] | None = None,
 ) -> str:
-    """Sample `n_samples` responses per prompt from the policy (resumable shard by shard)."""
+    """Sample `n_samples` responses per prompt from the policy (resumable shard by shard); `shard_subset=(i, N)`:
+    only worker i of N's shards (alignment_core/fanout.py), the stage complete once the last worker is done."""
     from alignment_core.generation import run_generation
 
     store = open_store(cfg)
@@ -252,7 +253,7 @@ def generate(
     run_generation(
         store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
         run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
-        tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype,
+        tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype, shard_subset=shard_subset,
     )
     return out
 
@@ -265,7 +266,8 @@ def _generation_config(cfg: PipelineConfig, stage: str):
     })
 
 
-def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int) -> str:
+def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
+             shard_subset: tuple[int, int] | None = None) -> str:
     """Label the generations; a complete stage is redone only in its rows that failed for a transient reason
     (judge outage, timeout), unless its iteration is finished."""
     from alignment_core.annotation import run_annotation
@@ -285,7 +287,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int) -> str:
         log.info("%s: retrying the %d annotations that failed for a transient reason", out, transient)
     else:
         refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
-    run_annotation(store, generations_uri, out, cfg, fingerprint)
+    run_annotation(store, generations_uri, out, cfg, fingerprint, shard_subset=shard_subset)
     return out
 
 

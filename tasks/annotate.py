@@ -1,7 +1,20 @@
 from alignment_core import pipeline
-from tasks import parse, stage_task
+from tasks import dispatch_stage, gpu_slot, parse, stage_task
 
 
 @stage_task("annotate")
 def annotate(config_json: str, generations_uri: str, iteration: int) -> str:
-    return pipeline.annotate(parse(config_json), generations_uri, iteration)
+    cfg = parse(config_json)
+    scale_out = cfg.scale_out
+    if scale_out.annotate_deployment:
+        store = pipeline.open_store(cfg)
+        out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
+        dispatch_stage(scale_out.annotate_deployment, scale_out.timeout_s, iteration, {
+            "config_json": config_json, "generations_uri": generations_uri, "iteration": iteration,
+        }, workers=scale_out.annotate_workers, max_redispatches=scale_out.max_redispatches,
+            complete=lambda: store.read_manifest(out) is not None)
+        if store.read_manifest(out) is None:
+            raise RuntimeError(f"{scale_out.annotate_deployment} completed but {out} has no manifest")
+        return out
+    with gpu_slot(cfg, "annotate"):
+        return pipeline.annotate(cfg, generations_uri, iteration)

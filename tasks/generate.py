@@ -1,22 +1,25 @@
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from alignment_core import pipeline
-from tasks import artifact_key, dispatch_stage, parse, stage_task
+from tasks import artifact_key, dispatch_stage, gpu_slot, parse, stage_task
 
 
 @stage_task("generate")
 def generate(config_json: str, prompts_uri: str, policy_uri: str, iteration: int) -> str:
     cfg = parse(config_json)
-    if cfg.scale_out.generate_deployment:
-        dispatch_stage(cfg.scale_out.generate_deployment, cfg.scale_out.timeout_s, iteration, {
-            "config_json": config_json, "prompts_uri": prompts_uri, "policy_uri": policy_uri, "iteration": iteration,
-        })
+    scale_out = cfg.scale_out
+    if scale_out.generate_deployment:
         store = pipeline.open_store(cfg)
         out = store.stage_uri(cfg.store.run_name, iteration, "generations")
+        dispatch_stage(scale_out.generate_deployment, scale_out.timeout_s, iteration, {
+            "config_json": config_json, "prompts_uri": prompts_uri, "policy_uri": policy_uri, "iteration": iteration,
+        }, workers=scale_out.generate_workers, max_redispatches=scale_out.max_redispatches,
+            complete=lambda: store.read_manifest(out) is not None)
         if store.read_manifest(out) is None:
-            raise RuntimeError(f"{cfg.scale_out.generate_deployment} completed but {out} has no manifest")
+            raise RuntimeError(f"{scale_out.generate_deployment} completed but {out} has no manifest")
         return out
     progress = create_progress_artifact(0.0, key=artifact_key(cfg.store.run_name, "generate-progress"),
                                         description=f"generation, iteration {iteration}")
-    return pipeline.generate(cfg, prompts_uri, policy_uri, iteration,
-                             progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
+    with gpu_slot(cfg, "generate"):
+        return pipeline.generate(cfg, prompts_uri, policy_uri, iteration,
+                                 progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))

@@ -1,7 +1,7 @@
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from alignment_core import pipeline
-from tasks import artifact_key, dispatch_stage, parse, stage_task
+from tasks import artifact_key, dispatch_stage, gpu_slot, parse, stage_task
 
 
 @stage_task("train", retries=1)
@@ -24,4 +24,5 @@ def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, r
     def report(step: int, total: int, metrics: dict) -> None:
         update_progress_artifact(progress, 100.0 * step / max(total, 1))
 
-    return pipeline.train(cfg, units_uri, weights_uri, policy_uri, reference_uri, iteration, progress=report)
+    with gpu_slot(cfg, "train"):
+        return pipeline.train(cfg, units_uri, weights_uri, policy_uri, reference_uri, iteration, progress=report)

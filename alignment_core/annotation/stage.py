@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alignment_core import fanout
 from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend, VLLMJudgeBackend
 from alignment_core.annotation.base import (
     FAILURE_STATUSES,
@@ -205,8 +206,9 @@ def check_failures(summary: dict, max_failure_fraction: float, where: str) -> No
 
 
 def run_annotation(
-    store: ArtifactStore, generations_uri: str, out_uri: str, cfg: PipelineConfig, fingerprint: dict
-) -> dict:
+    store: ArtifactStore, generations_uri: str, out_uri: str, cfg: PipelineConfig, fingerprint: dict,
+    shard_subset: tuple[int, int] | None = None,
+) -> dict | None:
     """Annotate the generations stage into `out_uri`; returns the stage manifest.
 
     Shards are groups of `generation.shard_size` prompts; shards already written under the same fingerprint
@@ -215,6 +217,10 @@ def run_annotation(
     the store (annotation/cache.py), so nothing already answered is asked twice. The annotator (which may
     load a model) is only built when there is something to annotate. The failure guard runs over the whole
     stage before the manifest is written, so a stage with too many failures never counts as complete.
+
+    `shard_subset=(i, N)`: this call is worker i of N (alignment_core/fanout.py): it annotates only its missing
+    shards i, i+N, ...; the worker that finds every shard in runs the failure guard and writes the manifest
+    (returned); the others return None.
     """
     if annotation_complete(store, out_uri, fingerprint):
         return store.read_manifest(out_uri)
@@ -226,12 +232,15 @@ def run_annotation(
         if index in writer.done_shards:
             with store.fs.open(f"{out_uri}/{shard_name(index)}", "rb") as f:
                 done = pq.read_table(f)
-            retry = transient_mask(done.select(["status", "raw"]).to_pandas()).any()
+            retry = fanout.in_subset(index, shard_subset) and transient_mask(
+                done.select(["status", "raw"]).to_pandas()).any()
             if retry:  # the prompts whose judge did not answer are asked again; the other rows are kept
                 annotator = annotator or stage_annotator(cfg, store)
                 done = _retry_transient(annotator, shard, done, index)
                 writer.write_shard(index, done)
             tables.append(done.to_pandas())
+            continue
+        if not fanout.in_subset(index, shard_subset):  # another fan-out worker's shard
             continue
         annotator = annotator or stage_annotator(cfg, store)
         table = from_rows(annotator.annotate(shard), ANNOTATIONS, f"annotations shard {index}")
@@ -243,6 +252,11 @@ def run_annotation(
     backend = getattr(annotator, "backend", None)
     if hasattr(backend, "close"):  # an HTTP client or a vLLM engine process: not left behind in a worker
         backend.close()
+    if shard_subset is not None:  # a fan-out worker: whoever finds every shard in finishes the stage
+        writer = fanout.writer_if_complete(store, out_uri, "annotations", fingerprint, len(shards))
+        if writer is None:
+            return None
+        tables = [store._read_shard(f"{out_uri}/{shard_name(index)}").to_pandas() for index in range(len(shards))]
     annotations = pd.concat(tables, ignore_index=True) if tables else ANNOTATIONS.empty_table().to_pandas()
     summary = annotation_summary(annotations)
     check_failures(summary, cfg.annotation.max_failure_fraction, f"annotation stage {out_uri}")

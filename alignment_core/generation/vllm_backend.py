@@ -82,21 +82,33 @@ class VLLMGenerator:
             from alignment_core.adapters import vllm_max_lora_rank
 
             on_gpu = torch.cuda.is_available()
-            lora = {}
+            extra = {}
             if self.max_lora_rank is not None:
-                lora = {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(self.max_lora_rank), "max_loras": 1}
-            self._llm = LLM(
-                model=self.policy_path,
-                tokenizer=self.tokenizer_path,
-                dtype=self.dtype,
-                max_model_len=self.gen_cfg.max_model_len,
-                tensor_parallel_size=self.gen_cfg.tensor_parallel_size,
-                gpu_memory_utilization=self.gen_cfg.gpu_memory_utilization,
-                seed=self.gen_cfg.seed,
-                enforce_eager=not on_gpu,  # CUDA graphs need a GPU; on CPU compiling only costs start-up time
-                logprobs_mode="raw_logprobs",  # the default, pinned: the rows' log-probs must mean this
-                **lora,
-            )
+                extra = {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(self.max_lora_rank), "max_loras": 1}
+            if self.gen_cfg.data_parallel_size > 1:  # only when asked: older vLLMs do not know the argument
+                extra["data_parallel_size"] = self.gen_cfg.data_parallel_size
+            try:
+                self._llm = LLM(
+                    model=self.policy_path,
+                    tokenizer=self.tokenizer_path,
+                    dtype=self.dtype,
+                    max_model_len=self.gen_cfg.max_model_len,
+                    tensor_parallel_size=self.gen_cfg.tensor_parallel_size,
+                    gpu_memory_utilization=self.gen_cfg.gpu_memory_utilization,
+                    seed=self.gen_cfg.seed,
+                    enforce_eager=not on_gpu,  # CUDA graphs need a GPU; on CPU compiling only costs start-up time
+                    logprobs_mode="raw_logprobs",  # the default, pinned: the rows' log-probs must mean this
+                    **extra,
+                )
+            except (TypeError, ValueError) as error:
+                if "data_parallel_size" not in extra:
+                    raise
+                # vLLM 0.32 refuses LLM(data_parallel_size > 1) in a single process (it wants one process per
+                # replica); the same split, one engine per flow run: scale_out.generate_workers.
+                raise ValueError(f"this vLLM does not run generation.data_parallel_size "
+                                 f"{self.gen_cfg.data_parallel_size} in one process ({error}); set it to 1 and fan "
+                                 "the stage out instead: scale_out.generate_workers, one worker per GPU group "
+                                 "(prefect worker start --pool gpu --limit 1 per group)") from error
             logger.info("vLLM engine ready for %s", self.policy_path)
         return self._llm
 
