@@ -115,24 +115,30 @@ def _differences(old: dict, new: dict) -> str:
     return ", ".join(parts + others) or "the fingerprint"
 
 
-def refuse_redoing_finished(cfg: PipelineConfig, store: ArtifactStore, stage_uri: str, iteration: int,
-                            fingerprint: dict, previous: dict | None = None) -> None:
-    """Raise when a stage of a finished iteration would be redone from something else (a changed config, input
-    or library), which would silently replace that iteration's checkpoint; `store.force_rerun` allows it.
+def keep_finished(cfg: PipelineConfig, store: ArtifactStore, stage_uri: str, iteration: int,
+                  fingerprint: dict, previous: dict | None = None) -> bool:
+    """Whether a stage of a finished iteration stays as it is although its fingerprint changed.
 
-    `previous` is the fingerprint the stage was computed from (default: its manifest's). Iteration 0's stages
-    (the offline examples) count as finished with iteration 1.
+    A finished iteration is history: when only the library code changed since (an upgrade), its stages are kept
+    and later iterations run on the new code. When anything else changed (the config, the data, a model),
+    redoing the stage would silently replace the iteration's checkpoint: that raises, unless
+    `store.force_rerun` asks for it. `previous` is the fingerprint the stage was computed from (default: its
+    manifest's). Iteration 0's stages (the offline examples) count as finished with iteration 1.
     """
     if cfg.store.force_rerun:
-        return
+        return False
     if previous is None:
         manifest = store.read_manifest(stage_uri)
         previous = manifest.get("fingerprint") if manifest else None
     if previous is None or fingerprint_digest(previous) == fingerprint_digest(fingerprint):
-        return
+        return False
     checkpoint = store.checkpoint_uri(cfg.store.run_name, max(iteration, 1))
     if not store.checkpoint_complete(checkpoint):
-        return
+        return False
+    if {**previous, "code": None} == {**fingerprint, "code": None}:
+        log.info("%s: computed by an earlier version of the library; kept, since iteration %d is finished "
+                 "(--force redoes it)", stage_uri, max(iteration, 1))
+        return True
     raise FinishedIterationChangedError(
         f"iteration {max(iteration, 1)} of run {cfg.store.run_name!r} is finished ({checkpoint}), but its stage "
         f"{stage_uri.rsplit('/', 1)[-1]!r} would now be computed from something else: "
@@ -168,9 +174,8 @@ def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
     fingerprint = _fingerprint(cfg, "prompts", ("data",), iteration=iteration,
                                per_iteration=cfg.generation.prompts_per_iteration, seed=cfg.generation.seed,
                                data=data_digests(cfg.data))
-    if already_done(store, out, fingerprint):
+    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
         return out
-    refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
     train_prompts, _, report = _all_prompts(cfg)
     if train_prompts.num_rows == 0:
         raise ValueError(f"data source {cfg.data.source!r} has no training prompts left after the held-out split")
@@ -214,7 +219,8 @@ def load_examples(cfg: PipelineConfig) -> str:
     fingerprint = _fingerprint(cfg, "examples", ("data",), data=data_digests(cfg.data))
     if already_done(store, out, fingerprint) and store.is_complete(heldout, fingerprint):
         return out
-    refuse_redoing_finished(cfg, store, out, 0, fingerprint)
+    if keep_finished(cfg, store, out, 0, fingerprint):
+        return out
     loader = DatasLoader.from_config(cfg.data)
     examples = loader.load()
     _, eval_prompts, report = _all_prompts(cfg, loader)
@@ -248,8 +254,9 @@ def generate(
     }
     if already_done(store, out, fingerprint):
         return out
-    if stage == "generations":  # held-out samples (eval_generations) feed no checkpoint
-        refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
+    # held-out samples (eval_generations) feed no checkpoint: they are redone like any stage
+    if stage == "generations" and keep_finished(cfg, store, out, iteration, fingerprint):
+        return out
     run_generation(
         store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
         run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
@@ -285,8 +292,8 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
                         "not retried", out, transient)
             return out
         log.info("%s: retrying the %d annotations that failed for a transient reason", out, transient)
-    else:
-        refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
+    elif keep_finished(cfg, store, out, iteration, fingerprint):
+        return out
     run_annotation(store, generations_uri, out, cfg, fingerprint, shard_subset=shard_subset)
     return out
 
@@ -325,9 +332,8 @@ def build_units(
     sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]
     fingerprint = _fingerprint(cfg, "units", (), setup=cfg.setup,
                                sources=[input_digest(store, uri) for uri in sources])
-    if already_done(store, out, fingerprint):
+    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
         return out
-    refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
     if examples_uri:
         units = units_from_examples(store.read_pandas(examples_uri), cfg.setup)
     else:
@@ -356,9 +362,8 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
         inputs["policy"] = policy_digest(store, policy_uri)
         inputs["behaviour"] = policy_digest(store, cfg.reweight.behaviour_model)
     fingerprint = _fingerprint(cfg, "weights", ("reweight",), **inputs)
-    if already_done(store, out, fingerprint):
+    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
         return out
-    refuse_redoing_finished(cfg, store, out, iteration, fingerprint)
     units = store.read_pandas(units_uri)
     if len(units) == 0:
         store.write_stage(out, "weights", fingerprint, [], extra={"note": "no units to weigh"})
@@ -386,7 +391,8 @@ def train(
         if previous == fingerprint:
             log.info("%s: already complete, skipped", checkpoint)
             return checkpoint
-        refuse_redoing_finished(cfg, store, checkpoint, iteration, fingerprint, previous=previous)
+        if keep_finished(cfg, store, checkpoint, iteration, fingerprint, previous=previous):
+            return checkpoint
     policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
     if store.read_manifest(units_uri)["rows"] == 0:
         _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
