@@ -66,7 +66,7 @@ def preflight_problems(cfg: PipelineConfig) -> list[str]:
         problems += _problem("evaluation.oracle", _check_callable, cfg.evaluation.oracle)
     if cfg.training.accelerate_config and not Path(cfg.training.accelerate_config).is_file():
         problems.append(f"training.accelerate_config: no such file {cfg.training.accelerate_config!r}")
-    problems += _problem("store.root", _check_writable, store, cfg.store.run_name)
+    problems += _problem("store.root", _check_writable, store)
     return problems + tracking_problems(cfg)
 
 
@@ -138,11 +138,14 @@ def _check_endpoint(judge) -> None:
         raise ValueError(f"judge endpoint {judge.base_url} does not serve {judge.model!r}; it serves {served}")
 
 
-def _check_writable(store, run_name: str) -> None:
-    """Write the run's `_preflight.json` (when the last preflight passed): proves the store takes writes."""
-    import time
+def _check_writable(store) -> None:
+    """Write and delete a probe file beside the runs (not in the run's folder: that one belongs to the run's
+    lease holder, and a preflight runs before the lease is taken)."""
+    import uuid
 
-    store.write_json(store.uri(run_name, "_preflight.json"), {"checked_at": time.time()})
+    probe = store.uri("_preflight", f"{uuid.uuid4().hex}.json")
+    store.write_bytes(probe, b"{}")
+    store.delete(probe)
 
 
 # ---- which failures are worth a retry --------------------------------------------------------------------

@@ -186,6 +186,9 @@ class ArtifactStore:
         else:
             self.fs.pipe_file(path, data)
 
+    def delete(self, uri: str) -> None:
+        self.fs.rm(self._path(uri))
+
     def write_json(self, uri: str, obj: Any) -> None:
         self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 

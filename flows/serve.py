@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from alignment_core.annotation.scorers import ALLOWED_CODE_ENV
 from alignment_core.config import load_config
@@ -29,8 +30,11 @@ def deployments():
     online = load_config(CONFIGS / "tiny.yaml")
     return [
         # On a schedule, each flow run continues the run by one online iteration.
+        # One flow run at a time (the next queues): a scheduled run overlapping a slow one waits for it. The
+        # store's run lease is what guarantees one writer; this keeps the second from failing on it.
         iterative_dpo.to_deployment(name="tiny-local", cron=schedule, tags=["tiny"], parameters={
-            "config": online.model_dump(mode="json"), **({"more_iterations": 1} if schedule else {})}),
+            "config": online.model_dump(mode="json"), **({"more_iterations": 1} if schedule else {})},
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)),
         sft.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "sft.yaml")
                                                           .model_dump(mode="json")}),
         reward_model.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "reward_model.yaml")

@@ -70,8 +70,8 @@ def test_preflight_lists_every_problem_before_any_work(hub_cache, tmp_path):
     assert fields == ["model.policy", "data.source", "annotation.judge.template", "annotation.judge.base_url",
                       "evaluation.oracle"], problems
     assert "acme/absent" in problems[0] and "not reachable" in problems[3]
-    # Nothing but the preflight record was written.
-    assert [p.name for p in (tmp_path / "store" / "r").iterdir()] == ["_preflight.json"]
+    # Nothing was written into the run (the store's write probe is gone too).
+    assert not (tmp_path / "store" / "r").exists() and list((tmp_path / "store" / "_preflight").iterdir()) == []
 
 
 def _hub_env(tmp_path, hub_home) -> dict:
