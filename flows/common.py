@@ -43,7 +43,7 @@ def config_from_cli(args: argparse.Namespace) -> PipelineConfig:
         field, _, value = item.partition("=")
         overrides[field] = yaml.safe_load(value)
     config = load_config(args.config, overrides)
-    return with_overrides(config, args.iterations, args.run_name, args.store_root, getattr(args, "force", None))
+    return with_overrides(config, args.iterations, args.run_name, args.store_root, args.force)
 
 
 def checked_config_from_cli(args: argparse.Namespace) -> PipelineConfig:
