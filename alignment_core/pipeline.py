@@ -407,7 +407,10 @@ def train(
                           reference_path=reference_path, policy_name=policy_uri)
         factory = BatchFactory.from_config(trainer.tokenizer, cfg)
         encoded = factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
-        trainer.train(encoded, checkpoint, metrics, progress_callback=progress)
+        try:
+            trainer.train(encoded, checkpoint, metrics, progress_callback=progress)
+        finally:
+            trainer.release()
     models = {"policy": model_lineage(store, policy_uri), "reference": model_lineage(store, reference_uri)}
     from alignment_core.adapters import adapter_base, is_adapter
 

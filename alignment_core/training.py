@@ -51,7 +51,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from alignment_core import losses
+from alignment_core import gpu, losses
 from alignment_core.adapters import (
     adapter_base,
     adapter_config,
@@ -542,6 +542,7 @@ class Trainer:
                 metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": state["metrics"]})
             accelerator.wait_for_everyone()
             return TrainResult(checkpoint_uri, total, state["metrics"], state["tokens_per_s"])
+        gpu.reset_peak_memory()
         self.model = self._load_policy(state["local_dir"] if state else self.policy_path)
         self.reference = self._load_reference()
         optimizer = torch.optim.AdamW(
@@ -596,9 +597,17 @@ class Trainer:
                 if progress_callback is not None and accelerator.is_main_process:
                     progress_callback(step, total, metrics)
         if metrics_writer is not None:
-            metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics})
+            metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
+                                   "peak_gpu_memory_gib": gpu.peak_memory_gib()})
         accelerator.wait_for_everyone()
         return TrainResult(checkpoint_uri, total, last_metrics, tokens_seen / train_seconds)
+
+    def release(self) -> None:
+        """Drop the model, reference and optimizer and give their memory back (the next stage may need the
+        GPU); the Trainer cannot train again after this."""
+        self.model = self.reference = self.optimizer = self.scheduler = self._reference_cache = None
+        self.accelerator.free_memory()
+        gpu.release_memory()
 
     def _train_step(self, micro_batches: list[dict], step: int) -> tuple[dict[str, float], float]:
         """Forward/backward over this process's micro-batches, then one optimizer step; returns the metrics

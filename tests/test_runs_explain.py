@@ -126,3 +126,22 @@ def test_ui_form_describes_every_field_and_which_parameter_wins():
     undescribed = [f"{name}.{field}" for name, section in schema["definitions"].items()
                    for field, spec in section.get("properties", {}).items() if not spec.get("description")]
     assert undescribed == []
+
+
+def test_a_released_trainer_lets_its_models_go_and_the_round_records_gpu_memory(tmp_path):
+    """One GPU runs the stages in turn: after a round nothing may keep the policy (or the reference) alive."""
+    import gc
+    import weakref
+
+    from alignment_core.tiny import build_tiny
+    from tests.test_training import make_cfg, make_units, run_round
+
+    model_dir = str(build_tiny(tmp_path / "llama2", num_layers=2))
+    cfg = make_cfg("offline_pairwise", "dpo", epochs=1)
+    store, trainer, _, result = run_round(tmp_path, model_dir, cfg, make_units(8))
+    policy = weakref.ref(trainer.accelerator.unwrap_model(trainer.model))
+    trainer.release()
+    gc.collect()
+    assert policy() is None
+    extra = store.read_manifest(store.stage_uri("round", 0, "metrics"))["extra"]
+    assert "peak_gpu_memory_gib" in extra and result.steps > 0

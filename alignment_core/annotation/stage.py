@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignment_core import fanout
+from alignment_core import fanout, gpu
 from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend, VLLMJudgeBackend
 from alignment_core.annotation.base import (
     FAILURE_STATUSES,
@@ -228,6 +228,7 @@ def run_annotation(
     writer = store.stage_writer(out_uri, "annotations", fingerprint)
     annotator = None
     tables = []
+    gpu.reset_peak_memory()
     for index, shard in enumerate(shards):
         if index in writer.done_shards:
             with store.fs.open(f"{out_uri}/{shard_name(index)}", "rb") as f:
@@ -249,9 +250,12 @@ def run_annotation(
         log.info(
             "annotated shard %d/%d: %d generations -> %d rows", index + 1, len(shards), len(shard), len(table)
         )
+    peak_gpu_memory = gpu.peak_memory_gib() if annotator is not None else None  # before an engine shuts down
     backend = getattr(annotator, "backend", None)
     if hasattr(backend, "close"):  # an HTTP client or a vLLM engine process: not left behind in a worker
         backend.close()
+    annotator = backend = None
+    gpu.release_memory()
     if shard_subset is not None:  # a fan-out worker: whoever finds every shard in finishes the stage
         writer = fanout.writer_if_complete(store, out_uri, "annotations", fingerprint, len(shards))
         if writer is None:
@@ -261,4 +265,5 @@ def run_annotation(
     summary = annotation_summary(annotations)
     check_failures(summary, cfg.annotation.max_failure_fraction, f"annotation stage {out_uri}")
     names = sorted(set(annotations["annotator"]))
-    return writer.finish({**summary, "annotators": names, "labels_digest": labels_digest(annotations)})
+    return writer.finish({**summary, "annotators": names, "labels_digest": labels_digest(annotations),
+                          "peak_gpu_memory_gib": peak_gpu_memory})

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignment_core import fanout, records
+from alignment_core import fanout, gpu, records
 from alignment_core.config import GenerationConfig
 from alignment_core.generation.common import Generator, shard_seed
 
@@ -103,9 +103,11 @@ def run_generation(
         progress_callback(len(shards) - len(missing), len(shards))
 
     backend, generated_tokens, generated_rows, skipped_prompts, seconds = None, 0, 0, 0, 0.0
+    peak_gpu_memory = None
     finish_reasons: Counter = Counter()
     if missing:
         logger.info("generating %d of %d shards into %s", len(missing), len(shards), out_uri)
+        gpu.reset_peak_memory()
         with make_generator(gen_cfg, policy_path, policy_uri, tokenizer_path, dtype) as generator:
             backend = generator.backend
             for index in missing:
@@ -120,9 +122,11 @@ def run_generation(
                 finish_reasons.update(row["finish_reason"] for row in rows)
                 if progress_callback:
                     progress_callback(len(writer.done_shards), len(shards))
+            peak_gpu_memory = gpu.peak_memory_gib()  # before the engine shuts down
+        gpu.release_memory()
     stats = {"backend": backend, "generated_shards": len(missing), "generated_rows": generated_rows,
              "generated_tokens": generated_tokens, "skipped_prompts": skipped_prompts,
-             "finish_reasons": dict(finish_reasons), "seconds": seconds}
+             "finish_reasons": dict(finish_reasons), "seconds": seconds, "peak_gpu_memory_gib": peak_gpu_memory}
     if shard_subset is not None:  # a fan-out worker: whoever finds every shard in writes the manifest
         fanout.write_worker_report(store, out_uri, shard_subset, stats)
         writer = fanout.writer_if_complete(store, out_uri, "generations", fingerprint, len(shards))
@@ -151,5 +155,7 @@ def _merged(reports: list[dict]) -> dict:
     merged = {"backend": next((r["backend"] for r in reports if r.get("backend")), None)}
     for key in ("generated_shards", "generated_rows", "generated_tokens", "skipped_prompts", "seconds"):
         merged[key] = sum(r.get(key, 0) for r in reports)
+    peaks = [r["peak_gpu_memory_gib"] for r in reports if r.get("peak_gpu_memory_gib") is not None]
+    merged["peak_gpu_memory_gib"] = max(peaks, default=None)  # per worker, like tokens_per_s
     merged["finish_reasons"] = dict(sum((Counter(r.get("finish_reasons", {})) for r in reports), Counter()))
     return merged
