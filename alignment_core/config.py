@@ -304,6 +304,8 @@ class AnnotationConfig(StrictModel):
     """Who labels the samples: a reward model, an LLM judge (pairwise or pointwise), or a rule."""
     reward_model: str | None = None
     """path or hub name of an AutoModelForSequenceClassification"""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Weights dtype of the reward model or local judge; unset: model.dtype."""
     programmatic: str = "alignment_core.rewards:positive_words"
     """module:function(prompt, response) -> float"""
     pair_selection: Literal["best_vs_worst", "best_vs_random", "random"] = "best_vs_worst"

@@ -45,14 +45,15 @@ def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
         )
     if judge.backend == "vllm":
         gen = cfg.generation
-        return VLLMJudgeBackend(judge.model, max_new_tokens=judge.max_new_tokens, dtype=cfg.model.dtype,
-                                max_model_len=gen.max_model_len, tensor_parallel_size=gen.tensor_parallel_size,
+        return VLLMJudgeBackend(judge.model, max_new_tokens=judge.max_new_tokens,
+                                dtype=cfg.annotation.dtype or cfg.model.dtype, max_model_len=gen.max_model_len,
+                                tensor_parallel_size=gen.tensor_parallel_size,
                                 gpu_memory_utilization=gen.gpu_memory_utilization)
     return LocalJudgeBackend(
         judge.model,
         batch_size=cfg.annotation.batch_size,
         max_new_tokens=judge.max_new_tokens,
-        dtype=cfg.model.dtype,
+        dtype=cfg.annotation.dtype or cfg.model.dtype,
     )
 
 
@@ -74,7 +75,7 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
             rules,
             batch_size=annotation.batch_size,
             max_length=cfg.training.max_length,
-            dtype=cfg.model.dtype,
+            dtype=cfg.annotation.dtype or cfg.model.dtype,
         )
     if annotation.annotator == "judge_pairwise":
         if rules.mode != "pairs":
