@@ -527,3 +527,14 @@ def test_make_annotator_checks_the_config():
         }))
     with pytest.raises(ValueError, match="cannot import module"):
         make_annotator(PipelineConfig.model_validate({"annotation": {"programmatic": "nowhere:f"}}))
+
+
+def test_reward_model_loads_in_its_own_dtype(tiny_reward_model_dir):
+    from alignment_core.annotation import make_annotator
+    from alignment_core.config import parse_config
+
+    base = {"setup": "rl", "training": {"loss": "rl"}, "generation": {"n_samples": 2},
+            "annotation": {"annotator": "reward_model", "reward_model": str(tiny_reward_model_dir)}}
+    assert make_annotator(parse_config(base)).model.dtype == torch.float32  # model.dtype's default
+    own = {**base, "annotation": {**base["annotation"], "dtype": "bfloat16"}}
+    assert make_annotator(parse_config(own)).model.dtype == torch.bfloat16
