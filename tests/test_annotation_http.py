@@ -9,6 +9,8 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -83,9 +85,10 @@ class ScriptedJudge:
         return 404, "no script"
 
 
-@pytest.fixture
-def judge_server():
-    script = ScriptedJudge()
+@contextmanager
+def scripted_server(script) -> Iterator[str]:
+    """A real OpenAI-compatible server on a loopback port: `script.answer(headers, body)` -> (status, payload)
+    answers each chat completion request. Yields the base URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -109,11 +112,19 @@ def judge_server():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
-    server.shutdown()
-    server.server_close()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def judge_server():
+    script = ScriptedJudge()
+    with scripted_server(script) as url:
+        yield url, script
 
 
 PAIRS = {
@@ -261,37 +272,11 @@ class OutageJudge:
             self.down, self.up_for = False, 10**9
 
 
-def serve(script) -> tuple[ThreadingHTTPServer, str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status, payload = script.answer(dict(self.headers), body)
-            data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
-
-
 @pytest.fixture
 def outage_judge():
     script = OutageJudge(up_for=5)
-    server, url = serve(script)
-    yield url, script
-    server.shutdown()
-    server.server_close()
+    with scripted_server(script) as url:
+        yield url, script
 
 
 SIX_PAIRS = {f"p{i}": [f"answer {i} bad", f"answer {i} good"] for i in range(6)}

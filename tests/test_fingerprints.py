@@ -6,8 +6,6 @@ import importlib
 import json
 import shutil
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from alignment_core import digests, pipeline
 from alignment_core.config import parse_config
 from alignment_core.store import CHECKPOINT_MARKER
 from tests.test_annotation import make_generations, write_generations
+from tests.test_annotation_http import scripted_server
 
 
 def config(tmp_path, **sections):
@@ -86,35 +85,22 @@ def test_file_digest_is_the_content_and_is_computed_once_per_stamp(tmp_path, mon
 
 # ---- judge templates and reward functions -------------------------------------------------------------------
 class AlwaysA:
+    """A judge that always prefers the first response, and records what it was asked."""
+
     def __init__(self):
         self.requests: list[str] = []
+
+    def answer(self, headers: dict, body: dict) -> tuple[int, dict]:
+        self.requests.append(body["messages"][0]["content"])
+        content = {"role": "assistant", "content": "A"}
+        return 200, {"choices": [{"index": 0, "message": content, "finish_reason": "stop"}]}
 
 
 @pytest.fixture
 def judge():
     script = AlwaysA()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            script.requests.append(body["messages"][0]["content"])
-            content = {"role": "assistant", "content": "A"}
-            data = json.dumps({"choices": [{"index": 0, "message": content, "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
-    server.shutdown()
-    server.server_close()
+    with scripted_server(script) as url:
+        yield url, script
 
 
 def test_an_edited_judge_template_redoes_the_annotations(tmp_path, judge, monkeypatch):
