@@ -46,12 +46,12 @@ $(VLLM_VENV)/.installed: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m flows.iterative_dpo --config $(CONFIG)
 
-# .venv, where Prefect's server and UI run, has no broken requirements; the suite runs there, then the vLLM
-# tests in .venv-vllm.
+# .venv, where Prefect's server and UI run, has no broken requirements; the vLLM tests run in .venv-vllm, then
+# the suite in .venv, last, so that the output ends with its fault matrix (tests/conftest.py).
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(PIP) check
-	$(PY) -m pytest -q --timeout=1200 -m "not vllm" tests
 	$(VLLM_PY) -m pytest -q --timeout=1200 -m vllm tests
+	$(PY) -m pytest -q --timeout=1200 -m "not vllm" tests
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
@@ -66,6 +66,7 @@ benchmarks: $(VENV)/.installed
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/lora_memory.py
+	$(PY) benchmarks/online_iteration.py
 
 # The GPU acceptance run (vLLM on CUDA, bf16, full and LoRA rounds, ZeRO-3/FSDP with several GPUs, TRL beside).
 gpu-check: $(VLLM_VENV)/.installed

@@ -17,6 +17,7 @@ Why it is safe to kill a run at any moment:
 """
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -44,6 +45,8 @@ MANIFEST = "_manifest.json"
 STAGE_PLAN = "_stage.json"
 CHECKPOINT_MARKER = "_complete.json"
 RESUME_MARKER = "_resume.json"  # a mid-round save: a point to resume training from, not a finished checkpoint
+CHECKPOINT_POINTER = "_live.json"  # object storage: names the checkpoint's live version folder (written last)
+CHECKPOINT_VERSION_PREFIX = ".v-"
 _SHARD = re.compile(r"^part-(\d{5})\.parquet$")
 
 
@@ -452,25 +455,49 @@ class ArtifactStore:
         return [int(name[5:]) for name in self._children(self.run_uri(run)) if re.fullmatch(r"iter-\d+", name)]
 
     def list_stages(self, run: str, iteration: int) -> list[str]:
-        return self._children(self.uri(run, f"iter-{iteration:03d}"))
+        """The iteration's stage folders; hidden ones (a local checkpoint swap's `.checkpoint.*.tmp` left by a
+        crash) are never stages."""
+        return [name for name in self._children(self.uri(run, f"iter-{iteration:03d}"))
+                if not name.startswith((".", "_"))]
 
     # ---- checkpoints --------------------------------------------------------------------------------
+    # Locally a save is a directory swap. On object storage, where a folder cannot be renamed, a save uploads
+    # the new checkpoint beside the live one, into `{uri}/.v-<id>/`, then switches the pointer
+    # `{uri}/_live.json` (one PUT, written last) to it, then deletes the old version (and whatever a crashed
+    # save left). A save killed at any moment leaves the previous checkpoint live and whole. Readers follow the
+    # pointer; a checkpoint without one (local, or written before versions) is the folder itself.
+    def _checkpoint_dir(self, uri: str) -> str:
+        """The folder holding the checkpoint's files: its live version on object storage, else `uri`."""
+        if self._local:
+            return uri
+        try:  # one GET (no open-then-read, which fails when a save switches the pointer in between)
+            pointer = json.loads(self.fs.cat_file(self._path(f"{uri}/{CHECKPOINT_POINTER}")))
+        except FileNotFoundError:
+            return uri
+        return f"{uri}/{check_segment(pointer['version'], 'checkpoint version')}"
+
     def checkpoint_complete(self, uri: str) -> bool:
         """A finished checkpoint (a round's final save), not a mid-round resume point."""
-        self.fs.invalidate_cache()
-        return self.exists(f"{uri}/{CHECKPOINT_MARKER}")
+        return self.checkpoint_marker(uri) == CHECKPOINT_MARKER
 
     def checkpoint_marker(self, uri: str) -> str | None:
         """CHECKPOINT_MARKER (finished), RESUME_MARKER (a mid-round resume point) or None (nothing usable)."""
         self.fs.invalidate_cache()
-        return next((m for m in (CHECKPOINT_MARKER, RESUME_MARKER) if self.exists(f"{uri}/{m}")), None)
+        folder = self._checkpoint_dir(uri)
+        for _ in range(3):
+            found = next((m for m in (CHECKPOINT_MARKER, RESUME_MARKER) if self.exists(f"{folder}/{m}")), None)
+            if found is not None or folder == (folder := self._checkpoint_dir(uri)):
+                return found
+            # a save switched to a new version (and deleted the one read) in between: look at the new one
+        return None
 
     def save_checkpoint(self, model, tokenizer, uri: str, extra_files: dict[str, bytes] | None = None,
                         final: bool = True) -> str:
         """save_pretrained (safetensors) + tokenizer + extra files, then the completion marker last.
 
-        The files are written next to the target and swapped in (locally) or uploaded before the marker
-        (object storage), so a reader never loads a checkpoint that is half written. `final=False` is a
+        The files are written next to the target and swapped in (locally) or uploaded beside the live version
+        and switched to by the pointer (object storage), so a reader never loads a checkpoint that is half
+        written, and a save that dies leaves the previous one in place. `final=False` is a
         mid-round save (`training.save_every_steps`): marked as a resume point, never as complete, so a
         half-trained or aborted round does not count as a finished iteration.
         """
@@ -492,13 +519,23 @@ class ArtifactStore:
             if self.protocol in ("file", "local"):
                 self._swap_local_dir(tmp, self._path(uri))
             else:
-                path = self._path(uri)
-                if self.fs.exists(path):
-                    self.fs.rm(path, recursive=True)
-                for name in files:
-                    self.fs.put_file(os.path.join(tmp, name), f"{path}/{name}")
-                self.fs.put_file(os.path.join(tmp, marker_name), f"{path}/{marker_name}")
+                path, version = self._path(uri), f"{CHECKPOINT_VERSION_PREFIX}{uuid.uuid4().hex[:16]}"
+                for name in [*files, marker_name]:
+                    self.fs.put_file(os.path.join(tmp, name), f"{path}/{version}/{name}")
+                self.check_lease(uri)  # still this run's writer: switch
+                self.write_json(f"{uri}/{CHECKPOINT_POINTER}", {"version": version, "saved_at": marker["saved_at"]})
+                self._drop_stale_versions(uri, keep=version)
         return uri
+
+    def _drop_stale_versions(self, uri: str, keep: str) -> None:
+        """After a switch: delete everything under an object-store checkpoint but the pointer and the live
+        version (the replaced version, a crashed save's partial upload, files of the pre-version layout, the
+        replaced checkpoint's lineage.json)."""
+        self.fs.invalidate_cache()
+        for entry in self.fs.ls(self._path(uri), detail=False):
+            if os.path.basename(entry.rstrip("/")) not in (CHECKPOINT_POINTER, keep):
+                self.fs.rm(entry, recursive=True)
+        self.fs.invalidate_cache()
 
     @staticmethod
     def _swap_local_dir(src: str, dst: str) -> None:
@@ -506,6 +543,9 @@ class ArtifactStore:
 
         parent = os.path.dirname(dst)
         os.makedirs(parent, exist_ok=True)
+        # What a save killed here before left (`.checkpoint.<id>.tmp`, `.checkpoint.<id>.tmp.old`) goes first.
+        for leftover in Path(parent).glob(f".{glob.escape(os.path.basename(dst))}.*.tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = os.path.join(parent, f".{os.path.basename(dst)}.{uuid.uuid4().hex}.tmp")
         shutil.copytree(src, staging)
         if os.path.exists(dst):
@@ -527,14 +567,23 @@ class ArtifactStore:
             raise FileNotFoundError(f"checkpoint {uri} is missing or incomplete (no {CHECKPOINT_MARKER})")
         if self.protocol in ("file", "local"):
             return self._path(uri)
-        marker = self.read_json(f"{uri}/{marker_name}")
-        key = hashlib.sha256(f"{uri}|{marker['saved_at']}".encode()).hexdigest()[:16]
+        folder = self._checkpoint_dir(uri)
+        marker = self.read_json(f"{folder}/{marker_name}")
+        key = hashlib.sha256(f"{folder}|{marker['saved_at']}".encode()).hexdigest()[:16]
         local = self.cache_dir / "checkpoints" / key
         if not (local / marker_name).exists():
             staging = Path(tempfile.mkdtemp(dir=self.cache_dir.mkdir(parents=True, exist_ok=True) or self.cache_dir))
             for name in marker["files"]:
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(f"{self._path(uri)}/{name}", str(staging / name))
+                try:
+                    self.fs.get_file(f"{self._path(folder)}/{name}", str(staging / name))
+                except FileNotFoundError:  # a save switched to a newer version and deleted this one meanwhile
+                    import shutil
+
+                    shutil.rmtree(staging)
+                    if folder == self._checkpoint_dir(uri):
+                        raise
+                    return self.local_checkpoint(uri, resume_point)
             (staging / marker_name).write_text(json.dumps(marker))
             local.parent.mkdir(parents=True, exist_ok=True)
             if local.exists():  # a concurrent download won the race; both copies are identical

@@ -87,3 +87,69 @@ def hub_home(tmp_path_factory, tiny_model_dir, tiny_reward_model_dir):
     add_to_hub_cache(home, "acme/tiny-chat", tiny_model_dir, POLICY_REVISION)
     add_to_hub_cache(home, "acme/tiny-reward", tiny_reward_model_dir, REWARD_REVISION)
     return home
+
+
+# ---- the fault matrix ------------------------------------------------------------------------------------
+# Every test marked `@pytest.mark.fault("<scenario>")` is a row of the matrix printed at the end of the run:
+# scenario (with the parameter id of a parametrized test), outcome, seconds (setup + call + teardown) and the
+# note the test left with `fault_note(request, "...")`.
+_FAULT_ROWS: dict[str, dict] = {}
+
+
+def fault_note(request, note: str) -> None:
+    """A line for the test's row of the fault matrix (what was injected, what completed the work)."""
+    request.node.user_properties.append(("fault_note", note))
+
+
+def _fault_row(item) -> dict | None:
+    marker = item.get_closest_marker("fault")
+    if marker is None:
+        return None
+    name = marker.args[0] if marker.args else item.name
+    callspec = getattr(item, "callspec", None)
+    return {"scenario": f"{name} [{callspec.id}]" if callspec else name, "test": item.nodeid,
+            "outcome": "not run", "seconds": 0.0, "note": ""}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        row = _fault_row(item)
+        if row is not None:
+            _FAULT_ROWS[item.nodeid] = row
+
+
+def pytest_deselected(items):
+    for item in items:
+        if item.nodeid in _FAULT_ROWS:
+            _FAULT_ROWS[item.nodeid]["outcome"] = "deselected"
+
+
+def pytest_runtest_logreport(report):
+    row = _FAULT_ROWS.get(report.nodeid)
+    if row is None:
+        return
+    row["seconds"] += report.duration
+    if report.failed:
+        row["outcome"] = "failed" if report.when == "call" else f"error ({report.when})"
+    elif report.skipped and row["outcome"] in ("not run", "passed"):
+        row["outcome"] = "skipped"
+    elif report.when == "call" and report.passed:
+        row["outcome"] = "passed"
+    notes = [value for key, value in report.user_properties if key == "fault_note"]
+    if notes:
+        row["note"] = "; ".join(notes)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = [row for row in _FAULT_ROWS.values() if row["outcome"] != "deselected"]
+    if not rows:
+        return
+    width = max(len(row["scenario"]) for row in rows)
+    terminalreporter.section("fault matrix")
+    terminalreporter.write_line(f"{'scenario':<{width}}  {'outcome':<9} {'seconds':>7}  note")
+    for row in sorted(rows, key=lambda r: r["scenario"]):
+        terminalreporter.write_line(f"{row['scenario']:<{width}}  {row['outcome']:<9} {row['seconds']:>7.1f}  "
+                                    f"{row['note']}")
+    deselected = sum(row["outcome"] == "deselected" for row in _FAULT_ROWS.values())
+    if deselected:
+        terminalreporter.write_line(f"({deselected} fault scenarios deselected)")

@@ -290,6 +290,7 @@ def outage_config(base_url: str, max_failure_fraction: float) -> PipelineConfig:
     })
 
 
+@pytest.mark.fault("judge fails mid-stage and comes back")
 def test_rerun_after_a_judge_outage_sends_only_the_failed_requests(outage_judge, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     base_url, script = outage_judge
@@ -327,6 +328,7 @@ def test_rerun_after_a_judge_outage_sends_only_the_failed_requests(outage_judge,
     assert script.requests == [] and relabelled["extra"]["counts"] == {"ok": 6}
 
 
+@pytest.mark.fault("judge transient failures retried by the next run")
 def test_transient_failures_under_the_threshold_are_retried_by_the_next_run(outage_judge, tmp_path, monkeypatch):
     """A stage that completed with a few transient failures is not final: the next run of the pipeline's
     annotate stage asks again for those, keeps the rest, and the new labels reach what is built from them."""
@@ -396,6 +398,7 @@ def trickling_judge():
     server.server_close()
 
 
+@pytest.mark.fault("trickling judge (deadline)")
 def test_http_judge_deadline_cuts_off_a_trickling_server(trickling_judge, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     base_url, script = trickling_judge

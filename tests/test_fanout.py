@@ -207,6 +207,7 @@ def shards_by_worker(stage_dir: Path, workers: int) -> list[list[float]]:
 
 
 @pytest.mark.slow
+@pytest.mark.fault("SIGKILL of a fan-out worker")
 def test_fanned_out_stages_on_process_workers_write_the_rows_of_one_worker(one_worker, tmp_path):
     from tests.test_deployment import running_prefect_server
 

@@ -167,6 +167,7 @@ def test_a_lease_written_elsewhere_and_expired_is_taken_over(tmp_path):
         assert read_lease(store, "r")[0]["token"] == lease.token
 
 
+@pytest.mark.fault("SIGKILL of the lease holder")
 def test_an_owner_killed_on_this_machine_is_taken_over_at_once(tmp_path):
     root = str(tmp_path / "store")
     holder, token = start_holder(root, timeout_s=600)
@@ -292,6 +293,7 @@ def test_lease_on_s3(s3_server, tmp_path):
 
 # ---- two flow runs on one run (real processes, ephemeral Prefect) ----------------------------------------
 @pytest.mark.slow
+@pytest.mark.fault("two concurrent flow runs on one run")
 def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(tmp_path, tiny_model_dir):
     from tests.test_flows import SMALL, prefect_env, run_flow, write_config
 
