@@ -35,8 +35,7 @@ STAGE_CODE: dict[str, list[str]] = {
     "prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_prompts"],
     "eval_prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_eval_prompts"],
     "examples": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_examples"],
-    "generations": _GENERATION,
-    "eval_generations": _GENERATION,
+    "generations": _GENERATION,  # every stage `pipeline.generate` writes (eval_generations too)
     "annotations": [*_ANNOTATOR, "pipeline.py:annotate"],
     "units": ["batches.py", "records.py", "pipeline.py:build_units"],
     "weights": ["reweight.py", "batches.py", "records.py", "models.py", "adapters.py", "pipeline.py:reweight"],

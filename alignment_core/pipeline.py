@@ -249,7 +249,8 @@ def generate(
     out = store.stage_uri(cfg.store.run_name, iteration, stage)
     gen_cfg = _generation_config(cfg, stage)
     fingerprint = {
-        "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": stage_code_digest(stage),
+        # Any stage name (eval_generations, an experiment's own) is produced by the same generation code.
+        "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": stage_code_digest("generations"),
         "inputs": {"prompts": input_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)},
     }
     if already_done(store, out, fingerprint):

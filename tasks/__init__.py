@@ -25,13 +25,22 @@ from alignment_core.preflight import is_transient
 
 
 def _route_library_logs_to_prefect() -> None:
-    """The library logs through `logging.getLogger("alignment_core...")`; give that logger the handlers
-    Prefect sets up for extra loggers (console + the run's log in the UI), as PREFECT_LOGGING_EXTRA_LOGGERS
-    would, so stage lines ("already complete, skipped", load reports, warnings) show in every run."""
+    """The library logs through `logging.getLogger("alignment_core...")`; send those records to the run's log in
+    the UI too (as PREFECT_LOGGING_EXTRA_LOGGERS would), so stage lines ("already complete, skipped", load
+    reports, warnings) show in every run. Outside a run (a notebook, a test, a helper thread) there is no run
+    log to send to: those records only reach the console."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class InARun(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
     library = logging.getLogger("alignment_core")
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in library.handlers:
-            library.addHandler(handler)
+    if not any(isinstance(handler, APILogHandler) for handler in library.handlers):
+        handler = APILogHandler()
+        handler.addFilter(InARun())
+        library.addHandler(handler)
     library.setLevel(logging.INFO)
 
 
