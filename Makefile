@@ -47,11 +47,12 @@ demo: $(VENV)/.installed
 	$(PY) -m flows.iterative_dpo --config $(CONFIG)
 
 # .venv, where Prefect's server and UI run, has no broken requirements; the vLLM tests run in .venv-vllm, then
-# the suite in .venv, last, so that the output ends with its fault matrix (tests/conftest.py).
+# the suite in .venv, last, so that the output ends with its fault matrix (tests/conftest.py). Both always run;
+# the target fails if either did.
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(PIP) check
-	$(VLLM_PY) -m pytest -q --timeout=1200 -m vllm tests
-	$(PY) -m pytest -q --timeout=1200 -m "not vllm" tests
+	$(VLLM_PY) -m pytest -q --timeout=1200 -m vllm tests; vllm=$$?; \
+	$(PY) -m pytest -q --timeout=1200 --durations=15 -m "not vllm" tests && exit $$vllm
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
