@@ -122,6 +122,7 @@ def run_trl(model_dir: str, pairs: list[dict], workdir: str, bf16_on_gpu: bool =
         learning_rate=LEARNING_RATE, num_train_epochs=1, max_length=512, precompute_ref_log_probs=False,
         lr_scheduler_type="linear", save_strategy="no", report_to="none", logging_steps=10_000,
         use_cpu=not bf16_on_gpu, bf16=bf16_on_gpu, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        gradient_checkpointing=False,  # TRL's configs default to True; ours does not recompute activations either
     )
     dtype = torch.bfloat16 if bf16_on_gpu else torch.float32
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), args=args,
