@@ -129,7 +129,8 @@ def stage_config(setting: Setting, store_root: str, run_name: str, seed: int = 0
 def sft_config(setting: Setting, store_root: str, run_name: str, base_model: str) -> PipelineConfig:
     return stage_config(
         setting, store_root, run_name, setup="sft", iterations=1,
-        data={"source": "bundled:sft"}, model={"policy": base_model},
+        # The experiment measures on its own held-out topics: SFT learns from every demonstration.
+        data={"source": "bundled:sft", "eval_prompts": 0}, model={"policy": base_model},
         training={"loss": "sft", "learning_rate": setting.sft_learning_rate, "epochs": setting.sft_epochs,
                   "batch_size": setting.sft_batch_size},
         evaluation={"enabled": False},  # every arm's iteration 0 evaluates pi_0
