@@ -261,8 +261,7 @@ class ArtifactStore:
         path = self._path(uri)
         if self._local:
             with self._local_lock(path):
-                current = self.read_versioned(uri)
-                if current is None or current[1] != version:
+                if not self._holds(uri, version):
                     return False
                 os.replace(self._local_temp(path, data), path)
                 return True
@@ -270,13 +269,11 @@ class ArtifactStore:
             try:
                 self.fs.pipe_file(path, data, IfMatch=version)
             except OSError:
-                current = self.read_versioned(uri)
-                if current is None or current[1] != version:
+                if not self._holds(uri, version):
                     return False  # 412 Precondition Failed: someone else wrote in between
                 raise
         else:
-            current = self.read_versioned(uri)
-            if current is None or current[1] != version:
+            if not self._holds(uri, version):
                 return False
             self.fs.pipe_file(path, data)
         current = self.read_versioned(uri)
@@ -287,8 +284,7 @@ class ArtifactStore:
         path = self._path(uri)
         if self._local:
             with self._local_lock(path):
-                current = self.read_versioned(uri)
-                if current is None or current[1] != version:
+                if not self._holds(uri, version):
                     return False
                 os.unlink(path)
                 return True
@@ -297,17 +293,20 @@ class ArtifactStore:
             try:
                 self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
             except OSError:
-                current = self.read_versioned(uri)
-                if current is None or current[1] != version:
+                if not self._holds(uri, version):
                     return False
                 raise
             self.fs.invalidate_cache(path)
             return True
-        current = self.read_versioned(uri)
-        if current is None or current[1] != version:
+        if not self._holds(uri, version):
             return False
         self.fs.rm_file(path)
         return True
+
+    def _holds(self, uri: str, version: str) -> bool:
+        """Whether `uri` exists and still holds `version`."""
+        current = self.read_versioned(uri)
+        return current is not None and current[1] == version
 
     @property
     def _local(self) -> bool:

@@ -78,8 +78,8 @@ def artifact_key(*parts) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
 
 
-def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters: dict, workers: int = 1,
-                   max_redispatches: int = 2, complete: Callable[[], bool] | None = None) -> None:
+def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters: dict, output: str,
+                   complete: Callable[[], bool], workers: int = 1, max_redispatches: int = 2) -> str:
     """Run a stage as flow runs of its deployment (e.g. on a GPU work pool) and wait until all have completed.
 
     `workers` > 1 fans the stage out: that many flow runs, started together, worker i with
@@ -89,6 +89,7 @@ def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters
     worker is started again here, at most `max_redispatches` times, and redoes only its missing shards. Any
     other end (Failed after its retries, Cancelled) fails the stage. When every worker completed but
     `complete()` says the stage is not (a shard missing), one more flow run without a subset finishes it.
+    Returns `output` (the stage's URI) once `complete()`; raises if it never is.
 
     The idempotency keys name this flow run, its attempt, the worker and its dispatch, so a retry of the
     calling task dispatches afresh while a duplicate submission of the same dispatch does not; the stage flows
@@ -138,10 +139,13 @@ def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters
     runs = {worker: [start(worker, 0), 0] for worker in subsets}
     logger.info("started %s on %s", ", ".join(run.name for run, _ in runs.values()), deployment)
     wait(runs)
-    if complete is not None and not complete():
+    if workers > 1 and not complete():
         logger.warning("every %s worker completed, yet the stage is not complete: one more flow run finishes it",
                        stage)
         wait({None: [start(None, 1), max_redispatches]})
+    if not complete():
+        raise RuntimeError(f"stage deployment {deployment!r} completed but {output} is not complete")
+    return output
 
 
 # How often the orchestrating task asks the Prefect API for the state of the flow runs it dispatched.

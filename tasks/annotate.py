@@ -9,12 +9,9 @@ def annotate(config_json: str, generations_uri: str, iteration: int) -> str:
     if scale_out.annotate_deployment:
         store = pipeline.open_store(cfg)
         out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
-        dispatch_stage(scale_out.annotate_deployment, scale_out.timeout_s, iteration, {
+        return dispatch_stage(scale_out.annotate_deployment, scale_out.timeout_s, iteration, {
             "config_json": config_json, "generations_uri": generations_uri, "iteration": iteration,
-        }, workers=scale_out.annotate_workers, max_redispatches=scale_out.max_redispatches,
-            complete=lambda: store.read_manifest(out) is not None)
-        if store.read_manifest(out) is None:
-            raise RuntimeError(f"{scale_out.annotate_deployment} completed but {out} has no manifest")
-        return out
+        }, out, complete=lambda: store.read_manifest(out) is not None, workers=scale_out.annotate_workers,
+            max_redispatches=scale_out.max_redispatches)
     with gpu_slot(cfg, "annotate"):
         return pipeline.annotate(cfg, generations_uri, iteration)

@@ -11,13 +11,10 @@ def generate(config_json: str, prompts_uri: str, policy_uri: str, iteration: int
     if scale_out.generate_deployment:
         store = pipeline.open_store(cfg)
         out = store.stage_uri(cfg.store.run_name, iteration, "generations")
-        dispatch_stage(scale_out.generate_deployment, scale_out.timeout_s, iteration, {
+        return dispatch_stage(scale_out.generate_deployment, scale_out.timeout_s, iteration, {
             "config_json": config_json, "prompts_uri": prompts_uri, "policy_uri": policy_uri, "iteration": iteration,
-        }, workers=scale_out.generate_workers, max_redispatches=scale_out.max_redispatches,
-            complete=lambda: store.read_manifest(out) is not None)
-        if store.read_manifest(out) is None:
-            raise RuntimeError(f"{scale_out.generate_deployment} completed but {out} has no manifest")
-        return out
+        }, out, complete=lambda: store.read_manifest(out) is not None, workers=scale_out.generate_workers,
+            max_redispatches=scale_out.max_redispatches)
     progress = create_progress_artifact(0.0, key=artifact_key(cfg.store.run_name, "generate-progress"),
                                         description=f"generation, iteration {iteration}")
     with gpu_slot(cfg, "generate"):

@@ -9,15 +9,12 @@ def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, r
           iteration: int) -> str:
     cfg = parse(config_json)
     if cfg.scale_out.train_deployment:
-        dispatch_stage(cfg.scale_out.train_deployment, cfg.scale_out.timeout_s, iteration, {
-            "config_json": config_json, "units_uri": units_uri, "weights_uri": weights_uri,
-            "policy_uri": policy_uri, "reference_uri": reference_uri, "iteration": iteration,
-        })
         store = pipeline.open_store(cfg)
         checkpoint = store.checkpoint_uri(cfg.store.run_name, iteration)
-        if not store.checkpoint_complete(checkpoint):
-            raise RuntimeError(f"{cfg.scale_out.train_deployment} completed but {checkpoint} is not complete")
-        return checkpoint
+        return dispatch_stage(cfg.scale_out.train_deployment, cfg.scale_out.timeout_s, iteration, {
+            "config_json": config_json, "units_uri": units_uri, "weights_uri": weights_uri,
+            "policy_uri": policy_uri, "reference_uri": reference_uri, "iteration": iteration,
+        }, checkpoint, complete=lambda: store.checkpoint_complete(checkpoint))
     progress = create_progress_artifact(0.0, key=artifact_key(cfg.store.run_name, "train-progress"),
                                         description=f"training, iteration {iteration}")
 

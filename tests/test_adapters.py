@@ -23,7 +23,7 @@ from alignment_core.store import ArtifactStore
 from alignment_core.tiny import build_tiny
 from alignment_core.training import Trainer
 from tests.test_generation import POLICY_URI, build_stopping_model, make_prompts, teacher_forced_logprobs
-from tests.test_training import dpo_on_pairs, make_units, step_metrics
+from tests.test_training import dpo_on_pairs, make_units, reward_pair_accuracy, step_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
@@ -212,18 +212,10 @@ def test_lora_reward_model_trains_its_score_head_and_loads_as_annotator(tiny2_di
     config = json.loads(Path(folder, "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
 
-    @torch.no_grad()
-    def pair_accuracy(model) -> float:
-        batch = trainer.batch_factory.collate(encoded)
-        ids, attention, _ = training.concatenated_inputs(batch, ("generation1", "generation2"),
-                                                        trainer.tokenizer.pad_token_id)
-        chosen, rejected = model(input_ids=ids, attention_mask=attention).logits.squeeze(-1).chunk(2)
-        return (chosen > rejected).float().mean().item()
-
     torch.manual_seed(0)
-    before = pair_accuracy(load_reward_model(tiny2_dir).eval())
+    before = reward_pair_accuracy(trainer, encoded, load_reward_model(tiny2_dir).eval())
     trained = load_reward_model(folder).eval()  # how the annotator loads it: base + adapter + score, merged
-    after = pair_accuracy(trained)
+    after = reward_pair_accuracy(trainer, encoded, trained)
     assert after >= 0.9 and after > before
     from alignment_core.annotation.base import ScoreRules
     from alignment_core.annotation.scorers import RewardModelAnnotator

@@ -107,10 +107,15 @@ def scripted_server(script) -> Iterator[str]:
             except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow answer
                 pass
 
-        def log_message(self, *args):
-            pass
+    with serving(Handler) as url:
+        yield url
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` on a loopback port, quietly, until the block ends; yields the server's /v1 base URL."""
+    handler.log_message = lambda self, *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -387,15 +392,8 @@ def trickling_judge():
             except (BrokenPipeError, ConnectionResetError):  # the client gave up
                 pass
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as url:
+        yield url, script
 
 
 @pytest.mark.fault("trickling judge (deadline)")

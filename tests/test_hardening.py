@@ -4,9 +4,8 @@ for config-named code."""
 
 import json
 import math
-import threading
 import typing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from alignment_core.redact import redact
 from alignment_core.rewards import positive_words
 from alignment_core.store import ArtifactStore
 from tests.test_annotation import make_generations
+from tests.test_annotation_http import serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -364,24 +364,14 @@ class EchoingServer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body.encode())
 
-    def log_message(self, *args):
-        pass
-
 
 def test_an_http_error_body_quoting_the_key_is_masked_in_the_annotation_rows(monkeypatch):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoingServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("HARDENING_TEST_KEY", FAKE_KEY)
-        backend = HttpJudgeBackend(f"http://127.0.0.1:{server.server_port}/v1", "judge-model",
-                                   api_key_env="HARDENING_TEST_KEY", max_retries=0, timeout_s=5)
+    monkeypatch.setenv("HARDENING_TEST_KEY", FAKE_KEY)
+    with serving(EchoingServer) as url:
+        backend = HttpJudgeBackend(url, "judge-model", api_key_env="HARDENING_TEST_KEY", max_retries=0, timeout_s=5)
         annotator = PairwiseJudgeAnnotator(backend, load_template("helpfulness"))
         rows = annotator.annotate(make_generations({"p1": ["good answer", "bad answer"]}))
         backend.close()
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [row["status"] for row in rows] == ["error"]
     raw = rows[0]["raw"]
     assert "401" in raw and "sk-proj-***" in raw and "Bearer" not in raw.replace("Authorization\\\": \\\"***", "")

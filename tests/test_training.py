@@ -70,6 +70,16 @@ def step_metrics(store: ArtifactStore, metrics_uri: str) -> pd.DataFrame:
 
 
 @torch.no_grad()
+def reward_pair_accuracy(trainer: Trainer, encoded: list[dict], model) -> float:
+    """How often a reward model scores generation1 (chosen) above generation2 over all the training pairs."""
+    batch = trainer.batch_factory.collate(encoded)
+    ids, attention, _ = training.concatenated_inputs(batch, ("generation1", "generation2"),
+                                                    trainer.tokenizer.pad_token_id)
+    chosen, rejected = model(input_ids=ids, attention_mask=attention).logits.squeeze(-1).chunk(2)
+    return (chosen > rejected).float().mean().item()
+
+
+@torch.no_grad()
 def dpo_on_pairs(trainer: Trainer, encoded: list[dict], policy, reference, beta: float) -> tuple[float, float]:
     """(DPO loss, reward accuracy) of `policy` against `reference` over all the training pairs."""
     batch = trainer.batch_factory.collate(encoded)
@@ -225,23 +235,16 @@ def test_reward_model_training_raises_pair_accuracy(tiny2_dir, tmp_path):
     units = make_units(16)
     store, trainer, encoded, result = run_round(tmp_path, tiny2_dir, cfg, units)
 
-    @torch.no_grad()
-    def pair_accuracy(model) -> float:
-        batch = trainer.batch_factory.collate(encoded)
-        ids, attention, _ = training.concatenated_inputs(batch, ("generation1", "generation2"),
-                                                        trainer.tokenizer.pad_token_id)
-        chosen, rejected = model(input_ids=ids, attention_mask=attention).logits.squeeze(-1).chunk(2)
-        return (chosen > rejected).float().mean().item()
-
-    before = pair_accuracy(load_reward_model(tiny2_dir).eval())
+    before = reward_pair_accuracy(trainer, encoded, load_reward_model(tiny2_dir).eval())
     checkpoint = store.local_checkpoint(result.checkpoint_uri)
     from transformers import AutoModelForSequenceClassification
 
     trained = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     assert trained.config.num_labels == 1
-    after = pair_accuracy(trained)
+    after = reward_pair_accuracy(trainer, encoded, trained)
     assert after >= 0.9 and after > before
-    assert pair_accuracy(load_reward_model(checkpoint).eval()) == after  # loads as the annotator does
+    # loads as the annotator does
+    assert reward_pair_accuracy(trainer, encoded, load_reward_model(checkpoint).eval()) == after
 
 
 # ---- the NaN guard and resume ---------------------------------------------------------------------------------
