@@ -401,12 +401,6 @@ class ArtifactStore:
                 writer.write_shard(index, table)
         return writer.finish(extra)
 
-    def shard_uris(self, stage_uri: str) -> list[str]:
-        manifest = self.read_manifest(stage_uri)
-        if manifest is None:
-            raise FileNotFoundError(f"stage {stage_uri} is not complete (no {MANIFEST})")
-        return [f"{stage_uri}/{shard['name']}" for shard in manifest["shards"]]
-
     def read_table(self, stage_uri: str) -> pa.Table:
         """The stage's rows, in shard order, read from the shards its manifest lists."""
         manifest = self.read_manifest(stage_uri)

@@ -61,7 +61,7 @@ from alignment_core.adapters import (
     is_peft_model,
 )
 from alignment_core.batches import BatchFactory, response_mask
-from alignment_core.config import LOSSES_OF_SETUP, PipelineConfig
+from alignment_core.config import PipelineConfig
 from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, model_digest, resolve_model_path
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
@@ -260,12 +260,8 @@ class Trainer:
         policy_name: str | None = None,
     ):
         """`policy_name` is the policy as the config names it (hub id, tiny://, store URI): a new adapter
-        records it as its base, so that another machine resolves it; defaults to `policy_path`."""
-        loss = cfg.training.loss
-        if loss not in LOSSES_OF_SETUP[cfg.setup]:
-            raise ValueError(
-                f"training.loss={loss!r} does not fit setup {cfg.setup!r}; use one of {LOSSES_OF_SETUP[cfg.setup]}"
-            )
+        records it as its base, so that another machine resolves it; defaults to `policy_path`. The config's
+        own rules (loss vs setup, KTO's batch size) were checked when it loaded."""
         self.cfg, self.store = cfg, store
         self.policy_path = policy_path
         self.policy_name = policy_name or policy_path
@@ -285,8 +281,6 @@ class Trainer:
         self.rows_per_forward = cfg.training.rows_per_forward
         if self.rows_per_forward is None:
             self.rows_per_forward = CPU_ROWS_PER_FORWARD if self.accelerator.device.type == "cpu" else 0
-        if loss == "kto" and cfg.training.batch_size < 2:
-            raise ValueError("training.loss='kto' needs training.batch_size >= 2 for its mismatched KL pairs")
 
     # ---- models ----
     def _load_kwargs(self) -> dict:

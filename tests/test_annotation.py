@@ -518,7 +518,7 @@ def test_failure_fraction_guard(tmp_path):
     assert manifest["extra"]["label_mean"] == pytest.approx(2.0)  # rewards 1, 2, 3
 
 
-def test_make_annotator_checks_the_config():
+def test_a_pairwise_judge_for_a_reward_setup_is_refused_when_the_config_loads():
     # a missing reward model or judge model already fails when the config loads (tests/test_config.py)
     with pytest.raises(ValueError, match="gives preference pairs, but setup 'rl' needs rewards"):
         make_annotator(PipelineConfig.model_validate({

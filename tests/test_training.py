@@ -173,7 +173,7 @@ def test_optimizer_state_round_trips_without_pickle():
         assert torch.equal(restored.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
 
 
-def test_loss_must_fit_the_setup(tiny2_dir, tmp_path):
+def test_a_loss_that_does_not_fit_the_setup_never_reaches_a_trainer(tiny2_dir, tmp_path):
     with pytest.raises(ValueError, match="does not fit setup 'sft'"):
         Trainer(make_cfg("sft", "dpo"), tiny2_dir, None, ArtifactStore(str(tmp_path)))
 

@@ -77,13 +77,7 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
             max_length=cfg.training.max_length,
             dtype=cfg.annotation.dtype or cfg.model.dtype,
         )
-    if annotation.annotator == "judge_pairwise":
-        if rules.mode != "pairs":
-            raise ValueError(
-                f"annotation.annotator 'judge_pairwise' gives preference pairs, "
-                f"but setup {cfg.setup!r} needs "
-                f"{rules.mode}: use 'judge_pointwise', 'reward_model' or 'programmatic'"
-            )
+    if annotation.annotator == "judge_pairwise":  # pairwise setups only: the config refuses the others
         return PairwiseJudgeAnnotator(
             make_judge_backend(cfg),
             load_template(annotation.judge.template),
