@@ -400,7 +400,8 @@ class TrainingConfig(StrictModel):
     """More than one process: the round runs under `accelerate launch` (DDP, DeepSpeed or FSDP per the accelerate
     config file; deployments/accelerate/ ships some)."""
     accelerate_config: str | None = None
-    """accelerate config file for multi-process rounds (deployments/accelerate/)."""
+    """accelerate config file (deployments/accelerate/). Once named, the round always runs under `accelerate launch`
+    with it, also with one process (FSDP or DeepSpeed offload on a single GPU)."""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "TrainingConfig":

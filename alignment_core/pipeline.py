@@ -397,7 +397,7 @@ def train(
     policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
     if store.read_manifest(units_uri)["rows"] == 0:
         _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
-    elif cfg.training.num_processes > 1:
+    elif cfg.training.num_processes > 1 or cfg.training.accelerate_config:
         _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
                                   policy_uri=policy_uri)
     else:

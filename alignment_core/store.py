@@ -485,14 +485,15 @@ class ArtifactStore:
         return None
 
     def save_checkpoint(self, model, tokenizer, uri: str, extra_files: dict[str, bytes] | None = None,
-                        final: bool = True) -> str:
+                        final: bool = True, state_dict: dict | None = None) -> str:
         """save_pretrained (safetensors) + tokenizer + extra files, then the completion marker last.
 
         The files are written next to the target and swapped in (locally) or uploaded beside the live version
         and switched to by the pointer (object storage), so a reader never loads a checkpoint that is half
         written, and a save that dies leaves the previous one in place. `final=False` is a
         mid-round save (`training.save_every_steps`): marked as a resume point, never as complete, so a
-        half-trained or aborted round does not count as a finished iteration.
+        half-trained or aborted round does not count as a finished iteration. `state_dict`: the full weights
+        where the model holds only its shard of them (FSDP).
         """
         marker_name = CHECKPOINT_MARKER if final else RESUME_MARKER
         self.check_lease(uri)
@@ -500,7 +501,7 @@ class ArtifactStore:
             # A peft model writes its adapter only; its embeddings are not adapted, so peft need not look its
             # base up (by name, possibly on the hub) to decide whether to save them.
             adapter_only = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
-            model.save_pretrained(tmp, safe_serialization=True, **adapter_only)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, **adapter_only)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for name, data in (extra_files or {}).items():

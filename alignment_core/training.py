@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
@@ -223,13 +223,19 @@ def optimizer_state_files(state_dict: dict) -> dict[str, bytes]:
 
 
 def optimizer_state_from_files(tensor_bytes: bytes, scalar_bytes: bytes) -> dict:
+    """The inverse of `optimizer_state_files`. Parameters are keyed by index (a plain optimizer) or by name (the
+    full state of a sharded one, see `Trainer._optimizer_state`)."""
     document = json.loads(scalar_bytes)
-    state: dict[int, dict] = {}
+    state: dict[int | str, dict] = {}
+
+    def key_of(param: str) -> int | str:
+        return int(param) if param.isdigit() else param
+
     for key, value in load_safetensors(tensor_bytes).items():
-        param, name = key.split(".", 1)
-        state.setdefault(int(param), {})[name] = value
+        param, name = key.rsplit(".", 1)
+        state.setdefault(key_of(param), {})[name] = value
     for param, values in document["scalars"].items():
-        state.setdefault(int(param), {}).update(values)
+        state.setdefault(key_of(param), {}).update(values)
     return {"state": state, "param_groups": document["param_groups"]}
 
 
@@ -485,13 +491,43 @@ class Trainer:
     def _save(self, uri: str, state: dict, final: bool = True) -> None:
         """Weights + tokenizer + optimizer/scheduler/step state, written by the main process; only the round's
         final save is marked complete, a mid-round one is a resume point."""
+        # Every process takes part in gathering a sharded (FSDP) model's and optimizer's full state. A finished
+        # round is never resumed (the next round starts its own optimizer): its checkpoint leaves out the
+        # optimizer's moments, two thirds of a full checkpoint's bytes in fp32 Adam over bf16 weights.
+        weights = self.accelerator.get_state_dict(self.model) if self._sharded else None
+        optimizer_state = None if final else self._optimizer_state()
         if self.accelerator.is_main_process:
-            extra = optimizer_state_files(self.optimizer.state_dict())
-            extra[SCHEDULER_STATE] = json.dumps(self.scheduler.state_dict()).encode()
+            extra = {}
+            if optimizer_state is not None:
+                extra = optimizer_state_files(optimizer_state)
+                extra[SCHEDULER_STATE] = json.dumps(self.scheduler.state_dict()).encode()
             extra[TRAINER_STATE] = json.dumps(state, indent=2).encode()
             self.store.save_checkpoint(self.accelerator.unwrap_model(self.model), self.tokenizer, uri,
-                                       extra_files=extra, final=final)
+                                       extra_files=extra, final=final, state_dict=weights)
         self.accelerator.wait_for_everyone()
+
+    @property
+    def _sharded(self) -> bool:
+        """FSDP: parameters and optimizer moments are sharded across processes (DTensors, also on one GPU)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state to save: as is, or for a sharded model its full state keyed by parameter name."""
+        if not self._sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if not self._sharded:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
 
     def _resumable_state(self, uri: str, fingerprint: str) -> dict | None:
         if self.store.checkpoint_marker(uri) is None:
@@ -516,6 +552,7 @@ class Trainer:
         progress_callback: Callable[[int, int, dict], None] | None = None,
     ) -> TrainResult:
         cfg, tc, accelerator = self.cfg, self.cfg.training, self.accelerator
+        round_started = time.perf_counter()
         set_seed(tc.seed)
         micro_batches = accelerator.num_processes * tc.gradient_accumulation_steps
         plan = plan_steps(self._units(encoded_examples), tc.batch_size * micro_batches, micro_batches, tc.epochs,
@@ -533,7 +570,8 @@ class Trainer:
         state = self._resumable_state(checkpoint_uri, fingerprint) if resume else None
         if state and state["step"] >= total:  # this round already finished; only the manifest may be missing
             if metrics_writer is not None:
-                metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": state["metrics"]})
+                metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": state["metrics"],
+                                       "tokens_per_s": state["tokens_per_s"]})
             accelerator.wait_for_everyone()
             return TrainResult(checkpoint_uri, total, state["metrics"], state["tokens_per_s"])
         gpu.reset_peak_memory()
@@ -552,15 +590,17 @@ class Trainer:
         step, last_metrics, shards = 0, {}, 0
         if state:
             local = Path(state["local_dir"])
-            self.optimizer.load_state_dict(optimizer_state_from_files(
+            self._load_optimizer_state(optimizer_state_from_files(
                 (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
             self.scheduler.load_state_dict(json.loads((local / SCHEDULER_STATE).read_text()))
             step, last_metrics, shards = state["step"], state["metrics"], state["metrics_shards"]
             logger.info("resuming %s at step %d of %d", checkpoint_uri, step, total)
 
+        setup_seconds = time.perf_counter() - round_started
         self._reference_cache = None
         if tc.loss in REFERENCE_LOSSES and tc.precompute_reference and step < total:
             self._reference_cache = self._precompute_reference(encoded_examples)
+        reference_seconds = time.perf_counter() - round_started - setup_seconds
 
         self.model.train()
         pending_rows: list[dict] = []
@@ -591,7 +631,14 @@ class Trainer:
                 if progress_callback is not None and accelerator.is_main_process:
                     progress_callback(step, total, metrics)
         if metrics_writer is not None:
+            # Where the round's time went: loading (models, optimizer, resume state), the reference pass, the
+            # optimizer steps (`train_seconds`, what `tokens_per_s` divides by) and the checkpoint writes.
+            total_seconds = time.perf_counter() - round_started
+            seconds = {"setup": setup_seconds, "reference": reference_seconds, "train": train_seconds,
+                       "save": total_seconds - setup_seconds - reference_seconds - train_seconds}
             metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
+                                   "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
+                                   "seconds": {k: round(v, 3) for k, v in seconds.items()},
                                    "peak_gpu_memory_gib": gpu.peak_memory_gib()})
         accelerator.wait_for_everyone()
         return TrainResult(checkpoint_uri, total, last_metrics, tokens_seen / train_seconds)

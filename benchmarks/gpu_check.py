@@ -2,23 +2,29 @@
 
 A random-weight Llama of about 0.4B parameters (hidden 1024, 24 layers, MLP 4096; built here, no hub) runs two
 online iterations of the pipeline's stages (prompts → generate → annotate → reweight → train), in bf16 with
-vLLM generation (transformers where vLLM is not installed), once with full fine-tuning and once with a LoRA
-adapter. With more than one GPU it adds a DeepSpeed ZeRO-3 and an FSDP round (deployments/accelerate/). It
-prints, per variant and iteration: generation tokens/s, training tokens/s and pairs/s, MFU against the GPU's
-bf16 dense peak (6 * parameters FLOPs per trained token: forward + backward of the policy; the reference
-forward is extra work not counted), the peak GPU memory of each stage (from its manifest), and, for the same
-pairs as the first round, TRL's DPOTrainer pairs/s in the same process.
+vLLM generation (transformers where vLLM is not installed), once with full fine-tuning, once with a LoRA
+adapter and, where bitsandbytes is installed, once with QLoRA (a 4-bit base). Training then runs under
+`accelerate launch` with FSDP on every GPU there is (one included) and, where DeepSpeed is installed, with
+ZeRO-3 (deployments/accelerate/). A variant that fails prints its error and the others still run.
 
-    python benchmarks/gpu_check.py               # a CUDA machine (about 10 minutes on one H100)
+It prints, per variant and iteration: generation tokens/s, training tokens/s and pairs/s, MFU against the GPU's
+bf16 dense peak (6 * parameters FLOPs per trained token: forward + backward of the policy; the reference
+forward is extra work not counted), where the training round's time went (loading, reference pass, optimizer
+steps, checkpoint writes), the peak GPU memory of each stage (from its manifest), and, for the same pairs as
+the first round and at the same batch size, TRL's DPOTrainer pairs/s in the same process.
+
+    python benchmarks/gpu_check.py               # a CUDA machine (about 4 minutes on one H200)
     python benchmarks/gpu_check.py --smoke       # any machine: tiny sizes on the CPU, checks the script itself
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +38,7 @@ from alignment_core.tiny import build_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+from train_throughput import BATCH_SIZE as TRL_BATCH_SIZE  # noqa: E402
 from train_throughput import run_trl  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device name (datasheet figures, without sparsity).
@@ -65,21 +72,21 @@ def variant_config(name: str, model_dir: str, root: str, smoke: bool, gpus: int)
         "model": {"policy": model_dir, "dtype": "bfloat16" if on_gpu else "float32"},
         "generation": {"backend": "auto" if on_gpu else "transformers", "prompts_per_iteration": 8 if smoke else 192,
                        "n_samples": 2, "max_new_tokens": 12 if smoke else 128, "temperature": 1.0,
-                       "shard_size": 8 if smoke else 64, "batch_size": 8 if smoke else 64,
+                       "shard_size": 8 if smoke else 64, "batch_size": 8 if smoke else 128,
                        "gpu_memory_utilization": 0.5, "max_model_len": 512},
         # Response length: a reward that rarely ties on a random-weight model, so most prompts give a pair.
         "annotation": {"annotator": "programmatic", "programmatic": "alignment_core.rewards:response_length"},
-        "training": {"loss": "dpo", "batch_size": 4 if smoke else 16, "learning_rate": 1e-5,
+        "training": {"loss": "dpo", "batch_size": 4 if smoke else TRL_BATCH_SIZE, "learning_rate": 1e-5,
                      "precompute_reference": True},
         "evaluation": {"enabled": False},
         "store": {"root": root, "run_name": name},
     }
-    if name == "lora":
-        config["model"]["adapter"] = {"r": 16, "alpha": 32}
+    if name in ("lora", "qlora"):
+        config["model"]["adapter"] = {"r": 16, "alpha": 32, "load_in_4bit": name == "qlora"}
         config["training"]["learning_rate"] = 1e-4
     if name in ("zero3", "fsdp"):
         accelerate = REPO / "deployments/accelerate" / {"zero3": "deepspeed_zero3.yaml", "fsdp": "fsdp.yaml"}[name]
-        config["training"].update(num_processes=gpus, accelerate_config=str(accelerate))
+        config["training"].update(num_processes=max(gpus, 1), accelerate_config=str(accelerate))
     return config
 
 
@@ -105,12 +112,17 @@ def run_variant(cfg, params: int, peak_flops: float | None) -> list[dict]:
         generation = store.read_manifest(generations)["extra"]
         metrics = store.read_manifest(store.stage_uri(cfg.store.run_name, k, "metrics"))["extra"]
         pairs = store.read_manifest(units)["rows"]
-        train_tokens_per_s = metrics["final"].get("tokens_per_s")
+        train_tokens_per_s = metrics.get("tokens_per_s")
+        round_seconds = metrics.get("seconds", {})
         rows.append({
             "iteration": k, "pairs": pairs,
             "generation_tokens_per_s": generation.get("tokens_per_s"),
             "train_tokens_per_s": train_tokens_per_s,
             "train_pairs_per_s": pairs / seconds["checkpoint"],
+            # the reference pass and the optimizer steps: what TRL's trainer.train() does (without its precompute)
+            "loop_pairs_per_s": (pairs / (round_seconds["reference"] + round_seconds["train"])
+                                 if round_seconds.get("train") else None),
+            "round_seconds": round_seconds,
             "mfu": 6 * params * train_tokens_per_s / peak_flops if peak_flops and train_tokens_per_s else None,
             "peak_gpu_gib": {"generate": generation.get("peak_gpu_memory_gib"),
                              "annotate": store.read_manifest(annotations)["extra"].get("peak_gpu_memory_gib"),
@@ -123,10 +135,10 @@ def run_variant(cfg, params: int, peak_flops: float | None) -> list[dict]:
     return rows
 
 
-def trl_pairs_per_s(cfg, model_dir: str, workdir: str, on_gpu: bool) -> float:
-    """TRL's DPOTrainer on the pairs of the first round (the same units ours trained on)."""
+def trl_pairs_per_s(cfg, model_dir: str, workdir: str, on_gpu: bool, iteration: int) -> float:
+    """TRL's DPOTrainer on the pairs of one round (the same units ours trained on)."""
     store = pipeline.open_store(cfg)
-    units = store.read_pandas(store.stage_uri(cfg.store.run_name, 1, "units"))
+    units = store.read_pandas(store.stage_uri(cfg.store.run_name, iteration, "units"))
     pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in
              zip(units["prompt"], units["generation1_response"], units["generation2_response"], strict=True)]
     return run_trl(model_dir, pairs, workdir, bf16_on_gpu=on_gpu)
@@ -143,7 +155,10 @@ def main() -> None:
     peak = next((flops for name, flops in BF16_PEAK.items() if name in device), None) if on_gpu else None
     if not on_gpu and not args.smoke:
         sys.exit("no CUDA device: run with --smoke to check the script on the CPU")
-    variants = args.variants or ["full", "lora"] + (["zero3", "fsdp"] if gpus > 1 else [])
+    installed = {name for name, package in (("qlora", "bitsandbytes"), ("zero3", "deepspeed"))
+                 if importlib.util.find_spec(package) is not None}
+    variants = args.variants or (["full", "lora"] + [v for v in ("qlora", "fsdp", "zero3")
+                                                     if v == "fsdp" or v in installed] if on_gpu else ["full", "lora"])
     print(f"device: {device} x{max(gpus, 1)}; bf16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; "
           f"torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,22 +166,43 @@ def main() -> None:
         model_dir, params = build_model(Path(tmp) / "model", *sizes, torch.bfloat16 if on_gpu else torch.float32)
         print(f"model: Llama hidden {sizes[0]}, {sizes[1]} layers, MLP {sizes[2]}: {params / 1e6:.0f}M parameters "
               "(without embeddings)")
-        results = {}
+        results, failed = {}, {}
         for name in variants:
-            cfg = parse_config(variant_config(name, model_dir, f"{tmp}/store", args.smoke, gpus))
-            results[name] = run_variant(cfg, params, peak)
+            try:
+                cfg = parse_config(variant_config(name, model_dir, f"{tmp}/store", args.smoke, gpus))
+                results[name] = run_variant(cfg, params, peak)
+            except Exception as error:  # noqa: BLE001 - one variant's failure is a result; the others still run
+                failed[name] = f"{type(error).__name__}: {error}"
+                traceback.print_exc()
+                print(f"{name:6s} FAILED: {failed[name]}")
+                continue
             for row in results[name]:
                 mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
                 print(f"{name:6s} iter {row['iteration']}: {row['pairs']} pairs, generation "
                       f"{row['generation_tokens_per_s']} tok/s, training {row['train_tokens_per_s']:.0f} tok/s = "
-                      f"{row['train_pairs_per_s']:.2f} pairs/s, MFU {mfu}, peak GPU GiB {row['peak_gpu_gib']}, "
-                      f"checkpoint {row['checkpoint_mib']:.1f} MiB, seconds {row['seconds']}")
-            if name == "full":
-                trl = trl_pairs_per_s(cfg, model_dir, tmp, on_gpu)
-                ours = results[name][0]["train_pairs_per_s"]
-                print(f"TRL DPOTrainer on iteration 1's pairs: {trl:.2f} pairs/s; ours {ours:.2f} pairs/s "
-                      f"(ratio {ours / trl:.2f}x; ours includes the reference pass and the checkpoint write)")
-        print("JSON " + json.dumps({"device": device, "gpus": gpus, "params": params, "results": results}))
+                      f"{row['train_pairs_per_s']:.2f} pairs/s ({row['loop_pairs_per_s']:.2f} in the reference pass "
+                      "and steps), "
+                      f"MFU {mfu}, peak GPU GiB {row['peak_gpu_gib']}, checkpoint {row['checkpoint_mib']:.1f} MiB, "
+                      f"stage seconds {row['seconds']}, training round seconds {row['round_seconds']}")
+        # TRL last: its Trainer fixes the process's accelerate state (mixed precision) for every later Accelerator.
+        if "full" in results:
+            try:
+                cfg = parse_config(variant_config("full", model_dir, f"{tmp}/store", args.smoke, gpus))
+                # The last round: by then ours runs warm (CUDA context, kernels), as TRL does after it.
+                last = results["full"][-1]
+                trl = trl_pairs_per_s(cfg, model_dir, tmp, on_gpu, last["iteration"])
+                print(f"TRL DPOTrainer on iteration {last['iteration']}'s pairs: {trl:.2f} pairs/s (its "
+                      f"trainer.train()). Ours: {last['loop_pairs_per_s']:.2f} pairs/s in the reference pass and "
+                      f"optimizer steps (ratio {last['loop_pairs_per_s'] / trl:.2f}x), {last['train_pairs_per_s']:.2f}"
+                      f" pairs/s for the whole stage with loading, the reference pass and the checkpoint write "
+                      f"(ratio {last['train_pairs_per_s'] / trl:.2f}x)")
+            except Exception as error:  # noqa: BLE001 - the peer's failure is reported, not fatal
+                failed["trl"] = f"{type(error).__name__}: {error}"
+                traceback.print_exc()
+        print("JSON " + json.dumps({"device": device, "gpus": gpus, "params": params, "results": results,
+                                    "failed": failed}))
+    if failed:
+        sys.exit(f"failed variants: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

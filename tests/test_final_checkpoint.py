@@ -8,7 +8,13 @@ from alignment_core import losses, pipeline
 from alignment_core.config import parse_config
 from alignment_core.models import load_causal_lm, load_tokenizer
 from alignment_core.store import CHECKPOINT_MARKER, RESUME_MARKER, ArtifactStore
-from alignment_core.training import NonFiniteLossError, Trainer
+from alignment_core.training import (
+    OPTIMIZER_SCALARS,
+    OPTIMIZER_TENSORS,
+    SCHEDULER_STATE,
+    NonFiniteLossError,
+    Trainer,
+)
 from tests.test_training import make_units
 
 
@@ -61,6 +67,8 @@ def test_an_aborted_round_is_not_a_finished_iteration_and_resumes(tmp_path, tiny
         with pytest.raises(NonFiniteLossError, match="step 3"):
             trainer.train(encoded, checkpoint, metrics)
     assert not store.checkpoint_complete(checkpoint) and store.checkpoint_marker(checkpoint) == RESUME_MARKER
+    resume_files = set(store.read_json(f"{checkpoint}/{RESUME_MARKER}")["files"])
+    assert {OPTIMIZER_TENSORS, OPTIMIZER_SCALARS, SCHEDULER_STATE} <= resume_files
     assert pipeline.finished_iterations(cfg) == 0  # the NaN-aborted round is not a finished iteration
 
     resumed = Trainer(cfg, policy_path=str(tiny_model_dir), tokenizer_path=None, store=store)
@@ -70,3 +78,6 @@ def test_an_aborted_round_is_not_a_finished_iteration_and_resumes(tmp_path, tiny
     assert store.checkpoint_complete(checkpoint) and pipeline.finished_iterations(cfg) == 1
     state = json.loads(open(f"{store.local_checkpoint(checkpoint)}/trainer_state.json").read())
     assert state["step"] == state["total_steps"] == 4
+    # A finished round is never resumed: its checkpoint is the weights, without the optimizer's moments.
+    final_files = set(store.read_json(f"{checkpoint}/{CHECKPOINT_MARKER}")["files"])
+    assert "trainer_state.json" in final_files and not {OPTIMIZER_TENSORS, SCHEDULER_STATE} & final_files

@@ -173,6 +173,31 @@ def test_optimizer_state_round_trips_without_pickle():
         assert torch.equal(restored.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
 
 
+def test_a_sharded_optimizers_full_state_round_trips_by_parameter_name():
+    """FSDP's full optimizer state is keyed by parameter names, which hold dots ('0.weight')."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    full = StateDictOptions(full_state_dict=True)
+    files = training.optimizer_state_files(get_optimizer_state_dict(model, optimizer, options=full))
+    restored_model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    restored = torch.optim.AdamW(restored_model.parameters(), lr=0.5)
+    state = training.optimizer_state_from_files(files["optimizer.safetensors"], files["optimizer.json"])
+    assert set(state["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    set_optimizer_state_dict(restored_model, restored, state, options=full)
+    assert restored.param_groups[0]["lr"] == 0.1
+    for index in range(4):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(restored.state_dict()["state"][index][key], optimizer.state_dict()["state"][index][key])
+
+
 def test_a_loss_that_does_not_fit_the_setup_never_reaches_a_trainer(tiny2_dir, tmp_path):
     with pytest.raises(ValueError, match="does not fit setup 'sft'"):
         Trainer(make_cfg("sft", "dpo"), tiny2_dir, None, ArtifactStore(str(tmp_path)))
