@@ -9,7 +9,7 @@ output would, not only when the config text does:
 - a `module:function` (programmatic reward, evaluation oracle): the bytes of the module's file;
 - the library: per stage, the source of the modules (and pipeline functions) that produce it, so an edit to
   `inspect.py` redoes nothing and an edit to `generation/` redoes generation (`stage_code_digest`).
-Models are identified by `models.model_digest` (hub commit or weight bytes).
+Models are identified by `models.model_digest` (hub commit or weight bytes), through `inputs.InputRef`.
 """
 
 import ast
@@ -28,9 +28,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 # The library code that produces each stage: files (globs) relative to the package, or `file.py:function`
 # for one top-level function of a module whose other functions belong to other stages (pipeline.py).
-_GENERATION = ["generation/*.py", "batches.py", "records.py", "models.py", "adapters.py",
+_GENERATION = ["generation/*.py", "batches.py", "records.py", "models.py", "inputs.py", "adapters.py",
                "pipeline.py:generate", "pipeline.py:_generation_config", "pipeline.py:resolve_policy"]
-_ANNOTATOR = ["annotation/*.py", "batches.py", "records.py", "models.py", "adapters.py"]
+_ANNOTATOR = ["annotation/*.py", "batches.py", "records.py", "models.py", "inputs.py", "adapters.py"]
 STAGE_CODE: dict[str, list[str]] = {
     "prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_prompts"],
     "eval_prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_eval_prompts"],
@@ -38,8 +38,10 @@ STAGE_CODE: dict[str, list[str]] = {
     "generations": _GENERATION,  # every stage `pipeline.generate` writes (eval_generations too)
     "annotations": [*_ANNOTATOR, "pipeline.py:annotate"],
     "units": ["batches.py", "records.py", "pipeline.py:build_units"],
-    "weights": ["reweight.py", "batches.py", "records.py", "models.py", "adapters.py", "pipeline.py:reweight"],
-    "checkpoint": ["training.py", "losses.py", "batches.py", "records.py", "models.py", "adapters.py",
+    # importance weights: log-probs through training.py's sequence_logps on batches.py's encode / collate
+    "weights": ["reweight.py", "batches.py", "training.py", "records.py", "models.py", "inputs.py", "adapters.py",
+                "pipeline.py:reweight"],
+    "checkpoint": ["training.py", "losses.py", "batches.py", "records.py", "models.py", "inputs.py", "adapters.py",
                    "pipeline.py:train", "pipeline.py:_carry_over", "pipeline.py:_launch_distributed_round"],
     "evaluation": [*_ANNOTATOR, "evaluation.py", "pipeline.py:evaluate", "pipeline.py:_win_rate",
                    "pipeline.py:_oracle_scores", "pipeline.py:wilson_interval",

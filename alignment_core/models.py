@@ -23,60 +23,28 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignment_core.adapters import adapter_base, is_adapter, load_adapter
 from alignment_core.config import TINY_MODEL
-from alignment_core.tiny import build_tiny
-
-TINY_REWARD_MODEL = "tiny://reward"
-TINY_BUILDS = {TINY_MODEL: ("tiny-llama", "causal_lm"), TINY_REWARD_MODEL: ("tiny-reward", "reward_model")}
-DEFAULT_CACHE_DIR = "~/.cache/alignment_core"
+from alignment_core.inputs import (  # noqa: F401  (re-exported: the names of models)
+    DEFAULT_CACHE_DIR,
+    TINY_BUILDS,
+    TINY_REWARD_MODEL,
+    InputRef,
+    ModelNotFoundError,
+    is_store_uri,
+    split_revision,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # "name" or "org/name"
 # A snapshot in the hub cache: .../models--org--name/snapshots/<commit>
 _HUB_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
 # Files a causal LM or classifier never needs: other frameworks' weights, original (non-HF) checkpoints.
 _HUB_IGNORE = ["*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "original/*", "onnx/*"]
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """A configured model cannot be found; the message names it and says how to make it available."""
-
-
-def split_revision(name: str) -> tuple[str, str | None]:
-    """`org/name@rev` -> (`org/name`, `rev`); names without `@` have no revision."""
-    repo, at, revision = name.partition("@")
-    return (repo, revision) if at and revision else (name, None)
-
-
-def is_store_uri(name: str) -> bool:
-    """A checkpoint in a store (`s3://...`, `file://...`), not one of the `tiny://` builds."""
-    return bool(_URI_SCHEME.match(name)) and name not in TINY_BUILDS
-
-
-def _looks_like_path(name: str) -> bool:
-    if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
-        return True
-    return not _HUB_ID.match(split_revision(name)[0])
-
-
 def resolve_model_path(name_or_uri: str, store=None, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
-    """Turn a model name into a local folder that `from_pretrained` loads without touching the network."""
-    name_or_uri = str(name_or_uri)
-    if name_or_uri in TINY_BUILDS:
-        folder, kind = TINY_BUILDS[name_or_uri]
-        return str(build_tiny(Path(cache_dir).expanduser() / folder, kind=kind))
-    if is_store_uri(name_or_uri):
-        if store is None:
-            from alignment_core.store import ArtifactStore
-
-            store = ArtifactStore(name_or_uri.rstrip("/").rsplit("/", 1)[0], cache_dir=cache_dir)
-        return store.local_checkpoint(name_or_uri)
-    if Path(name_or_uri).expanduser().is_dir():
-        return str(Path(name_or_uri).expanduser())
-    if _looks_like_path(name_or_uri):
-        raise ModelNotFoundError(f"model path {name_or_uri!r} does not exist")
-    return hub_snapshot(*split_revision(name_or_uri))
+    """Turn a model name into a local folder that `from_pretrained` loads without touching the network
+    (`inputs.InputRef.model(name).resolve`: one rule per kind of name)."""
+    return InputRef.model(name_or_uri).resolve(store=store, cache_dir=cache_dir)
 
 
 @lru_cache(maxsize=64)

@@ -26,6 +26,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.digests import callable_digest, data_digests, stage_code_digest, template_digest
+from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore, fingerprint_digest
 
@@ -39,37 +40,30 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
 
 
 def input_digest(store: ArtifactStore, uri: str) -> str:
-    """What a stage's output depends on from one input: a stage's fingerprint or a model's content digest.
+    """What a stage's output depends on from one input named by its URI alone: `InputRef.of` decides whether it
+    is a stage output (its fingerprint digest) or a model (its content digest). Stages call `stage_digest` or
+    `policy_digest`, which say which kind they mean."""
+    return InputRef.of(store, uri).digest(store)
 
-    A stage whose rows can change under the same fingerprint (annotations whose transient failures a rerun
-    retried) records a digest of its labels too, so that what was built from the old rows is redone.
-    """
-    manifest = store.read_manifest(uri)
-    if manifest is not None:
-        labels = manifest.get("extra", {}).get("labels_digest")
-        return manifest["fingerprint_digest"] + (f"+{labels}" if labels else "")
-    return policy_digest(store, uri)
+
+def stage_digest(store: ArtifactStore, stage_uri: str) -> str:
+    """A stage output's fingerprint digest (+ its labels digest when a rerun retried some of its rows)."""
+    return InputRef.stage(stage_uri).digest(store)
 
 
 def resolve_policy(store: ArtifactStore, policy_uri: str) -> str:
     """A local folder for a model named by hub name, local path, tiny://, or a checkpoint URI in the store."""
-    from alignment_core.models import resolve_model_path
-
-    return resolve_model_path(policy_uri, store=store, cache_dir=str(store.cache_dir))
+    return InputRef.model(policy_uri).resolve(store)
 
 
 def policy_digest(store: ArtifactStore, policy_uri: str) -> str:
-    from alignment_core.models import model_digest
-
-    return model_digest(resolve_policy(store, policy_uri))
+    """A model's content digest (hub commit or weight bytes), as fingerprints record it."""
+    return InputRef.model(policy_uri).digest(store)
 
 
 def model_lineage(store: ArtifactStore, name: str) -> dict:
     """What a checkpoint's lineage records of a model it was trained from: its name, digest, hub commit."""
-    from alignment_core.models import hub_revision, model_digest
-
-    path = resolve_policy(store, name)
-    return {"name": name, "digest": model_digest(path), "hub_revision": hub_revision(path)}
+    return InputRef.model(name).lineage(store)
 
 
 def finished_iterations(cfg: PipelineConfig) -> int:
@@ -251,7 +245,7 @@ def generate(
     fingerprint = {
         # Any stage name (eval_generations, an experiment's own) is produced by the same generation code.
         "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": stage_code_digest("generations"),
-        "inputs": {"prompts": input_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)},
+        "inputs": {"prompts": stage_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)},
     }
     if already_done(store, out, fingerprint):
         return out
@@ -283,7 +277,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
     fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
-                               generations=input_digest(store, generations_uri), **annotator_digests(cfg, store))
+                               generations=stage_digest(store, generations_uri), **annotator_digests(cfg, store))
     if already_done(store, out, fingerprint):
         transient = store.read_manifest(out)["extra"].get("transient_failures", 0)
         if not transient:
@@ -332,7 +326,7 @@ def build_units(
     out = store.stage_uri(cfg.store.run_name, iteration, "units")
     sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]
     fingerprint = _fingerprint(cfg, "units", (), setup=cfg.setup,
-                               sources=[input_digest(store, uri) for uri in sources])
+                               sources=[stage_digest(store, uri) for uri in sources])
     if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
         return out
     if examples_uri:
@@ -358,7 +352,7 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
 
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "weights")
-    inputs = {"units": input_digest(store, units_uri)}
+    inputs = {"units": stage_digest(store, units_uri)}
     if cfg.reweight.strategy == "importance":
         inputs["policy"] = policy_digest(store, policy_uri)
         inputs["behaviour"] = policy_digest(store, cfg.reweight.behaviour_model)
@@ -381,10 +375,10 @@ def train(
     store = open_store(cfg)
     checkpoint = store.checkpoint_uri(cfg.store.run_name, iteration)
     metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
+    policy, reference = InputRef.model(policy_uri), InputRef.model(reference_uri)
     fingerprint = _fingerprint(
-        cfg, "checkpoint", ("training", "model"), setup=cfg.setup, units=input_digest(store, units_uri),
-        weights=input_digest(store, weights_uri), policy=policy_digest(store, policy_uri),
-        reference=policy_digest(store, reference_uri),
+        cfg, "checkpoint", ("training", "model"), setup=cfg.setup, units=stage_digest(store, units_uri),
+        weights=stage_digest(store, weights_uri), policy=policy.digest(store), reference=reference.digest(store),
     )
     lineage_uri = f"{checkpoint}/lineage.json"
     if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri):
@@ -394,7 +388,7 @@ def train(
             return checkpoint
         if keep_finished(cfg, store, checkpoint, iteration, fingerprint, previous=previous):
             return checkpoint
-    policy_path, reference_path = resolve_policy(store, policy_uri), resolve_policy(store, reference_uri)
+    policy_path, reference_path = policy.resolve(store), reference.resolve(store)
     if store.read_manifest(units_uri)["rows"] == 0:
         _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
     elif cfg.training.num_processes > 1 or cfg.training.accelerate_config:
@@ -412,7 +406,7 @@ def train(
             trainer.train(encoded, checkpoint, metrics, progress_callback=progress)
         finally:
             trainer.release()
-    models = {"policy": model_lineage(store, policy_uri), "reference": model_lineage(store, reference_uri)}
+    models = {"policy": policy.lineage(store), "reference": reference.lineage(store)}
     from alignment_core.adapters import adapter_base, is_adapter
 
     trained = store.local_checkpoint(checkpoint)
@@ -495,8 +489,8 @@ def evaluate(
     initial = generate(cfg, eval_prompts_uri, initial_policy_uri, 0, stage="eval_generations")
     oracle = {"oracle": callable_digest(cfg.evaluation.oracle)} if cfg.evaluation.oracle else {}
     fingerprint = _fingerprint(cfg, "evaluation", ("annotation", "evaluation"),
-                               new=input_digest(store, new), previous=input_digest(store, previous),
-                               initial=input_digest(store, initial), **annotator_digests(cfg, store), **oracle)
+                               new=stage_digest(store, new), previous=stage_digest(store, previous),
+                               initial=stage_digest(store, initial), **annotator_digests(cfg, store), **oracle)
     if already_done(store, out, fingerprint):
         return out
     new_df = store.read_pandas(new)
@@ -551,7 +545,7 @@ def evaluate_reward_model(cfg: PipelineConfig, heldout_uri: str, checkpoint_uri:
 
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
-    fingerprint = _fingerprint(cfg, "evaluation", ("evaluation",), pairs=input_digest(store, heldout_uri),
+    fingerprint = _fingerprint(cfg, "evaluation", ("evaluation",), pairs=stage_digest(store, heldout_uri),
                                reward_model=policy_digest(store, checkpoint_uri))
     if already_done(store, out, fingerprint):
         return out

@@ -1,0 +1,200 @@
+"""What a stage reads, as one typed reference: a stage output or a model, each resolved and digested by one rule.
+
+An `InputRef` is a kind and the name as it was written (a URI, a path, a hub id). The kinds:
+
+    kind        written as                                 resolves to                       digest
+    stage       a stage of the store: {run}/iter-k/<stage> (rows, not a folder)              its manifest's fingerprint
+                                                                                             digest (+ labels digest)
+    tiny        tiny://llama, tiny://reward                the build in the cache folder     its safetensors' sha256
+    checkpoint  s3://..., file://..., memory://...         a local copy of the finished      its safetensors' sha256
+                (a checkpoint the pipeline saved)          checkpoint (local_checkpoint)
+    local       a folder (/abs, ./rel, ~/..., a/b/c)       that folder                       its safetensors' sha256
+                                                                                             (a hub snapshot: commit)
+    hub         org/name or org/name@<branch|tag|commit>   its snapshot in the hub cache     the hub commit
+
+The labels digest is that of annotations whose transient failures a rerun retried: what was built from the
+old rows is redone. A model folder holding an adapter (`adapter_config.json`) adds its base model's digest
+(`models.model_digest`). Errors name the kind that was meant: "stage output ... has no manifest (the stage
+did not finish)" is not "model ... (local folder) ...".
+
+`models.resolve_model_path` and the pipeline's fingerprints and lineage (`pipeline.input_digest`,
+`policy_digest`, `model_lineage`) all go through this module, so each rule is written once.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from alignment_core.config import TINY_MODEL
+
+TINY_REWARD_MODEL = "tiny://reward"
+TINY_BUILDS = {TINY_MODEL: ("tiny-llama", "causal_lm"), TINY_REWARD_MODEL: ("tiny-reward", "reward_model")}
+DEFAULT_CACHE_DIR = "~/.cache/alignment_core"
+
+Kind = Literal["stage", "tiny", "checkpoint", "local", "hub"]
+MODEL_KINDS: tuple[str, ...] = ("tiny", "checkpoint", "local", "hub")
+KIND_NAMES = {"stage": "stage output", "tiny": "tiny build", "checkpoint": "store checkpoint",
+              "local": "local folder", "hub": "hub id"}
+
+_URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # "name" or "org/name"
+_STAGE_PATH = re.compile(r"^[^/]+/iter-\d+/(?P<stage>[^/]+)/?$")  # below the store root: {run}/iter-k/{stage}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A configured model cannot be found; the message names it, its kind, and how to make it available."""
+
+
+class StageNotFinishedError(FileNotFoundError):
+    """A stage output read as an input has no manifest: the stage never ran, or did not finish."""
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); names without `@` have no revision."""
+    repo, at, revision = name.partition("@")
+    return (repo, revision) if at and revision else (name, None)
+
+
+def is_store_uri(name: str) -> bool:
+    """A checkpoint in a store (`s3://...`, `file://...`), not one of the `tiny://` builds."""
+    return bool(_URI_SCHEME.match(name)) and name not in TINY_BUILDS
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
+        return True
+    return not _HUB_ID.match(split_revision(name)[0])
+
+
+def is_stage_uri(store, uri: str) -> bool:
+    """Whether `uri` is laid out as a stage of `store` ({root}/{run}/iter-k/{stage}), a checkpoint aside."""
+    prefix = store.root.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        return False
+    match = _STAGE_PATH.match(uri[len(prefix):])
+    return bool(match) and match["stage"] != "checkpoint"
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input of a stage: `kind` (see the module docstring) and `name`, as written."""
+
+    kind: Kind
+    name: str
+
+    # ---- construction: the one classification rule per form of name ----------------------------------------
+    @classmethod
+    def stage(cls, uri: str) -> "InputRef":
+        """A stage's output, read through its manifest."""
+        return cls("stage", str(uri))
+
+    @classmethod
+    def model(cls, name: str) -> "InputRef":
+        """A model, by how its name is written: a tiny build, a store URI, an existing folder or a path, else a
+        hub id (`org/name`, optionally `@revision`)."""
+        name = str(name)
+        if name in TINY_BUILDS:
+            return cls("tiny", name)
+        if is_store_uri(name):
+            return cls("checkpoint", name)
+        if Path(name).expanduser().is_dir() or _looks_like_path(name):
+            return cls("local", name)
+        return cls("hub", name)
+
+    @classmethod
+    def of(cls, store, uri: str) -> "InputRef":
+        """An input named by its URI alone: a stage output when `uri` is laid out as a stage of `store` or holds
+        a stage manifest, else a model."""
+        uri = str(uri)
+        if is_stage_uri(store, uri) or store.read_manifest(uri) is not None:
+            return cls.stage(uri)
+        return cls.model(uri)
+
+    # ---- what it is -----------------------------------------------------------------------------------------
+    @property
+    def is_model(self) -> bool:
+        return self.kind in MODEL_KINDS
+
+    @property
+    def repo(self) -> str:
+        """A hub id without its revision."""
+        return split_revision(self.name)[0]
+
+    @property
+    def revision(self) -> str | None:
+        """A hub id's branch, tag or commit (None: the default branch)."""
+        return split_revision(self.name)[1] if self.kind == "hub" else None
+
+    def describe(self) -> str:
+        """The reference in words, for errors: which kind was meant."""
+        if self.kind == "stage":
+            return f"stage output {self.name}"
+        if self.kind == "hub":
+            return f"model {self.repo!r} (hub id at revision {self.revision or 'main'})"
+        return f"model {self.name!r} ({KIND_NAMES[self.kind]})"
+
+    # ---- resolution: a local folder to load from (models) ---------------------------------------------------
+    def resolve(self, store=None, cache_dir: str | Path | None = None) -> str:
+        """A local folder that `from_pretrained` loads without touching the network.
+
+        `cache_dir` (default: the store's, else DEFAULT_CACHE_DIR) holds tiny builds and, without a `store`,
+        copies of store checkpoints.
+        """
+        if self.kind == "stage":
+            raise ValueError(f"{self.describe()} is a stage's rows, not a model folder to load")
+        if cache_dir is None:
+            cache_dir = store.cache_dir if store is not None else DEFAULT_CACHE_DIR
+        if self.kind == "tiny":
+            from alignment_core.tiny import build_tiny
+
+            folder, kind = TINY_BUILDS[self.name]
+            return str(build_tiny(Path(cache_dir).expanduser() / folder, kind=kind))
+        if self.kind == "checkpoint":
+            if store is None:
+                from alignment_core.store import ArtifactStore
+
+                store = ArtifactStore(self.name.rstrip("/").rsplit("/", 1)[0], cache_dir=str(cache_dir))
+            try:
+                return store.local_checkpoint(self.name)
+            except ModelNotFoundError:
+                raise
+            except FileNotFoundError as error:
+                raise ModelNotFoundError(f"{self.describe()}: {error}") from None
+        if self.kind == "local":
+            folder = Path(self.name).expanduser()
+            if not folder.is_dir():
+                raise ModelNotFoundError(f"{self.describe()} does not exist")
+            return str(folder)
+        from alignment_core import models  # the hub cache (models.hub_snapshot); its errors say "hub model"
+
+        return models.hub_snapshot(self.repo, self.revision)
+
+    # ---- digests: what fingerprints and lineage record ------------------------------------------------------
+    def digest(self, store=None) -> str:
+        """A stage output: its manifest's fingerprint digest (+ the labels digest of a stage whose rows a rerun
+        retried, so that what was built from the old rows is redone). A model: its content digest."""
+        if self.kind == "stage":
+            if store is None:
+                raise ValueError(f"{self.describe()}: a stage output is read through its store; pass the store")
+            manifest = store.read_manifest(self.name)
+            if manifest is None:
+                raise StageNotFinishedError(f"{self.describe()} has no manifest (the stage did not finish)")
+            labels = manifest.get("extra", {}).get("labels_digest")
+            return manifest["fingerprint_digest"] + (f"+{labels}" if labels else "")
+        return self._model_digest(self.resolve(store))
+
+    def lineage(self, store=None) -> dict:
+        """What a checkpoint's lineage records of a model: its name as written, digest and hub commit."""
+        from alignment_core.models import hub_revision
+
+        path = self.resolve(store)
+        return {"name": self.name, "digest": self._model_digest(path), "hub_revision": hub_revision(path)}
+
+    def _model_digest(self, path: str) -> str:
+        from alignment_core.models import model_digest
+
+        try:
+            return model_digest(path)
+        except ModelNotFoundError as error:
+            raise ModelNotFoundError(f"{self.describe()}: {error}") from None
