@@ -28,6 +28,7 @@ its weight came from. `temperature` (T) and `clip` (c) come from ReweightConfig.
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -192,6 +193,10 @@ class SampleReweighter:
 
 
 # ---- importance inputs -----------------------------------------------------------------------------------
+# The importance ratio is of the whole texts the behaviour model wrote: no truncation to training's max_length.
+_WHOLE_SEQUENCE = sys.maxsize
+
+
 @torch.no_grad()
 def sequence_logprobs(
     model,
@@ -202,46 +207,30 @@ def sequence_logprobs(
 ) -> list[float]:
     """log p(response + EOS | prompt) under `model`, teacher-forced, one float per (prompt, response).
 
-    The prompt is rendered as the training batches render it (alignment_core.batches.render_prompt_ids,
-    i.e. the tokenizer's chat template with the generation prompt); the response is tokenised without
-    special tokens and closed with EOS (batches.response_ids), as in training.
+    The sequences are built as training builds them, untruncated: `BatchFactory.encode` (the prompt through
+    the chat template with the generation prompt, the response closed with EOS) and `collate`; the log-prob is
+    training's `sequence_logps` summed over the response tokens (`concatenated_inputs`' response mask). The
+    tokenizer needs EOS and pad tokens (`models.load_tokenizer` sets the pad).
     """
-    from alignment_core.batches import render_prompt_ids, response_ids
+    from alignment_core.batches import BatchFactory
+    from alignment_core.training import concatenated_inputs, sequence_logps
 
     if len(prompt_messages_list) != len(responses):
         raise ValueError(f"{len(prompt_messages_list)} prompts for {len(responses)} responses")
     if tokenizer.eos_token_id is None:
         raise ValueError("sequence_logprobs needs a tokenizer with an EOS token")
+    ids = [str(i) for i in range(len(responses))]
+    units = pd.DataFrame({"unit_id": ids, "prompt_id": ids, "prompt_messages": list(prompt_messages_list),
+                          "generation1_response": list(responses)})
+    factory = BatchFactory(tokenizer, "sft", max_length=_WHOLE_SEQUENCE, max_prompt_length=_WHOLE_SEQUENCE - 1)
+    encoded = factory.encode(units) if len(units) else []
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    totals = []
-    for start in range(0, len(responses), batch_size):
-        sequences, response_starts = [], []
-        for messages, response in zip(
-            prompt_messages_list[start : start + batch_size],
-            responses[start : start + batch_size],
-            strict=True,
-        ):
-            prompt_ids = list(render_prompt_ids(tokenizer, list(messages)))
-            sequences.append(prompt_ids + response_ids(tokenizer, response))
-            response_starts.append(len(prompt_ids))
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, sequence in enumerate(sequences):
-            input_ids[i, : len(sequence)] = torch.tensor(sequence)
-            attention_mask[i, : len(sequence)] = 1
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-        ).logits.float()
-        # Position t predicts token t+1: the response tokens are predicted from positions start-1 .. len-2.
-        token_logprobs = (
-            torch.log_softmax(logits[:, :-1], dim=-1)
-            .gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1))
-            .squeeze(-1)
-        )
-        for i, (sequence, first) in enumerate(zip(sequences, response_starts, strict=True)):
-            totals.append(float(token_logprobs[i, first - 1 : len(sequence) - 1].sum()))
+    totals: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = factory.collate(encoded[start : start + batch_size])
+        inputs = concatenated_inputs(batch, factory.generations, tokenizer.pad_token_id)
+        logps, _ = sequence_logps(model, *(tensor.to(device) for tensor in inputs))
+        totals += logps.tolist()
     return totals
 
 
