@@ -21,7 +21,9 @@ the ratio ours/TRL, and our time per stage, read from Prefect's database (task r
 (load_eval_prompts + load_prompts), generate, annotate, reweight (units + weights), train; "other tasks"
 (preflight, report); "Prefect overhead" = wall - sum of task run times (interpreter start, imports, the
 ephemeral server, flow and task run bookkeeping, the run lease). The systems alternate (ours, TRL, ours, TRL)
-so that drift in a shared machine's load hits both alike; min/median/max over --repeats.
+so that drift in a shared machine's load hits both alike; min/median/max over --repeats, and the ratio's own
+spread: each repeat's ours/TRL from the two runs side by side. `--baseline CHECKOUT` adds a third system, the
+flow of another copy of the repository (a change's "before"), to the same rotation.
 
 Fixed cost of a run: a 1-prompt run of each (--fixed-prompts), and for ours the time from process start to
 the first task's start. Per-prompt cost: the slope of the median wall time between the two sizes of --prompts.
@@ -33,6 +35,7 @@ this invocation's runs, as a user's is across runs); its wall time is printed as
     python benchmarks/online_iteration.py --start-with trl --json b.json   # another sitting, TRL first
     python benchmarks/online_iteration.py --merge a.json b.json         # the runs of several sittings together
     python benchmarks/online_iteration.py --profile 1024   # cProfile of one flow run: the top costs
+    python benchmarks/online_iteration.py --prompts 1 --fixed-prompts 0 --baseline /tmp/base  # before/after
 """
 
 import argparse
@@ -63,7 +66,7 @@ STAGES = {"load-eval-prompts": "prompts", "load-prompts": "prompts", "generate":
 STAGE_ORDER = ("prompts", "generate", "annotate", "reweight", "train", "other tasks")
 
 
-def base_env(workdir: Path) -> dict:
+def base_env(workdir: Path, repo: Path = REPO) -> dict:
     env = dict(os.environ)
     env.update({
         "PREFECT_HOME": str(workdir / "prefect-home"),
@@ -72,7 +75,7 @@ def base_env(workdir: Path) -> dict:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "prefect-results"),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        "PYTHONPATH": str(repo) + os.pathsep + env.get("PYTHONPATH", ""),
     })
     return env
 
@@ -188,7 +191,7 @@ def task_runs(prefect_home: Path, since: float) -> tuple[list[dict], dict | None
 
 
 def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_dir: Path,
-             profile: Path | None = None) -> dict:
+             profile: Path | None = None, repo: Path = REPO) -> dict:
     import yaml
 
     store_root = workdir / f"store-{index}"
@@ -199,7 +202,7 @@ def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_
         command += ["-m", "cProfile", "-o", str(profile)]
     command += ["-m", "flows.iterative_dpo", "--config", str(config_path), "--iterations", "1"]
     started = time.time()
-    done = subprocess.run(command, env=base_env(workdir), cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, env=base_env(workdir, repo), cwd=repo, capture_output=True, text=True)
     wall = time.time() - started
     if done.returncode != 0:
         raise RuntimeError(f"flow run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}")
@@ -236,43 +239,51 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
     print(f"max_new_tokens {MAX_NEW_TOKENS}, {N_SAMPLES} samples/prompt, temperature {TEMPERATURE}, "
           f"batch {BATCH_SIZE}, lr {LEARNING_RATE}, beta {BETA}, 1 epoch, fp32")
     sizes = sorted({size for _, size in results})
+    flows = [system for system in ("ours", "base") if any(key[0] == system for key in results)]
     for size in sizes:
-        ours, trl = results[("ours", size)], results[("trl", size)]
-        ours_rate = [r["pairs"] / r["wall"] for r in ours]
+        trl = results[("trl", size)]
         trl_rate = [r["pairs"] / r["wall"] for r in trl]
-        ratio = statistics.median(ours_rate) / statistics.median(trl_rate)
-        print(f"\n{size} prompts: ours {spread([r['wall'] for r in ours])} s wall, "
-              f"{spread(ours_rate, '{:.2f}')} pairs/s ({ours[0]['pairs']} pairs); "
-              f"TRL {spread([r['wall'] for r in trl])} s wall, {spread(trl_rate, '{:.2f}')} pairs/s "
-              f"({trl[0]['pairs']} pairs); ratio ours/TRL {ratio:.2f}x")
-        wall = statistics.median([r["wall"] for r in ours])
-        print("  ours per stage, s (share of the median wall):")
-        for stage in STAGE_ORDER:
-            values = [r["stages"][stage] for r in ours]
-            print(f"    {stage:16s} {spread(values)}  ({100 * statistics.median(values) / wall:.0f}%)")
-        overhead = [r["wall"] - sum(r["stages"].values()) for r in ours]
-        print(f"    {'Prefect overhead':16s} {spread(overhead)}  ({100 * statistics.median(overhead) / wall:.0f}%: "
-              "wall - sum of task runs)")
-        print(f"    {'  first task at':16s} {spread([r['first_task'] for r in ours])}  (process start to the first "
-              "task run's start)")
-        print(f"    {'  after last':16s} {spread([r['after_last'] for r in ours])}  (the last task run's end to "
-              "process end)")
-        if size == max(sizes):
-            # Orchestration + storage outside the compute stages: Prefect overhead, prompt loading, units and
-            # weights (reweight), preflight and report. Writes inside generate/annotate/train are not counted here
-            # (the profile puts them well under 1%).
-            bookkeeping = [o + r["stages"]["prompts"] + r["stages"]["reweight"] + r["stages"]["other tasks"]
-                           for o, r in zip(overhead, ours, strict=True)]
-            share = 100 * statistics.median(bookkeeping) / wall
-            met = ratio >= 1.5 and share < 5
-            print(f"  goal at {size} prompts: ours >= 1.5x TRL ({ratio:.2f}x) and orchestration+storage overhead "
-                  f"< 5% ({share:.1f}%: Prefect overhead + prompts + reweight + other tasks): "
-                  f"{'MET' if met else 'NOT MET'}")
+        print(f"\n{size} prompts: TRL {spread([r['wall'] for r in trl])} s wall, {spread(trl_rate, '{:.2f}')} "
+              f"pairs/s ({trl[0]['pairs']} pairs)")
+        for system in flows:
+            runs = results.get((system, size))
+            if not runs:
+                continue
+            rate = [r["pairs"] / r["wall"] for r in runs]
+            ratio = statistics.median(rate) / statistics.median(trl_rate)
+            # Each repeat's own ratio (its run against the TRL run beside it): the spread of the ratio itself.
+            paired = [a / b for a, b in zip(rate, trl_rate, strict=False)]
+            label = "ours" if system == "ours" else "base (--baseline checkout)"
+            print(f"  {label}: {spread([r['wall'] for r in runs])} s wall, {spread(rate, '{:.2f}')} pairs/s "
+                  f"({runs[0]['pairs']} pairs); ratio to TRL {ratio:.2f}x (per repeat {spread(paired, '{:.2f}')})")
+            wall = statistics.median([r["wall"] for r in runs])
+            print(f"  {system} per stage, s (share of the median wall):")
+            for stage in STAGE_ORDER:
+                values = [r["stages"][stage] for r in runs]
+                print(f"    {stage:16s} {spread(values)}  ({100 * statistics.median(values) / wall:.0f}%)")
+            overhead = [r["wall"] - sum(r["stages"].values()) for r in runs]
+            print(f"    {'Prefect overhead':16s} {spread(overhead)}  ({100 * statistics.median(overhead) / wall:.0f}%: "
+                  "wall - sum of task runs)")
+            print(f"    {'  first task at':16s} {spread([r['first_task'] for r in runs])}  (process start to the "
+                  "first task run's start)")
+            print(f"    {'  after last':16s} {spread([r['after_last'] for r in runs])}  (the last task run's end to "
+                  "process end)")
+            if size == max(sizes):
+                # Orchestration + storage outside the compute stages: Prefect overhead, prompt loading, units and
+                # weights (reweight), preflight and report. Writes inside generate/annotate/train are not counted
+                # here (the profile puts them well under 1%).
+                bookkeeping = [o + r["stages"]["prompts"] + r["stages"]["reweight"] + r["stages"]["other tasks"]
+                               for o, r in zip(overhead, runs, strict=True)]
+                share = [100 * b / r["wall"] for b, r in zip(bookkeeping, runs, strict=True)]
+                met = ratio >= 1.5 and statistics.median(share) < 5
+                print(f"  {system} goal at {size} prompts: >= 1.5x TRL ({ratio:.2f}x) and orchestration+storage "
+                      f"overhead < 5% ({spread(share)}%: Prefect overhead + prompts + reweight + other tasks): "
+                      f"{'MET' if met else 'NOT MET'}")
 
     if len(prompts) >= 2:
         low, high = min(prompts), max(prompts)
         print()
-        for system in ("ours", "trl"):
+        for system in (*flows, "trl"):
             w_low = statistics.median(r["wall"] for r in results[(system, low)])
             w_high = statistics.median(r["wall"] for r in results[(system, high)])
             slope = (w_high - w_low) / (high - low)
@@ -298,6 +309,10 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="instead: summarise the runs of earlier --json files together")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temp folder)")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run the flow of another copy of this repository (e.g. `git worktree add "
+                             "/tmp/base HEAD~1`) as a third system, 'base', in the same rotation: a change's "
+                             "before and after measured under the same load")
     args = parser.parse_args()
     if args.merge:
         merged: dict[tuple[str, int], list[dict]] = {}
@@ -346,15 +361,19 @@ def main() -> None:
     index = 1
     for size in sizes:
         for repeat in range(args.repeats):
-            order = ("ours", "trl") if (repeat % 2 == 0) == (args.start_with == "ours") else ("trl", "ours")
-            for system in order:
-                if system == "ours":
-                    result = run_ours(workdir, index, size, prompt_files[size], cache_dir)
+            systems = ["ours", "trl"] if args.start_with == "ours" else ["trl", "ours"]
+            if args.baseline:
+                systems.insert(1, "base")
+            shift = repeat % len(systems)  # each system takes each place in the order in turn
+            for system in systems[shift:] + systems[:shift]:
+                if system in ("ours", "base"):
+                    repo = REPO if system == "ours" else Path(args.baseline).resolve()
+                    result = run_ours(workdir, index, size, prompt_files[size], cache_dir, repo=repo)
                 else:
                     result = run_trl(workdir, index, size, prompt_files[size], policy_dir, reward_dir)
                 results.setdefault((system, size), []).append(result)
                 stages = ""
-                if system == "ours":
+                if system in ("ours", "base"):
                     stages = "  " + " ".join(f"{k}={v:.1f}" for k, v in result["stages"].items()) + \
                         f" first-task={result['first_task']:.1f} after-last={result['after_last']:.1f}"
                 print(f"run {index:2d}: {system:4s} {size:5d} prompts {result['wall']:7.1f} s wall, "

@@ -19,6 +19,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         lines = [f"  {name:<8} {what}" for name, what in COMMANDS.items()]
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
         from flows.serve import main as serve
 
         serve(rest, prog)
+        return
+    if from_command_line:  # a finished run or offline command: skip the interpreter's seconds-long teardown
+        from flows.common import exit_now
+
+        exit_now()
 
 
 if __name__ == "__main__":

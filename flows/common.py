@@ -65,6 +65,124 @@ def checked_config_from_cli(args: argparse.Namespace) -> PipelineConfig:
     return config
 
 
+def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
+    """A command-line flow run's start: the preflighted config, with Prefect's ephemeral API already up.
+
+    Prefect starts its ephemeral API server (a uvicorn subprocess, ~4 s) only when the flow first asks for a
+    client, after the imports and the preflight (~4 s, mostly importing torch): one after the other. Here the
+    server process starts first and boots while this process preflights, and is then handed to Prefect's own
+    `SubprocessASGIServer`, which uses it as if it had started it (same command, environment and port range,
+    stopped at exit by Prefect as usual). Nothing changes when `PREFECT_API_URL` names a server, and Prefect
+    starts its own as before if the early one does not come up.
+
+    Then `gc.freeze()`: the objects the imports made (~700k, torch, transformers, Prefect) are never garbage,
+    and every full collection (the stages' `gc.collect()` between models, Python's own) would walk them all.
+    """
+    import gc
+
+    early = _start_ephemeral_server()
+    try:
+        config = checked_config_from_cli(args)
+        _hand_to_prefect(early)
+    except BaseException:
+        if early:
+            early[0].kill()
+            early[0].wait()
+        raise
+    gc.freeze()
+    return config
+
+
+def _start_ephemeral_server():
+    """(process, port) of the API server Prefect would start on the flow's first client, started now; or None
+    when the flow will not need one (a server is configured)."""
+    import os
+    import random
+    import socket
+    import subprocess
+    import sys
+
+    import prefect
+    from prefect.logging import get_logger
+    from prefect.settings import PREFECT_API_URL, get_current_settings
+
+    if PREFECT_API_URL.value():
+        return None
+    for _ in range(10):  # SubprocessASGIServer.find_available_port
+        port = random.choice(range(8000, 9000))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+    else:
+        return None
+    get_logger().info("Starting temporary server on http://127.0.0.1:%d", port)
+    # SubprocessASGIServer._run_uvicorn_command
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "error", "--lifespan", "on"]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    return subprocess.Popen(command, env=env), port
+
+
+def _hand_to_prefect(early) -> None:
+    """Wait for the early server to answer, then make it Prefect's ephemeral server; if it does not come up
+    (its port taken meanwhile, an exit), stop it and leave the start to Prefect."""
+    if early is None:
+        return
+    import atexit
+    import time
+
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    process, port = early
+    server = SubprocessASGIServer()
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    healthy = False
+    with httpx.Client() as client:
+        while not server.running and process.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.get(f"http://127.0.0.1:{port}/api/health").status_code == 200:
+                    healthy = True
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    if not healthy or server.running or not hasattr(server, "server_process"):
+        process.kill()
+        process.wait()
+        return
+    server.port, server.server_process, server.running = port, process, True
+    atexit.register(server.stop)
+
+
+def exit_now(code: int = 0) -> None:
+    """End a finished command-line run without the interpreter's teardown of every module and object (~3 s
+    after a flow run: torch, transformers, Prefect): what teardown would still do that matters runs first
+    (non-daemon threads end, atexit handlers: Prefect's log and event flushes, its server's stop), then the
+    streams are flushed and the process exits with `code`. Under a profiler (`python -m cProfile`), which
+    writes its report after the program returns, it returns instead."""
+    import atexit
+    import os
+    import sys
+    import threading
+
+    if sys.getprofile() is not None:
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @contextmanager
 def run_lease(cfg: PipelineConfig) -> Iterator[PipelineConfig]:
     """Hold the run's lease around a flow body; yields the config that carries the lease token.

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
 from alignment_core.redact import redact
-from flows.common import checked_config_from_cli, parse_cli, print_summary, run_lease, with_overrides
+from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.generate import generate
@@ -80,10 +80,11 @@ def iterative_dpo(
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.", argv, prog)
-    config = checked_config_from_cli(args)
+    config = start_cli_run(args)
     summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
     print_summary(config, summaries)
 
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's seconds-long teardown

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
-from flows.common import checked_config_from_cli, parse_cli, print_summary, run_lease, with_overrides
+from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
 from tasks.evaluate import evaluate, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight
@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.offline") -
         sys.exit(f"usage: {prog} {{{','.join(FLOWS)}}} --config CONFIG.yaml  (--help after the flow name)")
     name = argv[0]
     args = parse_cli(f"Run the offline {name} flow in ephemeral Prefect.", argv[1:], f"{prog} {name}")
-    config = checked_config_from_cli(args)
+    config = start_cli_run(args)
     print_summary(config, [FLOWS[name](config=config)])
 
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's seconds-long teardown

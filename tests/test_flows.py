@@ -4,7 +4,9 @@ Each flow runs in a subprocess with its own PREFECT_HOME, exactly like the READM
 """
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +75,12 @@ def test_two_iterations_write_every_stage_with_lineage(tmp_path):
     root = tmp_path / "store"
     result = run_flow(write_config(tmp_path, str(root)), prefect_env(tmp_path))
     assert "run e2e finished" in result.stdout
+    # One ephemeral server (started early, while preflight ran, and handed to Prefect), stopped at exit.
+    ports = re.findall(r"Starting temporary server on http://127.0.0.1:(\d+)", result.stdout + result.stderr)
+    assert len(ports) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Stopping temporary server" in result.stdout + result.stderr
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        assert probe.connect_ex(("127.0.0.1", int(ports[0]))) != 0  # nothing listens there any more
 
     store = ArtifactStore(str(root))
     assert store.list_iterations("e2e") == [0, 1, 2]
