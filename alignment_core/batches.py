@@ -29,22 +29,16 @@ import logging
 import math
 import random
 from collections.abc import Iterator
-from typing import get_args
 
 import pandas as pd
 import torch
 
-from alignment_core.config import ONLINE_SETUPS, PipelineConfig, Setup, check_prompt_fits
+from alignment_core.config import PipelineConfig, check_prompt_fits
 from alignment_core.records import UNITS, from_rows
+from alignment_core.setups import setup_spec
 
 logger = logging.getLogger(__name__)
 
-SETUPS = get_args(Setup)
-TWO_GENERATION_SETUPS = ("reward_modelling", "offline_pairwise", "online_pairwise")
-PAIRWISE_SETUPS = ("offline_pairwise", "online_pairwise")
-POINTWISE_SETUPS = ("offline_pointwise", "online_pointwise")
-OFFLINE_SETUPS = tuple(setup for setup in SETUPS if setup not in ONLINE_SETUPS)
-REWARDLESS_SETUPS = ("sft", "reward_modelling")  # their rewards are None
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
 # Role names of the plain-text prompt format used when a tokenizer has no chat template (Anthropic HH style).
@@ -93,9 +87,9 @@ def response_ids(tokenizer, response: str) -> list[int]:
 
 
 # ---- units ---------------------------------------------------------------------------------------------
-def _check_setup(setup: str, allowed: tuple[str, ...], what: str) -> None:
-    if setup not in allowed:
-        raise ValueError(f"{what} builds units for the setups {allowed}, not {setup!r}")
+def _check_online(setup: str, online: bool, what: str) -> None:
+    if setup_spec(setup).online != online:
+        raise ValueError(f"{what} builds units for the {'online' if online else 'offline'} setups, not {setup!r}")
 
 
 def _require(frame: pd.DataFrame, column: str, setup: str, id_column: str) -> None:
@@ -119,9 +113,10 @@ def _check_labels(rewards, setup: str) -> None:
 
 def units_from_examples(examples: pd.DataFrame, setup: str) -> pd.DataFrame:
     """Offline setups: training units from dataset examples (records.EXAMPLES); unit_id = example_id."""
-    _check_setup(setup, OFFLINE_SETUPS, "units_from_examples")
+    _check_online(setup, False, "units_from_examples")
+    spec = setup_spec(setup)
     frame = examples.copy()
-    if setup == "sft":
+    if spec.feedback == "demonstration":
         # SFT learns the demonstration: the completion, or the chosen response of a preference pair.
         nothing = pd.Series(None, index=frame.index, dtype=object)
         completion, chosen = frame.get("completion", nothing), frame.get("chosen", nothing)
@@ -132,11 +127,11 @@ def units_from_examples(examples: pd.DataFrame, setup: str) -> pd.DataFrame:
                 f"setup 'sft' needs 'completion' or 'chosen' on every row; {int(missing.sum())} rows have "
                 f"neither (first: example_id={frame.loc[missing, 'example_id'].iloc[0]!r})"
             )
-    elif setup in ("reward_modelling", "offline_pairwise"):
+    elif spec.responses == 2:
         _require(frame, "chosen", setup, "example_id")
         _require(frame, "rejected", setup, "example_id")
         frame["generation1_response"], frame["generation2_response"] = frame["chosen"], frame["rejected"]
-        if setup == "offline_pairwise":
+        if spec.feedback == "preference":
             frame["generation1_reward"], frame["generation2_reward"] = 1.0, 0.0
     else:  # offline_pointwise
         _require(frame, "completion", setup, "example_id")
@@ -163,14 +158,15 @@ def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setu
     unit_id = annotation_id. Only verdicts with status "ok" or "tie" are used; the others (unparseable,
     error) are counted and logged. Pairwise units are put in canonical order (see `canonicalise_pairs`).
     """
-    _check_setup(setup, ONLINE_SETUPS, "units_from_online")
+    _check_online(setup, True, "units_from_online")
+    spec = setup_spec(setup)
     usable = annotations["status"].isin(["ok", "tie"])
     if (~usable).any():
         counts = annotations.loc[~usable, "status"].value_counts().to_dict()
         logger.warning("%s: skipping %d of %d annotations by status: %s", setup, int((~usable).sum()),
                        len(annotations), counts)
     frame = annotations[usable].reset_index(drop=True)
-    expected_kind = "pairwise" if setup == "online_pairwise" else "pointwise"
+    expected_kind = "pairwise" if spec.responses == 2 else "pointwise"
     wrong_kind = frame["kind"] != expected_kind
     if wrong_kind.any():
         raise ValueError(
@@ -182,8 +178,7 @@ def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setu
     by_id = generations.set_index("generation_id")
     if not by_id.index.is_unique:
         raise ValueError("generations: generation_id values are not unique")
-    sides = ("generation1", "generation2") if setup == "online_pairwise" else ("generation1",)
-    for side in sides:
+    for side in spec.generations:
         _require(frame, f"{side}_id", setup, "annotation_id")
         unknown = ~frame[f"{side}_id"].isin(by_id.index)
         if unknown.any():
@@ -201,15 +196,15 @@ def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setu
     joined = by_id.loc[frame["generation1_id"]]
     for column in ("prompt", "prompt_messages"):
         frame[column] = joined[column].to_numpy()
-    if setup == "online_pairwise":
+    if spec.responses == 2:
         _require(frame, "generation2_reward", setup, "annotation_id")
     else:
         frame["generation2_id"], frame["generation2_response"], frame["generation2_reward"] = None, None, None
-    if setup == "online_pointwise":
+    if spec.feedback == "label":
         _check_labels(frame["generation1_reward"], setup)
     frame["unit_id"] = frame["annotation_id"]
     units = _to_units(frame)
-    return canonicalise_pairs(units, setup) if setup in PAIRWISE_SETUPS else units
+    return canonicalise_pairs(units, setup) if spec.feedback == "preference" else units
 
 
 def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
@@ -242,8 +237,7 @@ class BatchFactory:
 
     def __init__(self, tokenizer, setup: str, *, max_length: int, max_prompt_length: int,
                  truncation_mode: str = "keep_end"):
-        if setup not in SETUPS:
-            raise ValueError(f"unknown setup {setup!r}; expected one of {SETUPS}")
+        self.spec = setup_spec(setup)
         if truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"unknown truncation_mode {truncation_mode!r}; expected {TRUNCATION_MODES}")
         check_prompt_fits(max_prompt_length, max_length)  # the config's rule, for callers without a config
@@ -254,8 +248,7 @@ class BatchFactory:
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.truncation_mode = truncation_mode
-        two = setup in TWO_GENERATION_SETUPS
-        self.generations = ("generation1", "generation2") if two else ("generation1",)
+        self.generations = self.spec.generations
 
     @classmethod
     def from_config(cls, tokenizer, cfg: PipelineConfig) -> "BatchFactory":
@@ -270,14 +263,13 @@ class BatchFactory:
     def encode(self, units: pd.DataFrame, weights: pd.DataFrame | None = None) -> list[dict]:
         """One dict per unit with its token ids (truncated), texts, reward and weight."""
         units = self._join_weights(units, weights)
-        if self.setup in PAIRWISE_SETUPS:
+        if self.spec.feedback == "preference":
             units = canonicalise_pairs(units, self.setup)
         for side in self.generations:
             _require(units, f"{side}_response", self.setup, "unit_id")
-        if self.setup == "rl":
+        if self.spec.feedback in ("label", "reward"):
             _require(units, "generation1_reward", self.setup, "unit_id")
-        if self.setup in POINTWISE_SETUPS:
-            _require(units, "generation1_reward", self.setup, "unit_id")
+        if self.spec.feedback == "label":
             _check_labels(units["generation1_reward"], self.setup)
 
         prompt_cache: dict[str, tuple[str, list[int]]] = {}
@@ -297,7 +289,7 @@ class BatchFactory:
             for side in self.generations:
                 item[f"{side}_response_only"] = unit[f"{side}_response"]
                 item[f"{side}_response_ids"] = responses[side]
-                reward = None if self.setup in REWARDLESS_SETUPS else float(unit[f"{side}_reward"])
+                reward = float(unit[f"{side}_reward"]) if self.spec.has_rewards else None
                 item[f"{side}_reward"] = reward
                 item[f"{side}_weight"] = float(unit[f"{side}_weight"])
             encoded.append(item)
@@ -351,6 +343,7 @@ class BatchFactory:
         pad_id = self.tokenizer.pad_token_id
         prompt_ids, prompt_mask = _pad([item["prompt_ids"] for item in encoded], pad_id)
         batch = {
+            "prompt_id": [item["prompt_id"] for item in encoded],
             "prompt": [item["prompt"] for item in encoded],
             "prompt_token_ids": prompt_ids,
             "prompt_attention_mask": prompt_mask,
@@ -367,8 +360,11 @@ class BatchFactory:
             batch[f"{side}_response_only"] = [item[f"{side}_response_only"] for item in encoded]
             batch[f"{side}_token_ids"] = token_ids
             batch[f"{side}_attention_mask"] = attention_mask
-            batch[f"{side}_reward"] = None if self.setup in REWARDLESS_SETUPS else torch.tensor(rewards)
+            batch[f"{side}_reward"] = torch.tensor(rewards) if self.spec.has_rewards else None
             batch[f"{side}_weight"] = torch.tensor([item[f"{side}_weight"] for item in encoded])
+        if "reference_logps" in encoded[0]:  # precomputed by the Trainer: one per generation, generation-major
+            batch["reference_logps"] = torch.tensor(
+                [item["reference_logps"][k] for k in range(len(self.generations)) for item in encoded])
         return batch
 
     def batches(self, encoded: list[dict], batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -380,13 +376,7 @@ class BatchFactory:
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if self.setup == "rl":
-            groups: dict[str, list[int]] = {}
-            for index, item in enumerate(encoded):
-                groups.setdefault(item["prompt_id"], []).append(index)
-            order = list(groups.values())
-        else:
-            order = [[index] for index in range(len(encoded))]
+        order = prompt_groups(encoded) if self.spec.feedback == "reward" else [[i] for i in range(len(encoded))]
         if shuffle:
             random.Random(seed).shuffle(order)
 
@@ -403,6 +393,15 @@ class BatchFactory:
             current += group
         if current and not (drop_last and len(current) < batch_size):
             yield self.collate([encoded[i] for i in current])
+
+
+def prompt_groups(encoded: list[dict]) -> list[list[int]]:
+    """The indices of the encoded units of each prompt (by prompt_id), in order of first appearance: rl keeps
+    a prompt's samples in one batch for its leave-one-out baseline."""
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(encoded):
+        groups.setdefault(item["prompt_id"], []).append(index)
+    return list(groups.values())
 
 
 def _pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,27 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The seven learning setups (README: The seven learning setups).
-Setup = Literal[
-    "sft",
-    "reward_modelling",
-    "rl",
-    "offline_pointwise",
-    "online_pointwise",
-    "offline_pairwise",
-    "online_pairwise",
-]
-ONLINE_SETUPS = ("rl", "online_pointwise", "online_pairwise")
-# Which losses each learning setup can train with.
-LOSSES_OF_SETUP = {
-    "sft": ("sft",),
-    "reward_modelling": ("reward",),
-    "rl": ("rl",),
-    "offline_pointwise": ("kto",),
-    "online_pointwise": ("kto",),
-    "offline_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
-    "online_pairwise": ("dpo", "cdpo", "ipo", "slic", "simpo"),
-}
+from alignment_core.setups import SETUPS
+
+# The seven learning setups: one row each in alignment_core.setups (README: The seven learning setups), and
+# the losses they train with, in the order the setups name them (each has a row in alignment_core.losses).
+Setup = Literal[tuple(SETUPS)]
+Loss = Literal[tuple(dict.fromkeys(loss for spec in SETUPS.values() for loss in spec.losses))]
 
 # The bundled tiny model is built on first use under this folder-relative name (see alignment_core.tiny).
 TINY_MODEL = "tiny://llama"
@@ -42,13 +27,6 @@ TINY_MODEL = "tiny://llama"
 # ---- cross-field rules: each is one function, called by the config validators (so a bad combination fails at
 # config load) and, where a library entry point takes the same values without a config, by that entry point.
 
-# Data formats (an explicit data.format) whose examples each offline setup can train on.
-FORMATS_OF_SETUP = {
-    "sft": ("sft", "pairs", "hh_rlhf", "messages_pairs", "scored", "pointwise"),
-    "reward_modelling": ("pairs", "hh_rlhf", "messages_pairs", "scored"),
-    "offline_pairwise": ("pairs", "hh_rlhf", "messages_pairs", "scored"),
-    "offline_pointwise": ("pointwise",),
-}
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -340,7 +318,7 @@ class ReweightConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    loss: Literal["sft", "reward", "dpo", "cdpo", "ipo", "slic", "simpo", "kto", "rl"] = "dpo"
+    loss: Loss = "dpo"
     """The loss; must fit the setup (README: The seven learning setups)."""
     beta: float = Field(default=0.1, gt=0)
     """Strength of the KL regularisation towards the reference (dpo family, kto)."""
@@ -542,24 +520,25 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":
         """Combinations that would only fail after expensive work (sampling, loading models) fail here."""
-        if self.training.loss not in LOSSES_OF_SETUP[self.setup]:
+        spec = SETUPS[self.setup]
+        if self.training.loss not in spec.losses:
             raise ValueError(f"training.loss {self.training.loss!r} does not fit setup {self.setup!r}; "
-                             f"use one of {LOSSES_OF_SETUP[self.setup]}")
+                             f"use one of {spec.losses}")
         annotation = self.annotation
         needed, why = samples_needed(self)
         if self.online and self.generation.n_samples < needed:
             raise ValueError(f"generation.n_samples must be >= {needed} for setup {self.setup!r} "
                              f"({why}), got {self.generation.n_samples}")
-        if self.setup in ("rl", "online_pointwise") and annotation.annotator == "judge_pairwise":
+        if self.online and spec.annotation != "pairs" and annotation.annotator == "judge_pairwise":
             raise ValueError(f"annotation.annotator 'judge_pairwise' gives preference pairs, but setup "
-                             f"{self.setup!r} needs {'rewards' if self.setup == 'rl' else 'labels'}: use "
+                             f"{self.setup!r} needs {spec.annotation}: use "
                              "'judge_pointwise', 'reward_model' or 'programmatic'")
         if self.evaluation.enabled:
             check_fits_model_len("evaluation.max_new_tokens", self.evaluation.max_new_tokens,
                                  self.generation.max_model_len)
-        if not self.online and self.data.format != "auto" and self.data.format not in FORMATS_OF_SETUP[self.setup]:
+        if not self.online and self.data.format != "auto" and self.data.format not in spec.data_formats:
             raise ValueError(f"data.format {self.data.format!r} gives no examples setup {self.setup!r} can train "
-                             f"on; use one of {FORMATS_OF_SETUP[self.setup]} (or auto)")
+                             f"on; use one of {spec.data_formats} (or auto)")
         if self.online and annotation.annotator == "reward_model" and not annotation.reward_model:
             raise ValueError("annotation.reward_model must name a reward model when annotation.annotator is "
                              "'reward_model'")
@@ -584,7 +563,7 @@ class PipelineConfig(StrictModel):
 
     @property
     def online(self) -> bool:
-        return self.setup in ONLINE_SETUPS
+        return SETUPS[self.setup].online
 
     def stage_hash(self, *sections: str) -> str:
         """A short digest of the named config sections: the part of the config a stage depends on."""

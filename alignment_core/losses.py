@@ -15,8 +15,14 @@ step's gradient does not depend on how the step was split.
 
 Each function returns a `LossOutput`: the per-sample losses, the weights, and per-sample metrics (detached;
 NaN where a metric does not apply to a sample, e.g. a KTO "chosen" reward on an undesirable sample).
+
+`LOSSES` at the end is the table the Trainer reads: one row per loss, saying what the loss needs (one or two
+responses, the reference model, a reward head, per-prompt groups, KTO's mismatched pairs) and how it is
+called on a `LossInput` with its hyper-parameters from the training config. Adding a loss is one function
+here plus one row there (README: Add a loss).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -243,11 +249,18 @@ def simpo(
 # ---- pointwise feedback --------------------------------------------------------------------------------------
 
 
-def kto_kl_estimate(mismatched_policy_logps: Tensor, mismatched_reference_logps: Tensor) -> Tensor:
+def kto_kl_estimate(
+    mismatched_policy_logps: Tensor,
+    mismatched_reference_logps: Tensor,
+    across_processes: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """KTO's reference point z0: the batch mean of log pi(y_j|x_i) - log ref(y_j|x_i) over mismatched
     pairs (response j under another sample's prompt i), detached and clamped at 0 (KTO paper, sec. 4.1;
-    HALOs' KTOTrainer). Across processes, average the mean before clamping."""
-    return (mismatched_policy_logps - mismatched_reference_logps).mean().detach().clamp_min(0)
+    HALOs' KTOTrainer). `across_processes` averages the mean over processes, before the clamp."""
+    mean = (mismatched_policy_logps - mismatched_reference_logps).mean().detach()
+    if across_processes is not None:
+        mean = across_processes(mean)
+    return mean.clamp_min(0)
 
 
 def kto(
@@ -316,3 +329,65 @@ def rl(
         reward=rewards, shaped_reward=shaped, advantage=advantages, kl=kl, chosen_logp=policy_logps
     )
     return LossOutput(losses, weights, metrics)
+
+
+# ---- the table the Trainer reads ------------------------------------------------------------------------------
+
+
+@dataclass
+class LossInput:
+    """What the Trainer hands a loss for one micro-batch. Per-sequence tensors hold the chosen rows first and
+    then the rejected ones for a two-response loss (`pair` splits them); a field the loss does not declare in
+    its `LossSpec` is None."""
+
+    policy_logps: Tensor  # [n*B] summed response log-probs under the policy (a reward model: its scores)
+    token_counts: Tensor  # [n*B] response tokens per sequence
+    weights: Tensor  # [B] sample weights (generation1_weight)
+    reference_logps: Tensor | None = None  # [n*B] the same under the reference (LossSpec.reference)
+    rewards: Tensor | None = None  # [B] generation1_reward: a label (kto) or a scalar reward (rl)
+    group_ids: Tensor | None = None  # [B] one id per prompt (LossSpec.grouped)
+    kl_estimate: Tensor | None = None  # KTO's z0 from mismatched pairs (LossSpec.mismatched_kl)
+
+    @staticmethod
+    def pair(values: Tensor) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) halves of a two-response tensor."""
+        return values.chunk(2)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss and what it needs. `compute(inputs, training_config)` binds its hyper-parameters."""
+
+    name: str
+    compute: Callable[[LossInput, object], LossOutput]
+    responses: int = 1  # 2: a (chosen, rejected) pair per example
+    reference: bool = False  # needs the reference model's log-probs
+    reward_head: bool = False  # trains a reward model (one score per sequence) instead of a causal LM
+    grouped: bool = False  # needs every sample of a prompt in one micro-batch (group_ids)
+    mismatched_kl: bool = False  # needs KTO's KL estimate from mismatched (prompt, response) pairs
+
+
+def _pair_args(x: LossInput) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """policy chosen, policy rejected, reference chosen, reference rejected."""
+    return (*x.pair(x.policy_logps), *x.pair(x.reference_logps))
+
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
+    LossSpec("sft", lambda x, c: sft(x.policy_logps, x.token_counts, x.weights)),
+    LossSpec("reward", lambda x, c: reward(*x.pair(x.policy_logps), x.weights, margin=c.reward_margin),
+             responses=2, reward_head=True),
+    LossSpec("dpo", lambda x, c: dpo(*_pair_args(x), x.weights, c.beta), responses=2, reference=True),
+    LossSpec("cdpo", lambda x, c: cdpo(*_pair_args(x), x.weights, c.beta, c.label_smoothing),
+             responses=2, reference=True),
+    LossSpec("ipo", lambda x, c: ipo(*_pair_args(x), *x.pair(x.token_counts), x.weights, c.beta),
+             responses=2, reference=True),
+    LossSpec("slic", lambda x, c: slic(*x.pair(x.policy_logps), x.pair(x.token_counts)[0], x.weights, c.beta,
+                                       c.slic_margin, c.slic_nll_weight), responses=2),
+    LossSpec("simpo", lambda x, c: simpo(*x.pair(x.policy_logps), *x.pair(x.token_counts), x.weights, c.beta,
+                                         c.simpo_gamma), responses=2),
+    LossSpec("kto", lambda x, c: kto(x.policy_logps, x.reference_logps, x.rewards == 1, x.kl_estimate, x.weights,
+                                     c.beta, c.kto_desirable_weight, c.kto_undesirable_weight),
+             reference=True, mismatched_kl=True),
+    LossSpec("rl", lambda x, c: rl(x.policy_logps, x.reference_logps, x.rewards.float(), x.group_ids, x.weights,
+                                   c.rl_kl_coef), reference=True, grouped=True),
+)}

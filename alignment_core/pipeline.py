@@ -393,17 +393,18 @@ def train(
         _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
     elif cfg.training.num_processes > 1 or cfg.training.accelerate_config:
         _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
-                                  policy_uri=policy_uri)
+                                  policy_uri=policy_uri, fingerprint=fingerprint_digest(fingerprint))
     else:
-        from alignment_core.batches import BatchFactory
         from alignment_core.training import Trainer
 
         trainer = Trainer(cfg, policy_path=policy_path, tokenizer_path=cfg.model.tokenizer, store=store,
                           reference_path=reference_path, policy_name=policy_uri)
-        factory = BatchFactory.from_config(trainer.tokenizer, cfg)
-        encoded = factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
+        encoded = trainer.batch_factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
         try:
-            trainer.train(encoded, checkpoint, metrics, progress_callback=progress)
+            # The round's fingerprint is the lineage's: one fingerprint decides whether the round is done, and
+            # the Trainer resumes only a checkpoint written for it.
+            trainer.train(encoded, checkpoint, metrics, progress_callback=progress,
+                          fingerprint=fingerprint_digest(fingerprint))
         finally:
             trainer.release()
     models = {"policy": policy.lineage(store), "reference": reference.lineage(store)}
@@ -440,7 +441,7 @@ def _carry_over(cfg: PipelineConfig, store: ArtifactStore, policy_path: str, che
 
 
 def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
-                              policy_uri=None):
+                              policy_uri=None, fingerprint=None):
     """Run the round under `accelerate launch` (DDP/DeepSpeed/FSDP per the accelerate config)."""
     with tempfile.TemporaryDirectory() as tmp:
         round_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
@@ -457,6 +458,8 @@ def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, referenc
         command += ["-m", "alignment_core.training", "--config", config_path, "--units", units_uri,
                     "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics,
                     "--policy-name", policy_uri or policy_path]
+        if fingerprint:
+            command += ["--fingerprint", fingerprint]
         subprocess.run(command, check=True)
 
 

@@ -4,24 +4,25 @@
     encoded = trainer.batch_factory.encode(units_df, weights_df)
     result = trainer.train(encoded, checkpoint_uri, metrics_uri)
 
-How a round runs, top to bottom (`Trainer.train`):
+How a round runs, top to bottom (`Trainer.setup`, then `Trainer.train`):
 1. Plan every optimizer step up front: a seeded permutation per epoch, cut into global batches of
    `batch_size * num_processes * gradient_accumulation_steps` examples, each split into one micro-batch per
-   (process, accumulation step). The plan depends only on the data and the config, so a resumed round and a
-   round on a different number of processes see the same global batches.
-2. Resume: a complete checkpoint at `checkpoint_uri` written by the same round (same fingerprint) restores
-   the weights, the optimizer, the scheduler and the step; the plan's first `step` batches are skipped.
-3. Reference log-probs (dpo, cdpo, ipo, kto, rl): precomputed in one pass over the examples
-   (`training.precompute_reference`) or computed on the fly per micro-batch. With a LoRA adapter
-   (`model.adapter`) whose base model is the reference, the reference is the policy with its adapter switched
-   off: no second copy of the weights (see alignment_core/adapters.py).
-4. Each step: the loss of every micro-batch is sum_i w_i l_i over its samples divided by the sum of the
-   weights of the whole global batch (all micro-batches, all processes), so gradients equal those of one big
-   batch whatever the split. A non-finite loss or gradient norm raises NonFiniteLossError before
-   `optimizer.step`, and nothing is saved from that state.
+   (process, accumulation step); a loss that needs per-prompt groups (rl) keeps a prompt's samples together.
+   The plan depends only on the data and the config, so a resumed round and a round on a different number of
+   processes see the same global batches.
+2. Resume: a resume point at `checkpoint_uri` written by the same round (same fingerprint) restores the
+   weights, the optimizer, the scheduler and the step; the plan's first `step` batches are skipped.
+3. Reference log-probs (the losses whose row in `losses.LOSSES` asks for them): precomputed in one pass and
+   added to the examples as a `reference_logps` column (`training.precompute_reference`), or computed on the
+   fly per micro-batch. With a LoRA adapter (`model.adapter`) whose base model is the reference, the
+   reference is the policy with its adapter switched off: no second copy of the weights (adapters.py).
+4. Each step: the loss of every micro-batch (one call of the loss's row) is sum_i w_i l_i over its samples
+   divided by the sum of the weights of the whole global batch (all micro-batches, all processes), so
+   gradients equal those of one big batch whatever the split. A non-finite loss or gradient norm raises
+   NonFiniteLossError before `optimizer.step`, and nothing is saved from that state.
 5. Metrics per step go to a metrics stage (records.METRICS, long format); a checkpoint (safetensors +
-   tokenizer + config, plus optimizer/scheduler state as safetensors + JSON, no pickle) every
-   `training.save_every_steps` steps and at the end.
+   tokenizer + config, no pickle) at the end, and every `training.save_every_steps` steps a resume point
+   that adds the optimizer/scheduler state as safetensors + JSON.
 
 Multi-process runs go through `accelerate launch ... -m alignment_core.training` (see `main` and
 deployments/accelerate/README.md; on CPU: `accelerate launch --config_file
@@ -60,16 +61,13 @@ from alignment_core.adapters import (
     is_adapter,
     is_peft_model,
 )
-from alignment_core.batches import BatchFactory, response_mask
+from alignment_core.batches import BatchFactory, prompt_groups, response_mask
 from alignment_core.config import PipelineConfig
 from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, model_digest, resolve_model_path
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
-
-PAIRWISE_LOSSES = ("reward", "dpo", "cdpo", "ipo", "slic", "simpo")
-REFERENCE_LOSSES = ("dpo", "cdpo", "ipo", "kto", "rl")
 
 CPU_ROWS_PER_FORWARD = 4  # measured best of 1/2/4/8 on 2 CPU cores (benchmarks/train_throughput.py)
 TRAINER_STATE = "trainer_state.json"
@@ -254,7 +252,13 @@ def examples_digest(encoded: list[dict]) -> str:
 
 
 class Trainer:
-    """Trains `policy_path` for one round with `cfg.training.loss` (see the module docstring)."""
+    """Trains `policy_path` for one round with `cfg.training.loss` (see the module docstring).
+
+    Its lifecycle, in reading order: `__init__` (configuration only: tokenizer, batch factory, accelerator,
+    the loss's row of `losses.LOSSES`), `setup` (everything the loop needs, created in one place: the step
+    plan and the round's fingerprint, the resume state, the model, reference, optimizer and scheduler, and
+    the precomputed reference log-probs as a column of the examples), `train` (the loop), `release`.
+    """
 
     def __init__(
         self,
@@ -269,10 +273,9 @@ class Trainer:
         records it as its base, so that another machine resolves it; defaults to `policy_path`. The config's
         own rules (loss vs setup, KTO's batch size) were checked when it loaded."""
         self.cfg, self.store = cfg, store
+        self.loss = losses.LOSSES[cfg.training.loss]
         self.policy_path = policy_path
         self.policy_name = policy_name or policy_path
-        self.reference = None
-        self.reference_is_base = False  # the reference is the policy with its adapter off
         # The reference is the policy the round starts from unless configured otherwise.
         self.reference_path = reference_path or cfg.model.reference or policy_path
         self.tokenizer = load_tokenizer(
@@ -287,6 +290,274 @@ class Trainer:
         self.rows_per_forward = cfg.training.rows_per_forward
         if self.rows_per_forward is None:
             self.rows_per_forward = CPU_ROWS_PER_FORWARD if self.accelerator.device.type == "cpu" else 0
+        # Created by `setup`:
+        self.plan: list[list[list[int]]] = []  # every optimizer step's micro-batches (example indices)
+        self.fingerprint = ""  # the round's identity: a checkpoint of another round is not resumed
+        self.step = 0  # optimizer steps done (> 0 when resumed)
+        self.resumed: dict = {}  # the resume point's trainer state ({} when starting over)
+        self.examples: list[dict] = []  # the encoded examples, with reference_logps when precomputed
+        self.model = self.reference = self.optimizer = self.scheduler = None
+        self.reference_is_base = False  # the reference is the policy with its adapter off
+        self.seconds: dict[str, float] = {}  # where the round's time went: load, reference, train, save
+
+    # ---- setup: everything the loop needs ----
+    def setup(self, encoded: list[dict], checkpoint_uri: str, resume: bool = True,
+              fingerprint: str | None = None) -> None:
+        """Plan the steps, find a resume point of this round, then (unless the round is already finished)
+        load the models and optimizer, restore their state, and precompute the reference log-probs.
+
+        `fingerprint` identifies the round (the pipeline passes the digest of its lineage fingerprint, so one
+        fingerprint decides whether a round is done); by default it is derived from the config, the models and
+        the examples (`round_fingerprint`).
+        """
+        tc, accelerator = self.cfg.training, self.accelerator
+        started, self.seconds = time.perf_counter(), {}
+        set_seed(tc.seed)
+        micro_batches = accelerator.num_processes * tc.gradient_accumulation_steps
+        units = prompt_groups(encoded) if self.loss.grouped else [[i] for i in range(len(encoded))]
+        self.plan = plan_steps(units, tc.batch_size * micro_batches, micro_batches, tc.epochs, tc.seed)
+        self.fingerprint = fingerprint or self.round_fingerprint(encoded)
+        self.resumed = (self._resumable_state(checkpoint_uri, self.fingerprint) if resume else None) or {}
+        self.step = self.resumed.get("step", 0)
+        self.examples = encoded
+        if self.finished:
+            return
+        gpu.reset_peak_memory()
+        self.model = self._load_policy(self.resumed.get("local_dir", self.policy_path))
+        self.reference = self._load_reference()
+        optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=tc.learning_rate,
+            weight_decay=tc.weight_decay,
+        )
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
+            num_warmup_steps=math.ceil(tc.warmup_ratio * len(self.plan)), num_training_steps=len(self.plan),
+        )
+        # The scheduler stays unprepared: accelerate would step it once per process.
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        if self.resumed:
+            local = Path(self.resumed["local_dir"])
+            self._load_optimizer_state(optimizer_state_from_files(
+                (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
+            self.scheduler.load_state_dict(json.loads((local / SCHEDULER_STATE).read_text()))
+            logger.info("resuming %s at step %d of %d", checkpoint_uri, self.step, len(self.plan))
+        self.seconds["load"] = time.perf_counter() - started
+        if self.loss.reference and tc.precompute_reference:
+            self.examples = self._with_reference_logps(encoded)
+        self.seconds["reference"] = time.perf_counter() - started - self.seconds["load"]
+
+    def round_fingerprint(self, encoded: list[dict]) -> str:
+        """The round's identity without a pipeline: config, setup, models and the examples' tokens."""
+        return hashlib.sha256(json.dumps({
+            "config": self.cfg.stage_hash("training", "model"), "setup": self.cfg.setup,
+            "policy": self.policy_path, "reference": self.reference_path, "examples": examples_digest(encoded),
+            "processes": self.accelerator.num_processes,
+        }, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= len(self.plan)
+
+    # ---- train: the loop ----
+    def train(
+        self,
+        encoded_examples: list[dict],
+        checkpoint_uri: str,
+        metrics_uri: str,
+        resume: bool = True,
+        progress_callback: Callable[[int, int, dict], None] | None = None,
+        fingerprint: str | None = None,
+    ) -> TrainResult:
+        """Run the round: `setup`, then every planned step not done yet, with a metrics shard and a checkpoint
+        every `training.save_every_steps` steps and at the end."""
+        accelerator, save_every = self.accelerator, self.cfg.training.save_every_steps
+        round_started = time.perf_counter()
+        self.setup(encoded_examples, checkpoint_uri, resume, fingerprint)
+        total = len(self.plan)
+        metrics_writer = None
+        if accelerator.is_main_process:
+            metrics_writer = self.store.stage_writer(metrics_uri, "metrics", {"round": self.fingerprint})
+        if self.finished:  # this round already finished; only the manifest may be missing
+            if metrics_writer is not None:
+                metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri,
+                                       "final": self.resumed["metrics"], "tokens_per_s": self.resumed["tokens_per_s"]})
+            accelerator.wait_for_everyone()
+            return TrainResult(checkpoint_uri, total, self.resumed["metrics"], self.resumed["tokens_per_s"])
+
+        last_metrics, shards = self.resumed.get("metrics", {}), self.resumed.get("metrics_shards", 0)
+        pending_rows: list[dict] = []
+        tokens_seen, self.seconds["train"] = 0.0, 0.0
+        self.model.train()
+        bar = tqdm(total=total, initial=self.step, desc=f"train {self.loss.name}",
+                   disable=not accelerator.is_main_process)
+        with bar as progress:  # closed on errors too, so no half bar is printed when the process exits
+            while not self.finished:
+                started = time.perf_counter()
+                mine = self.plan[self.step][accelerator.process_index :: accelerator.num_processes]
+                metrics, tokens = self._train_step([self._collate(self.examples, m) for m in mine], self.step + 1)
+                seconds = time.perf_counter() - started
+                self.step += 1
+                tokens_seen, self.seconds["train"] = tokens_seen + tokens, self.seconds["train"] + seconds
+                metrics["tokens_per_s"] = tokens / seconds
+                last_metrics = metrics
+                pending_rows += [{"step": self.step, "split": "train", "metric": k, "value": v}
+                                 for k, v in metrics.items()]
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if self.finished or (save_every and self.step % save_every == 0):
+                    # Metrics first, then the checkpoint that records how many metric shards it covers.
+                    if metrics_writer is not None:
+                        metrics_writer.write_shard(shards, from_rows(pending_rows, METRICS))
+                    shards, pending_rows = shards + 1, []
+                    self._save(checkpoint_uri, {"fingerprint": self.fingerprint, "step": self.step,
+                                                "total_steps": total, "metrics": last_metrics,
+                                                "metrics_shards": shards,
+                                                "tokens_per_s": tokens_seen / self.seconds["train"]},
+                               final=self.finished)
+                if progress_callback is not None and accelerator.is_main_process:
+                    progress_callback(self.step, total, metrics)
+        # The rest of the round's time: metric shards and checkpoints (`train` is what `tokens_per_s` divides by).
+        self.seconds["save"] = time.perf_counter() - round_started - sum(self.seconds.values())
+        tokens_per_s = tokens_seen / self.seconds["train"]
+        if metrics_writer is not None:
+            metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
+                                   "tokens_per_s": tokens_per_s,
+                                   "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                                   "peak_gpu_memory_gib": gpu.peak_memory_gib()})
+        accelerator.wait_for_everyone()
+        return TrainResult(checkpoint_uri, total, last_metrics, tokens_per_s)
+
+    def release(self) -> None:
+        """Drop the model, reference and optimizer and give their memory back (the next stage may need the
+        GPU); the Trainer cannot train again after this."""
+        self.model = self.reference = self.optimizer = self.scheduler = None
+        self.examples = []
+        self.accelerator.free_memory()
+        gpu.release_memory()
+
+    def _train_step(self, micro_batches: list[dict], step: int) -> tuple[dict[str, float], float]:
+        """Forward/backward over this process's micro-batches, then one optimizer step; returns the metrics
+        (averaged over all processes) and the number of policy-forward tokens of all processes."""
+        accelerator = self.accelerator
+        weights = torch.stack([b["generation1_weight"].float().sum() for b in micro_batches]).sum()
+        weight_total = accelerator.reduce(weights, reduction="sum")
+        if weight_total.item() <= 0:
+            logger.warning("step %d: every sample weight is 0; the step changes nothing but the optimizer state",
+                           step)
+        # DDP averages gradients over processes: multiplying by their number makes the sum over the global batch.
+        scale = accelerator.num_processes / torch.where(weight_total > 0, weight_total, torch.ones_like(weight_total))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        metric_counts: dict[str, torch.Tensor] = {}
+        tokens = torch.zeros((), device=accelerator.device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(self.model):
+                out = self.compute_loss(batch)
+                weighted_sum = (out.weights * out.losses).sum()
+                accelerator.backward(weighted_sum * scale)
+            loss_sum += weighted_sum.detach()
+            for name, values in out.metrics.items():
+                defined = ~torch.isnan(values)
+                metric_sums[name] = metric_sums.get(name, 0) + torch.where(defined, values, 0).sum()
+                metric_counts[name] = metric_counts.get(name, 0) + defined.sum()
+            tokens += sum(batch[f"{n}_attention_mask"].sum() for n in self.batch_factory.generations)
+
+        names = sorted(metric_sums)
+        local = torch.stack([loss_sum, tokens, *(metric_sums[n] for n in names), *(metric_counts[n] for n in names)])
+        totals = accelerator.reduce(local.float(), reduction="sum").tolist()
+        weight_sum = weight_total.item()
+        loss = totals[0] / (weight_sum if weight_sum > 0 else 1.0)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(step, loss)
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        if not math.isfinite(grad_norm) and self.cfg.training.mixed_precision != "fp16":
+            # (fp16's loss scaler skips steps with overflowing gradients by itself.)
+            raise NonFiniteLossError(step, grad_norm, what="gradient norm")
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate}
+        counts = totals[2 + len(names) :]
+        for name, total, count in zip(names, totals[2 : 2 + len(names)], counts, strict=True):
+            if count > 0:
+                metrics[name] = total / count
+        return metrics, totals[1]
+
+    def compute_loss(self, batch: dict) -> losses.LossOutput:
+        """The configured loss of one micro-batch (already on the device): one call of its `losses.LOSSES`
+        row, on a `LossInput` holding what that row declares it needs."""
+        logps, counts = self.concatenated_forward(self.model, batch)
+        inputs = losses.LossInput(logps, counts, batch["generation1_weight"].float(),
+                                  rewards=batch["generation1_reward"])
+        if self.loss.reference:
+            inputs.reference_logps = self._reference_logps(batch)
+        if self.loss.mismatched_kl:
+            inputs.kl_estimate = self._kto_kl_estimate(batch)
+        if self.loss.grouped:
+            group_of = {prompt_id: index for index, prompt_id in enumerate(dict.fromkeys(batch["prompt_id"]))}
+            inputs.group_ids = torch.tensor([group_of[p] for p in batch["prompt_id"]], device=logps.device)
+        return self.loss.compute(inputs, self.cfg.training)
+
+    # ---- forward passes ----
+    def concatenated_forward(self, model, batch: dict):
+        """One forward over generation1 (+ generation2) stacked along the batch.
+
+        Causal LMs: (summed response log-probs [n*B], response token counts [n*B]). Reward models: the
+        scalar scores [n*B] and the counts. Chosen rows come first, then rejected ones.
+        """
+        token_ids, attention, responses = concatenated_inputs(batch, self.batch_factory.generations,
+                                                              self.tokenizer.pad_token_id)
+        if self.loss.reward_head:
+            scores = model(input_ids=token_ids, attention_mask=attention).logits.squeeze(-1).float()
+            return scores, responses.sum(dim=1)
+        return sequence_logps(model, token_ids, attention, responses, self.rows_per_forward)
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
+        if "reference_logps" in batch:  # precomputed in `setup`
+            return batch["reference_logps"]
+        with self.accelerator.autocast(), self._reference_model() as reference:
+            return self.concatenated_forward(reference, batch)[0]
+
+    @torch.no_grad()
+    def _kto_kl_estimate(self, batch: dict) -> torch.Tensor:
+        """z0 from mismatched pairs under policy and reference, averaged over processes, clamped at 0."""
+        token_ids, attention, responses = concatenated_inputs(batch, ("generation1",), self.tokenizer.pad_token_id)
+        pairs = mismatched_inputs(token_ids, attention, responses, self.tokenizer.pad_token_id,
+                                  self.cfg.training.max_length)
+        with self.accelerator.autocast():
+            policy = sequence_logps(self.model_unwrapped, *pairs)[0]
+            with self._reference_model() as reference_model:
+                reference = sequence_logps(reference_model, *pairs)[0]
+        return losses.kto_kl_estimate(policy, reference,
+                                      across_processes=lambda mean: self.accelerator.reduce(mean, reduction="mean"))
+
+    @torch.no_grad()
+    def _with_reference_logps(self, encoded: list[dict]) -> list[dict]:
+        """The examples with their reference log-probs (one per generation) as a `reference_logps` column, as
+        TRL's precompute_ref_log_probs does; each process computes a share."""
+        share = np.array_split(np.arange(len(encoded)), self.accelerator.num_processes)[
+            self.accelerator.process_index
+        ]
+        size = self.cfg.training.batch_size
+        rows = []
+        for start in tqdm(range(0, len(share), size), desc="reference log-probs", leave=False,
+                          disable=not self.accelerator.is_main_process):
+            indices = share[start : start + size].tolist()
+            logps = self._reference_logps(self._collate(encoded, indices)).cpu()
+            columns = logps.view(len(self.batch_factory.generations), len(indices))
+            rows += [(i, columns[:, j].tolist()) for j, i in enumerate(indices)]
+        by_index = dict(gather_object(rows))
+        return [{**example, "reference_logps": by_index[i]} for i, example in enumerate(encoded)]
+
+    def _collate(self, examples: list[dict], indices: list[int]) -> dict:
+        batch = self.batch_factory.collate([examples[i] for i in indices])
+        device = self.accelerator.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ---- models ----
     def _load_kwargs(self) -> dict:
@@ -307,7 +578,7 @@ class Trainer:
     def _load_policy(self, path: str):
         """The model to train: full weights, or (model.adapter) a LoRA adapter, new or continued."""
         adapter_cfg = self.cfg.model.adapter
-        task = "reward_model" if self.cfg.training.loss == "reward" else "causal_lm"
+        task = "reward_model" if self.loss.reward_head else "causal_lm"
         load = partial(load_reward_model, tokenizer=self.tokenizer) if task == "reward_model" else load_causal_lm
         kwargs = self._load_kwargs()
         local = resolve_model_path(path, store=self.store)
@@ -349,7 +620,7 @@ class Trainer:
 
     def _load_reference(self):
         self.reference_is_base = False
-        if self.cfg.training.loss not in REFERENCE_LOSSES:
+        if not self.loss.reference:
             return None
         if is_peft_model(self.model_unwrapped):
             if self._reference_matches_base():
@@ -375,117 +646,6 @@ class Trainer:
                 yield base
         else:
             yield self.reference
-
-    # ---- forward passes ----
-    def _names(self) -> tuple[str, ...]:
-        return ("generation1", "generation2") if self.cfg.training.loss in PAIRWISE_LOSSES else ("generation1",)
-
-    def concatenated_forward(self, model, batch: dict):
-        """One forward over generation1 (+ generation2) stacked along the batch.
-
-        Causal LMs: (summed response log-probs [n*B], response token counts [n*B]). Reward models: the
-        scalar scores [n*B] and the counts. Chosen rows come first, then rejected ones.
-        """
-        token_ids, attention, responses = concatenated_inputs(batch, self._names(), self.tokenizer.pad_token_id)
-        if self.cfg.training.loss == "reward":
-            scores = model(input_ids=token_ids, attention_mask=attention).logits.squeeze(-1).float()
-            return scores, responses.sum(dim=1)
-        return sequence_logps(model, token_ids, attention, responses, self.rows_per_forward)
-
-    @torch.no_grad()
-    def _reference_logps(self, batch: dict) -> torch.Tensor:
-        if "reference_logps" in batch:
-            return batch["reference_logps"]
-        with self.accelerator.autocast(), self._reference_model() as reference:
-            return self.concatenated_forward(reference, batch)[0]
-
-    @torch.no_grad()
-    def _kto_kl_estimate(self, batch: dict) -> torch.Tensor:
-        """z0 from mismatched pairs under policy and reference, averaged over processes, clamped at 0."""
-        token_ids, attention, responses = concatenated_inputs(batch, ("generation1",), self.tokenizer.pad_token_id)
-        pairs = mismatched_inputs(token_ids, attention, responses, self.tokenizer.pad_token_id,
-                                  self.cfg.training.max_length)
-        with self.accelerator.autocast():
-            policy = sequence_logps(self.accelerator.unwrap_model(self.model), *pairs)[0]
-            with self._reference_model() as reference_model:
-                reference = sequence_logps(reference_model, *pairs)[0]
-        local = (policy - reference).mean()
-        return self.accelerator.reduce(local, reduction="mean").clamp_min(0)
-
-    def compute_loss(self, batch: dict) -> losses.LossOutput:
-        """The configured loss of one micro-batch (already on the device)."""
-        tc, loss = self.cfg.training, self.cfg.training.loss
-        weights = batch["generation1_weight"].float()
-        logps, counts = self.concatenated_forward(self.model, batch)
-        reference = self._reference_logps(batch) if loss in REFERENCE_LOSSES else None
-        if loss in PAIRWISE_LOSSES:
-            chosen, rejected = logps.chunk(2)
-            chosen_counts, rejected_counts = counts.chunk(2)
-            if loss == "reward":
-                return losses.reward(chosen, rejected, weights, margin=tc.reward_margin)
-            if loss == "slic":
-                return losses.slic(chosen, rejected, chosen_counts, weights, tc.beta, tc.slic_margin,
-                                   tc.slic_nll_weight)
-            if loss == "simpo":
-                return losses.simpo(chosen, rejected, chosen_counts, rejected_counts, weights, tc.beta,
-                                    tc.simpo_gamma)
-            reference_chosen, reference_rejected = reference.chunk(2)
-            pair = (chosen, rejected, reference_chosen, reference_rejected)
-            if loss == "dpo":
-                return losses.dpo(*pair, weights, tc.beta)
-            if loss == "cdpo":
-                return losses.cdpo(*pair, weights, tc.beta, tc.label_smoothing)
-            return losses.ipo(*pair, chosen_counts, rejected_counts, weights, tc.beta)
-        if loss == "sft":
-            return losses.sft(logps, counts, weights)
-        rewards = batch["generation1_reward"]
-        if rewards is None:
-            raise ValueError(f"training.loss={loss!r} needs generation1_reward in the batch; it is None")
-        if loss == "kto":
-            if not ((rewards == 0) | (rewards == 1)).all():
-                raise ValueError(f"kto needs generation1_reward 1.0 (desirable) or 0.0, got {rewards.tolist()}")
-            return losses.kto(logps, reference, rewards == 1, self._kto_kl_estimate(batch), weights, tc.beta,
-                              tc.kto_desirable_weight, tc.kto_undesirable_weight)
-        prompts = batch["prompt"]
-        group_of = {prompt: index for index, prompt in enumerate(dict.fromkeys(prompts))}
-        group_ids = torch.tensor([group_of[p] for p in prompts], device=logps.device)
-        return losses.rl(logps, reference, rewards.float(), group_ids, weights, tc.rl_kl_coef)
-
-    # ---- data ----
-    def _units(self, encoded: list[dict]) -> list[list[int]]:
-        if self.cfg.training.loss != "rl":
-            return [[i] for i in range(len(encoded))]
-        groups: dict[str, list[int]] = {}
-        for index, example in enumerate(encoded):
-            groups.setdefault(example["prompt"], []).append(index)
-        return list(groups.values())
-
-    def _collate(self, encoded: list[dict], indices: list[int]) -> dict:
-        batch = self.batch_factory.collate([encoded[i] for i in indices])
-        if self._reference_cache is not None:
-            rows = torch.tensor(indices)
-            batch["reference_logps"] = torch.cat([column[rows] for column in self._reference_cache])
-        device = self.accelerator.device
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    @torch.no_grad()
-    def _precompute_reference(self, encoded: list[dict]) -> tuple[torch.Tensor, ...]:
-        """Reference log-probs of every example, one column per generation; each process computes a share."""
-        self._reference_cache = None
-        share = np.array_split(np.arange(len(encoded)), self.accelerator.num_processes)[
-            self.accelerator.process_index
-        ]
-        size = self.cfg.training.batch_size
-        rows = []
-        for start in tqdm(range(0, len(share), size), desc="reference log-probs", leave=False,
-                          disable=not self.accelerator.is_main_process):
-            indices = share[start : start + size].tolist()
-            logps = self._reference_logps(self._collate(encoded, indices)).cpu()
-            columns = logps.view(len(self._names()), len(indices))
-            rows += [(i, columns[:, j].tolist()) for j, i in enumerate(indices)]
-        by_index = dict(gather_object(rows))
-        table = torch.tensor([by_index[i] for i in range(len(encoded))], dtype=torch.float32)
-        return tuple(table.T)
 
     # ---- checkpoints ----
     def _save(self, uri: str, state: dict, final: bool = True) -> None:
@@ -542,166 +702,6 @@ class Trainer:
             return None
         return {**state, "local_dir": str(local)}
 
-    # ---- the round ----
-    def train(
-        self,
-        encoded_examples: list[dict],
-        checkpoint_uri: str,
-        metrics_uri: str,
-        resume: bool = True,
-        progress_callback: Callable[[int, int, dict], None] | None = None,
-    ) -> TrainResult:
-        cfg, tc, accelerator = self.cfg, self.cfg.training, self.accelerator
-        round_started = time.perf_counter()
-        set_seed(tc.seed)
-        micro_batches = accelerator.num_processes * tc.gradient_accumulation_steps
-        plan = plan_steps(self._units(encoded_examples), tc.batch_size * micro_batches, micro_batches, tc.epochs,
-                          tc.seed)
-        total = len(plan)
-        fingerprint = hashlib.sha256(json.dumps({
-            "config": cfg.stage_hash("training", "model"), "setup": cfg.setup, "policy": self.policy_path,
-            "reference": self.reference_path, "examples": examples_digest(encoded_examples),
-            "processes": accelerator.num_processes,
-        }, sort_keys=True).encode()).hexdigest()[:16]
-        metrics_writer = None
-        if accelerator.is_main_process:
-            metrics_writer = self.store.stage_writer(metrics_uri, "metrics", {"round": fingerprint})
-
-        state = self._resumable_state(checkpoint_uri, fingerprint) if resume else None
-        if state and state["step"] >= total:  # this round already finished; only the manifest may be missing
-            if metrics_writer is not None:
-                metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": state["metrics"],
-                                       "tokens_per_s": state["tokens_per_s"]})
-            accelerator.wait_for_everyone()
-            return TrainResult(checkpoint_uri, total, state["metrics"], state["tokens_per_s"])
-        gpu.reset_peak_memory()
-        self.model = self._load_policy(state["local_dir"] if state else self.policy_path)
-        self.reference = self._load_reference()
-        optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=tc.learning_rate,
-            weight_decay=tc.weight_decay,
-        )
-        self.scheduler = get_scheduler(
-            "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
-            num_warmup_steps=math.ceil(tc.warmup_ratio * total), num_training_steps=total,
-        )
-        # The scheduler stays unprepared: accelerate would step it once per process.
-        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
-        step, last_metrics, shards = 0, {}, 0
-        if state:
-            local = Path(state["local_dir"])
-            self._load_optimizer_state(optimizer_state_from_files(
-                (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
-            self.scheduler.load_state_dict(json.loads((local / SCHEDULER_STATE).read_text()))
-            step, last_metrics, shards = state["step"], state["metrics"], state["metrics_shards"]
-            logger.info("resuming %s at step %d of %d", checkpoint_uri, step, total)
-
-        setup_seconds = time.perf_counter() - round_started
-        self._reference_cache = None
-        if tc.loss in REFERENCE_LOSSES and tc.precompute_reference and step < total:
-            self._reference_cache = self._precompute_reference(encoded_examples)
-        reference_seconds = time.perf_counter() - round_started - setup_seconds
-
-        self.model.train()
-        pending_rows: list[dict] = []
-        tokens_seen, train_seconds = 0.0, 0.0
-        bar = tqdm(total=total, initial=step, desc=f"train {tc.loss}", disable=not accelerator.is_main_process)
-        with bar as progress:  # closed on errors too, so no half bar is printed when the process exits
-            while step < total:
-                started = time.perf_counter()
-                mine = plan[step][accelerator.process_index :: accelerator.num_processes]
-                metrics, tokens = self._train_step([self._collate(encoded_examples, m) for m in mine], step + 1)
-                seconds = time.perf_counter() - started
-                step += 1
-                tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
-                metrics["tokens_per_s"] = tokens / seconds
-                last_metrics = metrics
-                pending_rows += [{"step": step, "split": "train", "metric": k, "value": v}
-                                 for k, v in metrics.items()]
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if step == total or (tc.save_every_steps and step % tc.save_every_steps == 0):
-                    # Metrics first, then the checkpoint that records how many metric shards it covers.
-                    if metrics_writer is not None:
-                        metrics_writer.write_shard(shards, from_rows(pending_rows, METRICS))
-                    shards, pending_rows = shards + 1, []
-                    self._save(checkpoint_uri, {"fingerprint": fingerprint, "step": step, "total_steps": total,
-                                                "metrics": last_metrics, "metrics_shards": shards,
-                                                "tokens_per_s": tokens_seen / train_seconds}, final=step == total)
-                if progress_callback is not None and accelerator.is_main_process:
-                    progress_callback(step, total, metrics)
-        if metrics_writer is not None:
-            # Where the round's time went: loading (models, optimizer, resume state), the reference pass, the
-            # optimizer steps (`train_seconds`, what `tokens_per_s` divides by) and the checkpoint writes.
-            total_seconds = time.perf_counter() - round_started
-            seconds = {"setup": setup_seconds, "reference": reference_seconds, "train": train_seconds,
-                       "save": total_seconds - setup_seconds - reference_seconds - train_seconds}
-            metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
-                                   "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
-                                   "seconds": {k: round(v, 3) for k, v in seconds.items()},
-                                   "peak_gpu_memory_gib": gpu.peak_memory_gib()})
-        accelerator.wait_for_everyone()
-        return TrainResult(checkpoint_uri, total, last_metrics, tokens_seen / train_seconds)
-
-    def release(self) -> None:
-        """Drop the model, reference and optimizer and give their memory back (the next stage may need the
-        GPU); the Trainer cannot train again after this."""
-        self.model = self.reference = self.optimizer = self.scheduler = self._reference_cache = None
-        self.accelerator.free_memory()
-        gpu.release_memory()
-
-    def _train_step(self, micro_batches: list[dict], step: int) -> tuple[dict[str, float], float]:
-        """Forward/backward over this process's micro-batches, then one optimizer step; returns the metrics
-        (averaged over all processes) and the number of policy-forward tokens of all processes."""
-        accelerator = self.accelerator
-        weights = torch.stack([b["generation1_weight"].float().sum() for b in micro_batches]).sum()
-        weight_total = accelerator.reduce(weights, reduction="sum")
-        if weight_total.item() <= 0:
-            logger.warning("step %d: every sample weight is 0; the step changes nothing but the optimizer state",
-                           step)
-        # DDP averages gradients over processes: multiplying by their number makes the sum over the global batch.
-        scale = accelerator.num_processes / torch.where(weight_total > 0, weight_total, torch.ones_like(weight_total))
-        loss_sum = torch.zeros((), device=accelerator.device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        metric_counts: dict[str, torch.Tensor] = {}
-        tokens = torch.zeros((), device=accelerator.device)
-        for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(self.model):
-                out = self.compute_loss(batch)
-                weighted_sum = (out.weights * out.losses).sum()
-                accelerator.backward(weighted_sum * scale)
-            loss_sum += weighted_sum.detach()
-            for name, values in out.metrics.items():
-                defined = ~torch.isnan(values)
-                metric_sums[name] = metric_sums.get(name, 0) + torch.where(defined, values, 0).sum()
-                metric_counts[name] = metric_counts.get(name, 0) + defined.sum()
-            tokens += sum(batch[f"{n}_attention_mask"].sum() for n in self._names())
-
-        names = sorted(metric_sums)
-        local = torch.stack([loss_sum, tokens, *(metric_sums[n] for n in names), *(metric_counts[n] for n in names)])
-        totals = accelerator.reduce(local.float(), reduction="sum").tolist()
-        weight_sum = weight_total.item()
-        loss = totals[0] / (weight_sum if weight_sum > 0 else 1.0)
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(step, loss)
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
-        if not math.isfinite(grad_norm) and self.cfg.training.mixed_precision != "fp16":
-            # (fp16's loss scaler skips steps with overflowing gradients by itself.)
-            raise NonFiniteLossError(step, grad_norm, what="gradient norm")
-        learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate}
-        counts = totals[2 + len(names) :]
-        for name, total, count in zip(names, totals[2 : 2 + len(names)], counts, strict=True):
-            if count > 0:
-                metrics[name] = total / count
-        return metrics, totals[1]
-
 
 # ---- command line (multi-process rounds) -----------------------------------------------------------------
 
@@ -725,6 +725,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--policy-name", help="the policy as the config names it (a new adapter records it as "
                         "its base; default: the config's model.policy)")
+    parser.add_argument("--fingerprint", help="the round's identity (default: derived from the config, the "
+                        "models and the examples); a checkpoint of another round is not resumed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -734,7 +736,8 @@ def main(argv: list[str] | None = None) -> None:
                       reference_path=cfg.model.reference, policy_name=args.policy_name)
     weights = store.read_pandas(args.weights) if args.weights else None
     encoded = trainer.batch_factory.encode(store.read_pandas(args.units), weights)
-    result = trainer.train(encoded, args.checkpoint, args.metrics, resume=not args.no_resume)
+    result = trainer.train(encoded, args.checkpoint, args.metrics, resume=not args.no_resume,
+                           fingerprint=args.fingerprint)
     if trainer.accelerator.is_main_process:
         print(json.dumps({"checkpoint_uri": result.checkpoint_uri, "steps": result.steps,
                           "tokens_per_s": result.tokens_per_s, "metrics": result.metrics}))

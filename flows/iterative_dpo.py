@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from alignment_core.config import PipelineConfig, dump_config
 from alignment_core.pipeline import finished_iterations, open_store
 from alignment_core.redact import redact
+from alignment_core.setups import SETUPS
 from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -45,8 +46,9 @@ def iterative_dpo(
             (without it such a flow run is refused); wins over `config.store.force_rerun` when true.
     """
     cfg = with_overrides(config, iterations, run_name, store_root, force)
-    if not cfg.online:
-        raise ValueError(f"iterative-dpo runs the online setups; setup {cfg.setup!r} belongs to an offline flow")
+    if SETUPS[cfg.setup].flow != "iterative-dpo":
+        raise ValueError(f"iterative-dpo runs the online setups; setup {cfg.setup!r} belongs to the "
+                         f"{SETUPS[cfg.setup].flow!r} flow")
     with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
         if more_iterations:
             cfg = with_overrides(cfg, iterations=finished_iterations(cfg) + more_iterations)

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
+from alignment_core.setups import setups_of_flow
 from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
 from tasks.evaluate import evaluate, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
@@ -23,12 +24,6 @@ from tasks.report import report_iteration
 from tasks.reweight import reweight
 from tasks.track import track_iteration
 from tasks.train import train
-
-OFFLINE_SETUPS = {
-    "sft": ("sft",),
-    "reward-model": ("reward_modelling",),
-    "offline-preference": ("offline_pairwise", "offline_pointwise"),
-}
 
 
 def offline_round(cfg: PipelineConfig) -> dict:
@@ -58,8 +53,8 @@ def offline_round(cfg: PipelineConfig) -> dict:
 
 def _checked(config: PipelineConfig, flow_name: str, run_name: str | None, store_root: str | None) -> PipelineConfig:
     cfg = with_overrides(config, None, run_name, store_root)
-    if cfg.setup not in OFFLINE_SETUPS[flow_name]:
-        raise ValueError(f"flow {flow_name!r} runs setups {OFFLINE_SETUPS[flow_name]}, config has {cfg.setup!r}")
+    if cfg.setup not in setups_of_flow(flow_name):
+        raise ValueError(f"flow {flow_name!r} runs setups {setups_of_flow(flow_name)}, config has {cfg.setup!r}")
     return cfg
 
 

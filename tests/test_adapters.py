@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from alignment_core import adapters, training
+from alignment_core import adapters, losses
 from alignment_core.batches import render_prompt_ids
 from alignment_core.config import ConfigError, GenerationConfig, parse_config
 from alignment_core.generation import make_generator
@@ -131,7 +131,6 @@ def test_adapter_off_reference_equals_a_separately_loaded_base(named_adapter, ti
         trainer.reference = trainer._load_reference()
     assert trainer.reference is None and trainer.reference_is_base
     assert "adapter switched off" in caplog.text
-    trainer._reference_cache = None
     trainer.model.train()  # as in a round: dropout and checkpointing state must not leak into the reference
     batch = trainer._collate(encoded, list(range(8)))
     adapter_off = trainer._reference_logps(batch)
@@ -188,7 +187,7 @@ def test_every_policy_loss_trains_an_adapter(tiny2_dir, tmp_path, setup, loss):
     assert metrics["loss"].map(math.isfinite).all()
     assert adapters.is_adapter(store.local_checkpoint(result.checkpoint_uri))
     assert trainer.reference is None
-    assert trainer.reference_is_base == (loss in training.REFERENCE_LOSSES)
+    assert trainer.reference_is_base == losses.LOSSES[loss].reference
 
 
 def test_gradient_checkpointing_with_an_adapter_gives_the_same_round(tiny2_dir, tmp_path):

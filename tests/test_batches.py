@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from alignment_core.batches import (
-    SETUPS,
     BatchFactory,
     render_prompt_ids,
     render_prompt_text,
@@ -19,8 +18,9 @@ from alignment_core.batches import (
 from alignment_core.config import PipelineConfig
 from alignment_core.models import load_tokenizer
 from alignment_core.records import ANNOTATIONS, EXAMPLES, GENERATIONS, from_rows
+from alignment_core.setups import SETUPS
 
-SINGLE = ("prompt", "prompt_token_ids", "prompt_attention_mask") + tuple(
+SINGLE = ("prompt_id", "prompt", "prompt_token_ids", "prompt_attention_mask") + tuple(
     f"generation1{suffix}"
     for suffix in ("", "_response_only", "_token_ids", "_attention_mask", "_reward", "_weight")
 )

@@ -7,6 +7,7 @@ import pytest
 
 from alignment_core import pipeline
 from alignment_core.config import parse_config
+from alignment_core.store import fingerprint_digest
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,15 @@ def offline_round(cfg) -> dict:
     units = pipeline.build_units(cfg, 1, examples_uri=examples)
     weights = pipeline.reweight(cfg, units, cfg.model.policy, 1)
     checkpoint = pipeline.train(cfg, units, weights, cfg.model.policy, cfg.model.policy, 1)
+    assert_one_fingerprint(pipeline.open_store(cfg), checkpoint)
     return {"examples": examples, "units": units, "weights": weights, "checkpoint": checkpoint}
+
+
+def assert_one_fingerprint(store, checkpoint: str) -> None:
+    """The round the Trainer records (trainer_state.json, what it resumes) is the one the lineage records."""
+    folder = store.local_checkpoint(checkpoint)
+    with open(f"{folder}/lineage.json") as lineage, open(f"{folder}/trainer_state.json") as state:
+        assert json.load(state)["fingerprint"] == fingerprint_digest(json.load(lineage)["fingerprint"])
 
 
 def final_loss(cfg) -> float:

@@ -27,6 +27,7 @@ from typing import Literal, Protocol
 import pandas as pd
 
 from alignment_core.redact import redact
+from alignment_core.setups import setup_spec
 
 LABEL_STATUSES = ("ok", "tie")
 FAILURE_STATUSES = ("unparseable", "error")
@@ -55,11 +56,8 @@ class AnnotationFailureError(RuntimeError):
 
 
 def output_mode(setup: str) -> OutputMode:
-    if setup == "rl":
-        return "rewards"
-    if setup.endswith("pointwise"):
-        return "labels"
-    return "pairs"
+    """What the annotation stage writes for an online setup (alignment_core.setups)."""
+    return setup_spec(setup).annotation
 
 
 def annotation_id(annotator: str, generation_ids: Sequence[str]) -> str:
