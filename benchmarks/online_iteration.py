@@ -16,7 +16,9 @@ prompts that made TRL's run over three times slower than ours, an unequal compar
   training on it (on-policy per step). Same samples, tokens and DPO updates; different schedule.
 
 Timed: wall time from process start to process end (interpreter start, imports, Prefect start for ours, model
-loads, generation, reward, training, checkpoint). Printed: labelled pairs trained per second of wall time,
+loads, generation, reward, training, checkpoint), and the run's CPU seconds (user + system of its process tree,
+our ephemeral server included: on a shared machine the steadier figure). Printed: labelled pairs trained per
+second of wall time,
 the ratio ours/TRL, and our time per stage, read from Prefect's database (task runs' start/end): prompts
 (load_eval_prompts + load_prompts), generate, annotate, reweight (units + weights), train; "other tasks"
 (preflight, report); "Prefect overhead" = wall - sum of task run times (interpreter start, imports, the
@@ -41,6 +43,7 @@ this invocation's runs, as a user's is across runs); its wall time is printed as
 import argparse
 import json
 import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -146,6 +149,14 @@ TRL_SCRIPT = textwrap.dedent('''
 ''')
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children and their waited-for descendants (our
+    flow's ephemeral server included): a run's CPU cost, much less sensitive than its wall time to the other
+    work on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_trl(workdir: Path, index: int, prompts: int, prompts_file: Path, policy_dir: str, reward_dir: str) -> dict:
     out_dir, report = workdir / f"trl-{index}", workdir / f"trl-{index}.json"
     env = base_env(workdir)
@@ -155,13 +166,13 @@ def run_trl(workdir: Path, index: int, prompts: int, prompts_file: Path, policy_
     env["HF_DATASETS_CACHE"] = str(workdir / "hf-datasets")
     command = [sys.executable, "-c", TRL_SCRIPT, policy_dir, reward_dir, str(prompts_file), str(out_dir),
                str(prompts), str(report)]
-    started = time.time()
+    started, cpu = time.time(), children_cpu()
     done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True)
-    wall = time.time() - started
+    wall, cpu = time.time() - started, children_cpu() - cpu
     if done.returncode != 0:
         raise RuntimeError(f"TRL run failed ({done.returncode}):\n{done.stderr[-4000:]}")
     result = json.loads(report.read_text())
-    return {"wall": wall, "pairs": result["pairs"], "train_s": result["train_s"]}
+    return {"wall": wall, "cpu": cpu, "pairs": result["pairs"], "train_s": result["train_s"]}
 
 
 def _seconds(value) -> float:
@@ -201,9 +212,9 @@ def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_
     if profile:
         command += ["-m", "cProfile", "-o", str(profile)]
     command += ["-m", "flows.iterative_dpo", "--config", str(config_path), "--iterations", "1"]
-    started = time.time()
+    started, cpu = time.time(), children_cpu()
     done = subprocess.run(command, env=base_env(workdir, repo), cwd=repo, capture_output=True, text=True)
-    wall = time.time() - started
+    wall, cpu = time.time() - started, children_cpu() - cpu
     if done.returncode != 0:
         raise RuntimeError(f"flow run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}")
     from alignment_core.store import ArtifactStore
@@ -217,7 +228,7 @@ def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_
         stages[STAGES.get(name, "other tasks")] += run["end"] - run["start"]
     first_task = runs[0]["start"] - started if runs else float("nan")
     after_last = started + wall - runs[-1]["end"] if runs else float("nan")
-    return {"wall": wall, "pairs": units["rows"], "stages": stages, "first_task": first_task,
+    return {"wall": wall, "cpu": cpu, "pairs": units["rows"], "stages": stages, "first_task": first_task,
             "after_last": after_last, "task_names": [r["name"] for r in runs],
             "flow_start": _seconds(flow["start_time"]) - started if flow else float("nan")}
 
@@ -225,6 +236,11 @@ def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
     return (f"{fmt.format(statistics.median(values))} "
             f"[{fmt.format(min(values))}-{fmt.format(max(values))}]")
+
+
+def cpu_spread(runs: list[dict]) -> str:
+    values = [r["cpu"] for r in runs if "cpu" in r]  # (--merge of files from before it was recorded)
+    return spread(values) if values else "?"
 
 
 def load_line() -> str:
@@ -241,10 +257,12 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
     sizes = sorted({size for _, size in results})
     flows = [system for system in ("ours", "base") if any(key[0] == system for key in results)]
     for size in sizes:
-        trl = results[("trl", size)]
+        trl = results.get(("trl", size))
+        if not trl:
+            continue
         trl_rate = [r["pairs"] / r["wall"] for r in trl]
         print(f"\n{size} prompts: TRL {spread([r['wall'] for r in trl])} s wall, {spread(trl_rate, '{:.2f}')} "
-              f"pairs/s ({trl[0]['pairs']} pairs)")
+              f"pairs/s ({trl[0]['pairs']} pairs), {cpu_spread(trl)} CPU s")
         for system in flows:
             runs = results.get((system, size))
             if not runs:
@@ -255,7 +273,8 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
             paired = [a / b for a, b in zip(rate, trl_rate, strict=False)]
             label = "ours" if system == "ours" else "base (--baseline checkout)"
             print(f"  {label}: {spread([r['wall'] for r in runs])} s wall, {spread(rate, '{:.2f}')} pairs/s "
-                  f"({runs[0]['pairs']} pairs); ratio to TRL {ratio:.2f}x (per repeat {spread(paired, '{:.2f}')})")
+                  f"({runs[0]['pairs']} pairs), {cpu_spread(runs)} CPU s; ratio to TRL {ratio:.2f}x (per repeat "
+                  f"{spread(paired, '{:.2f}')})")
             wall = statistics.median([r["wall"] for r in runs])
             print(f"  {system} per stage, s (share of the median wall):")
             for stage in STAGE_ORDER:
@@ -284,6 +303,8 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
         low, high = min(prompts), max(prompts)
         print()
         for system in (*flows, "trl"):
+            if (system, low) not in results or (system, high) not in results:
+                continue
             w_low = statistics.median(r["wall"] for r in results[(system, low)])
             w_high = statistics.median(r["wall"] for r in results[(system, high)])
             slope = (w_high - w_low) / (high - low)
@@ -291,7 +312,8 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
                     f"intercept {w_low - slope * low:.1f} s")
             if fixed_prompts and (system, fixed_prompts) in results:
                 walls = [r["wall"] for r in results[(system, fixed_prompts)]]
-                line += f"; {fixed_prompts}-prompt run {spread(walls)} s"
+                line += (f"; {fixed_prompts}-prompt run {spread(walls)} s wall, "
+                         f"{cpu_spread(results[(system, fixed_prompts)])} CPU s")
             print(line)
 
 
@@ -313,6 +335,8 @@ def main() -> None:
                         help="also run the flow of another copy of this repository (e.g. `git worktree add "
                              "/tmp/base HEAD~1`) as a third system, 'base', in the same rotation: a change's "
                              "before and after measured under the same load")
+    parser.add_argument("--baseline-prompts", type=int, nargs="+", metavar="PROMPTS",
+                        help="run the baseline at these sizes only (default: every size)")
     args = parser.parse_args()
     if args.merge:
         merged: dict[tuple[str, int], list[dict]] = {}
@@ -362,7 +386,7 @@ def main() -> None:
     for size in sizes:
         for repeat in range(args.repeats):
             systems = ["ours", "trl"] if args.start_with == "ours" else ["trl", "ours"]
-            if args.baseline:
+            if args.baseline and (not args.baseline_prompts or size in args.baseline_prompts):
                 systems.insert(1, "base")
             shift = repeat % len(systems)  # each system takes each place in the order in turn
             for system in systems[shift:] + systems[:shift]:
@@ -377,14 +401,15 @@ def main() -> None:
                     stages = "  " + " ".join(f"{k}={v:.1f}" for k, v in result["stages"].items()) + \
                         f" first-task={result['first_task']:.1f} after-last={result['after_last']:.1f}"
                 print(f"run {index:2d}: {system:4s} {size:5d} prompts {result['wall']:7.1f} s wall, "
+                      f"{result['cpu']:6.1f} s CPU, "
                       f"{result['pairs']} pairs, {result['pairs'] / result['wall']:6.2f} pairs/s{stages}  "
                       f"({load_line()})", flush=True)
                 index += 1
+                if args.json:  # after every run: an interrupted sitting keeps what it measured (--merge it)
+                    Path(args.json).write_text(json.dumps(
+                        {"runs": [{"system": system, "prompts": size, **run}
+                                  for (system, size), runs in results.items() for run in runs]}, indent=1))
 
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"runs": [{"system": system, "prompts": size, **run} for (system, size), runs in results.items()
-                      for run in runs]}, indent=1))
     summarize(results, args.prompts, args.fixed_prompts)
     if not args.keep:
         import shutil
