@@ -257,24 +257,23 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
     sizes = sorted({size for _, size in results})
     flows = [system for system in ("ours", "base") if any(key[0] == system for key in results)]
     for size in sizes:
-        trl = results.get(("trl", size))
-        if not trl:
-            continue
-        trl_rate = [r["pairs"] / r["wall"] for r in trl]
-        print(f"\n{size} prompts: TRL {spread([r['wall'] for r in trl])} s wall, {spread(trl_rate, '{:.2f}')} "
-              f"pairs/s ({trl[0]['pairs']} pairs), {cpu_spread(trl)} CPU s")
+        trl = results.get(("trl", size))  # none in a --merge of an interrupted sitting
+        trl_rate = [r["pairs"] / r["wall"] for r in trl] if trl else []
+        print(f"\n{size} prompts: " + (f"TRL {spread([r['wall'] for r in trl])} s wall, {spread(trl_rate, '{:.2f}')} "
+                                      f"pairs/s ({trl[0]['pairs']} pairs), {cpu_spread(trl)} CPU s"
+                                      if trl else "no TRL run at this size"))
         for system in flows:
             runs = results.get((system, size))
             if not runs:
                 continue
             rate = [r["pairs"] / r["wall"] for r in runs]
-            ratio = statistics.median(rate) / statistics.median(trl_rate)
+            ratio = statistics.median(rate) / statistics.median(trl_rate) if trl else float("nan")
             # Each repeat's own ratio (its run against the TRL run beside it): the spread of the ratio itself.
             paired = [a / b for a, b in zip(rate, trl_rate, strict=False)]
             label = "ours" if system == "ours" else "base (--baseline checkout)"
             print(f"  {label}: {spread([r['wall'] for r in runs])} s wall, {spread(rate, '{:.2f}')} pairs/s "
-                  f"({runs[0]['pairs']} pairs), {cpu_spread(runs)} CPU s; ratio to TRL {ratio:.2f}x (per repeat "
-                  f"{spread(paired, '{:.2f}')})")
+                  f"({runs[0]['pairs']} pairs), {cpu_spread(runs)} CPU s; ratio to TRL {ratio:.2f}x"
+                  + (f" (per repeat {spread(paired, '{:.2f}')})" if paired else ""))
             wall = statistics.median([r["wall"] for r in runs])
             print(f"  {system} per stage, s (share of the median wall):")
             for stage in STAGE_ORDER:
