@@ -358,10 +358,14 @@ class TrainingConfig(StrictModel):
     """accelerate's mixed precision (bf16 on recent GPUs)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, slower)."""
+    padding_free: bool = True
+    """One forward per micro-batch over its sequences laid end to end, without padding (position ids restart at
+    each sequence, so attention stays within it): the log-probs and gradients of padded rows without computing
+    padding. Checked once per round against padded rows; a model whose attention mixes packed sequences falls
+    back to padded rows, with a warning. Off: padded rows, `rows_per_forward` at a time."""
     rows_per_forward: int | None = Field(default=None, ge=0)
-    """Rows per forward pass; 0: every row of a micro-batch in one forward (best on GPUs). On CPUs a few rows
-    sorted by length waste far fewer padded tokens: same log-probs and gradients, less compute. None: 4 on a CPU, 0
-    on an accelerator."""
+    """Without padding_free: rows per forward pass; 0: every row of a micro-batch in one forward. On CPUs a few
+    rows sorted by length waste far fewer padded tokens. None: 4 on a CPU, 0 on an accelerator."""
     precompute_reference: bool = True
     """Compute reference log-probs once before training (the reference then leaves memory)."""
     max_length: int = Field(default=256, gt=0)

@@ -69,6 +69,8 @@ from alignment_core.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
+# Packed and padded forwards may differ by rounding (bf16 kernels); sequences that see each other differ by far more.
+PACKING_TOLERANCE = 1e-2  # nats per response token
 CPU_ROWS_PER_FORWARD = 4  # measured best of 1/2/4/8 on 2 CPU cores (benchmarks/train_throughput.py)
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -99,14 +101,18 @@ class TrainResult:
 
 
 def sequence_logps(
-    model, token_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, rows_per_forward: int = 0
+    model, token_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, rows_per_forward: int = 0,
+    packed: bool = False, one_row: bool = False,
 ):
-    """Per-sequence log-prob of the tokens under `loss_mask`, summed, and how many tokens that is.
+    """Per-sequence log-prob of the tokens under `loss_mask`, summed, and how many tokens that is. The rows
+    are right-padded.
 
-    `rows_per_forward` > 0 runs the rows in length-sorted chunks of that many, each cut to its own longest
-    (right-padded) row: the same log-probs and gradients with fewer padded tokens. On a CPU a padded token
-    costs as much as a real one, so this is worth it there; on a GPU one wide forward is usually faster.
+    `packed`: one forward over every row's real tokens laid end to end (`packed_sequence_logps`), no padding.
+    Else `rows_per_forward` > 0 runs the rows in length-sorted chunks of that many, each cut to its own longest
+    row: the same log-probs and gradients with fewer padded tokens than one forward over all rows.
     """
+    if packed:
+        return packed_sequence_logps(model, token_ids, attention_mask, loss_mask, one_row)
     if not rows_per_forward or token_ids.shape[0] <= rows_per_forward:
         return _sequence_logps(model, token_ids, attention_mask, loss_mask)
     lengths = attention_mask.sum(dim=1)
@@ -133,6 +139,61 @@ def _sequence_logps(model, token_ids: torch.Tensor, attention_mask: torch.Tensor
         logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none"
     ).view_as(labels)
     return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def packed_sequence_logps(model, token_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                          one_row: bool = False):
+    """Padding-free: the sequences laid end to end, position ids restarting at 0 at each one.
+
+    transformers reads the restarts as sequence boundaries (a block-diagonal causal mask for sdpa and eager,
+    variable-length kernels for flash attention), so no token attends across sequences and the log-probs are
+    those of separate forwards; `Trainer.setup` checks that once per round for the model at hand. With
+    `one_row` everything is one row (flash attention: its cost is the sum of the sequences' own); otherwise
+    the sequences are packed, longest first, into as few rows as the longest one's length allows (first-fit
+    decreasing), so attention over each row costs what a padded row costs but there are fewer rows than
+    sequences. The rest of a row is filler in a block of its own, never scored.
+    """
+    lengths = attention_mask.sum(dim=1).tolist()
+    width = sum(lengths) if one_row else max(lengths)
+    rows: list[list[int]] = []  # the sequences in each row
+    room: list[int] = []
+    for sequence in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[sequence]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(sequence)
+        room[row] -= lengths[sequence]
+    device = token_ids.device
+    packed = torch.zeros((len(rows), width), dtype=token_ids.dtype, device=device)  # filler: token 0
+    positions = torch.zeros_like(packed)
+    where = []  # (row, offset) of each sequence
+    for r, sequences in enumerate(rows):
+        offset = 0
+        for sequence in sequences:
+            n = lengths[sequence]
+            packed[r, offset : offset + n] = token_ids[sequence, :n]
+            positions[r, offset : offset + n] = torch.arange(n, device=device)
+            where.append((sequence, r, offset))
+            offset += n
+        positions[r, offset:] = torch.arange(width - offset, device=device)  # filler: a block of its own
+    # The log-prob of response token j of a sequence comes from the logits one position earlier.
+    sequence_of, row_of, column_of, target_of = [], [], [], []
+    for sequence, r, offset in where:
+        response = loss_mask[sequence, : lengths[sequence]].nonzero().squeeze(1)  # never position 0
+        sequence_of.append(torch.full_like(response, sequence))
+        row_of.append(torch.full_like(response, r))
+        column_of.append(offset + response - 1)
+        target_of.append(token_ids[sequence, response])
+    sequence_of, row_of, column_of, targets = (torch.cat(x) for x in (sequence_of, row_of, column_of, target_of))
+    keep = column_of if len(rows) == 1 else 0  # one row: the LM head only where a response token is predicted
+    logits = model(input_ids=packed, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
+    picked = logits[0] if len(rows) == 1 else logits[row_of, column_of]
+    token_logps = -F.cross_entropy(picked.float(), targets, reduction="none")
+    sums = torch.zeros(len(lengths), device=device).index_add(0, sequence_of, token_logps)
+    counts = torch.zeros(len(lengths), device=device).index_add(0, sequence_of, torch.ones_like(token_logps))
+    return sums, counts
 
 
 def _pad_to(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -287,6 +348,9 @@ class Trainer:
         # CPU, which makes accelerate use DDP over gloo. (accelerate's `--cpu` launcher needs MPI for that.)
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=multi_process_cpu)
+        self.packed = cfg.training.padding_free  # may fall back to padded rows after `setup`'s check
+        # Flash attention's variable-length kernels cost what the sequences cost: one row of everything.
+        self.one_row = "flash" in (cfg.model.attn_implementation or "")
         self.rows_per_forward = cfg.training.rows_per_forward
         if self.rows_per_forward is None:
             self.rows_per_forward = CPU_ROWS_PER_FORWARD if self.accelerator.device.type == "cpu" else 0
@@ -341,6 +405,8 @@ class Trainer:
                 (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
             self.scheduler.load_state_dict(json.loads((local / SCHEDULER_STATE).read_text()))
             logger.info("resuming %s at step %d of %d", checkpoint_uri, self.step, len(self.plan))
+        if self.packed:
+            self.packed = self._packing_keeps_sequences_apart(encoded)
         self.seconds["load"] = time.perf_counter() - started
         if self.loss.reference and tc.precompute_reference:
             self.examples = self._with_reference_logps(encoded)
@@ -514,7 +580,30 @@ class Trainer:
         if self.loss.reward_head:
             scores = model(input_ids=token_ids, attention_mask=attention).logits.squeeze(-1).float()
             return scores, responses.sum(dim=1)
-        return sequence_logps(model, token_ids, attention, responses, self.rows_per_forward)
+        return sequence_logps(model, token_ids, attention, responses, self.rows_per_forward, self.packed, self.one_row)
+
+    @torch.no_grad()
+    def _packing_keeps_sequences_apart(self, encoded: list[dict]) -> bool:
+        """Whether packed forwards give the padded forwards' log-probs, for the policy and a separate reference,
+        on the first planned micro-batch; if not (attention that ignores packed position ids), padded rows."""
+        if self.loss.reward_head:  # a reward model scores the last token of padded rows
+            return False
+        batch = self._collate(encoded, self.plan[0][0])
+        token_ids, attention, responses = concatenated_inputs(batch, self.batch_factory.generations,
+                                                              self.tokenizer.pad_token_id)
+        with self.accelerator.autocast():
+            for model in (self.model, self.reference):
+                if model is None:
+                    continue
+                padded, counts = sequence_logps(model, token_ids, attention, responses)
+                packed, _ = sequence_logps(model, token_ids, attention, responses, packed=True, one_row=self.one_row)
+                per_token = ((packed - padded).abs() / counts.clamp_min(1)).max().item()
+                if not per_token < PACKING_TOLERANCE:
+                    logger.warning("padding_free: packed sequences change %s's log-probs by up to %.3g per token "
+                                   "(its attention does not keep them apart); using padded rows",
+                                   type(self.accelerator.unwrap_model(model)).__name__, per_token)
+                    return False
+        return True
 
     @torch.no_grad()
     def _reference_logps(self, batch: dict) -> torch.Tensor:

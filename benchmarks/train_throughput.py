@@ -2,8 +2,8 @@
 
 Same model (the tiny Llama: hidden 256, 4 layers), same data (256 random-word pairs, prompts of 16-48 words,
 responses of 32-96 words), batch size 8, beta 0.1, fp32, reference log-probs computed on the fly in both,
-one epoch per run. Each system trains twice, in the order ours, TRL, TRL, ours, so that drift in the load of
-a shared machine hits both alike. Timed: the `train()` call only (model set-up and tokenisation excluded);
+one epoch per run. Each system trains `--repeats` times, in alternating order, so that drift in the load of
+a shared machine hits all alike. Timed: the `train()` call only (model set-up and tokenisation excluded);
 ours includes writing its final checkpoint.
 
 Model FLOPs utilisation: per pair, the policy does forward + backward (3 forwards) and the reference one
@@ -11,11 +11,12 @@ forward over both responses' real (unpadded) tokens; a forward costs 2 * N FLOPs
 without the input embedding) plus causal attention, 2 * layers * hidden * position. The peak is a 2048 x 2048
 fp32 matmul on the same threads.
 
-Ours runs twice per repeat: with its defaults (on a CPU, `training.rows_per_forward` = 4: rows sorted by
-length, a few per forward, so fewer padded tokens; same log-probs and gradients) and with one concatenated
-forward per micro-batch (`rows_per_forward` = 0, the GPU default).
+Ours runs three ways per repeat: with its defaults (`training.padding_free`: one forward per micro-batch over
+the sequences laid end to end, no padding), with one forward over padded rows per micro-batch (what TRL does),
+and with padded rows 4 at a time sorted by length (`rows_per_forward: 4`, the CPU default before
+padding_free). All three give the same log-probs and gradients (tests/test_training.py).
 
-    python benchmarks/train_throughput.py [--pairs 256] [--repeats 2] [--rows-per-forward N]
+    python benchmarks/train_throughput.py [--pairs 256] [--repeats 2]
 """
 
 import argparse
@@ -79,13 +80,13 @@ def flops_per_pair(model_dir: str, encoded: list[dict]) -> float:
     return total / len(encoded)
 
 
-def run_ours(model_dir: str, pairs: list[dict], workdir: str, index: int, rows_per_forward: int | None) -> float:
-    """Pairs per second of one epoch of this project's DPO round."""
+def run_ours(model_dir: str, pairs: list[dict], workdir: str, index: int, **forwards) -> float:
+    """Pairs per second of one epoch of this project's DPO round (`forwards`: padding_free, rows_per_forward)."""
     cfg = parse_config({
         "setup": "offline_pairwise",
         "training": {"loss": "dpo", "beta": BETA, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
                      "epochs": 1, "precompute_reference": False, "max_length": 512, "max_prompt_length": 256,
-                     "warmup_ratio": 0.0, "scheduler": "linear", "rows_per_forward": rows_per_forward},
+                     "warmup_ratio": 0.0, "scheduler": "linear", **forwards},
     })
     store = ArtifactStore(os.path.join(workdir, "store"))
     trainer = Trainer(cfg, policy_path=model_dir, tokenizer_path=None, store=store)
@@ -136,8 +137,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="runs per system (alternating)")
-    parser.add_argument("--rows-per-forward", type=int, default=None,
-                        help="training.rows_per_forward of `ours` (default: the config default)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -154,11 +153,13 @@ def main() -> None:
         tokens = sum(len(e["prompt_ids"]) * 2 + len(e["generation1_response_ids"]) + len(e["generation2_response_ids"])
                      for e in encoded) / len(encoded)
 
-        # ours: the defaults (on a CPU, length-sorted forwards of a few rows); ours-1fwd: one concatenated
-        # forward per micro-batch (the GPU default). Alternated so that drift in a shared machine's load hits all.
+        # ours: the defaults (one padding-free forward per micro-batch); ours-padded: one forward over padded rows
+        # per micro-batch (what TRL does); ours-rows4: padded rows, 4 length-sorted rows per forward (the CPU
+        # default before padding_free). Alternated so that drift in a shared machine's load hits all alike.
         systems = {
-            "ours": lambda i: run_ours(model_dir, pairs, workdir, i, args.rows_per_forward),
-            "ours-1fwd": lambda i: run_ours(model_dir, pairs, workdir, i, 0),
+            "ours": lambda i: run_ours(model_dir, pairs, workdir, i),
+            "ours-padded": lambda i: run_ours(model_dir, pairs, workdir, i, padding_free=False, rows_per_forward=0),
+            "ours-rows4": lambda i: run_ours(model_dir, pairs, workdir, i, padding_free=False, rows_per_forward=4),
             "trl": lambda i: run_trl(model_dir, pairs, workdir),
         }
         results: dict[str, list[float]] = {name: [] for name in systems}
@@ -167,17 +168,17 @@ def main() -> None:
         for index, system in enumerate(order):
             rate = systems[system](index)
             results[system].append(rate)
-            print(f"run {index + 1}: {system:9s} {rate:6.2f} pairs/s", flush=True)
+            print(f"run {index + 1}: {system:11s} {rate:6.2f} pairs/s", flush=True)
 
     print(f"\nthreads {torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
           f"{tokens:.0f} tokens/pair, {flops / 1e9:.2f} GFLOP/pair (policy fwd+bwd + reference fwd)")
     for system, rates in results.items():
         rate = statistics.median(rates)
-        print(f"{system:9s}: {rate:6.2f} pairs/s (median of {[round(r, 2) for r in rates]}), "
+        print(f"{system:11s}: {rate:6.2f} pairs/s (median of {[round(r, 2) for r in rates]}), "
               f"MFU {100 * rate * flops / peak:.1f}%")
     trl = statistics.median(results["trl"])
-    print(f"ratio ours/TRL: {statistics.median(results['ours']) / trl:.2f}x (goal >= 1.3x); "
-          f"with one forward per micro-batch (the GPU default): {statistics.median(results['ours-1fwd']) / trl:.2f}x")
+    print("ratio to TRL (goal >= 1.3x): " + ", ".join(
+        f"{system} {statistics.median(rates) / trl:.2f}x" for system, rates in results.items() if system != "trl"))
 
 
 if __name__ == "__main__":

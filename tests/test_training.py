@@ -1,6 +1,7 @@
 """The Trainer on a 2-layer tiny model: each loss trains, the NaN guard, resume, and a 2-process gloo run."""
 
 import json
+import logging
 import math
 import os
 import random
@@ -380,3 +381,55 @@ def test_two_gloo_processes_match_one_process(tiny2_dir, tmp_path):
     assert len(one) == len(two) == 6
     assert (one - two).abs().max() < 1e-4
     assert one.iloc[-1] < one.iloc[0]
+
+
+# ---- padding-free forwards -----------------------------------------------------------------------------------
+
+
+def test_packed_forwards_give_the_log_probs_and_gradients_of_padded_rows(tiny2_dir):
+    model = load_causal_lm(tiny2_dir)
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 40, (6,), generator=generator)
+    ids = torch.zeros(6, int(lengths.max()), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    responses = torch.zeros_like(ids, dtype=torch.bool)
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, :length] = torch.randint(5, 200, (length,), generator=generator)
+        attention[row, :length] = 1
+        responses[row, 1 + row % 5 : length] = True  # prompts of 1-5 tokens
+    padded, padded_counts = training.sequence_logps(model, ids, attention, responses)
+    padded.sum().backward()
+    padded_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert padded_counts.tolist() == (lengths - 1 - torch.arange(6) % 5).tolist()
+    for one_row in (False, True):  # rows as wide as the longest sequence (sdpa, eager), or one row (flash)
+        model.zero_grad()
+        packed, packed_counts = training.sequence_logps(model, ids, attention, responses, packed=True,
+                                                        one_row=one_row)
+        packed.sum().backward()
+        assert torch.equal(packed_counts, padded_counts)
+        torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-6)
+        for padded_grad, parameter in zip(padded_grads, model.parameters(), strict=True):
+            torch.testing.assert_close(parameter.grad, padded_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_whose_attention_mixes_packed_sequences_trains_on_padded_rows(tiny2_dir, tmp_path, monkeypatch,
+                                                                              caplog):
+    """transformers keeps packed sequences apart by reading restarts of the position ids; a model that does not
+    (simulated: the detection switched off) would give wrong log-probs, so the round falls back to padding."""
+    import transformers.masking_utils
+
+    units = make_units(8)
+    _, reference_run, _, _ = run_round(tmp_path / "padded", tiny2_dir, make_cfg("offline_pairwise", "dpo",
+                                                                              padding_free=False), units)
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    store = ArtifactStore(str(tmp_path / "packed"))
+    trainer = Trainer(make_cfg("offline_pairwise", "dpo"), policy_path=tiny2_dir, tokenizer_path=None, store=store)
+    trainer.one_row = True  # every sequence in one row, so that they would see each other
+    with caplog.at_level(logging.WARNING, logger="alignment_core.training"):
+        trainer.train(trainer.batch_factory.encode(units), store.checkpoint_uri("round", 0),
+                      store.stage_uri("round", 0, "metrics"))
+    assert not trainer.packed and "using padded rows" in caplog.text
+    first = step_metrics(store, store.stage_uri("round", 0, "metrics")).iloc[0]
+    expected = step_metrics(reference_run.store, reference_run.store.stage_uri("round", 0, "metrics")).iloc[0]
+    assert first["loss"] == pytest.approx(expected["loss"], rel=1e-5)
