@@ -487,7 +487,7 @@ class Trainer:
         tokens_per_s = tokens_seen / self.seconds["train"]
         if metrics_writer is not None:
             metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
-                                   "tokens_per_s": tokens_per_s,
+                                   "tokens_per_s": tokens_per_s, "padding_free": self.packed,
                                    "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                                    "peak_gpu_memory_gib": gpu.peak_memory_gib()})
         accelerator.wait_for_everyone()
@@ -595,6 +595,7 @@ class Trainer:
             for model in (self.model, self.reference):
                 if model is None:
                     continue
+                model.eval()  # no dropout: the two forwards must see the same model
                 padded, counts = sequence_logps(model, token_ids, attention, responses)
                 packed, _ = sequence_logps(model, token_ids, attention, responses, packed=True, one_row=self.one_row)
                 per_token = ((packed - padded).abs() / counts.clamp_min(1)).max().item()

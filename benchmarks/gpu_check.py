@@ -122,7 +122,7 @@ def run_variant(cfg, params: int, peak_flops: float | None) -> list[dict]:
             # the reference pass and the optimizer steps: what TRL's trainer.train() does (without its precompute)
             "loop_pairs_per_s": (pairs / (round_seconds["reference"] + round_seconds["train"])
                                  if round_seconds.get("train") else None),
-            "round_seconds": round_seconds,
+            "round_seconds": round_seconds, "padding_free": metrics.get("padding_free"),
             "mfu": 6 * params * train_tokens_per_s / peak_flops if peak_flops and train_tokens_per_s else None,
             "peak_gpu_gib": {"generate": generation.get("peak_gpu_memory_gib"),
                              "annotate": store.read_manifest(annotations)["extra"].get("peak_gpu_memory_gib"),
@@ -183,7 +183,8 @@ def main() -> None:
                       f"{row['train_pairs_per_s']:.2f} pairs/s ({row['loop_pairs_per_s']:.2f} in the reference pass "
                       "and steps), "
                       f"MFU {mfu}, peak GPU GiB {row['peak_gpu_gib']}, checkpoint {row['checkpoint_mib']:.1f} MiB, "
-                      f"stage seconds {row['seconds']}, training round seconds {row['round_seconds']}")
+                      f"stage seconds {row['seconds']}, training round seconds {row['round_seconds']}, "
+                      f"padding-free {row['padding_free']}")
         # TRL last: its Trainer fixes the process's accelerate state (mixed precision) for every later Accelerator.
         if "full" in results:
             try:
