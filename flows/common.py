@@ -181,10 +181,25 @@ def exit_now(code: int = 0) -> None:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
+    _send_run_logs_and_events()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _send_run_logs_and_events() -> None:
+    """Send what Prefect's log and event workers still hold while the ephemeral server is up. At exit the server
+    stops first (its stop was registered last), and the logging module's final flush then waits the log
+    worker's full 5 s timeout on a server that is gone."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=5)
+        except Exception:  # best effort: the atexit handlers that follow try again
+            pass
 
 
 @contextmanager
