@@ -395,7 +395,7 @@ class Trainer:
         )
         self.scheduler = get_scheduler(
             "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
-            num_warmup_steps=math.ceil(tc.warmup_ratio * len(self.plan)), num_training_steps=len(self.plan),
+            num_warmup_steps=self._warmup_steps(), num_training_steps=len(self.plan),
         )
         # The scheduler stays unprepared: accelerate would step it once per process.
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
@@ -411,6 +411,17 @@ class Trainer:
         if self.loss.reference and tc.precompute_reference:
             self.examples = self._with_reference_logps(encoded)
         self.seconds["reference"] = time.perf_counter() - started - self.seconds["load"]
+
+    def _warmup_steps(self) -> int:
+        """`warmup_ratio` of the round's steps, leaving at least one step after the warm-up: the first step of
+        a warm-up has learning rate 0, so a round that is all warm-up (one step, say) would train nothing."""
+        steps, warmup = len(self.plan), math.ceil(self.cfg.training.warmup_ratio * len(self.plan))
+        if warmup and warmup >= steps:
+            logger.warning("training.warmup_ratio %.2g of a %d-step round would leave no step after the warm-up "
+                           "(its first step has learning rate 0); warming up over %d", self.cfg.training.warmup_ratio,
+                           steps, steps - 1)
+            return steps - 1
+        return warmup
 
     def round_fingerprint(self, encoded: list[dict]) -> str:
         """The round's identity without a pipeline: config, setup, models and the examples' tokens."""

@@ -433,3 +433,15 @@ def test_a_model_whose_attention_mixes_packed_sequences_trains_on_padded_rows(ti
     first = step_metrics(store, store.stage_uri("round", 0, "metrics")).iloc[0]
     expected = step_metrics(reference_run.store, reference_run.store.stage_uri("round", 0, "metrics")).iloc[0]
     assert first["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_a_one_step_round_with_warmup_still_trains(tiny2_dir, tmp_path, caplog):
+    """A warm-up's first step has learning rate 0: a one-step round that were all warm-up would change nothing."""
+    cfg = make_cfg("offline_pairwise", "dpo", epochs=1, warmup_ratio=0.1, scheduler="linear")
+    with caplog.at_level(logging.WARNING, logger="alignment_core.training"):
+        store, _, _, result = run_round(tmp_path, tiny2_dir, cfg, make_units(4))
+    assert result.steps == 1 and "warming up over 0" in caplog.text
+    assert step_metrics(store, store.stage_uri("round", 0, "metrics"))["learning_rate"].iloc[0] == 1e-3
+    before, after = load_causal_lm(tiny2_dir).state_dict(), load_causal_lm(
+        store.local_checkpoint(result.checkpoint_uri)).state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
