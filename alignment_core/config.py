@@ -358,11 +358,13 @@ class TrainingConfig(StrictModel):
     """accelerate's mixed precision (bf16 on recent GPUs)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, slower)."""
-    padding_free: bool = True
+    padding_free: bool | None = None
     """One forward per micro-batch over its sequences laid end to end, without padding (position ids restart at
     each sequence, so attention stays within it): the log-probs and gradients of padded rows without computing
     padding. Checked once per round against padded rows; a model whose attention mixes packed sequences falls
-    back to padded rows, with a warning. Off: padded rows, `rows_per_forward` at a time."""
+    back to padded rows, with a warning. None: on with flash attention (its variable-length kernels cost what
+    the sequences cost), off with sdpa and eager, whose masked rows were no faster than padded ones
+    (benchmarks/train_throughput.py). Off: padded rows, `rows_per_forward` at a time."""
     rows_per_forward: int | None = Field(default=None, ge=0)
     """Without padding_free: rows per forward pass; 0: every row of a micro-batch in one forward. On CPUs a few
     rows sorted by length waste far fewer padded tokens. None: 4 on a CPU, 0 on an accelerator."""

@@ -348,9 +348,10 @@ class Trainer:
         # CPU, which makes accelerate use DDP over gloo. (accelerate's `--cpu` launcher needs MPI for that.)
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=multi_process_cpu)
-        self.packed = cfg.training.padding_free  # may fall back to padded rows after `setup`'s check
         # Flash attention's variable-length kernels cost what the sequences cost: one row of everything.
         self.one_row = "flash" in (cfg.model.attn_implementation or "")
+        padding_free = cfg.training.padding_free
+        self.packed = self.one_row if padding_free is None else padding_free  # `setup` checks it, may turn it off
         self.rows_per_forward = cfg.training.rows_per_forward
         if self.rows_per_forward is None:
             self.rows_per_forward = CPU_ROWS_PER_FORWARD if self.accelerator.device.type == "cpu" else 0

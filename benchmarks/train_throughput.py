@@ -11,10 +11,11 @@ forward over both responses' real (unpadded) tokens; a forward costs 2 * N FLOPs
 without the input embedding) plus causal attention, 2 * layers * hidden * position. The peak is a 2048 x 2048
 fp32 matmul on the same threads.
 
-Ours runs three ways per repeat: with its defaults (`training.padding_free`: one forward per micro-batch over
-the sequences laid end to end, no padding), with one forward over padded rows per micro-batch (what TRL does),
-and with padded rows 4 at a time sorted by length (`rows_per_forward: 4`, the CPU default before
-padding_free). All three give the same log-probs and gradients (tests/test_training.py).
+Ours runs three ways per repeat: with its defaults (on a CPU: padded rows, 4 at a time sorted by length,
+`training.rows_per_forward: 4`), with one forward over padded rows per micro-batch (`rows_per_forward: 0`, what
+TRL does and the GPU default), and with one padding-free forward per micro-batch (`training.padding_free`: the
+sequences packed into rows, position ids restarting at each; the default with flash attention). All three
+give the same log-probs and gradients (tests/test_training.py).
 
     python benchmarks/train_throughput.py [--pairs 256] [--repeats 2]
 """
@@ -153,13 +154,13 @@ def main() -> None:
         tokens = sum(len(e["prompt_ids"]) * 2 + len(e["generation1_response_ids"]) + len(e["generation2_response_ids"])
                      for e in encoded) / len(encoded)
 
-        # ours: the defaults (one padding-free forward per micro-batch); ours-padded: one forward over padded rows
-        # per micro-batch (what TRL does); ours-rows4: padded rows, 4 length-sorted rows per forward (the CPU
-        # default before padding_free). Alternated so that drift in a shared machine's load hits all alike.
+        # ours: the defaults (see the module docstring); ours-padded: one forward over padded rows per micro-batch;
+        # ours-packed: one padding-free forward per micro-batch. Alternated so that drift in a shared machine's
+        # load hits all alike.
         systems = {
             "ours": lambda i: run_ours(model_dir, pairs, workdir, i),
             "ours-padded": lambda i: run_ours(model_dir, pairs, workdir, i, padding_free=False, rows_per_forward=0),
-            "ours-rows4": lambda i: run_ours(model_dir, pairs, workdir, i, padding_free=False, rows_per_forward=4),
+            "ours-packed": lambda i: run_ours(model_dir, pairs, workdir, i, padding_free=True),
             "trl": lambda i: run_trl(model_dir, pairs, workdir),
         }
         results: dict[str, list[float]] = {name: [] for name in systems}

@@ -413,26 +413,34 @@ def test_packed_forwards_give_the_log_probs_and_gradients_of_padded_rows(tiny2_d
             torch.testing.assert_close(parameter.grad, padded_grad, atol=1e-5, rtol=1e-4)
 
 
-def test_a_model_whose_attention_mixes_packed_sequences_trains_on_padded_rows(tiny2_dir, tmp_path, monkeypatch,
-                                                                              caplog):
+def test_a_packed_round_matches_a_padded_one_and_falls_back_where_attention_mixes_sequences(
+        tiny2_dir, tmp_path, monkeypatch, caplog):
     """transformers keeps packed sequences apart by reading restarts of the position ids; a model that does not
     (simulated: the detection switched off) would give wrong log-probs, so the round falls back to padding."""
     import transformers.masking_utils
 
     units = make_units(8)
-    _, reference_run, _, _ = run_round(tmp_path / "padded", tiny2_dir, make_cfg("offline_pairwise", "dpo",
-                                                                              padding_free=False), units)
-    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
-    store = ArtifactStore(str(tmp_path / "packed"))
-    trainer = Trainer(make_cfg("offline_pairwise", "dpo"), policy_path=tiny2_dir, tokenizer_path=None, store=store)
-    trainer.one_row = True  # every sequence in one row, so that they would see each other
-    with caplog.at_level(logging.WARNING, logger="alignment_core.training"):
+
+    def first_step(name: str, one_row: bool = False, **training_config) -> tuple[Trainer, pd.Series]:
+        store = ArtifactStore(str(tmp_path / name))
+        trainer = Trainer(make_cfg("offline_pairwise", "dpo", **training_config), policy_path=tiny2_dir,
+                          tokenizer_path=None, store=store)
+        trainer.one_row = one_row  # one row: every sequence in it, so that they would see each other
         trainer.train(trainer.batch_factory.encode(units), store.checkpoint_uri("round", 0),
                       store.stage_uri("round", 0, "metrics"))
+        return trainer, step_metrics(store, store.stage_uri("round", 0, "metrics")).iloc[0]
+
+    _, padded = first_step("padded", padding_free=False)
+    for one_row in (False, True):
+        trainer, packed = first_step(f"packed-{one_row}", one_row, padding_free=True)
+        assert trainer.packed
+        assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with caplog.at_level(logging.WARNING, logger="alignment_core.training"):
+        trainer, mixed = first_step("mixed", one_row=True, padding_free=True)
     assert not trainer.packed and "using padded rows" in caplog.text
-    first = step_metrics(store, store.stage_uri("round", 0, "metrics")).iloc[0]
-    expected = step_metrics(reference_run.store, reference_run.store.stage_uri("round", 0, "metrics")).iloc[0]
-    assert first["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert mixed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
 
 
 def test_a_one_step_round_with_warmup_still_trains(tiny2_dir, tmp_path, caplog):
