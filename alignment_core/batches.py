@@ -10,7 +10,8 @@ A *unit* (records.UNITS) is one prompt with one or two responses and their rewar
 unit once (prompt through the chat template, responses with EOS appended, truncation as in the DPO reference
 implementation); `collate` pads a list of encoded units into tensors.
 
-Which generations and rewards a batch carries depends on the setup:
+Which generations and rewards a batch carries follows from the setup's row in `alignment_core.setups` (its
+responses and its feedback):
 
     setup              generations  generation1_reward           generation2_reward   weights
     sft                1            None                         -                    1.0 unless reweighted
@@ -22,7 +23,8 @@ Which generations and rewards a batch carries depends on the setup:
     online_pairwise    2            1.0 (preferred)              0.0
 
 In two-generation setups generation1 is always the preferred response (pairwise units are swapped into that
-order and ties are dropped), because the losses rely on it.
+order and ties are dropped), because the losses rely on it. A batch also carries `prompt_id` (rl's groups) and,
+when the Trainer precomputed them, `reference_logps` (one per generation, generation1's rows first).
 """
 
 import logging
