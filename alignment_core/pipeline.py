@@ -255,7 +255,8 @@ def generate(
     run_generation(
         store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
         run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
-        tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype, shard_subset=shard_subset,
+        tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation, shard_subset=shard_subset,
     )
     return out
 

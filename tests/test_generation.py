@@ -258,3 +258,26 @@ def test_stage_fails_when_every_prompt_is_too_long(tiny_dir, tmp_path):
                           for p in make_prompts(2)])
     with pytest.raises(ValueError, match="every prompt was skipped"):
         generate_stage(store, tiny_dir)
+
+
+def test_the_policys_attention_kernel_reaches_the_sampler(tiny_dir, tmp_path, monkeypatch):
+    """model.attn_implementation is the transformers backend's kernel too, not only training's."""
+    from alignment_core import pipeline
+    from alignment_core.config import parse_config
+    from alignment_core.generation import stage
+
+    assert make_generator(STAGE_CFG, tiny_dir, POLICY_URI, attn_implementation="eager").model.config \
+        ._attn_implementation == "eager"
+    kernels = []
+
+    def spy(*args, **kwargs):
+        generator = make_generator(*args, **kwargs)
+        kernels.append(generator.model.config._attn_implementation)
+        return generator
+
+    monkeypatch.setattr(stage, "make_generator", spy)
+    cfg = parse_config({"model": {"policy": tiny_dir, "attn_implementation": "eager"},
+                        "generation": {"backend": "transformers", "prompts_per_iteration": 2, "max_new_tokens": 4},
+                        "store": {"root": str(tmp_path), "run_name": "kernel"}})
+    pipeline.generate(cfg, pipeline.load_prompts(cfg, 1), cfg.model.policy, 1)
+    assert kernels == ["eager"]

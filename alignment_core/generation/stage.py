@@ -36,8 +36,10 @@ def make_generator(
     policy_uri: str,
     tokenizer_path: str | None = None,
     dtype: str = "float32",
+    attn_implementation: str | None = None,
 ) -> Generator:
-    """A generator for the local model folder `policy_path`; rows record `policy_uri` as their lineage."""
+    """A generator for the local model folder `policy_path`; rows record `policy_uri` as their lineage.
+    `attn_implementation` is the transformers backend's attention kernel (model.attn_implementation)."""
     from alignment_core.models import load_causal_lm, load_tokenizer, model_digest
 
     policy_path = str(policy_path)
@@ -50,7 +52,7 @@ def make_generator(
         return VLLMGenerator(policy_path, tokenizer, gen_cfg, policy_uri, digest, tokenizer_path, dtype)
     from alignment_core.generation.transformers_backend import TransformersGenerator
 
-    model = load_causal_lm(policy_path, dtype=dtype)
+    model = load_causal_lm(policy_path, dtype=dtype, attn_implementation=attn_implementation)
     if torch.cuda.is_available():
         model = model.to("cuda")
     return TransformersGenerator(model, tokenizer, gen_cfg, policy_uri, digest)
@@ -70,6 +72,7 @@ def run_generation(
     *,
     tokenizer_path: str | None = None,
     dtype: str = "float32",
+    attn_implementation: str | None = None,
     shard_subset: tuple[int, int] | None = None,
 ) -> dict | None:
     """Sample `gen_cfg.n_samples` responses per prompt into `out_uri`; returns the stage manifest.
@@ -108,7 +111,8 @@ def run_generation(
     if missing:
         logger.info("generating %d of %d shards into %s", len(missing), len(shards), out_uri)
         gpu.reset_peak_memory()
-        with make_generator(gen_cfg, policy_path, policy_uri, tokenizer_path, dtype) as generator:
+        with make_generator(gen_cfg, policy_path, policy_uri, tokenizer_path, dtype,
+                            attn_implementation) as generator:
             backend = generator.backend
             for index in missing:
                 started = time.perf_counter()
