@@ -171,9 +171,10 @@ class InputRef:
         return models.hub_snapshot(self.repo, self.revision)
 
     # ---- digests: what fingerprints and lineage record ------------------------------------------------------
-    def digest(self, store=None) -> str:
+    def digest(self, store=None, path: str | None = None) -> str:
         """A stage output: its manifest's fingerprint digest (+ the labels digest of a stage whose rows a rerun
-        retried, so that what was built from the old rows is redone). A model: its content digest."""
+        retried, so that what was built from the old rows is redone). A model: its content digest (of `path`,
+        its folder when already resolved)."""
         if self.kind == "stage":
             if store is None:
                 raise ValueError(f"{self.describe()}: a stage output is read through its store; pass the store")
@@ -182,13 +183,14 @@ class InputRef:
                 raise StageNotFinishedError(f"{self.describe()} has no manifest (the stage did not finish)")
             labels = manifest.get("extra", {}).get("labels_digest")
             return manifest["fingerprint_digest"] + (f"+{labels}" if labels else "")
-        return self._model_digest(self.resolve(store))
+        return self._model_digest(path or self.resolve(store))
 
-    def lineage(self, store=None) -> dict:
-        """What a checkpoint's lineage records of a model: its name as written, digest and hub commit."""
+    def lineage(self, store=None, path: str | None = None) -> dict:
+        """What a checkpoint's lineage records of a model: its name as written, digest and hub commit (`path`:
+        its folder when already resolved)."""
         from alignment_core.models import hub_revision
 
-        path = self.resolve(store)
+        path = path or self.resolve(store)
         return {"name": self.name, "digest": self._model_digest(path), "hub_revision": hub_revision(path)}
 
     def _model_digest(self, path: str) -> str:

@@ -25,12 +25,9 @@ from alignment_core.adapters import adapter_base, is_adapter, load_adapter
 from alignment_core.config import TINY_MODEL
 from alignment_core.inputs import (  # noqa: F401  (re-exported: the names of models)
     DEFAULT_CACHE_DIR,
-    TINY_BUILDS,
-    TINY_REWARD_MODEL,
     InputRef,
     ModelNotFoundError,
     is_store_uri,
-    split_revision,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

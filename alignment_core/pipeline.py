@@ -377,9 +377,11 @@ def train(
     checkpoint = store.checkpoint_uri(cfg.store.run_name, iteration)
     metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
     policy, reference = InputRef.model(policy_uri), InputRef.model(reference_uri)
+    policy_path, reference_path = policy.resolve(store), reference.resolve(store)  # once: digests and lineage
     fingerprint = _fingerprint(
         cfg, "checkpoint", ("training", "model"), setup=cfg.setup, units=stage_digest(store, units_uri),
-        weights=stage_digest(store, weights_uri), policy=policy.digest(store), reference=reference.digest(store),
+        weights=stage_digest(store, weights_uri), policy=policy.digest(store, policy_path),
+        reference=reference.digest(store, reference_path),
     )
     lineage_uri = f"{checkpoint}/lineage.json"
     if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri):
@@ -389,7 +391,6 @@ def train(
             return checkpoint
         if keep_finished(cfg, store, checkpoint, iteration, fingerprint, previous=previous):
             return checkpoint
-    policy_path, reference_path = policy.resolve(store), reference.resolve(store)
     if store.read_manifest(units_uri)["rows"] == 0:
         _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
     elif cfg.training.num_processes > 1 or cfg.training.accelerate_config:
@@ -408,7 +409,7 @@ def train(
                           fingerprint=fingerprint_digest(fingerprint))
         finally:
             trainer.release()
-    models = {"policy": policy.lineage(store), "reference": reference.lineage(store)}
+    models = {"policy": policy.lineage(store, policy_path), "reference": reference.lineage(store, reference_path)}
     from alignment_core.adapters import adapter_base, is_adapter
 
     trained = store.local_checkpoint(checkpoint)

@@ -475,14 +475,18 @@ class ArtifactStore:
 
     def checkpoint_marker(self, uri: str) -> str | None:
         """CHECKPOINT_MARKER (finished), RESUME_MARKER (a mid-round resume point) or None (nothing usable)."""
+        return self._checkpoint_state(uri)[1]
+
+    def _checkpoint_state(self, uri: str) -> tuple[str, str | None]:
+        """(the folder of the checkpoint's live version, the marker found in that same folder)."""
         self.fs.invalidate_cache()
         folder = self._checkpoint_dir(uri)
         for _ in range(3):
             found = next((m for m in (CHECKPOINT_MARKER, RESUME_MARKER) if self.exists(f"{folder}/{m}")), None)
             if found is not None or folder == (folder := self._checkpoint_dir(uri)):
-                return found
+                return folder, found
             # a save switched to a new version (and deleted the one read) in between: look at the new one
-        return None
+        return folder, None
 
     def save_checkpoint(self, model, tokenizer, uri: str, extra_files: dict[str, bytes] | None = None,
                         final: bool = True, state_dict: dict | None = None) -> str:
@@ -556,12 +560,11 @@ class ArtifactStore:
         Only finished checkpoints, unless `resume_point` (the trainer resuming a round) also accepts a
         mid-round save.
         """
-        marker_name = self.checkpoint_marker(uri)
+        folder, marker_name = self._checkpoint_state(uri)  # one pointer read: the marker is that folder's
         if marker_name is None or (marker_name == RESUME_MARKER and not resume_point):
             raise FileNotFoundError(f"checkpoint {uri} is missing or incomplete (no {CHECKPOINT_MARKER})")
         if self.protocol in ("file", "local"):
             return self._path(uri)
-        folder = self._checkpoint_dir(uri)
         marker = self.read_json(f"{folder}/{marker_name}")
         key = hashlib.sha256(f"{folder}|{marker['saved_at']}".encode()).hexdigest()[:16]
         local = self.cache_dir / "checkpoints" / key

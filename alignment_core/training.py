@@ -168,7 +168,7 @@ def packed_sequence_logps(model, token_ids: torch.Tensor, attention_mask: torch.
     device = token_ids.device
     packed = torch.zeros((len(rows), width), dtype=token_ids.dtype, device=device)  # filler: token 0
     positions = torch.zeros_like(packed)
-    where = []  # (row, offset) of each sequence
+    where = []  # (sequence, row, offset)
     for r, sequences in enumerate(rows):
         offset = 0
         for sequence in sequences:
@@ -351,7 +351,8 @@ class Trainer:
         # Flash attention's variable-length kernels cost what the sequences cost: one row of everything.
         self.one_row = "flash" in (cfg.model.attn_implementation or "")
         padding_free = cfg.training.padding_free
-        self.packed = self.one_row if padding_free is None else padding_free  # `setup` checks it, may turn it off
+        # `setup` checks it and may turn it off; a reward model scores the last token of padded rows.
+        self.packed = (self.one_row if padding_free is None else padding_free) and not self.loss.reward_head
         self.rows_per_forward = cfg.training.rows_per_forward
         if self.rows_per_forward is None:
             self.rows_per_forward = CPU_ROWS_PER_FORWARD if self.accelerator.device.type == "cpu" else 0
@@ -598,8 +599,6 @@ class Trainer:
     def _packing_keeps_sequences_apart(self, encoded: list[dict]) -> bool:
         """Whether packed forwards give the padded forwards' log-probs, for the policy and a separate reference,
         on the first planned micro-batch; if not (attention that ignores packed position ids), padded rows."""
-        if self.loss.reward_head:  # a reward model scores the last token of padded rows
-            return False
         batch = self._collate(encoded, self.plan[0][0])
         token_ids, attention, responses = concatenated_inputs(batch, self.batch_factory.generations,
                                                               self.tokenizer.pad_token_id)

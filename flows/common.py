@@ -108,10 +108,10 @@ def _start_ephemeral_server():
 
     import prefect
     from prefect.logging import get_logger
-    from prefect.settings import PREFECT_API_URL, get_current_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
 
-    if PREFECT_API_URL.value():
-        return None
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None  # a server to talk to, or none that Prefect would start (it fails naming PREFECT_API_URL)
     for _ in range(10):  # SubprocessASGIServer.find_available_port
         port = random.choice(range(8000, 9000))
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -157,7 +157,7 @@ def _hand_to_prefect(early) -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-    if not healthy or server.running or not hasattr(server, "server_process"):
+    if not healthy or server.running:
         process.kill()
         process.wait()
         return

@@ -139,11 +139,13 @@ def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters
     runs = {worker: [start(worker, 0), 0] for worker in subsets}
     logger.info("started %s on %s", ", ".join(run.name for run, _ in runs.values()), deployment)
     wait(runs)
-    if workers > 1 and not complete():
+    done = complete()
+    if workers > 1 and not done:
         logger.warning("every %s worker completed, yet the stage is not complete: one more flow run finishes it",
                        stage)
         wait({None: [start(None, 1), max_redispatches]})
-    if not complete():
+        done = complete()
+    if not done:
         raise RuntimeError(f"stage deployment {deployment!r} completed but {output} is not complete")
     return output
 
