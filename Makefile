@@ -43,13 +43,23 @@ $(VLLM_VENV)/.installed: $(VENV)/.installed
 	$(VLLM_PY) -c "import vllm, alignment_core"
 	touch $@
 
+# DeepSpeed, for its CPU test only (tests/test_training.py puts it on that test's path), kept out of .venv: where
+# it is installed, every process that saves a model imports it (a second, and a warning line). Built from its
+# source without its compiled ops (DeepSpeed compiles the one the CPU needs when it first runs), against .venv's torch.
+DEEPSPEED_SITE ?= .deepspeed
+$(DEEPSPEED_SITE)/.installed: $(VENV)/.installed
+	rm -rf $(DEEPSPEED_SITE)
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation --no-deps --target $(DEEPSPEED_SITE) deepspeed==0.19.8 \
+	  hjson==3.1.0 einops py-cpuinfo msgpack ninja
+	touch $@
+
 demo: $(VENV)/.installed
 	$(PY) -m flows.iterative_dpo --config $(CONFIG)
 
 # .venv, where Prefect's server and UI run, has no broken requirements; the vLLM tests run in .venv-vllm, then
 # the suite in .venv, last, so that the output ends with its fault matrix (tests/conftest.py). Both always run;
 # the target fails if either did.
-test: $(VENV)/.installed $(VLLM_VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed $(DEEPSPEED_SITE)/.installed
 	$(PIP) check
 	$(VLLM_PY) -m pytest -q --timeout=1200 -m vllm tests; vllm=$$?; \
 	$(PY) -m pytest -q --timeout=1200 --durations=15 -m "not vllm" tests && exit $$vllm

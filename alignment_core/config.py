@@ -202,7 +202,8 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = False
     """Run model code from the hub repository (only for models you trust)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
-    """Attention kernel passed to from_pretrained; flash_attention_2/3 need the flash-attn package (and a GPU)."""
+    """Attention kernel passed to from_pretrained; flash_attention_2/3 need the flash-attn package (and a GPU);
+    flex_attention trains on a GPU only (no backward on CPUs), and sampling uses sdpa in its place."""
     adapter: AdapterConfig | None = None
     """None: full fine-tuning"""
 
@@ -362,9 +363,11 @@ class TrainingConfig(StrictModel):
     """One forward per micro-batch over its sequences laid end to end, without padding (position ids restart at
     each sequence, so attention stays within it): the log-probs and gradients of padded rows without computing
     padding. Checked once per round against padded rows; a model whose attention mixes packed sequences falls
-    back to padded rows, with a warning. None: on with flash attention (its variable-length kernels cost what
-    the sequences cost), off with sdpa and eager, whose masked rows were no faster than padded ones
-    (benchmarks/train_throughput.py). Off: padded rows, `rows_per_forward` at a time."""
+    back to padded rows, with a warning. None: on with flash attention (variable-length kernels) and flex
+    attention (block-sparse masks), whose cost is what the sequences cost: every micro-batch is then one row
+    (flex on one H200: 2.0-2.1x padded sdpa's pairs/s, README Benchmarks); off with sdpa and eager, whose masked
+    rows were no faster than padded ones (benchmarks/train_throughput.py). Off: padded rows, `rows_per_forward`
+    at a time."""
     rows_per_forward: int | None = Field(default=None, ge=0)
     """Without padding_free: rows per forward pass; 0: every row of a micro-batch in one forward. On CPUs a few
     rows sorted by length waste far fewer padded tokens. None: 4 on a CPU, 0 on an accelerator."""

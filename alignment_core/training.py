@@ -348,8 +348,10 @@ class Trainer:
         # CPU, which makes accelerate use DDP over gloo. (accelerate's `--cpu` launcher needs MPI for that.)
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=multi_process_cpu)
-        # Flash attention's variable-length kernels cost what the sequences cost: one row of everything.
-        self.one_row = "flash" in (cfg.model.attn_implementation or "")
+        # Flash attention's variable-length kernels and flex attention's block-sparse masks cost what the sequences
+        # cost: one row of everything.
+        attention = cfg.model.attn_implementation or ""
+        self.one_row = "flash" in attention or attention == "flex_attention"
         padding_free = cfg.training.padding_free
         # `setup` checks it and may turn it off; a reward model scores the last token of padded rows.
         self.packed = (self.one_row if padding_free is None else padding_free) and not self.loss.reward_head
@@ -389,6 +391,8 @@ class Trainer:
         if self.finished:
             return
         gpu.reset_peak_memory()
+        if self._deepspeed:
+            self._configure_deepspeed()
         self.model = self._load_policy(self.resumed.get("local_dir", self.policy_path))
         self.reference = self._load_reference()
         optimizer = torch.optim.AdamW(
@@ -403,8 +407,12 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         if self.resumed:
             local = Path(self.resumed["local_dir"])
-            self._load_optimizer_state(optimizer_state_from_files(
-                (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
+            if (local / OPTIMIZER_TENSORS).exists():
+                self._load_optimizer_state(optimizer_state_from_files(
+                    (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
+            else:
+                logger.warning("resume point %s has no optimizer state (DeepSpeed's is not saved): the optimizer's "
+                               "moments start afresh at step %d", checkpoint_uri, self.step)
             self.scheduler.load_state_dict(json.loads((local / SCHEDULER_STATE).read_text()))
             logger.info("resuming %s at step %d of %d", checkpoint_uri, self.step, len(self.plan))
         if self.packed:
@@ -413,6 +421,26 @@ class Trainer:
         if self.loss.reference and tc.precompute_reference:
             self.examples = self._with_reference_logps(encoded)
         self.seconds["reference"] = time.perf_counter() - started - self.seconds["load"]
+
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed steps its optimizer inside `backward` and clips there, so the round's micro-batch size,
+        accumulation steps and clipping come from `training` (not from the accelerate config file), and a ZeRO-3
+        save gathers the whole weights. bf16 weights (model.dtype) without `training.mixed_precision` train in
+        DeepSpeed's bf16 mode, fp32 master weights and moments as under FSDP: set before the policy loads, since
+        ZeRO-3 partitions it as it loads, in the precision its config names (else fp32, twice the memory)."""
+        tc, plugin = self.cfg.training, self.accelerator.state.deepspeed_plugin
+        ds = plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=tc.batch_size,
+                  gradient_accumulation_steps=tc.gradient_accumulation_steps, gradient_clipping=tc.max_grad_norm)
+        ds.pop("train_batch_size", None)  # accelerate derives it from the three above
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        if tc.mixed_precision == "no" and self.cfg.model.dtype == "bfloat16":
+            ds["bf16"] = {"enabled": True}
+        plugin.set_deepspeed_weakref()  # what transformers reads when it loads under ZeRO-3
+
+    @property
+    def _deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def _warmup_steps(self) -> int:
         """`warmup_ratio` of the round's steps, leaving at least one step after the warm-up: the first step of
@@ -529,12 +557,16 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         metric_counts: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), device=accelerator.device)
+        # `scale` already makes the sum over the global batch: DeepSpeed must not divide by the accumulation steps.
+        backward_kwargs = {"scale_wrt_gas": False} if self._deepspeed else {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
+            # DeepSpeed steps its optimizer in the `backward` of a micro-batch with sync_gradients set: the last.
+            accelerator.sync_gradients = last
             with nullcontext() if last else accelerator.no_sync(self.model):
                 out = self.compute_loss(batch)
                 weighted_sum = (out.weights * out.losses).sum()
-                accelerator.backward(weighted_sum * scale)
+                accelerator.backward(weighted_sum * scale, **backward_kwargs)
             loss_sum += weighted_sum.detach()
             for name, values in out.metrics.items():
                 defined = ~torch.isnan(values)
@@ -719,6 +751,22 @@ class Trainer:
         except FileNotFoundError:
             return False
 
+    @contextmanager
+    def _whole_weights(self):
+        """Models loaded inside are not partitioned. Under ZeRO-3 transformers partitions weights as they load
+        (it reads the DeepSpeed config accelerate registers), and only a DeepSpeed engine runs a partitioned model:
+        the frozen reference is a whole copy on each process instead."""
+        if not self._deepspeed:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
     def _load_reference(self):
         self.reference_is_base = False
         if not self.loss.reference:
@@ -731,7 +779,8 @@ class Trainer:
                 return None
             logger.info("reference %s is not the adapter's base model: loading it separately", self.reference_path)
         kwargs = self._load_kwargs()
-        reference = load_causal_lm(self.reference_path, **kwargs)
+        with self._whole_weights():
+            reference = load_causal_lm(self.reference_path, **kwargs)
         reference.requires_grad_(False).eval()
         return reference if "device_map" in kwargs else reference.to(self.accelerator.device)
 
@@ -758,22 +807,25 @@ class Trainer:
         weights = self.accelerator.get_state_dict(self.model) if self._sharded else None
         optimizer_state = None if final else self._optimizer_state()
         if self.accelerator.is_main_process:
-            extra = {}
-            if optimizer_state is not None:
-                extra = optimizer_state_files(optimizer_state)
+            extra = {TRAINER_STATE: json.dumps(state, indent=2).encode()}
+            if not final:
                 extra[SCHEDULER_STATE] = json.dumps(self.scheduler.state_dict()).encode()
-            extra[TRAINER_STATE] = json.dumps(state, indent=2).encode()
+            if optimizer_state is not None:
+                extra.update(optimizer_state_files(optimizer_state))
             self.store.save_checkpoint(self.accelerator.unwrap_model(self.model), self.tokenizer, uri,
                                        extra_files=extra, final=final, state_dict=weights)
         self.accelerator.wait_for_everyone()
 
     @property
     def _sharded(self) -> bool:
-        """FSDP: parameters and optimizer moments are sharded across processes (DTensors, also on one GPU)."""
-        return self.accelerator.distributed_type == DistributedType.FSDP
+        """FSDP (DTensors, also on one GPU) and DeepSpeed (ZeRO-3) hold shards of the parameters: saves gather them."""
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
-    def _optimizer_state(self) -> dict:
-        """The optimizer's state to save: as is, or for a sharded model its full state keyed by parameter name."""
+    def _optimizer_state(self) -> dict | None:
+        """The optimizer's state to save: as is, or for FSDP its full state keyed by parameter name. DeepSpeed's
+        partitioned state has no such form short of its own (pickled) checkpoints: None, a resume restarts it."""
+        if self._deepspeed:
+            return None
         if not self._sharded:
             return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

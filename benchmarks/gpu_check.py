@@ -2,10 +2,10 @@
 
 A random-weight Llama of about 0.4B parameters (hidden 1024, 24 layers, MLP 4096; built here, no hub) runs two
 online iterations of the pipeline's stages (prompts → generate → annotate → reweight → train), in bf16 with
-vLLM generation (transformers where vLLM is not installed), once with full fine-tuning, once with a LoRA
-adapter and, where bitsandbytes is installed, once with QLoRA (a 4-bit base). Training then runs under
-`accelerate launch` with FSDP on every GPU there is (one included) and, where DeepSpeed is installed, with
-ZeRO-3 (deployments/accelerate/). A variant that fails prints its error and the others still run.
+vLLM generation (transformers where vLLM is not installed), once with full fine-tuning, once padding-free with
+flex attention, once with a LoRA adapter and, where bitsandbytes is installed, once with QLoRA (a 4-bit base).
+Training then runs under `accelerate launch` with FSDP on every GPU there is (one included) and, where DeepSpeed
+is installed, with ZeRO-3 (deployments/accelerate/). A variant that fails prints its error and the others still run.
 
 It prints, per variant and iteration: generation tokens/s, training tokens/s and pairs/s, MFU against the GPU's
 bf16 dense peak (6 * parameters FLOPs per trained token: forward + backward of the policy; the reference
@@ -64,7 +64,7 @@ def build_model(out: Path, hidden: int, layers: int, mlp: int, dtype: torch.dtyp
 
 
 def variant_config(name: str, model_dir: str, root: str, smoke: bool, gpus: int) -> dict:
-    """The pipeline config of one variant (full, lora, zero3, fsdp)."""
+    """The pipeline config of one variant (full, lora, qlora, flex, zero3, fsdp)."""
     on_gpu = torch.cuda.is_available() and not smoke
     config = {
         "setup": "online_pairwise", "iterations": 2,
@@ -84,6 +84,9 @@ def variant_config(name: str, model_dir: str, root: str, smoke: bool, gpus: int)
     if name in ("lora", "qlora"):
         config["model"]["adapter"] = {"r": 16, "alpha": 32, "load_in_4bit": name == "qlora"}
         config["training"]["learning_rate"] = 1e-4
+    if name == "flex":  # padding-free: every micro-batch one row, attention block-sparse over its sequences
+        config["model"]["attn_implementation"] = "flex_attention"
+        config["training"]["padding_free"] = True
     if name in ("zero3", "fsdp"):
         accelerate = REPO / "deployments/accelerate" / {"zero3": "deepspeed_zero3.yaml", "fsdp": "fsdp.yaml"}[name]
         config["training"].update(num_processes=max(gpus, 1), accelerate_config=str(accelerate))
@@ -147,7 +150,7 @@ def trl_pairs_per_s(cfg, model_dir: str, workdir: str, on_gpu: bool, iteration: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the script)")
-    parser.add_argument("--variants", nargs="*", default=None, help="subset of: full lora zero3 fsdp")
+    parser.add_argument("--variants", nargs="*", default=None, help="subset of: full lora qlora flex fsdp zero3")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available() and not args.smoke
     gpus = torch.cuda.device_count() if on_gpu else 0
@@ -157,8 +160,9 @@ def main() -> None:
         sys.exit("no CUDA device: run with --smoke to check the script on the CPU")
     installed = {name for name, package in (("qlora", "bitsandbytes"), ("zero3", "deepspeed"))
                  if importlib.util.find_spec(package) is not None}
-    variants = args.variants or (["full", "lora"] + [v for v in ("qlora", "fsdp", "zero3")
-                                                     if v == "fsdp" or v in installed] if on_gpu else ["full", "lora"])
+    variants = args.variants or (["full", "flex", "lora"] + [v for v in ("qlora", "fsdp", "zero3")
+                                                             if v == "fsdp" or v in installed]
+                                 if on_gpu else ["full", "lora"])
     print(f"device: {device} x{max(gpus, 1)}; bf16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; "
           f"torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -268,6 +268,9 @@ def test_the_policys_attention_kernel_reaches_the_sampler(tiny_dir, tmp_path, mo
 
     assert make_generator(STAGE_CFG, tiny_dir, POLICY_URI, attn_implementation="eager").model.config \
         ._attn_implementation == "eager"
+    # flex attention trains fast packed rows but samples slowly: the sampler uses sdpa then
+    assert make_generator(STAGE_CFG, tiny_dir, POLICY_URI, attn_implementation="flex_attention").model.config \
+        ._attn_implementation == "sdpa"
     kernels = []
 
     def spy(*args, **kwargs):

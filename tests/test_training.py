@@ -1,5 +1,6 @@
 """The Trainer on a 2-layer tiny model: each loss trains, the NaN guard, resume, and a 2-process gloo run."""
 
+import importlib.util
 import json
 import logging
 import math
@@ -22,6 +23,8 @@ from alignment_core.tiny import POSITIVE_WORDS, build_tiny
 from alignment_core.training import NonFiniteLossError, Trainer
 
 ACCELERATE_CPU_CONFIG = Path(__file__).parents[1] / "deployments" / "accelerate" / "cpu_ddp_2proc.yaml"
+ACCELERATE_ZERO3_CPU_CONFIG = ACCELERATE_CPU_CONFIG.with_name("cpu_deepspeed_zero3.yaml")
+DEEPSPEED_SITE = Path(__file__).parents[1] / ".deepspeed"  # Makefile: DeepSpeed for this test, outside .venv
 NEGATIVE = "bad sad angry terrible awful poor cold dark".split()
 NOUNS = "dog cat sun moon tree river garden music".split()
 
@@ -381,6 +384,48 @@ def test_two_gloo_processes_match_one_process(tiny2_dir, tmp_path):
     assert len(one) == len(two) == 6
     assert (one - two).abs().max() < 1e-4
     assert one.iloc[-1] < one.iloc[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_deepspeed_zero3_round_matches_a_plain_one(tiny2_dir, tmp_path):
+    """ZeRO-3 (one CPU process) against no DeepSpeed, 2 micro-batches per step: the same losses, gradient norms
+    and saved weights. DeepSpeed steps inside `backward` and scales by its accumulation steps: stepping at each
+    micro-batch, or a gradient divided by 2, changes the steps' gradient norms; a save that does not gather the
+    partitioned parameters writes empty tensors."""
+    site = DEEPSPEED_SITE if (DEEPSPEED_SITE / "deepspeed").is_dir() else None
+    if site is None and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (`make test` puts it in .deepspeed/)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+        env["PATH"] = os.pathsep.join([str(site / "bin"), env["PATH"]])  # ninja, for the op DeepSpeed compiles
+    store = ArtifactStore(str(tmp_path / "store"))
+    units_uri = store.stage_uri("zero3", 0, "units")
+    store.write_stage(units_uri, "units", {"test": 1}, [__import__("pyarrow").Table.from_pandas(make_units(16))])
+    steps, weights = {}, {}
+    for name, launcher in (("plain", ["--cpu"]), ("zero3", ["--config_file", str(ACCELERATE_ZERO3_CPU_CONFIG)])):
+        config = {"setup": "offline_pairwise", "model": {"policy": tiny2_dir},
+                  "store": {"root": str(tmp_path / "store"), "run_name": "zero3"},
+                  "training": {"loss": "dpo", "batch_size": 2, "gradient_accumulation_steps": 2, "epochs": 1,
+                               "learning_rate": 1e-3, "max_grad_norm": 0.5, "save_every_steps": 2}}
+        config_path = tmp_path / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        metrics_uri, checkpoint_uri = store.stage_uri(name, 0, "metrics"), store.checkpoint_uri(name, 0)
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "1",
+                   "-m", "alignment_core.training", "--config", str(config_path), "--units", units_uri,
+                   "--checkpoint", checkpoint_uri, "--metrics", metrics_uri]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=540, env=env)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        steps[name] = step_metrics(store, metrics_uri)
+        weights[name] = load_causal_lm(store.local_checkpoint(checkpoint_uri)).state_dict()
+    plain, zero3 = steps["plain"], steps["zero3"]
+    assert len(plain) == len(zero3) == 4
+    assert (plain["loss"] - zero3["loss"]).abs().max() < 1e-4
+    assert (plain["grad_norm"] / zero3["grad_norm"] - 1).abs().max() < 1e-3
+    assert plain["grad_norm"].iloc[-1] > 0.5  # clipped, by DeepSpeed in the ZeRO-3 run
+    for key, value in weights["plain"].items():
+        torch.testing.assert_close(weights["zero3"][key], value, atol=1e-5, rtol=1e-4)
 
 
 # ---- padding-free forwards -----------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def make_generator(
     attn_implementation: str | None = None,
 ) -> Generator:
     """A generator for the local model folder `policy_path`; rows record `policy_uri` as their lineage.
-    `attn_implementation` is the transformers backend's attention kernel (model.attn_implementation)."""
+    `attn_implementation` is the transformers backend's attention kernel (model.attn_implementation; sdpa where
+    that is flex attention)."""
     from alignment_core.models import load_causal_lm, load_tokenizer, model_digest
 
     policy_path = str(policy_path)
@@ -52,6 +53,10 @@ def make_generator(
         return VLLMGenerator(policy_path, tokenizer, gen_cfg, policy_uri, digest, tokenizer_path, dtype)
     from alignment_core.generation.transformers_backend import TransformersGenerator
 
+    if attn_implementation == "flex_attention":
+        # A training kernel: decoding rebuilds its block mask at every token (one H200: 1.5-4.7k tokens/s with
+        # it, 5.7-7.5k with sdpa, benchmarks/results/gpu_check_h200.txt).
+        attn_implementation = "sdpa"
     model = load_causal_lm(policy_path, dtype=dtype, attn_implementation=attn_implementation)
     if torch.cuda.is_available():
         model = model.to("cuda")
