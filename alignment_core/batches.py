@@ -189,6 +189,7 @@ def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setu
                 f"(first: {frame.loc[unknown, f'{side}_id'].iloc[0]!r})"
             )
         frame[f"{side}_response"] = by_id.loc[frame[f"{side}_id"], "response"].to_numpy()
+        frame[f"{side}_token_ids"] = by_id.loc[frame[f"{side}_id"], "response_token_ids"].to_numpy()
         mismatched = by_id.loc[frame[f"{side}_id"], "prompt_id"].to_numpy() != frame["prompt_id"].to_numpy()
         if mismatched.any():
             raise ValueError(
@@ -201,7 +202,8 @@ def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setu
     if spec.responses == 2:
         _require(frame, "generation2_reward", setup, "annotation_id")
     else:
-        frame["generation2_id"], frame["generation2_response"], frame["generation2_reward"] = None, None, None
+        for column in ("generation2_id", "generation2_response", "generation2_token_ids", "generation2_reward"):
+            frame[column] = None
     if spec.feedback == "label":
         _check_labels(frame["generation1_reward"], setup)
     frame["unit_id"] = frame["annotation_id"]
@@ -223,7 +225,8 @@ def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
         logger.warning("%s: dropping %d of %d pairs that are ties", setup, int(ties.sum()), len(units))
     units = units[~ties].reset_index(drop=True)
     swap = units["generation2_reward"] > units["generation1_reward"]
-    pairs = [(f"generation1_{suffix}", f"generation2_{suffix}") for suffix in ("response", "id", "reward", "weight")]
+    pairs = [(f"generation1_{suffix}", f"generation2_{suffix}")
+             for suffix in ("response", "token_ids", "id", "reward", "weight")]
     for first, second in [*pairs, ("score1", "score2")]:
         if first in units.columns:  # one column at a time: a two-column .loc swap corrupts mixed-dtype frames
             first_values = units.loc[swap, first].to_numpy(copy=True)
@@ -283,8 +286,7 @@ class BatchFactory:
                 text = render_prompt_text(self.tokenizer, messages)
                 prompt_cache[key] = (text, _prompt_text_to_ids(self.tokenizer, text))
             prompt_text, prompt_ids = prompt_cache[key]
-            responses = {side: response_ids(self.tokenizer, unit[f"{side}_response"])
-                         for side in self.generations}
+            responses = {side: self.response_ids(unit, side) for side in self.generations}
             prompt_ids, responses = self.truncate(prompt_ids, responses)
             item = {"unit_id": unit["unit_id"], "prompt_id": unit["prompt_id"], "prompt": prompt_text,
                     "prompt_ids": prompt_ids}
@@ -296,6 +298,16 @@ class BatchFactory:
                 item[f"{side}_weight"] = float(unit[f"{side}_weight"])
             encoded.append(item)
         return encoded
+
+    def response_ids(self, unit: dict, side: str) -> list[int]:
+        """The tokens training learns for one side of a unit: the ones the policy sampled where the unit has them
+        (online), its stop token included; else the text's tokens with EOS appended. Sampled tokens are never
+        re-tokenised from their decoded text, which can give other tokens: a byte-level token decoded alone is
+        U+FFFD, and random-weight samples came back 24% longer that way."""
+        sampled = unit.get(f"{side}_token_ids")
+        if sampled is not None and len(sampled):
+            return [int(token) for token in sampled]
+        return response_ids(self.tokenizer, unit[f"{side}_response"])
 
     def _join_weights(self, units: pd.DataFrame, weights: pd.DataFrame | None) -> pd.DataFrame:
         """Attach generation1_weight/generation2_weight by unit_id; without a weights table they are 1.0."""

@@ -97,6 +97,10 @@ UNITS = pa.schema(
         pa.field("generation2_reward", pa.float64()),
         pa.field("generation1_id", pa.string()),  # online: the generation rows the responses came from
         pa.field("generation2_id", pa.string()),
+        # online: the sampled response tokens (the stop token included where the sample stopped), which training
+        # learns as they are; offline units have none and their text is tokenised
+        pa.field("generation1_token_ids", pa.list_(pa.int32())),
+        pa.field("generation2_token_ids", pa.list_(pa.int32())),
         pa.field("score1", pa.float64()),  # online: the annotator's raw scores of the two generations
         pa.field("score2", pa.float64()),
         pa.field("confidence", pa.float64()),

@@ -176,6 +176,34 @@ def test_offline_units_take_the_right_responses():
         units_from_examples(examples, "rl")
 
 
+def test_online_units_train_on_the_sampled_tokens_not_the_retokenised_text(tokenizer):
+    """A sampled byte-level token decodes alone to U+FFFD: tokenising the decoded text gives other tokens, so
+    training learns the sampled ids (stop token included, none added to a sample cut at its length); units
+    without sampled ids (offline) tokenise their text and append EOS."""
+    eos = tokenizer.eos_token_id
+    byte_token = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd")
+    sampled = {"p1-g0": [byte_token, 40, 41], "p1-g1": [42, 43, eos]}
+    generations = make_generations(prompts=("p1",))
+    generations["response"] = [tokenizer.decode(sampled[g], skip_special_tokens=True)
+                               for g in generations["generation_id"]]
+    generations["response_token_ids"] = [sampled[g] for g in generations["generation_id"]]
+    generations["finish_reason"] = ["length", "stop"]
+    retokenised = tokenizer(generations["response"][0], add_special_tokens=False).input_ids
+    assert retokenised[:1] != [byte_token]  # the premise: the decoded text does not give the sampled tokens back
+    # generation2 (p1-g1) preferred: the pair is swapped, its sampled tokens with it
+    annotations = from_rows([annotation("a1", "p1", "p1-g0", "p1-g1", 0.0, 1.0)], ANNOTATIONS).to_pandas()
+    units = units_from_online(generations, annotations, "online_pairwise")
+    factory = BatchFactory(tokenizer, "online_pairwise", max_length=64, max_prompt_length=32)
+    [encoded] = factory.encode(units)
+    assert encoded["generation1_response_ids"] == [42, 43, eos]
+    assert encoded["generation2_response_ids"] == [byte_token, 40, 41]  # cut at its length: no EOS added
+
+    [offline] = BatchFactory(tokenizer, "offline_pairwise", max_length=64, max_prompt_length=32).encode(
+        units_from_examples(make_examples(), "offline_pairwise").head(1))
+    chosen = make_examples()["chosen"].iloc[0]
+    assert offline["generation1_response_ids"] == tokenizer(chosen, add_special_tokens=False).input_ids + [eos]
+
+
 def test_prompt_uses_chat_template(tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     text = render_prompt_text(tokenizer, messages)
