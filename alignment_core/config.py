@@ -370,7 +370,9 @@ class TrainingConfig(StrictModel):
     at a time."""
     rows_per_forward: int | None = Field(default=None, ge=0)
     """Without padding_free: rows per forward pass; 0: every row of a micro-batch in one forward. On CPUs a few
-    rows sorted by length waste far fewer padded tokens. None: 4 on a CPU, 0 on an accelerator."""
+    rows sorted by length waste far fewer padded tokens; a micro-batch is split only where that removes enough
+    padding to pay for the extra forwards (rows of similar lengths stay in one). None: 4 on a CPU, 0 on an
+    accelerator."""
     precompute_reference: bool = True
     """Compute reference log-probs once before training (the reference then leaves memory)."""
     max_length: int = Field(default=256, gt=0)

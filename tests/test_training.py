@@ -116,7 +116,8 @@ def test_sequence_logps_matches_a_full_log_softmax(tiny2_dir):
     assert torch.allclose(logps, expected, atol=1e-4)
 
 
-def test_length_sorted_chunks_give_the_same_logps_and_gradients(tiny2_dir):
+def test_length_sorted_chunks_give_the_same_logps_and_gradients(tiny2_dir, monkeypatch):
+    monkeypatch.setattr(training, "MIN_TOKENS_SAVED_PER_FORWARD", 0)  # chunk these short rows too
     model = load_causal_lm(tiny2_dir)
     torch.manual_seed(0)
     token_ids = torch.randint(10, 500, (5, 16))
@@ -134,6 +135,26 @@ def test_length_sorted_chunks_give_the_same_logps_and_gradients(tiny2_dir):
     whole, chunked = logps_and_grad(0), logps_and_grad(2)
     assert torch.allclose(whole[0], chunked[0], atol=1e-4) and torch.equal(whole[1], chunked[1])
     assert torch.allclose(whole[2], chunked[2], atol=1e-5)
+
+
+def test_rows_are_split_only_where_that_removes_enough_padding(tiny2_dir):
+    """Each extra forward must remove MIN_TOKENS_SAVED_PER_FORWARD padded tokens: rows of similar lengths stay
+    in one forward, rows of very different lengths go in length-sorted chunks."""
+    model = load_causal_lm(tiny2_dir)
+    forwards = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(1))
+
+    def forwards_for(lengths):
+        forwards.clear()
+        token_ids = torch.randint(10, 500, (len(lengths), max(lengths)))
+        attention = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+        with torch.no_grad():
+            training.sequence_logps(model, token_ids, attention, attention.bool() & (torch.arange(max(lengths)) >= 2),
+                                    rows_per_forward=4)
+        return len(forwards)
+
+    assert forwards_for([44, 46, 45, 48, 43, 47, 44, 45]) == 1  # 8 rows, 6% padding: one forward
+    assert forwards_for([40] * 4 + [300] * 4) == 2  # 4 x 260 = 1040 padded tokens removed by one more forward
 
 
 def test_mismatched_inputs_pair_each_response_with_the_next_prompt():
