@@ -36,6 +36,7 @@ this invocation's runs, as a user's is across runs); its wall time is printed as
     python benchmarks/online_iteration.py [--prompts 64 1024] [--repeats 3] [--fixed-prompts 1]
     python benchmarks/online_iteration.py --start-with trl --json b.json   # another sitting, TRL first
     python benchmarks/online_iteration.py --merge a.json b.json         # the runs of several sittings together
+    python benchmarks/online_iteration.py --prompts 1024 --stage-batch 64  # ours batching its stages itself
     python benchmarks/online_iteration.py --profile 1024   # cProfile of one flow run: the top costs
     python benchmarks/online_iteration.py --prompts 1 --fixed-prompts 0 --baseline /tmp/base  # before/after
 """
@@ -100,7 +101,7 @@ def flow_config(prompts_file: Path, prompts: int, store_root: Path, cache_dir: P
         "model": {"policy": "tiny://llama", "dtype": "float32"},
         "generation": {"backend": "transformers", "prompts_per_iteration": prompts, "n_samples": N_SAMPLES,
                        "temperature": TEMPERATURE, "top_p": 1.0, "max_new_tokens": MAX_NEW_TOKENS,
-                       "batch_size": GENERATION_BATCH, "seed": 0},
+                       "batch_size": GENERATION_BATCH, "shard_size": max(16, GENERATION_BATCH), "seed": 0},
         "annotation": {"annotator": "reward_model", "reward_model": "tiny://reward", "pair_selection": "best_vs_worst",
                        "batch_size": REWARD_BATCH},
         "reweight": {"strategy": "uniform"},
@@ -248,7 +249,20 @@ def load_line() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
-def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fixed_prompts: int) -> None:
+def import_seconds(repeats: int = 3) -> float:
+    """Median wall time of a process that only imports torch and transformers' Llama: a cost inside our "Prefect
+    overhead" that is not orchestration, and that TRL's process pays too."""
+    code = "import torch, transformers, transformers.models.llama.modeling_llama"
+    walls = []
+    for _ in range(repeats):
+        started = time.time()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        walls.append(time.time() - started)
+    return statistics.median(walls)
+
+
+def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fixed_prompts: int,
+              imports: float | None = None) -> None:
     """Throughput, ratio, our stages and overheads per size (median [min-max]); fixed and per-prompt costs."""
     repeats = sorted({len(runs) for runs in results.values()})
     print(f"\nruns per system and size: {'/'.join(map(str, repeats))}, median [min-max]; {load_line()}")
@@ -297,6 +311,10 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
                 print(f"  {system} goal at {size} prompts: >= 1.5x TRL ({ratio:.2f}x) and orchestration+storage "
                       f"overhead < 5% ({spread(share)}%: Prefect overhead + prompts + reweight + other tasks): "
                       f"{'MET' if met else 'NOT MET'}")
+                if imports is not None:
+                    share = [100 * (b - imports) / r["wall"] for b, r in zip(bookkeeping, runs, strict=True)]
+                    print(f"    without the {imports:.1f} s of importing torch and transformers (measured apart; "
+                          f"TRL's process imports them too): {spread(share)}%")
 
     if len(prompts) >= 2:
         low, high = min(prompts), max(prompts)
@@ -330,6 +348,10 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="instead: summarise the runs of earlier --json files together")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temp folder)")
+    parser.add_argument("--stage-batch", type=int, metavar="N",
+                        help="ours samples N prompts per generate call (shards of at least N): its generate stage "
+                             "batched for itself (default: like TRL, 8). Its reward model keeps TRL's 16 samples per "
+                             "forward: 128 ran slower on 2 CPU cores (6.1 against 5.3 s at 1024 prompts)")
     parser.add_argument("--baseline", metavar="CHECKOUT",
                         help="also run the flow of another copy of this repository (e.g. `git worktree add "
                              "/tmp/base HEAD~1`) as a third system, 'base', in the same rotation: a change's "
@@ -342,11 +364,17 @@ def main() -> None:
         for path in args.merge:
             for run in json.loads(Path(path).read_text())["runs"]:
                 merged.setdefault((run["system"], run["prompts"]), []).append(run)
-        summarize(merged, args.prompts, args.fixed_prompts)
+        imports = [json.loads(Path(path).read_text()).get("import_seconds") for path in args.merge]
+        imports = [value for value in imports if value is not None]
+        summarize(merged, args.prompts, args.fixed_prompts, statistics.median(imports) if imports else None)
         return
 
     from alignment_core.models import resolve_model_path
 
+    if args.stage_batch:
+        global GENERATION_BATCH
+        GENERATION_BATCH = args.stage_batch
+        print(f"ours: {GENERATION_BATCH} prompts per generate call (TRL: 8)")
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="online-iteration-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cache_dir = workdir / "models"  # the tiny builds, made once here: both systems load the same folders
@@ -361,6 +389,8 @@ def main() -> None:
         write_prompts(prompt_files[size], size)
 
     print(f"machine: {load_line()}; python {sys.version.split()[0]}", flush=True)
+    imports = import_seconds()
+    print(f"importing torch + transformers' Llama in a fresh process: {imports:.1f} s (median of 3)", flush=True)
     warmup_file = workdir / "prompts-warmup.jsonl"
     write_prompts(warmup_file, 1)
     cold = run_ours(workdir, 0, 1, warmup_file, cache_dir)  # creates the Prefect database
@@ -406,10 +436,10 @@ def main() -> None:
                 index += 1
                 if args.json:  # after every run: an interrupted sitting keeps what it measured (--merge it)
                     Path(args.json).write_text(json.dumps(
-                        {"runs": [{"system": system, "prompts": size, **run}
+                        {"import_seconds": imports, "runs": [{"system": system, "prompts": size, **run}
                                   for (system, size), runs in results.items() for run in runs]}, indent=1))
 
-    summarize(results, args.prompts, args.fixed_prompts)
+    summarize(results, args.prompts, args.fixed_prompts, imports)
     if not args.keep:
         import shutil
 
