@@ -371,6 +371,28 @@ def test_resume_continues_to_the_same_weights(tiny2_dir, tmp_path):
     assert loss_b.tolist() == pytest.approx(loss_a.tolist(), abs=1e-6)
 
 
+def test_a_resume_point_without_optimizer_state_resumes_with_fresh_moments(tiny2_dir, tmp_path, caplog):
+    """DeepSpeed's resume points carry no optimizer state: the round resumes at its step and schedule, the
+    moments start afresh, and the log says so."""
+    cfg = make_cfg("offline_pairwise", "dpo", epochs=1, save_every_steps=2, scheduler="cosine")
+
+    def stop_at_step_3(step, total, metrics):
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_round(tmp_path, tiny2_dir, cfg, make_units(16), progress_callback=stop_at_step_3)
+    store = ArtifactStore(str(tmp_path / "store"))
+    local = Path(store.local_checkpoint(store.checkpoint_uri("round", 0), resume_point=True))
+    for name in (training.OPTIMIZER_TENSORS, training.OPTIMIZER_SCALARS):
+        (local / name).unlink()
+    with caplog.at_level(logging.WARNING, logger="alignment_core.training"):
+        _, trainer, _, result = run_round(tmp_path, tiny2_dir, cfg, make_units(16))
+    assert "no optimizer state" in caplog.text and "start afresh at step 2" in caplog.text
+    assert result.steps == 4
+    assert list(step_metrics(store, store.stage_uri("round", 0, "metrics")).index) == [1, 2, 3, 4]
+
+
 # ---- distributed -----------------------------------------------------------------------------------------------
 
 
