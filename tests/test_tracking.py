@@ -27,6 +27,7 @@ pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
 
 RUN = "unit"
+REPO = Path(__file__).resolve().parent.parent
 TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TAGS", "WANDB_PROJECT",
                "WANDB_DIR", "WANDB_ENTITY", "WANDB_MODE", "TRACKIO_SPACE_ID")
 
@@ -200,13 +201,53 @@ def test_misconfigured_trackers_fail_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # credentials would come from the env too
     assert tracking_problems(remote) == []
     assert preflight_problems(unit_config(tmp_path, "tensorboard", "mlflow")) == []
-    if importlib.util.find_spec("trackio") is None:
-        with pytest.raises(PreflightError, match="'trackio' but its package is not installed: pip install trackio"):
-            preflight(unit_config(tmp_path, "trackio"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "trackio" else real_find_spec(name, *args))
+    with pytest.raises(PreflightError, match="'trackio' but its package is not installed: pip install trackio"):
+        preflight(unit_config(tmp_path, "trackio"))
+
+
+TRACKIO_READBACK = """
+import json, sys
+from pathlib import Path
+from tests.test_tracking import RUN, unit_config, write_iteration
+from alignment_core.store import ArtifactStore
+from alignment_core.tracking import log_iteration
+from trackio.sqlite_storage import SQLiteStorage
+
+root = Path(sys.argv[1])
+store, cfg = ArtifactStore(str(root)), unit_config(root, "trackio")
+write_iteration(store, 1, steps=3)
+write_iteration(store, 2, steps=0)
+reports = [log_iteration(cfg, 1), log_iteration(cfg, 2), log_iteration(cfg, 2)]
+print(json.dumps({"reports": reports, "runs": SQLiteStorage.get_runs("unit-tests"),
+                  "logs": SQLiteStorage.get_logs("unit-tests", RUN)}, default=str))
+"""
+
+
+def test_trackio_gets_every_step_once_in_one_run(tmp_path):
+    """trackio (its local SQLite store, TRACKIO_DIR): the same steps as the other trackers, one run resumed by each
+    iteration, nothing logged twice. A process of its own: trackio reads TRACKIO_DIR when it is imported."""
+    pytest.importorskip("trackio")
+    environment = {k: v for k, v in os.environ.items() if k not in TRACKER_ENV}
+    done = subprocess.run([sys.executable, "-c", TRACKIO_READBACK, str(tmp_path / "store")], cwd=REPO,
+                          env={**environment, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))  # trackio prints too
+    assert result["reports"] == [{"trackio": "logged iterations [1] at steps 1-3"},
+                                 {"trackio": "logged iterations [2] at steps 4-4"},
+                                 {"trackio": "iteration 2 already logged"}]
+    assert result["runs"] == [RUN]
+    logs = result["logs"]
+    assert [log["step"] for log in logs] == [1, 2, 3, 4]
+    assert [log.get("train/loss") for log in logs] == [11.0, 12.0, 13.0, None]
+    assert [log.get("iteration") for log in logs] == [None, None, 1.0, 2.0]
+    assert logs[2]["eval/win_rate_vs_initial"] == 0.6 and logs[2]["generation/tokens_per_s"] == 100.0
 
 
 # ---- the real flow: two iterations, a rerun, one more iteration, then W&B turned on -------------------------
-REPO = Path(__file__).resolve().parent.parent
 SMALL = {
     "setup": "online_pairwise",
     "iterations": 2,
