@@ -123,13 +123,28 @@ def _start_ephemeral_server():
     else:
         return None
     get_logger().info("Starting temporary server on http://127.0.0.1:%d", port)
-    # SubprocessASGIServer._run_uvicorn_command
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "error", "--lifespan", "on"]
+    # SubprocessASGIServer._run_uvicorn_command, behind a start that ties the server's life to this process
+    command = [sys.executable, "-c", _DIES_WITH_PARENT.format(parent=os.getpid()), "--app-dir",
+               str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app", "--host",
+               "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
            **get_current_settings().to_environment_variables(exclude_unset=True)}
     return subprocess.Popen(command, env=env), port
+
+
+# `python -m uvicorn`, but the server is sent SIGTERM when the process that started it dies (Linux's parent-death
+# signal): a run stopped by a signal (SIGTERM, for which Prefect marks the flow run crashed and exits without the
+# atexit stop, or SIGKILL) leaves no server behind. Where prctl is missing (not Linux) it is plain uvicorn.
+_DIES_WITH_PARENT = """
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != {parent}:  # the parent died before the line above
+    sys.exit(0)
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
 
 
 def _hand_to_prefect(early) -> None:

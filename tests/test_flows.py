@@ -164,6 +164,57 @@ def test_sigkill_during_generation_resumes_to_the_same_shards(tmp_path):
     assert resumed["response"].tolist() == uninterrupted["response"].tolist()
 
 
+def server_children(pid: int) -> list[int]:
+    """Processes started by `pid` that run Prefect's API server (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and b"prefect.server.api.server:create_app" in cmdline:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is alive (an exited process not yet reaped, a zombie, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server's parent-death signal is Linux's")
+def test_sigterm_ends_a_command_line_run_and_its_ephemeral_server(tmp_path):
+    """Prefect marks the flow run crashed on SIGTERM and exits without its atexit handlers; the ephemeral server
+    the run started goes with it instead of living on as an orphan."""
+    root = tmp_path / "store"
+    process = subprocess.Popen([sys.executable, "-m", "flows.iterative_dpo", "--config",
+                                str(write_config(tmp_path, str(root), iterations=1, evaluation={"enabled": False}))],
+                               cwd=REPO, env=prefect_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (root / "e2e" / "iter-001" / "prompts" / "_manifest.json").exists():
+            assert process.poll() is None and time.time() < deadline, "the flow ended or never started a stage"
+            time.sleep(0.05)
+        servers = server_children(process.pid)
+        assert len(servers) == 1
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+        assert process.returncode != 0 and "Crashed" in output
+        deadline = time.time() + 10
+        while running(servers[0]) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not running(servers[0]), "the ephemeral server outlived its run"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def test_flow_runs_unchanged_against_s3(tmp_path, s3_server):
     root = "s3://artifacts/runs"
     config = write_config(tmp_path, root, iterations=1, evaluation={"enabled": False})
