@@ -43,9 +43,10 @@ $(VLLM_VENV)/.installed: $(VENV)/.installed
 	$(VLLM_PY) -c "import vllm, alignment_core"
 	touch $@
 
-# DeepSpeed, for its CPU test only (tests/test_training.py puts it on that test's path), kept out of .venv: where
-# it is installed, every process that saves a model imports it (a second, and a warning line). Built from its
-# source without its compiled ops (DeepSpeed compiles the one the CPU needs when it first runs), against .venv's torch.
+# DeepSpeed, for its CPU test (tests/test_training.py puts it on that test's path) and gpu-check, kept out of
+# .venv: where it is installed, every process that saves a model imports it (a second, and a warning line). Built
+# from its source without its compiled ops (DeepSpeed compiles what it needs when it first runs), against .venv's
+# torch.
 DEEPSPEED_SITE ?= .deepspeed
 $(DEEPSPEED_SITE)/.installed: $(VENV)/.installed
 	rm -rf $(DEEPSPEED_SITE)
@@ -80,8 +81,10 @@ benchmarks: $(VENV)/.installed
 	$(PY) benchmarks/online_iteration.py
 
 # The GPU acceptance run (vLLM on CUDA, bf16, full and LoRA rounds, ZeRO-3/FSDP with several GPUs, TRL beside).
-gpu-check: $(VLLM_VENV)/.installed
-	$(VLLM_PY) benchmarks/gpu_check.py
+# With DeepSpeed on its path, so that the ZeRO-3 variant runs too.
+gpu-check: $(VLLM_VENV)/.installed $(DEEPSPEED_SITE)/.installed
+	PYTHONPATH=$(CURDIR)/$(DEEPSPEED_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PATH=$(CURDIR)/$(DEEPSPEED_SITE)/bin:$$PATH \
+	  $(VLLM_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache
