@@ -191,15 +191,18 @@ def test_sigterm_ends_a_command_line_run_and_its_ephemeral_server(tmp_path):
     """Prefect marks the flow run crashed on SIGTERM and exits without its atexit handlers; the ephemeral server
     the run started goes with it instead of living on as an orphan."""
     root = tmp_path / "store"
-    process = subprocess.Popen([sys.executable, "-m", "flows.iterative_dpo", "--config",
-                                str(write_config(tmp_path, str(root), iterations=1, evaluation={"enabled": False}))],
-                               cwd=REPO, env=prefect_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    # 32 shards of generation: the signal lands mid-stage, however loaded the machine
+    long_generation = {**SMALL["generation"], "prompts_per_iteration": 64, "max_new_tokens": 64}
+    config = write_config(tmp_path, str(root), iterations=1, evaluation={"enabled": False}, generation=long_generation)
+    process = subprocess.Popen([sys.executable, "-m", "flows.iterative_dpo", "--config", str(config)], cwd=REPO,
+                               env=prefect_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (root / "e2e" / "iter-001" / "prompts" / "_manifest.json").exists():
-            assert process.poll() is None and time.time() < deadline, "the flow ended or never started a stage"
+        while not (root / "e2e" / "iter-001" / "generations" / "part-00001.parquet").exists():
+            assert process.poll() is None and time.time() < deadline, "the flow ended or never reached generation"
             time.sleep(0.05)
+        assert not (root / "e2e" / "iter-001" / "generations" / "_manifest.json").exists()
         servers = server_children(process.pid)
         assert len(servers) == 1
         process.send_signal(signal.SIGTERM)
