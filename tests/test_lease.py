@@ -298,7 +298,10 @@ def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(
     from tests.test_flows import SMALL, prefect_env, run_flow, write_config
 
     solo_root, shared_root = tmp_path / "solo", tmp_path / "shared"
-    two_rounds = {"iterations": 2, "evaluation": {"enabled": False}, "model": {"policy": str(tiny_model_dir)}}
+    # Enough sampling that the first run is still at work while the second one starts and is refused.
+    longer = {**SMALL["generation"], "prompts_per_iteration": 16, "max_new_tokens": 32}
+    two_rounds = {"iterations": 2, "evaluation": {"enabled": False}, "model": {"policy": str(tiny_model_dir)},
+                  "generation": longer}
     for home in ("warm", "first"):
         (tmp_path / home).mkdir()
     # The solo run is the reference, and warms the Prefect home the second run starts from.
@@ -321,14 +324,13 @@ def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(
         assert holder["pid"] == first.pid and holder["flow_run_id"]
 
         # The same run with another config (another sampling temperature: other generation fingerprints).
-        other = write_config(tmp_path, str(shared_root), **two_rounds,
-                             generation={**SMALL["generation"], "temperature": 0.5})
+        other = write_config(tmp_path, str(shared_root), **{**two_rounds, "generation": {**longer, "temperature": 0.5}})
+        assert first.poll() is None, "the first run ended before the second one started: no overlap tested"
         started = time.time()
         second = subprocess.run([sys.executable, "-m", "flows.iterative_dpo", "--config", str(other)], cwd=REPO,
                                 env=prefect_env(tmp_path / "warm"), capture_output=True, text=True, timeout=300)
         elapsed = time.time() - started
-        assert first.poll() is None, "the first run ended before the second one started: no overlap tested"
-        output = second.stdout + second.stderr
+        output = second.stdout + second.stderr  # refused, naming the first run: the two overlapped
         assert second.returncode != 0
         assert f"run {shared_root / 'e2e'} is in use" in output
         assert f"flow_run_id {holder['flow_run_id']}" in output and f"pid {first.pid}" in output
