@@ -74,9 +74,10 @@ def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
     Prefect starts its ephemeral API server (a uvicorn subprocess, ~4 s) only when the flow first asks for a
     client, after the imports and the preflight (~4 s, mostly importing torch): one after the other. Here the
     server process starts once the config has parsed and boots while this process preflights, and is then
-    handed to Prefect's own `SubprocessASGIServer`, which uses it as if it had started it (same command,
-    environment and port range, stopped at exit by Prefect as usual). Nothing changes when `PREFECT_API_URL`
-    names a server, and Prefect starts its own as before if the early one does not come up.
+    handed to Prefect's own `SubprocessASGIServer`, which uses it as if it had started it (its uvicorn command,
+    environment and port range, stopped at exit by Prefect as usual; it also dies with this process). Nothing
+    changes when `PREFECT_API_URL` names a server, and Prefect starts its own as before if the early one does not
+    come up.
 
     Then `gc.freeze()`: the objects the imports made (~700k, torch, transformers, Prefect) are never garbage,
     and every full collection (the stages' `gc.collect()` between models, Python's own) would walk them all:
