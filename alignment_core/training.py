@@ -124,12 +124,12 @@ def sequence_logps(
     lengths = attention_mask.sum(dim=1)
     order = torch.argsort(lengths)
     chunks = order.split(rows_per_forward)
-    saved = len(order) * int(lengths.max()) - sum(len(rows) * int(lengths[rows].max()) for rows in chunks)
+    widths = [int(lengths[rows].max()) for rows in chunks]  # each chunk cut to its own longest row
+    saved = len(order) * max(widths) - sum(len(rows) * width for rows, width in zip(chunks, widths, strict=True))
     if saved < MIN_TOKENS_SAVED_PER_FORWARD * (len(chunks) - 1):
         return _sequence_logps(model, token_ids, attention_mask, loss_mask)
     pieces = []
-    for rows in chunks:
-        width = int(lengths[rows].max())
+    for rows, width in zip(chunks, widths, strict=True):
         pieces.append(_sequence_logps(model, token_ids[rows, :width], attention_mask[rows, :width],
                                       loss_mask[rows, :width]))
     restore = torch.argsort(order)
