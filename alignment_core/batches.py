@@ -7,8 +7,9 @@ The path of a row to a batch:
     units  --BatchFactory.encode-->  encoded units  --BatchFactory.collate-->  batch
 
 A *unit* (records.UNITS) is one prompt with one or two responses and their rewards. `encode` tokenises every
-unit once (prompt through the chat template, responses with EOS appended, truncation as in the DPO reference
-implementation); `collate` pads a list of encoded units into tensors.
+unit once (`alignment_core.rendering`: prompt through the chat template, responses with the template's
+end-of-turn token appended; truncation as in the DPO reference implementation); `collate` pads a list of
+encoded units into tensors.
 
 Which generations and rewards a batch carries follows from the setup's row in `alignment_core.setups` (its
 responses and its feedback):
@@ -37,55 +38,16 @@ import torch
 
 from alignment_core.config import PipelineConfig, check_prompt_fits
 from alignment_core.records import UNITS, from_rows
+from alignment_core.rendering import chat_turns, prompt_text_to_ids, render_prompt_text, response_ids
 from alignment_core.setups import setup_spec
 
 logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
-# Role names of the plain-text prompt format used when a tokenizer has no chat template (Anthropic HH style).
-PLAIN_ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
-
 
 def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _messages(prompt_messages) -> list[dict[str, str]]:
-    """Chat turns as plain dicts (Arrow gives a numpy array of dicts)."""
-    return [{"role": turn["role"], "content": turn["content"]} for turn in prompt_messages]
-
-
-# ---- prompt rendering, shared with generation -------------------------------------------------------
-def render_prompt_text(tokenizer, prompt_messages) -> str:
-    """The prompt as the model sees it, ending where the assistant's response starts.
-
-    With a chat template: the template with `add_generation_prompt=True`. Without one: the turns as
-    "\\n\\nHuman: ...\\n\\nAssistant: ..." followed by "\\n\\nAssistant:".
-    """
-    messages = _messages(prompt_messages)
-    if tokenizer.chat_template is not None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    for turn in messages:
-        if turn["role"] not in PLAIN_ROLE_NAMES:
-            raise ValueError(f"unknown chat role {turn['role']!r}; expected one of {list(PLAIN_ROLE_NAMES)}")
-    turns = "".join(f"\n\n{PLAIN_ROLE_NAMES[turn['role']]}: {turn['content']}" for turn in messages)
-    return turns + "\n\nAssistant:"
-
-
-def _prompt_text_to_ids(tokenizer, text: str) -> list[int]:
-    # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's own.
-    return tokenizer(text, add_special_tokens=tokenizer.chat_template is None).input_ids
-
-
-def render_prompt_ids(tokenizer, prompt_messages) -> list[int]:
-    """Token ids of `render_prompt_text`: what generation feeds the model and what training conditions on."""
-    return _prompt_text_to_ids(tokenizer, render_prompt_text(tokenizer, prompt_messages))
-
-
-def response_ids(tokenizer, response: str) -> list[int]:
-    """A response's token ids, EOS appended: the model learns to stop where the response stopped."""
-    return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
 # ---- units ---------------------------------------------------------------------------------------------
@@ -147,7 +109,7 @@ def units_from_examples(examples: pd.DataFrame, setup: str) -> pd.DataFrame:
 def _to_units(frame: pd.DataFrame) -> pd.DataFrame:
     rows = frame[[c for c in UNITS.names if c in frame.columns]].to_dict("records")
     for row in rows:
-        row["prompt_messages"] = _messages(row["prompt_messages"])
+        row["prompt_messages"] = chat_turns(row["prompt_messages"])
         for key, value in row.items():
             if key != "prompt_messages" and _is_missing(value):
                 row[key] = None
@@ -280,11 +242,11 @@ class BatchFactory:
         prompt_cache: dict[str, tuple[str, list[int]]] = {}
         encoded = []
         for unit in units.to_dict("records"):
-            messages = _messages(unit["prompt_messages"])
+            messages = chat_turns(unit["prompt_messages"])
             key = repr(messages)
             if key not in prompt_cache:
                 text = render_prompt_text(self.tokenizer, messages)
-                prompt_cache[key] = (text, _prompt_text_to_ids(self.tokenizer, text))
+                prompt_cache[key] = (text, prompt_text_to_ids(self.tokenizer, text))
             prompt_text, prompt_ids = prompt_cache[key]
             responses = {side: self.response_ids(unit, side) for side in self.generations}
             prompt_ids, responses = self.truncate(prompt_ids, responses)
@@ -301,9 +263,9 @@ class BatchFactory:
 
     def response_ids(self, unit: dict, side: str) -> list[int]:
         """The tokens training learns for one side of a unit: the ones the policy sampled where the unit has them
-        (online), its stop token included; else the text's tokens with EOS appended. Sampled tokens are never
-        re-tokenised from their decoded text, which can give other tokens: a byte-level token decoded alone is
-        U+FFFD, and random-weight samples came back 24% longer that way."""
+        (online), its stop token included; else the text's tokens with the end-of-turn token appended. Sampled
+        tokens are never re-tokenised from their decoded text, which can give other tokens: a byte-level token
+        decoded alone is U+FFFD, and random-weight samples came back 24% longer that way."""
         sampled = unit.get(f"{side}_token_ids")
         if sampled is not None and len(sampled):
             return [int(token) for token in sampled]

@@ -28,21 +28,21 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 # The library code that produces each stage: files (globs) relative to the package, or `file.py:function`
 # for one top-level function of a module whose other functions belong to other stages (pipeline.py).
-_GENERATION = ["generation/*.py", "batches.py", "setups.py", "records.py", "models.py", "inputs.py", "adapters.py",
+_GENERATION = ["generation/*.py", "rendering.py", "setups.py", "records.py", "models.py", "inputs.py", "adapters.py",
                "pipeline.py:generate", "pipeline.py:_generation_config", "pipeline.py:resolve_policy"]
-_ANNOTATOR = ["annotation/*.py", "batches.py", "setups.py", "records.py", "models.py", "inputs.py", "adapters.py"]
+_ANNOTATOR = ["annotation/*.py", "rendering.py", "setups.py", "records.py", "models.py", "inputs.py", "adapters.py"]
 STAGE_CODE: dict[str, list[str]] = {
     "prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_prompts"],
     "eval_prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_eval_prompts"],
     "examples": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_examples"],
     "generations": _GENERATION,  # every stage `pipeline.generate` writes (eval_generations too)
     "annotations": [*_ANNOTATOR, "pipeline.py:annotate"],
-    "units": ["batches.py", "setups.py", "records.py", "pipeline.py:build_units"],
+    "units": ["batches.py", "rendering.py", "setups.py", "records.py", "pipeline.py:build_units"],
     # importance weights: log-probs through training.py's sequence_logps on batches.py's encode / collate
-    "weights": ["reweight.py", "batches.py", "setups.py", "training.py", "records.py", "models.py", "inputs.py",
-                "adapters.py", "pipeline.py:reweight"],
-    "checkpoint": ["training.py", "losses.py", "batches.py", "setups.py", "records.py", "models.py", "inputs.py",
-                   "adapters.py", "pipeline.py:train", "pipeline.py:_carry_over",
+    "weights": ["reweight.py", "batches.py", "rendering.py", "setups.py", "training.py", "records.py", "models.py",
+                "inputs.py", "adapters.py", "pipeline.py:reweight"],
+    "checkpoint": ["training.py", "losses.py", "batches.py", "rendering.py", "setups.py", "records.py", "models.py",
+                   "inputs.py", "adapters.py", "pipeline.py:train", "pipeline.py:_carry_over",
                    "pipeline.py:_launch_distributed_round"],
     "evaluation": [*_ANNOTATOR, "evaluation.py", "pipeline.py:evaluate", "pipeline.py:_win_rate",
                    "pipeline.py:_oracle_scores", "pipeline.py:wilson_interval",

@@ -559,7 +559,7 @@ def evaluate_reward_model(cfg: PipelineConfig, heldout_uri: str, checkpoint_uri:
     if len(pairs):
         scorer = RewardModelAnnotator(resolve_policy(store, checkpoint_uri), ScoreRules(),
                                       max_length=cfg.training.max_length, dtype=cfg.model.dtype)
-        chosen, rejected = (np.array(scorer.score_texts(scorer.texts(pairs.assign(response=pairs[column]))))
+        chosen, rejected = (np.array(scorer.score(pairs["prompt_messages"], pairs[column]))
                             for column in ("chosen", "rejected"))
         outcome = pd.Series(np.sign(chosen - rejected) / 2 + 0.5)
         low, high = wilson_interval(float(outcome.sum()), len(outcome))

@@ -16,10 +16,10 @@ from functools import partial
 
 import torch
 
-from alignment_core.batches import render_prompt_ids
 from alignment_core.config import GenerationConfig
 from alignment_core.generation import make_generator
 from alignment_core.models import load_causal_lm, load_tokenizer, resolve_model_path
+from alignment_core.rendering import render_prompt_ids
 from alignment_core.tiny import QUESTIONS
 
 

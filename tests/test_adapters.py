@@ -15,10 +15,10 @@ import torch
 import yaml
 
 from alignment_core import adapters, losses
-from alignment_core.batches import render_prompt_ids
 from alignment_core.config import ConfigError, GenerationConfig, parse_config
 from alignment_core.generation import make_generator
 from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, model_digest, resolve_model_path
+from alignment_core.rendering import render_prompt_ids
 from alignment_core.store import ArtifactStore
 from alignment_core.tiny import build_tiny
 from alignment_core.training import Trainer
@@ -220,7 +220,8 @@ def test_lora_reward_model_trains_its_score_head_and_loads_as_annotator(tiny2_di
     from alignment_core.annotation.scorers import RewardModelAnnotator
 
     annotator = RewardModelAnnotator(folder, ScoreRules())
-    positive, negative = annotator.score_texts(["good happy great wonderful", "bad sad awful terrible"])
+    prompt = [{"role": "user", "content": "Say something."}]
+    positive, negative = annotator.score([prompt, prompt], ["good happy great wonderful", "bad sad awful terrible"])
     assert positive > negative
 
 

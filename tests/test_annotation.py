@@ -231,17 +231,17 @@ def test_reward_model_scores_with_its_own_tokenizer(reward_model_with_own_templa
         {"p1": ["a good day", "bad", "a wonderful and kind answer"], "p2": ["x", "y y"]}
     )
     annotator = RewardModelAnnotator(reward_model_with_own_template, ScoreRules(mode="rewards"), batch_size=2)
-    texts = annotator.texts(generations)
-    assert texts[0] == "<|bos|>[user] Question p1?\n[reply] a good day"  # the reward model's template
-
-    # Reference: each text alone (no padding), through a fresh load of the same folder.
+    sequences = annotator.sequences(generations["prompt_messages"], generations["response"])
+    # The reward model's template; it writes no token after a reply, so the response ends with EOS.
     tokenizer = AutoTokenizer.from_pretrained(reward_model_with_own_template)
+    prompt, response = "<|bos|>[user] Question p1?\n[reply] ", "a good day"
+    assert sequences[0] == (tokenizer(prompt, add_special_tokens=False).input_ids
+                            + tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+
+    # Reference: each sequence alone (no padding), through a fresh load of the same folder.
     model = AutoModelForSequenceClassification.from_pretrained(reward_model_with_own_template).eval()
     with torch.no_grad():
-        expected = [
-            model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
-            for text in texts
-        ]
+        expected = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
     rows = annotator.annotate(generations)
     assert [r["generation1_id"] for r in rows] == list(generations["generation_id"])
     assert [r["generation1_reward"] for r in rows] == pytest.approx(expected, abs=1e-4)

@@ -8,9 +8,6 @@ import torch
 
 from alignment_core.batches import (
     BatchFactory,
-    render_prompt_ids,
-    render_prompt_text,
-    response_ids,
     response_mask,
     units_from_examples,
     units_from_online,
@@ -18,6 +15,7 @@ from alignment_core.batches import (
 from alignment_core.config import PipelineConfig
 from alignment_core.models import load_tokenizer
 from alignment_core.records import ANNOTATIONS, EXAMPLES, GENERATIONS, from_rows
+from alignment_core.rendering import render_prompt_ids, render_prompt_text, response_ids
 from alignment_core.setups import SETUPS
 
 SINGLE = ("prompt_id", "prompt", "prompt_token_ids", "prompt_attention_mask") + tuple(

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from alignment_core import records
-from alignment_core.batches import render_prompt_ids
 from alignment_core.config import GenerationConfig
 from alignment_core.generation import choose_backend, make_generator, run_generation, shard_seed
 from alignment_core.generation.transformers_backend import TransformersGenerator
 from alignment_core.models import load_causal_lm, load_tokenizer, model_digest
+from alignment_core.rendering import render_prompt_ids
 from alignment_core.store import ArtifactStore
 from alignment_core.tiny import QUESTIONS
 

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from alignment_core.batches import render_prompt_ids
 from alignment_core.config import GenerationConfig
 from alignment_core.generation import make_generator
 from alignment_core.models import load_causal_lm, model_digest
+from alignment_core.rendering import render_prompt_ids
 from tests.test_generation import (
     POLICY_URI,
     assert_rows_consistent,

@@ -101,7 +101,7 @@ class LocalJudgeBackend:
         return option_token_ids(self.tokenizer, options, self.name)
 
     def _encode(self, prompts: Sequence[str]):
-        from alignment_core.batches import render_prompt_text
+        from alignment_core.rendering import render_prompt_text
 
         texts = [render_prompt_text(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         # A chat template writes its own BOS; a plain prompt gets the tokenizer's (as batches.py does).
@@ -182,7 +182,7 @@ class VLLMJudgeBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from alignment_core.batches import render_prompt_ids
+        from alignment_core.rendering import render_prompt_ids
 
         prompt_ids = [render_prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         if options is None:

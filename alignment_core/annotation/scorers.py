@@ -9,7 +9,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 class RewardModelAnnotator:
     """Scores prompt + response with an AutoModelForSequenceClassification and its own tokenizer.
 
-    The reward model's tokenizer (never the policy's) renders the prompt with its chat template when it
-    has one, the response text is appended, and the text is re-tokenised: token ids from the policy mean
-    nothing to another vocabulary. Long inputs keep their end (the response), since that is what is scored.
+    The reward model's tokenizer (never the policy's) renders each pair by the rule training used on it
+    (`rendering.pair_ids`: the prompt through its chat template, the response, the template's end-of-turn
+    token), so the head reads its score from the token it was trained to score. Token ids from the policy mean
+    nothing to another vocabulary, so responses are re-tokenised from their text. Long inputs keep their end
+    (the response), since that is what is scored.
     """
 
     def __init__(
@@ -40,42 +42,35 @@ class RewardModelAnnotator:
 
         path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(path)
-        self.tokenizer.truncation_side = "left"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_reward_model(path, tokenizer=self.tokenizer, dtype=dtype).to(self.device).eval()
         self.name = f"reward_model:{model_digest(path)}"
         self.rules, self.batch_size, self.max_length = rules, batch_size, max_length
 
-    def texts(self, generations: pd.DataFrame) -> list[str]:
-        """prompt (chat template of the reward model's tokenizer) + response, one text per generation."""
-        from alignment_core.batches import render_prompt_text
+    def sequences(self, prompts: Sequence, responses: Sequence[str]) -> list[list[int]]:
+        """The token ids scored for each (prompt messages, response), cut to their last `max_length` tokens."""
+        from alignment_core.rendering import pair_ids
 
-        return [
-            render_prompt_text(self.tokenizer, list(messages)) + response
-            for messages, response in zip(
-                generations["prompt_messages"], generations["response"], strict=True
-            )
-        ]
+        return [pair_ids(self.tokenizer, list(messages), response)[-self.max_length:]
+                for messages, response in zip(prompts, responses, strict=True)]
 
     @torch.no_grad()
-    def score_texts(self, texts: list[str]) -> list[float]:
+    def score(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        """One scalar per (prompt messages, response)."""
+        sequences, pad = self.sequences(prompts, responses), self.tokenizer.pad_token_id
         scores = []
-        for start in range(0, len(texts), self.batch_size):
-            # A chat template writes its own BOS; a plain prompt gets the tokenizer's (as batches.py does).
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=self.tokenizer.chat_template is None,
-            ).to(self.device)
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            scores += logits[:, 0].float().tolist()
+        for start in range(0, len(sequences), self.batch_size):
+            batch = sequences[start : start + self.batch_size]
+            width = max(len(ids) for ids in batch)
+            # Right padding: the head reads the last token that is not padding.
+            token_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=self.device)
+            attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch],
+                                     device=self.device)
+            scores += self.model(input_ids=token_ids, attention_mask=attention).logits[:, 0].float().tolist()
         return scores
 
     def annotate(self, generations: pd.DataFrame) -> list[dict]:
-        values = self.score_texts(self.texts(generations)) if len(generations) else []
+        values = self.score(generations["prompt_messages"], generations["response"]) if len(generations) else []
         scores = [
             Score(v) if math.isfinite(v) else Score(None, "error", {"error": f"non-finite reward {v}"})
             for v in values

