@@ -281,8 +281,15 @@ class JudgeConfig(StrictModel):
 class AnnotationConfig(StrictModel):
     annotator: Literal["reward_model", "judge_pairwise", "judge_pointwise", "programmatic"] = "programmatic"
     """Who labels the samples: a reward model, an LLM judge (pairwise or pointwise), or a rule."""
-    reward_model: str | None = None
-    """path or hub name of an AutoModelForSequenceClassification"""
+    reward_model: str | list[str] | None = None
+    """path or hub name of an AutoModelForSequenceClassification; a list: an ensemble whose members each score
+    every sample (reward models trained with different seeds or data), recorded per member in each row"""
+    ensemble_penalty: float = Field(default=0.0, ge=0)
+    """Ensemble: a sample's score is the members' mean minus this times their standard deviation (0: the mean;
+    larger: more conservative where the members disagree)."""
+    max_disagreement: float | None = Field(default=None, gt=0)
+    """Ensemble: abstain (no label, status "abstained") on a pair whose per-member margins have a standard
+    deviation above this, or a sample whose member scores do (pointwise); unset: never abstain."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Weights dtype of the reward model or local judge; unset: model.dtype."""
     programmatic: str = "alignment_core.rewards:positive_words"
@@ -299,6 +306,13 @@ class AnnotationConfig(StrictModel):
     """Fail the stage when more than this fraction of annotations failed."""
     judge: JudgeConfig = JudgeConfig()
     """The LLM judge (annotator judge_pairwise / judge_pointwise)."""
+
+    @property
+    def reward_models(self) -> list[str]:
+        """`reward_model` as a list: none, the one model, or the ensemble's members."""
+        if self.reward_model is None:
+            return []
+        return [self.reward_model] if isinstance(self.reward_model, str) else list(self.reward_model)
 
 
 class ReweightConfig(StrictModel):
@@ -553,6 +567,10 @@ class PipelineConfig(StrictModel):
         if self.online and annotation.annotator == "reward_model" and not annotation.reward_model:
             raise ValueError("annotation.reward_model must name a reward model when annotation.annotator is "
                              "'reward_model'")
+        ensemble_options = annotation.ensemble_penalty or annotation.max_disagreement is not None
+        if ensemble_options and len(annotation.reward_models) < 2:
+            raise ValueError("annotation.ensemble_penalty and annotation.max_disagreement need an ensemble: "
+                             "annotation.reward_model as a list of two or more reward models")
         if self.online and annotation.annotator.startswith("judge"):
             judge = annotation.judge
             if judge.backend in ("local", "vllm") and not judge.model:

@@ -297,8 +297,10 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
 def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:
     """Digests of the models an annotator runs: a model retrained at the same path changes the labels."""
     models = {}
-    if cfg.annotation.annotator == "reward_model" and cfg.annotation.reward_model:
-        models["reward_model"] = policy_digest(store, cfg.annotation.reward_model)
+    if cfg.annotation.annotator == "reward_model":
+        members = cfg.annotation.reward_models
+        for index, name in enumerate(members):
+            models["reward_model" + (f"[{index}]" if len(members) > 1 else "")] = policy_digest(store, name)
     if cfg.annotation.annotator.startswith("judge") and cfg.annotation.judge.backend != "http":
         models["judge"] = policy_digest(store, cfg.annotation.judge.model)
     return models

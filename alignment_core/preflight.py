@@ -36,8 +36,10 @@ def named_models(cfg: PipelineConfig) -> dict[str, str]:
     if cfg.model.tokenizer:
         models["model.tokenizer"] = cfg.model.tokenizer
     annotation = cfg.annotation
-    if cfg.online and annotation.annotator == "reward_model" and annotation.reward_model:
-        models["annotation.reward_model"] = annotation.reward_model
+    if cfg.online and annotation.annotator == "reward_model":
+        members = annotation.reward_models
+        for index, name in enumerate(members):
+            models["annotation.reward_model" + (f"[{index}]" if len(members) > 1 else "")] = name
     if cfg.online and annotation.annotator.startswith("judge") and annotation.judge.backend != "http":
         models["annotation.judge.model"] = annotation.judge.model
     if cfg.reweight.strategy == "importance" and cfg.reweight.behaviour_model:

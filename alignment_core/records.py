@@ -75,9 +75,11 @@ ANNOTATIONS = pa.schema(
         pa.field("generation2_reward", pa.float64()),
         pa.field("score1", pa.float64()),  # the annotator's raw score of generation1 (RM score, judge prob)
         pa.field("score2", pa.float64()),
-        pa.field("confidence", pa.float64()),  # judge log-prob gap or agreement; null when not defined
-        pa.field("agreement", pa.bool_()),  # both judge orders agreed; null when one order was judged
-        pa.field("status", pa.string(), nullable=False),  # "ok", "tie", "unparseable", "error"
+        # judge: log-prob gap or agreement; ensemble: the fraction of members that rank the pair so; else null
+        pa.field("confidence", pa.float64()),
+        pa.field("agreement", pa.bool_()),  # both judge orders (every ensemble member) agreed; else null
+        # "ok", "tie" (labels); "skipped", "abstained", "unparseable", "error" (no label)
+        pa.field("status", pa.string(), nullable=False),
         pa.field("raw", pa.string(), nullable=False),  # JSON of the annotator's raw outputs
     ]
 )

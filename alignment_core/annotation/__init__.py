@@ -1,7 +1,7 @@
 """Annotators: generation rows in, annotation rows (records.ANNOTATIONS) out.
 
 base.py      the Annotator protocol, row statuses, scores -> pairs / pointwise rows (shared)
-scorers.py   reward model (its own tokenizer) and programmatic (`module:function`) annotators
+scorers.py   reward model (its own tokenizer), reward-model ensemble and programmatic (`module:function`) annotators
 judge.py     LLM judge, pairwise (both orders) and pointwise; Jinja templates in templates/
 backends.py  judge backends: a local causal LM, an OpenAI-compatible HTTP endpoint
 stage.py     make_annotator(cfg) and run_annotation(...): the resumable annotate stage
@@ -19,7 +19,12 @@ from alignment_core.annotation.base import (
     select_pair,
 )
 from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
-from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator, import_callable
+from alignment_core.annotation.scorers import (
+    ProgrammaticAnnotator,
+    RewardModelAnnotator,
+    RewardModelEnsemble,
+    import_callable,
+)
 from alignment_core.annotation.stage import annotation_summary, make_annotator, run_annotation
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "PointwiseJudgeAnnotator",
     "ProgrammaticAnnotator",
     "RewardModelAnnotator",
+    "RewardModelEnsemble",
     "Score",
     "ScoreRules",
     "annotation_summary",

@@ -6,15 +6,17 @@ share the selection rules, the minimum margin and the pointwise threshold.
 
 import importlib
 import inspect
+import json
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
-from alignment_core.annotation.base import Score, ScoreRules, rows_from_scores
+from alignment_core.annotation.base import LABEL_STATUSES, Score, ScoreRules, rows_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,64 @@ class RewardModelAnnotator:
             for v in values
         ]
         return rows_from_scores(self.name, generations, scores, self.rules)
+
+
+class RewardModelEnsemble:
+    """K reward models that each score every sample; their spread says where the ensemble does not know.
+
+    A sample's score is the members' mean minus `penalty` times their standard deviation (a conservative
+    score), and pairs are chosen on it as for one reward model. Each row's raw JSON keeps every member's score
+    of its samples, the mean and the disagreement: for a pair, the standard deviation of the per-member
+    margins (members that rank the pair differently disagree, however sure each is); for a sample, the
+    standard deviation of its member scores. `confidence` is the fraction of members that rank the pair as the
+    row does. Above `max_disagreement` the row abstains (status "abstained", no label): a cascade escalates
+    such rows to a stronger annotator, a plain run does not train on them.
+    """
+
+    def __init__(self, models: Sequence[str], rules: ScoreRules, penalty: float = 0.0,
+                 max_disagreement: float | None = None, **member_options):
+        self.members = [RewardModelAnnotator(model, rules, **member_options) for model in models]
+        self.name = "reward_ensemble:" + ",".join(member.name.split(":", 1)[1] for member in self.members)
+        self.rules, self.penalty, self.max_disagreement = rules, penalty, max_disagreement
+
+    def member_scores(self, generations: pd.DataFrame) -> np.ndarray:
+        """[members, samples] scores."""
+        prompts, responses = generations["prompt_messages"], generations["response"]
+        return np.array([member.score(prompts, responses) for member in self.members], dtype=float)
+
+    def annotate(self, generations: pd.DataFrame) -> list[dict]:
+        if not len(generations):
+            return []
+        members = self.member_scores(generations)
+        by_id = dict(zip(generations["generation_id"], members.T, strict=True))
+        scores = []
+        for member_scores in members.T:
+            if not np.isfinite(member_scores).all():
+                scores.append(Score(None, "error", {"error": f"non-finite member rewards {member_scores.tolist()}"}))
+            else:
+                mean, spread = float(member_scores.mean()), float(member_scores.std())
+                scores.append(Score(mean - self.penalty * spread, "ok", {"mean": mean, "std": spread}))
+        return [self._with_disagreement(row, by_id) for row in rows_from_scores(self.name, generations, scores,
+                                                                                 self.rules)]
+
+    def _with_disagreement(self, row: dict, by_id: dict) -> dict:
+        if row["status"] not in LABEL_STATUSES:
+            return row
+        first = by_id[row["generation1_id"]]
+        if row["generation2_id"] is None:
+            disagreement, confidence = float(first.std()), None
+        else:
+            margins = first - by_id[row["generation2_id"]]
+            disagreement = float(margins.std())
+            confidence = float((margins > 0).mean()) if row["status"] == "ok" else None
+        raw = {**json.loads(row["raw"]), "members": {gid: by_id[gid].tolist() for gid in
+                                                    (row["generation1_id"], row["generation2_id"]) if gid},
+               "disagreement": disagreement}
+        agreement = None if confidence is None else confidence == 1.0
+        row = {**row, "raw": json.dumps(raw, sort_keys=True), "confidence": confidence, "agreement": agreement}
+        if self.max_disagreement is not None and disagreement > self.max_disagreement:
+            row.update(status="abstained", generation1_reward=None, generation2_reward=None)
+        return row
 
 
 # Comma-separated module prefixes that config-named code (annotation.programmatic, evaluation.oracle) may come

@@ -23,7 +23,7 @@ from alignment_core.annotation.base import (
 )
 from alignment_core.annotation.cache import CachedJudgeBackend, JudgeCache, judge_identity
 from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
-from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator
+from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator, RewardModelEnsemble
 from alignment_core.config import PipelineConfig
 from alignment_core.records import ANNOTATIONS, from_rows
 from alignment_core.store import ArtifactStore, shard_name
@@ -70,13 +70,12 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
     if annotation.annotator == "programmatic":
         return ProgrammaticAnnotator(annotation.programmatic, rules)
     if annotation.annotator == "reward_model":
-        return RewardModelAnnotator(
-            annotation.reward_model,
-            rules,
-            batch_size=annotation.batch_size,
-            max_length=cfg.training.max_length,
-            dtype=cfg.annotation.dtype or cfg.model.dtype,
-        )
+        options = {"batch_size": annotation.batch_size, "max_length": cfg.training.max_length,
+                   "dtype": annotation.dtype or cfg.model.dtype}
+        if len(annotation.reward_models) > 1:
+            return RewardModelEnsemble(annotation.reward_models, rules, annotation.ensemble_penalty,
+                                       annotation.max_disagreement, **options)
+        return RewardModelAnnotator(annotation.reward_model, rules, **options)
     if annotation.annotator == "judge_pairwise":  # pairwise setups only: the config refuses the others
         return PairwiseJudgeAnnotator(
             make_judge_backend(cfg),
