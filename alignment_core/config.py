@@ -294,8 +294,10 @@ class AnnotationConfig(StrictModel):
     """Weights dtype of the reward model or local judge; unset: model.dtype."""
     programmatic: str = "alignment_core.rewards:positive_words"
     """module:function(prompt, response) -> float"""
-    pair_selection: Literal["best_vs_worst", "best_vs_random", "random"] = "best_vs_worst"
-    """Which two of a prompt's scored samples make a pair."""
+    pair_selection: Literal["best_vs_worst", "best_vs_random", "random", "all_pairs"] = "best_vs_worst"
+    """Which of a prompt's scored samples make pairs: best_vs_worst (the largest margin of n samples, as
+    RLHFlow), best_vs_random, random, or all_pairs (every two samples, each pair a training unit; with
+    min_margin, pairs closer than it are skipped)."""
     min_margin: float = Field(default=0.0, ge=0)
     """Drop pairs whose score gap is smaller than this."""
     pointwise_threshold: float | None = None

@@ -22,7 +22,7 @@ from alignment_core.annotation import (
     make_annotator,
     rows_from_scores,
     run_annotation,
-    select_pair,
+    select_pairs,
 )
 from alignment_core.annotation.backends import LocalJudgeBackend
 from alignment_core.annotation.judge import parse_choice, parse_score
@@ -83,6 +83,10 @@ def test_positive_words_counts_distinct_words_and_penalises_length():
 def test_select_pair_rules_on_hand_built_scores():
     import random
 
+    def select_pair(scores, rule, rng):
+        (pair,) = select_pairs(scores, rule, rng)  # one pair per prompt for every rule but all_pairs
+        return pair
+
     scores = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 0.5}
     assert select_pair(scores, "best_vs_worst", random.Random(0)) == ("b", "d")
     others = {select_pair(scores, "best_vs_random", random.Random(seed))[1] for seed in range(40)}
@@ -97,6 +101,23 @@ def test_select_pair_rules_on_hand_built_scores():
     )  # ties: sample order
     with pytest.raises(ValueError, match="two scored samples"):
         select_pair({"x": 1.0}, "best_vs_worst", random.Random(0))
+    # all_pairs: every two samples once, the higher-scored one preferred.
+    assert sorted(select_pairs(scores, "all_pairs", random.Random(0))) == sorted(
+        [("b", "a"), ("a", "d"), ("c", "a"), ("b", "c"), ("b", "d"), ("c", "d")])
+
+
+def test_all_pairs_with_a_minimum_margin():
+    generations = make_generations({"p1": ["g0", "g1", "g2", "g3"]})
+    values = [1.0, 3.0, 2.9, 0.0]
+    rules = ScoreRules(mode="pairs", pair_selection="all_pairs", min_margin=0.5)
+    rows = rows_from_scores("rule", generations, [Score(v) for v in values], rules)
+    assert len(rows) == 6 and len({r["annotation_id"] for r in rows}) == 6
+    kept = {(r["generation1_id"], r["generation2_id"]) for r in rows if r["status"] == "ok"}
+    assert kept == {("p1-g1", "p1-g0"), ("p1-g2", "p1-g0"), ("p1-g0", "p1-g3"), ("p1-g1", "p1-g3"),
+                    ("p1-g2", "p1-g3")}
+    skipped = [r for r in rows if r["status"] == "skipped"]  # g1 vs g2: margin 0.1 < 0.5, counted, not trained
+    assert [(r["generation1_id"], r["generation2_id"]) for r in skipped] == [("p1-g1", "p1-g2")]
+    assert all(json.loads(r["raw"])["rule"] == "all_pairs" for r in rows)
 
 
 def test_pairs_from_scores_min_margin_skips_are_counted_rows():

@@ -16,7 +16,7 @@ from alignment_core.annotation.base import (
     Score,
     ScoreRules,
     rows_from_scores,
-    select_pair,
+    select_pairs,
 )
 from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
 from alignment_core.annotation.scorers import (
@@ -49,5 +49,5 @@ __all__ = [
     "make_annotator",
     "rows_from_scores",
     "run_annotation",
-    "select_pair",
+    "select_pairs",
 ]

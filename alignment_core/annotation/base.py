@@ -40,7 +40,7 @@ def is_transient_failure(status: str, raw: str) -> bool:
 # What the rows of a stage are, by learning setup: preference pairs, desirable/undesirable labels, or
 # scalar rewards (online pairwise, online pointwise, reinforcement learning).
 OutputMode = Literal["pairs", "labels", "rewards"]
-PairSelection = Literal["best_vs_worst", "best_vs_random", "random"]
+PairSelection = Literal["best_vs_worst", "best_vs_random", "random", "all_pairs"]
 
 
 class Annotator(Protocol):
@@ -135,24 +135,30 @@ def _group_rng(seed: int, annotator: str, generation_ids: Sequence[str]) -> rand
     return random.Random(int(key[:16], 16))
 
 
-def select_pair(scores: dict[str, float], rule: PairSelection, rng: random.Random) -> tuple[str, str]:
-    """(preferred id, other id) among the scored samples of one prompt (at least two).
+def select_pairs(scores: dict[str, float], rule: PairSelection, rng: random.Random) -> list[tuple[str, str]]:
+    """(preferred id, other id) pairs among the scored samples of one prompt (at least two).
 
     best_vs_worst: the highest against the lowest score; best_vs_random: the highest against a random other;
-    random: two random samples, the higher-scored preferred. Equal scores keep sample order.
+    random: two random samples; all_pairs: every two samples (n(n-1)/2 pairs). The higher-scored sample is
+    preferred; equal scores keep sample order.
     """
     ids = list(scores)
     if len(ids) < 2:
         raise ValueError(f"a pair needs two scored samples, got {len(ids)}")
+
+    def ordered(first: str, second: str) -> tuple[str, str]:
+        return (first, second) if scores[first] >= scores[second] else (second, first)
+
     best = max(ids, key=lambda i: scores[i])  # max/min return the first of equal scores
     if rule == "best_vs_worst":
         others = [i for i in ids if i != best]
-        return best, min(others, key=lambda i: scores[i])
+        return [(best, min(others, key=lambda i: scores[i]))]
     if rule == "best_vs_random":
-        return best, rng.choice([i for i in ids if i != best])
+        return [(best, rng.choice([i for i in ids if i != best]))]
     if rule == "random":
-        first, second = rng.sample(ids, 2)
-        return (first, second) if scores[first] >= scores[second] else (second, first)
+        return [ordered(*rng.sample(ids, 2))]
+    if rule == "all_pairs":
+        return [ordered(first, second) for index, first in enumerate(ids) for second in ids[index + 1:]]
     raise ValueError(f"unknown pair selection rule {rule!r}")
 
 
@@ -199,7 +205,11 @@ def _pair_rows(annotator: str, prompt_id: str, ids: list, valid: dict, rules: Sc
     if len(valid) < 2:  # the failed samples already have their rows
         return []
     rng = _group_rng(rules.seed, annotator, ids)
-    chosen, rejected = select_pair(valid, rules.pair_selection, rng)
+    return [_pair_row(annotator, prompt_id, chosen, rejected, valid, rules)
+            for chosen, rejected in select_pairs(valid, rules.pair_selection, rng)]
+
+
+def _pair_row(annotator: str, prompt_id: str, chosen: str, rejected: str, valid: dict, rules: ScoreRules) -> dict:
     margin = valid[chosen] - valid[rejected]
     raw = {"rule": rules.pair_selection, "margin": margin, "scores": valid}
     if margin < rules.min_margin:
@@ -208,21 +218,9 @@ def _pair_rows(annotator: str, prompt_id: str, ids: list, valid: dict, rules: Sc
         status, rewards = "tie", (0.5, 0.5)
     else:
         status, rewards = "ok", (1.0, 0.0)
-    return [
-        annotation_row(
-            annotator,
-            prompt_id,
-            "pairwise",
-            status,
-            raw,
-            chosen,
-            rejected,
-            generation1_reward=rewards[0],
-            generation2_reward=rewards[1],
-            score1=valid[chosen],
-            score2=valid[rejected],
-        )
-    ]
+    return annotation_row(annotator, prompt_id, "pairwise", status, raw, chosen, rejected,
+                          generation1_reward=rewards[0], generation2_reward=rewards[1],
+                          score1=valid[chosen], score2=valid[rejected])
 
 
 def _pointwise_rows(
