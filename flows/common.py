@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from alignment_core.config import PipelineConfig, load_config
+from alignment_core.verdict import significance_line
 
 
 def with_overrides(config: PipelineConfig, iterations: int | None = None, run_name: str | None = None,
@@ -32,6 +33,11 @@ def parse_cli(description: str, argv: list[str] | None = None, prog: str | None 
     parser.add_argument("--force", action="store_true",
                         help="redo finished iterations whose config, data or code changed (replaces their "
                              "checkpoints; without it such a rerun is refused)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: only when stderr is a terminal, never in a log file)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                        help="the run's log level, on the console and in the UI (WARNING: quiet)")
     return parser.parse_args(argv)
 
 
@@ -267,21 +273,3 @@ def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:
     if summaries:
         print(significance_line(summaries[-1]))
     print(f"inspect it: python -m alignment_core.inspect {run_uri}")
-
-
-def significance_line(summary: dict) -> str:
-    """Whether the last policy beats the initial one beyond chance: its win-rate interval excludes 0.5."""
-    for prefix, who in (("oracle_", "the oracle"), ("", "the annotator")):
-        key = f"{prefix}win_rate_vs_initial"
-        if isinstance(summary.get(key), float) and summary.get(f"{key}_low") is not None:
-            rate, low, high = summary[key], summary[f"{key}_low"], summary[f"{key}_high"]
-            n = int(summary.get(f"{prefix}judged_vs_initial", 0))
-            if low > 0.5:
-                verdict = "significantly better than the initial policy"
-            elif high < 0.5:
-                verdict = "significantly worse than the initial policy"
-            else:
-                verdict = "not distinguishable from the initial policy at this size (the 95% interval holds 0.5)"
-            return (f"win-rate vs initial, judged by {who}: {rate:.2f} [{low:.2f}, {high:.2f}] over {n} held-out "
-                    f"prompts: {verdict}")
-    return "no evaluation: nothing says whether the policy improved"
