@@ -70,7 +70,7 @@ def samples_needed(cfg: "PipelineConfig") -> tuple[int, str]:
         return 2, "a preference pair is two samples of one prompt"
     if cfg.setup == "rl":
         return 2, "rl's leave-one-out baseline compares each sample with the prompt's other samples"
-    judge_yes_no = annotation.annotator == "judge_pointwise" and annotation.judge.pointwise_scale == "yes_no"
+    judge_yes_no = annotation.judge_kind == "judge_pointwise" and annotation.judge.pointwise_scale == "yes_no"
     if cfg.setup == "online_pointwise" and annotation.pointwise_threshold is None and not judge_yes_no:
         return 2, ("pointwise labels by the per-prompt median need two samples (or set "
                    "annotation.pointwise_threshold)")
@@ -278,9 +278,35 @@ class JudgeConfig(StrictModel):
     """judge_pointwise: "yes_no" (desirable or not) or "score" (1-10); bundled templates are {template}_{scale}"""
 
 
+class CascadeConfig(StrictModel):
+    """A cheap annotator labels every pair; a budget of them, where it is least sure, go to an expensive one."""
+
+    first: Literal["reward_model", "judge_pairwise", "programmatic"] = "reward_model"
+    """The cheap annotator that labels every pair (a reward-model ensemble knows where it is unsure)."""
+    escalate_to: Literal["reward_model", "judge_pairwise", "programmatic"] = "judge_pairwise"
+    """The expensive annotator (a strong judge, a programmatic oracle) that relabels the escalated pairs."""
+    budget: float = Field(default=0.25, gt=0)
+    """Expensive labels per iteration: below 1, a fraction of the iteration's prompts (0.25: one pair in four);
+    from 1 on, a number of pairs (a whole number). Never exceeded, resumes included."""
+    escalate: Literal["most_uncertain", "random"] = "most_uncertain"
+    """Which pairs go up: the first annotator's most uncertain (abstained or failed first, then the largest
+    ensemble disagreement, or else the smallest score margin), or a random choice (a control)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "CascadeConfig":
+        if self.first == self.escalate_to:
+            raise ValueError(f"annotation.cascade: first and escalate_to are both {self.first!r}; a cascade needs "
+                             "two annotators")
+        if self.budget >= 1 and self.budget != int(self.budget):
+            raise ValueError(f"annotation.cascade.budget from 1 on is a number of pairs, got {self.budget}")
+        return self
+
+
 class AnnotationConfig(StrictModel):
-    annotator: Literal["reward_model", "judge_pairwise", "judge_pointwise", "programmatic"] = "programmatic"
-    """Who labels the samples: a reward model, an LLM judge (pairwise or pointwise), or a rule."""
+    annotator: Literal["reward_model", "judge_pairwise", "judge_pointwise", "programmatic", "cascade"] = (
+        "programmatic")
+    """Who labels the samples: a reward model, an LLM judge (pairwise or pointwise), a rule, or a cascade of
+    two of them under a label budget (`cascade`)."""
     reward_model: str | list[str] | None = None
     """path or hub name of an AutoModelForSequenceClassification; a list: an ensemble whose members each score
     every sample (reward models trained with different seeds or data), recorded per member in each row"""
@@ -308,6 +334,18 @@ class AnnotationConfig(StrictModel):
     """Fail the stage when more than this fraction of annotations failed."""
     judge: JudgeConfig = JudgeConfig()
     """The LLM judge (annotator judge_pairwise / judge_pointwise)."""
+    cascade: CascadeConfig = CascadeConfig()
+    """annotator cascade: which annotator labels first, which one the uncertain pairs go to, and the budget."""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The annotators that label: this one, or a cascade's first and escalation annotators."""
+        return (self.cascade.first, self.cascade.escalate_to) if self.annotator == "cascade" else (self.annotator,)
+
+    @property
+    def judge_kind(self) -> str | None:
+        """judge_pairwise or judge_pointwise when an LLM judge labels (alone or in a cascade), else None."""
+        return next((kind for kind in self.kinds if kind.startswith("judge")), None)
 
     @property
     def reward_models(self) -> list[str]:
@@ -556,8 +594,8 @@ class PipelineConfig(StrictModel):
         if self.online and self.generation.n_samples < needed:
             raise ValueError(f"generation.n_samples must be >= {needed} for setup {self.setup!r} "
                              f"({why}), got {self.generation.n_samples}")
-        if self.online and spec.annotation != "pairs" and annotation.annotator == "judge_pairwise":
-            raise ValueError(f"annotation.annotator 'judge_pairwise' gives preference pairs, but setup "
+        if self.online and spec.annotation != "pairs" and annotation.annotator in ("judge_pairwise", "cascade"):
+            raise ValueError(f"annotation.annotator {annotation.annotator!r} gives preference pairs, but setup "
                              f"{self.setup!r} needs {spec.annotation}: use "
                              "'judge_pointwise', 'reward_model' or 'programmatic'")
         if self.evaluation.enabled:
@@ -566,14 +604,14 @@ class PipelineConfig(StrictModel):
         if not self.online and self.data.format != "auto" and self.data.format not in spec.data_formats:
             raise ValueError(f"data.format {self.data.format!r} gives no examples setup {self.setup!r} can train "
                              f"on; use one of {spec.data_formats} (or auto)")
-        if self.online and annotation.annotator == "reward_model" and not annotation.reward_model:
+        if self.online and "reward_model" in annotation.kinds and not annotation.reward_model:
             raise ValueError("annotation.reward_model must name a reward model when annotation.annotator is "
-                             "'reward_model'")
+                             "'reward_model' (or a cascade uses one)")
         ensemble_options = annotation.ensemble_penalty or annotation.max_disagreement is not None
         if ensemble_options and len(annotation.reward_models) < 2:
             raise ValueError("annotation.ensemble_penalty and annotation.max_disagreement need an ensemble: "
                              "annotation.reward_model as a list of two or more reward models")
-        if self.online and annotation.annotator.startswith("judge"):
+        if self.online and annotation.judge_kind:
             judge = annotation.judge
             if judge.backend in ("local", "vllm") and not judge.model:
                 raise ValueError("annotation.judge.model must name the judge model for a local judge")

@@ -16,9 +16,19 @@ from alignment_core.config import PipelineConfig
 load_callable = import_callable
 
 
+def judging_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The config whose annotator judges evaluations: a cascade's expensive annotator, the best judgement the
+    run has (evaluation pays no label budget: it is not trained on); else the run's annotator."""
+    annotation = cfg.annotation
+    if annotation.annotator != "cascade":
+        return cfg
+    return cfg.model_copy(update={"annotation": annotation.model_copy(update={
+        "annotator": annotation.cascade.escalate_to})})
+
+
 def annotator_label(cfg: PipelineConfig) -> str:
     """Who judges the win-rates of a run, in words (plots and summaries name it)."""
-    annotation = cfg.annotation
+    annotation = judging_config(cfg).annotation
     if annotation.annotator == "programmatic":
         return f"rule {annotation.programmatic}"
     if annotation.annotator == "reward_model":
@@ -32,6 +42,7 @@ def compare_responses(cfg: PipelineConfig, new: pd.DataFrame, baseline: pd.DataF
     new = new.drop_duplicates("prompt_id").set_index("prompt_id")
     baseline = baseline.drop_duplicates("prompt_id").set_index("prompt_id")
     prompts = [pid for pid in new.index if pid in baseline.index]
+    cfg = judging_config(cfg)
     if cfg.annotation.annotator == "judge_pairwise":
         return _judge_pairs(cfg, new.loc[prompts], baseline.loc[prompts])
     return _compare_scores(cfg, new.loc[prompts], baseline.loc[prompts])

@@ -297,11 +297,11 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
 def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:
     """Digests of the models an annotator runs: a model retrained at the same path changes the labels."""
     models = {}
-    if cfg.annotation.annotator == "reward_model":
+    if "reward_model" in cfg.annotation.kinds:
         members = cfg.annotation.reward_models
         for index, name in enumerate(members):
             models["reward_model" + (f"[{index}]" if len(members) > 1 else "")] = policy_digest(store, name)
-    if cfg.annotation.annotator.startswith("judge") and cfg.annotation.judge.backend != "http":
+    if cfg.annotation.judge_kind and cfg.annotation.judge.backend != "http":
         models["judge"] = policy_digest(store, cfg.annotation.judge.model)
     return models
 
@@ -310,10 +310,10 @@ def annotator_digests(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, st
     """Everything an annotator reads besides its config: its models, the judge template's text, the reward
     function's code."""
     annotation, digests = cfg.annotation, annotator_models(cfg, store)
-    if annotation.annotator == "programmatic":
+    if "programmatic" in annotation.kinds:
         digests["programmatic"] = callable_digest(annotation.programmatic)
-    elif annotation.annotator.startswith("judge"):
-        suffix = f"_{annotation.judge.pointwise_scale}" if annotation.annotator == "judge_pointwise" else ""
+    if annotation.judge_kind:
+        suffix = f"_{annotation.judge.pointwise_scale}" if annotation.judge_kind == "judge_pointwise" else ""
         digests["template"] = template_digest(annotation.judge.template, suffix)
     return digests
 

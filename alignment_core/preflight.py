@@ -36,11 +36,11 @@ def named_models(cfg: PipelineConfig) -> dict[str, str]:
     if cfg.model.tokenizer:
         models["model.tokenizer"] = cfg.model.tokenizer
     annotation = cfg.annotation
-    if cfg.online and annotation.annotator == "reward_model":
+    if cfg.online and "reward_model" in annotation.kinds:
         members = annotation.reward_models
         for index, name in enumerate(members):
             models["annotation.reward_model" + (f"[{index}]" if len(members) > 1 else "")] = name
-    if cfg.online and annotation.annotator.startswith("judge") and annotation.judge.backend != "http":
+    if cfg.online and annotation.judge_kind and annotation.judge.backend != "http":
         models["annotation.judge.model"] = annotation.judge.model
     if cfg.reweight.strategy == "importance" and cfg.reweight.behaviour_model:
         models["reweight.behaviour_model"] = cfg.reweight.behaviour_model
@@ -58,9 +58,9 @@ def preflight_problems(cfg: PipelineConfig) -> list[str]:
     if cfg.data.eval_source:
         problems += _problem("data.eval_source", _check_data, cfg.data.eval_source)
     annotation = cfg.annotation
-    if cfg.online and annotation.annotator == "programmatic":
+    if cfg.online and "programmatic" in annotation.kinds:
         problems += _problem("annotation.programmatic", _check_callable, annotation.programmatic)
-    if cfg.online and annotation.annotator.startswith("judge"):
+    if cfg.online and annotation.judge_kind:
         problems += _problem("annotation.judge.template", _check_template, cfg)
         if annotation.judge.backend == "http":
             problems += _problem("annotation.judge.base_url", _check_endpoint, annotation.judge)
@@ -115,7 +115,7 @@ def _check_template(cfg: PipelineConfig) -> None:
     from alignment_core.annotation.judge import load_template
 
     judge = cfg.annotation.judge
-    suffix = f"_{judge.pointwise_scale}" if cfg.annotation.annotator == "judge_pointwise" else ""
+    suffix = f"_{judge.pointwise_scale}" if cfg.annotation.judge_kind == "judge_pointwise" else ""
     load_template(judge.template, suffix=suffix)
 
 

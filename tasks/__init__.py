@@ -159,8 +159,7 @@ def uses_gpu(cfg: PipelineConfig, stage: str) -> bool:
     if stage != "annotate":
         return True
     annotation = cfg.annotation
-    return annotation.annotator == "reward_model" or (
-        annotation.annotator.startswith("judge") and annotation.judge.backend != "http")
+    return "reward_model" in annotation.kinds or bool(annotation.judge_kind and annotation.judge.backend != "http")
 
 
 @contextmanager

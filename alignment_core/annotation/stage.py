@@ -22,6 +22,7 @@ from alignment_core.annotation.base import (
     prompt_groups,
 )
 from alignment_core.annotation.cache import CachedJudgeBackend, JudgeCache, judge_identity
+from alignment_core.annotation.cascade import CascadeAnnotator
 from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
 from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator, RewardModelEnsemble
 from alignment_core.config import PipelineConfig
@@ -67,23 +68,33 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
         pointwise_threshold=annotation.pointwise_threshold,
         seed=cfg.generation.seed,
     )
-    if annotation.annotator == "programmatic":
+    if annotation.annotator == "cascade":
+        cascade = annotation.cascade
+        return CascadeAnnotator(_annotator(cascade.first, cfg, rules), _annotator(cascade.escalate_to, cfg, rules),
+                                cascade.budget, cfg.generation.prompts_per_iteration, cascade.escalate,
+                                cfg.generation.seed)
+    return _annotator(annotation.annotator, cfg, rules)
+
+
+def _annotator(kind: str, cfg: PipelineConfig, rules: ScoreRules) -> Annotator:
+    annotation = cfg.annotation
+    if kind == "programmatic":
         return ProgrammaticAnnotator(annotation.programmatic, rules)
-    if annotation.annotator == "reward_model":
+    if kind == "reward_model":
         options = {"batch_size": annotation.batch_size, "max_length": cfg.training.max_length,
                    "dtype": annotation.dtype or cfg.model.dtype}
         if len(annotation.reward_models) > 1:
             return RewardModelEnsemble(annotation.reward_models, rules, annotation.ensemble_penalty,
                                        annotation.max_disagreement, **options)
         return RewardModelAnnotator(annotation.reward_model, rules, **options)
-    if annotation.annotator == "judge_pairwise":  # pairwise setups only: the config refuses the others
+    if kind == "judge_pairwise":  # pairwise setups only: the config refuses the others
         return PairwiseJudgeAnnotator(
             make_judge_backend(cfg),
             load_template(annotation.judge.template),
             both_orders=annotation.judge.both_orders,
             on_disagreement=annotation.judge.on_disagreement,
         )
-    if annotation.annotator == "judge_pointwise":
+    if kind == "judge_pointwise":
         scale = annotation.judge.pointwise_scale
         return PointwiseJudgeAnnotator(
             make_judge_backend(cfg),
@@ -91,17 +102,19 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
             rules,
             scale,
         )
-    raise ValueError(f"unknown annotation.annotator {annotation.annotator!r}")
+    raise ValueError(f"unknown annotator {kind!r}")
 
 
 def stage_annotator(cfg: PipelineConfig, store: ArtifactStore) -> Annotator:
     """`make_annotator(cfg)`, a judge's answers cached by content in `store` (annotation/cache.py)."""
     annotator = make_annotator(cfg)
-    template = getattr(annotator, "template", None)
-    if template is not None and hasattr(annotator, "backend"):
-        kind = "pairwise" if isinstance(annotator, PairwiseJudgeAnnotator) else f"pointwise_{annotator.scale}"
-        identity = judge_identity(cfg, annotator.backend, template.name, kind)
-        annotator.backend = CachedJudgeBackend(annotator.backend, JudgeCache(store, identity))
+    members = (annotator.first, annotator.escalate_to) if isinstance(annotator, CascadeAnnotator) else (annotator,)
+    for judge in members:
+        template = getattr(judge, "template", None)
+        if template is not None and hasattr(judge, "backend"):
+            kind = "pairwise" if isinstance(judge, PairwiseJudgeAnnotator) else f"pointwise_{judge.scale}"
+            identity = judge_identity(cfg, judge.backend, template.name, kind)
+            judge.backend = CachedJudgeBackend(judge.backend, JudgeCache(store, identity))
     return annotator
 
 
@@ -138,6 +151,9 @@ def annotation_summary(annotations: pd.DataFrame) -> dict:
         "label_std": stat(rewards, "std"),
         "score_mean": stat(scores, "mean"),
         "score_std": stat(scores, "std"),
+        # who labelled the rows: with a cascade, the first annotator or the expensive one it escalated to
+        "rows_by_annotator": {str(k): int(v) for k, v in annotations["annotator"].value_counts().sort_index().items()},
+        "escalated": sum(bool(json.loads(raw).get("cascade", {}).get("escalated")) for raw in annotations["raw"]),
     }
 
 
@@ -238,7 +254,11 @@ def run_annotation(
         if not fanout.in_subset(index, shard_subset):  # another fan-out worker's shard
             continue
         annotator = annotator or stage_annotator(cfg, store)
-        table = from_rows(annotator.annotate(shard), ANNOTATIONS, f"annotations shard {index}")
+        if isinstance(annotator, CascadeAnnotator):  # spends its label budget by the shard's place
+            rows = annotator.annotate(shard, prompts_before=index * cfg.generation.shard_size)
+        else:
+            rows = annotator.annotate(shard)
+        table = from_rows(rows, ANNOTATIONS, f"annotations shard {index}")
         writer.write_shard(index, table)
         tables.append(table.to_pandas())
         log.info(
