@@ -547,6 +547,9 @@ def _read_hub(source: str, subset: str | None, split: str, revision: str | None,
     """A hub dataset (or local dataset folder) through `datasets.load_dataset`; no remote code is run."""
     import datasets
 
+    from alignment_core.progress import apply_to_libraries
+
+    apply_to_libraries()  # its download and split bars: on a terminal only
     dataset = datasets.load_dataset(source, subset, split=split, revision=revision)
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from alignment_core import progress
 from alignment_core.adapters import adapter_base, is_adapter, load_adapter
 from alignment_core.config import TINY_MODEL
 from alignment_core.inputs import (  # noqa: F401  (re-exported: the names of models)
@@ -137,6 +138,7 @@ def load_reward_model(
 
 
 def _load(loader, name_or_path, dtype, trust_remote_code, store, attn_implementation, adapter_mode, kwargs):
+    progress.apply_to_libraries()  # the download and "Loading weights" bars: on a terminal only
     path = resolve_model_path(name_or_path, store=store)
     if is_adapter(path):
         base_name = adapter_base(path)

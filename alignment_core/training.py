@@ -49,7 +49,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from alignment_core import gpu, losses
@@ -64,6 +63,7 @@ from alignment_core.adapters import (
 from alignment_core.batches import BatchFactory, prompt_groups, response_mask
 from alignment_core.config import PipelineConfig
 from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, model_digest, resolve_model_path
+from alignment_core.progress import bar as progress_bar
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
 
@@ -505,8 +505,8 @@ class Trainer:
         pending_rows: list[dict] = []
         tokens_seen, self.seconds["train"] = 0.0, 0.0
         self.model.train()
-        bar = tqdm(total=total, initial=self.step, desc=f"train {self.loss.name}",
-                   disable=not accelerator.is_main_process)
+        bar = progress_bar(total=total, initial=self.step, desc=f"train {self.loss.name}",
+                           disable=not accelerator.is_main_process)
         with bar as progress:  # closed on errors too, so no half bar is printed when the process exits
             while not self.finished:
                 started = time.perf_counter()
@@ -688,8 +688,8 @@ class Trainer:
         ]
         size = self.cfg.training.batch_size
         rows = []
-        for start in tqdm(range(0, len(share), size), desc="reference log-probs", leave=False,
-                          disable=not self.accelerator.is_main_process):
+        for start in progress_bar(range(0, len(share), size), desc="reference log-probs", leave=False,
+                                  disable=not self.accelerator.is_main_process):
             indices = share[start : start + size].tolist()
             logps = self._reference_logps(self._collate(encoded, indices)).cpu()
             columns = logps.view(len(self.batch_factory.generations), len(indices))
