@@ -6,12 +6,12 @@ Run it once, in ephemeral Prefect:   python -m flows.iterative_dpo --config conf
 Deployed:                            prefect deployment run 'iterative-dpo/tiny-local'
 """
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from alignment_core.config import PipelineConfig, dump_config
+from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import finished_iterations, open_store
-from alignment_core.redact import redact
 from alignment_core.setups import SETUPS
+from flows import logs
 from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -53,8 +53,7 @@ def iterative_dpo(
         if more_iterations:
             cfg = with_overrides(cfg, iterations=finished_iterations(cfg) + more_iterations)
         config_json = cfg.model_dump_json()
-        logger = get_run_logger()
-        logger.info("run %s under %s\n%s", cfg.store.run_name, redact(cfg.store.root), redact(dump_config(cfg)))
+        logs.log_config(cfg)
         preflight(config_json)
 
         store = open_store(cfg)
@@ -75,13 +74,14 @@ def iterative_dpo(
             summaries.append(report_iteration(config_json, k, stages))
             if cfg.tracking.report_to:
                 track_iteration(config_json, k)
-            logger.info("iteration %d: %s", k, summaries[-1])
+            logs.log_iteration(cfg, summaries)
             policy = checkpoint
         return summaries
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.", argv, prog)
+    logs.configure(args.log_level, args.progress)
     config = start_cli_run(args)
     summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
     print_summary(config, summaries)

@@ -11,11 +11,12 @@
 
 import sys
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
 from alignment_core.setups import setups_of_flow
+from flows import logs
 from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
 from tasks.evaluate import evaluate, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
@@ -31,6 +32,7 @@ def offline_round(cfg: PipelineConfig) -> dict:
     a reward model by its accuracy on the held-out preference pairs."""
     with run_lease(cfg) as cfg:  # one writer per run: a second flow run on it fails here
         config_json = cfg.model_dump_json()
+        logs.log_config(cfg)
         preflight(config_json)
         policy = cfg.model.policy
         examples = load_examples(config_json, 0)
@@ -47,7 +49,7 @@ def offline_round(cfg: PipelineConfig) -> dict:
         summary = report_iteration(config_json, 1, stages)
         if cfg.tracking.report_to:
             track_iteration(config_json, 1)
-        get_run_logger().info("%s finished: %s", cfg.setup, summary)
+        logs.log_iteration(cfg, [summary])
         return summary
 
 
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.offline") -
         sys.exit(f"usage: {prog} {{{','.join(FLOWS)}}} --config CONFIG.yaml  (--help after the flow name)")
     name = argv[0]
     args = parse_cli(f"Run the offline {name} flow in ephemeral Prefect.", argv[1:], f"{prog} {name}")
+    logs.configure(args.log_level, args.progress)
     config = start_cli_run(args)
     print_summary(config, [FLOWS[name](config=config)])
 

@@ -1,17 +1,63 @@
-"""Per-iteration Prefect artifacts: a markdown summary, sample generations with their annotations, links."""
+"""A run's Prefect artifacts: a handful per flow run, each under a stable key and updated every iteration.
+
+    {run}-summary           markdown: the verdict first, then the latest iteration's numbers by stage, its outputs
+    {run}-evaluation        markdown: the learning plot, embedded (a data: URI PNG, which the UI's markdown renders)
+    {run}-evaluation-table  table: the evaluation's numbers, one column per iteration
+    {run}-metrics           table: every iteration's summary numbers, one column per iteration (flows/logs.py)
+    {run}-samples           table: sample generations of the latest iteration with their annotations
+    {run}-config            markdown: the run's config as YAML (flows/logs.py)
+
+The figure is embedded rather than linked: a `file://` link is blocked by browsers and names a file on the
+worker, wherever that is; a data URI travels with the artifact to any UI.
+"""
+
+import base64
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import Artifact, MarkdownArtifact, TableArtifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.runtime import flow_run
 
 from alignment_core import pipeline
 from alignment_core.inspect import plot_run
+from alignment_core.redact import redact
+from alignment_core.verdict import significance_line
 from tasks import artifact_key, parse
 
 SAMPLE_ROWS = 8
 
 
-def _link(uri: str) -> str:
-    return uri if "://" in uri else f"file://{uri}"
+def publish(artifact: Artifact) -> None:
+    """Create `artifact` for this flow run, or update the one this flow run already has under its key: one
+    artifact per key and flow run, holding the latest content (a new version per iteration would list every
+    iteration's copy on the run's page)."""
+    run_id = flow_run.get_id()
+    if run_id is not None:
+        with get_client(sync_client=True) as client:
+            mine = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact.key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])),
+                limit=1)
+            if mine:
+                client.update_artifact(mine[0].id, ArtifactUpdate(data=artifact.format(),
+                                                                  description=artifact.description))
+                return
+    artifact.create()
+
+
+def by_iteration(columns: dict[int, dict]) -> list[dict]:
+    """{iteration: {metric: value}} as table rows: one per metric, one column per iteration (few iterations,
+    many metrics: the table stays narrow)."""
+    metrics = list(dict.fromkeys(metric for values in columns.values() for metric in values))
+    return [{"metric": metric, **{f"iteration {k}": _shown(values.get(metric))
+                                  for k, values in sorted(columns.items())}}
+            for metric in metrics]
+
+
+def _shown(value):
+    """Floats to 4 significant digits (a table cell, not a record: the store keeps the exact numbers)."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 @task(name="report", task_run_name="report-iter-{iteration}")
@@ -40,25 +86,44 @@ def report_iteration(config_json: str, iteration: int, stages: dict[str, str]) -
         summary["generation_rows"] = generation.get("rows")
         summary["generation_tokens_per_s"] = generation.get("tokens_per_s")
 
-    create_markdown_artifact(summary_markdown(run, iteration, summary), key=artifact_key(run, "summary"),
-                             description=f"{run} iteration {iteration}: what each stage did")
-    for name, uri in stages.items():
-        rows = (store.read_manifest(uri) or {}).get("rows") if name != "checkpoint" else None
-        what = f"{name}: {rows} rows" if rows is not None else name
-        create_link_artifact(_link(uri), link_text=f"{what} (iteration {iteration})",
-                             key=artifact_key(run, "iter", iteration, name),
-                             description=STAGE_DESCRIPTIONS.get(name, name))
-    plot = plot_run(store, run) if "evaluation" in stages else None
-    if plot:
-        create_link_artifact(_link(plot), link_text="learning plot (rewards from iteration 0, win-rates)",
-                             key=artifact_key(run, "plot"), description="evaluation.png in the run folder")
+    outputs = {name: (store.read_manifest(uri) or {}).get("rows") if name != "checkpoint" else None
+               for name, uri in stages.items()}
+    publish(MarkdownArtifact(key=artifact_key(run, "summary"), markdown=summary_markdown(run, summary, stages, outputs),
+                             description=f"{run}: the verdict and iteration {iteration}'s numbers"))
+    if "evaluation" in stages:
+        publish_evaluation(store, run, iteration)
     if "generations" in stages and "annotations" in stages:
-        create_table_artifact(sample_table(store, stages["generations"], stages["annotations"]),
-                              key=artifact_key(run, "samples"),
-                              description=f"sample generations, iteration {iteration}")
+        publish(TableArtifact(key=artifact_key(run, "samples"),
+                              table=sample_table(store, stages["generations"], stages["annotations"]),
+                              description=f"{run}: sample generations of iteration {iteration}"))
     return summary
 
 
+def publish_evaluation(store, run: str, iteration: int) -> None:
+    """The learning plot (every iteration so far, from the store) embedded in markdown, and its numbers."""
+    evaluations = {k: pipeline.evaluation_summary(store, store.stage_uri(run, k, "evaluation"))
+                   for k in store.list_iterations(run) if "evaluation" in store.list_stages(run, k)}
+    publish(TableArtifact(key=artifact_key(run, "evaluation-table"), table=by_iteration(evaluations),
+                          description=f"{run}: held-out evaluation, iterations 1-{iteration}"))
+    plot = plot_run(store, run)  # None for a reward model: its held-out accuracy is in the table
+    if plot is None:
+        return
+    png, _ = store.read_versioned(plot)
+    image = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    markdown = "\n".join([
+        f"# {run}: evaluation after iteration {iteration}", "", f"**{significance_line(evaluations[iteration])}**",
+        "", f"![learning plot: rewards from iteration 0, win-rates with 95% intervals]({image})", "",
+        f"The plot is in the run folder too (`{plot}`); its numbers are the artifact "
+        f"`{artifact_key(run, 'evaluation-table')}`."])
+    publish(MarkdownArtifact(key=artifact_key(run, "evaluation"), markdown=markdown,
+                             description=f"{run}: learning plot, iterations 1-{iteration}"))
+
+
+# Summary keys by prefix -> section of the markdown summary, in the order shown (evaluation, the answer, first);
+# keys of no other section are the evaluation's. Units by suffix.
+SECTIONS = (("", "Evaluation"), ("data_", "Data"), ("generation_", "Generation"), ("annotation_", "Annotation"),
+            ("train_", "Training"))
+UNITS = (("tokens_per_s", "tokens/s"), ("_rows", "rows"), ("words_mean", "words"), ("learning_rate", "lr"))
 STAGE_DESCRIPTIONS = {
     "prompts": "this iteration's training prompts",
     "examples": "the offline dataset, normalised",
@@ -70,18 +135,19 @@ STAGE_DESCRIPTIONS = {
     "metrics": "training metrics per optimizer step (long format)",
     "evaluation": "held-out win-rates and rewards",
 }
-# Summary keys by prefix -> section of the markdown summary; units by suffix.
-SECTIONS = (("data_", "Data"), ("generation_", "Generation"), ("annotation_", "Annotation"), ("train_", "Training"),
-            ("", "Evaluation"))
-UNITS = (("tokens_per_s", "tokens/s"), ("_rows", "rows"), ("words_mean", "words"), ("learning_rate", "lr"))
 
 
-def summary_markdown(run: str, iteration: int, summary: dict) -> str:
-    """The iteration summary grouped by stage, one table per stage, with units where a number has one."""
-    lines = [f"# {run}: iteration {iteration}"]
-    remaining = {k: v for k, v in summary.items() if k not in ("iteration", "checkpoint")}
+def section_of(key: str) -> str:
+    return next((title for prefix, title in SECTIONS if prefix and key.startswith(prefix)), "Evaluation")
+
+
+def summary_markdown(run: str, summary: dict, stages: dict[str, str], rows: dict[str, int | None]) -> str:
+    """The verdict, then the iteration's numbers grouped by stage (one table each, with units), then what each
+    stage wrote."""
+    lines = [f"# {run}: iteration {summary['iteration']}", "", f"**{significance_line(summary)}**"]
+    numbers = {k: v for k, v in summary.items() if k not in ("iteration", "checkpoint")}
     for prefix, title in SECTIONS:
-        section = {k: v for k, v in remaining.items() if k.startswith(prefix)}
+        section = {k: v for k, v in numbers.items() if section_of(k) == title}
         if not section:
             continue
         lines += ["", f"## {title}", "", "| metric | value | unit |", "|---|---|---|"]
@@ -89,9 +155,10 @@ def summary_markdown(run: str, iteration: int, summary: dict) -> str:
             unit = next((u for suffix, u in UNITS if key.endswith(suffix)), "")
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             lines.append(f"| {key.removeprefix(prefix) or key} | {shown} | {unit} |")
-            del remaining[key]
-    if "checkpoint" in summary:
-        lines += ["", f"Checkpoint: `{summary['checkpoint']}`"]
+    lines += ["", "## Outputs", "", "| stage | rows | where | what |", "|---|---|---|---|"]
+    for name, uri in stages.items():
+        count = "" if rows.get(name) is None else rows[name]
+        lines.append(f"| {name} | {count} | `{redact(uri)}` | {STAGE_DESCRIPTIONS.get(name, '')} |")
     return "\n".join(lines)
 
 
