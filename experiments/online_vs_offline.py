@@ -58,6 +58,12 @@ from tasks.train import train
 
 ORACLE = "alignment_core.rewards:positive_words"
 ARMS = ("offline", "offline-importance", "online-rm", "online-oracle")
+# Opt-in arms (--arms): online with a reward-model ensemble (no new true labels), and cascades that send a budget
+# of the ensemble's least sure pairs per iteration to the true reward (12.5%, 25%, 50% of the prompts).
+ENSEMBLE_ARMS = ("online-rm-ensemble", "online-cascade-12", "online-cascade-25", "online-cascade-50")
+CASCADE_BUDGETS = {"online-cascade-12": 0.125, "online-cascade-25": 0.25, "online-cascade-50": 0.5}
+ENSEMBLE_SIZE = 3  # reward models per seed, trained alike but for their training seed
+ALL_ARMS = ("offline", "offline-importance", "online-rm", *ENSEMBLE_ARMS, "online-oracle")  # the report's order
 TINY_BEHAVIOUR = "tiny://llama-seed1"  # the tiny model built with seed 1 (weights and tokenizer)
 
 
@@ -138,14 +144,19 @@ def sft_config(setting: Setting, store_root: str, run_name: str, base_model: str
 
 
 def arm_config(setting: Setting, store_root: str, seed: int, arm: str, sft_policy: str, behaviour: str,
-               reward_model: str) -> PipelineConfig:
+               reward_models: list[str]) -> PipelineConfig:
     changes: dict = {"model": {"policy": sft_policy, "reference": sft_policy}}
     if arm.startswith("offline"):
         changes["setup"] = "offline_pairwise"
     if arm == "offline-importance":
         changes["reweight"] = {"strategy": "importance", "behaviour_model": behaviour}
     if arm == "online-rm":
-        changes["annotation"] = {"annotator": "reward_model", "reward_model": reward_model}
+        changes["annotation"] = {"annotator": "reward_model", "reward_model": reward_models[0]}
+    if arm == "online-rm-ensemble":
+        changes["annotation"] = {"annotator": "reward_model", "reward_model": reward_models}
+    if arm in CASCADE_BUDGETS:
+        changes["annotation"] = {"annotator": "cascade", "reward_model": reward_models, "cascade": {
+            "first": "reward_model", "escalate_to": "programmatic", "budget": CASCADE_BUDGETS[arm]}}
     return stage_config(setting, store_root, f"seed{seed}-{arm}", seed, **changes)
 
 
@@ -262,23 +273,37 @@ def annotator_agreement(store: ArtifactStore, run: str, iteration: int) -> float
     return float(np.mean(agree)) if agree else math.nan
 
 
+def true_labels_spent(store: ArtifactStore, run: str, iteration: int, arm: str, prompts_per_iteration: int) -> int:
+    """Pairs the true reward labelled in an iteration: every prompt's pair for the oracle and the offline arms
+    (rho's pairs, ties included), the escalated ones for a cascade, none for a reward model (its training data
+    aside)."""
+    if arm in ("online-rm", "online-rm-ensemble"):
+        return 0
+    if arm.startswith("offline"):
+        return prompts_per_iteration
+    annotations = store.read_manifest(store.stage_uri(run, iteration, "annotations"))
+    return annotations["extra"]["escalated"] if arm in CASCADE_BUDGETS else annotations["rows"]
+
+
 def arm_measurements(store: ArtifactStore, run: str, iterations: int, seed: int, arm: str,
-                     online: bool) -> list[dict]:
+                     online: bool, prompts_per_iteration: int) -> list[dict]:
     """One row per iteration (0: pi_0): held-out true reward, win-rate against pi_0, words, pairs trained on.
 
     The win-rate compares the i-th answer to a prompt with pi_0's i-th answer to it (iteration 0's samples).
     """
     initial_rewards = true_rewards(store.read_pandas(store.stage_uri(run, 0, "heldout_samples")))
-    rows, pairs_so_far = [], 0
+    rows, pairs_so_far, true_labels = [], 0, 0
     for k in range(0, iterations + 1):
         answers = store.read_pandas(store.stage_uri(run, k, "heldout_samples"))
         rewards = true_rewards(answers)
         if k > 0:
             pairs_so_far += store.read_manifest(store.stage_uri(run, k, "units"))["rows"]
+            true_labels += true_labels_spent(store, run, k, arm, prompts_per_iteration)
         rows.append({
             "seed": seed, "arm": arm, "iteration": k, "true_reward": float(rewards.mean()),
             "win_rate_vs_sft": win_rate(rewards, initial_rewards),
             "words": float(np.mean([len(words(r)) for r in answers["response"]])), "pairs_trained": pairs_so_far,
+            "true_labels": true_labels,
             "annotator_agreement": annotator_agreement(store, run, k) if online and k > 0 else math.nan,
         })
     return rows
@@ -294,27 +319,28 @@ def _spread(values: pd.Series, digits: int = 2) -> str:
             f"[{values.min():.{digits}f}, {values.max():.{digits}f}]")
 
 
-def results_table(measurements: pd.DataFrame, prompts_per_iteration: int) -> str:
+def results_table(measurements: pd.DataFrame) -> str:
     """Markdown: one row per arm and iteration, mean ± std [min, max] over seeds; iteration 0 is pi_0."""
     seeds = measurements["seed"].nunique()
     lines = [
         "| iteration | arm | true-reward labels | pairs trained | held-out true reward | win-rate vs SFT | words "
-        "| RM agrees with true reward |",
+        "| annotator agrees with true reward |",
         "|---|---|---|---|---|---|---|---|",
     ]
     start = measurements[measurements["iteration"] == 0]
     lines.append(f"| 0 | SFT policy pi_0 | 0 | 0 | {_spread(start.groupby('seed')['true_reward'].mean())} | 0.50 "
                  f"| {start['words'].mean():.1f} | - |")
     for k in sorted(set(measurements["iteration"]) - {0}):
-        for arm in [a for a in ARMS if a in set(measurements["arm"])]:
+        for arm in [a for a in ALL_ARMS if a in set(measurements["arm"])]:
             rows = measurements[(measurements["iteration"] == k) & (measurements["arm"] == arm)]
-            labels = 0 if arm == "online-rm" else k * prompts_per_iteration
-            agreement = _spread(rows["annotator_agreement"]) if arm == "online-rm" else "-"
-            lines.append(f"| {k} | {arm} | {labels} | {rows['pairs_trained'].mean():.0f} "
+            agreement = _spread(rows["annotator_agreement"]) if arm != "online-oracle" and arm.startswith(
+                "online") else "-"
+            lines.append(f"| {k} | {arm} | {rows['true_labels'].mean():.0f} | {rows['pairs_trained'].mean():.0f} "
                          f"| {_spread(rows['true_reward'])} | {_spread(rows['win_rate_vs_sft'])} "
                          f"| {rows['words'].mean():.1f} | {agreement} |")
     return (f"Mean ± std [min, max] over {seeds} seed(s). True-reward labels: pairs labelled by the true reward "
-            f"so far (online-rm's reward model learned from the offline arms' labels).\n\n" + "\n".join(lines))
+            f"so far (the reward models learned from the offline arms' labels; a cascade's are the pairs it "
+            f"escalated).\n\n" + "\n".join(lines))
 
 
 def results_plot(measurements: pd.DataFrame) -> bytes:
@@ -327,7 +353,7 @@ def results_plot(measurements: pd.DataFrame) -> bytes:
               ("words", "answer length (words)"))
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
     start = measurements[measurements["iteration"] == 0]
-    for arm in [a for a in ARMS if a in set(measurements["arm"])]:
+    for arm in [a for a in ALL_ARMS if a in set(measurements["arm"])]:
         rows = pd.concat([start.assign(arm=arm), measurements[(measurements["arm"] == arm)
                                                               & (measurements["iteration"] > 0)]])
         by_iteration = rows.groupby("iteration")
@@ -354,7 +380,7 @@ def results_plot(measurements: pd.DataFrame) -> bytes:
 
 def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, wall_s: float) -> dict[str, str]:
     """Write table, plot and measurements under `report/` in the store and as Prefect artifacts."""
-    table = results_table(measurements, setting.prompts_per_iteration)
+    table = results_table(measurements)
     header = (f"# Online vs offline ({setting.name} setting)\n\nWall time {wall_s / 60:.1f} min. "
               f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts.\n\n")
     uris = {name: store.uri("report", name) for name in ("results.md", "results.png", "measurements.csv")}
@@ -375,9 +401,9 @@ def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: st
     """The whole experiment; returns the measurements (one row per seed, arm and iteration) and report URIs."""
     started = time.time()
     setting, arms = SETTINGS[setting_name], list(arms or ARMS)
-    unknown = sorted(set(arms) - set(ARMS))
+    unknown = sorted(set(arms) - set(ALL_ARMS))
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; expected some of {ARMS}")
+        raise ValueError(f"unknown arms {unknown}; expected some of {ALL_ARMS}")
     logger = get_run_logger()
     needs_behaviour_data = any(arm != "online-oracle" for arm in arms)  # the offline arms and the reward model
 
@@ -393,23 +419,28 @@ def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: st
 
     measurements = []
     for seed in range(seeds):
-        offline_examples, reward_model_uri = [], ""
+        offline_examples, reward_models = [], []
         if needs_behaviour_data:
-            # 2. rho's pairs labelled by the true reward; 3. a reward model trained on them
+            # 2. rho's pairs labelled by the true reward; 3. reward models trained on them (one, or an ensemble
+            # whose members differ in their training seed: head initialisation and data order)
             offline_examples, dataset = behaviour_dataset(setting, store_root, seed, behaviour)
-            rm_run = f"seed{seed}-reward-model"
-            reward_model(config=stage_config(
-                setting, store_root, rm_run, seed, setup="reward_modelling", data={"source": dataset},
-                model={"policy": sft_policy},  # a reward head on pi_0: it already reads this kind of text
-                training={"loss": "reward", "learning_rate": setting.reward_model_learning_rate,
-                          "epochs": setting.reward_model_epochs},
-            ))
-            reward_model_uri = store.checkpoint_uri(rm_run, 1)
+            members = ENSEMBLE_SIZE if set(arms) & set(ENSEMBLE_ARMS) else 1
+            for member in range(members):
+                rm_run = f"seed{seed}-reward-model" + (f"-m{member}" if member else "")
+                reward_model(config=stage_config(
+                    setting, store_root, rm_run, seed + 1000 * member, setup="reward_modelling",
+                    data={"source": dataset},
+                    model={"policy": sft_policy},  # a reward head on pi_0: it already reads this kind of text
+                    training={"loss": "reward", "learning_rate": setting.reward_model_learning_rate,
+                              "epochs": setting.reward_model_epochs},
+                ))
+                reward_models.append(store.checkpoint_uri(rm_run, 1))
         # 4. the arms
         for arm in arms:
-            cfg = arm_config(setting, store_root, seed, arm, sft_policy, behaviour, reward_model_uri)
+            cfg = arm_config(setting, store_root, seed, arm, sft_policy, behaviour, reward_models)
             run = run_arm(cfg, sft_policy, offline_examples, setting.heldout_samples)
-            measurements += arm_measurements(store, run, setting.iterations, seed, arm, cfg.online)
+            measurements += arm_measurements(store, run, setting.iterations, seed, arm, cfg.online,
+                                             setting.prompts_per_iteration)
             logger.info("seed %d %s: %s", seed, arm, measurements[-1])
 
     # 5. the report
@@ -426,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--quick", action="store_true", help="the reduced size of the CI test")
     size.add_argument("--gpu", action="store_true", help="hub models (Qwen2.5-0.5B, SmolLM2-360M) with vLLM")
     parser.add_argument("--store-root", help="a folder or s3:// URI; default ./runs/online-vs-offline-{size}")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ALL_ARMS)}")
     args = parser.parse_args(argv)
     setting = "quick" if args.quick else "gpu" if args.gpu else "full"
     store_root = args.store_root or f"./runs/online-vs-offline-{setting}"

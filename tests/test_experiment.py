@@ -13,7 +13,8 @@ import pytest
 
 from alignment_core.data import DatasLoader, prompt_id
 from experiments.online_vs_offline import (
-    ARMS,
+    ALL_ARMS,
+    CASCADE_BUDGETS,
     SETTINGS,
     arm_config,
     pairs_jsonl,
@@ -30,14 +31,18 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_every_arm_of_every_setting_is_a_valid_config(setting, tmp_path):
     settings = SETTINGS[setting]
-    configs = {arm: arm_config(settings, str(tmp_path), 0, arm, "sft", "rho", "rm") for arm in ARMS}
+    members = ["rm", "rm-m1", "rm-m2"]
+    configs = {arm: arm_config(settings, str(tmp_path), 0, arm, "sft", "rho", members) for arm in ALL_ARMS}
     assert {arm: cfg.setup for arm, cfg in configs.items()} == {
         "offline": "offline_pairwise", "offline-importance": "offline_pairwise",
-        "online-rm": "online_pairwise", "online-oracle": "online_pairwise",
+        **{arm: "online_pairwise" for arm in ALL_ARMS if arm.startswith("online")},
     }
     assert configs["offline-importance"].reweight.behaviour_model == "rho"
     assert {cfg.reweight.strategy for arm, cfg in configs.items() if arm != "offline-importance"} == {"uniform"}
-    assert configs["online-rm"].annotation.annotator == "reward_model"
+    assert configs["online-rm"].annotation.reward_model == "rm"
+    assert configs["online-rm-ensemble"].annotation.reward_model == members
+    assert {configs[arm].annotation.cascade.budget for arm in CASCADE_BUDGETS} == {0.125, 0.25, 0.5}
+    assert all(configs[arm].annotation.annotator == "cascade" for arm in CASCADE_BUDGETS)
     assert configs["online-oracle"].annotation.annotator == "programmatic"
     # the same learner and prompts in every arm: only the data source and labels differ
     assert len({(cfg.training.model_dump_json(), cfg.generation.model_dump_json(), cfg.model.reference)
@@ -74,10 +79,11 @@ def test_results_table_and_plot_report_mean_std_and_range_over_seeds():
     for seed, (start, end) in enumerate([(1.0, 1.0), (1.0, 3.0)]):
         for arm in ("offline", "online-oracle"):
             rows.append({"seed": seed, "arm": arm, "iteration": 0, "true_reward": start, "win_rate_vs_sft": 0.5,
-                         "words": 10.0, "pairs_trained": 0, "annotator_agreement": float("nan")})
+                         "words": 10.0, "pairs_trained": 0, "true_labels": 0, "annotator_agreement": float("nan")})
             rows.append({"seed": seed, "arm": arm, "iteration": 1, "true_reward": end, "win_rate_vs_sft": 0.75,
-                         "words": 12.0, "pairs_trained": 20 + seed, "annotator_agreement": float("nan")})
-    table = results_table(pd.DataFrame(rows), prompts_per_iteration=32)
+                         "words": 12.0, "pairs_trained": 20 + seed, "true_labels": 32,
+                         "annotator_agreement": float("nan")})
+    table = results_table(pd.DataFrame(rows))
     assert "over 2 seed(s)" in table
     assert "| 0 | SFT policy pi_0 | 0 | 0 | 1.00 ± 0.00 [1.00, 1.00] | 0.50 | 10.0 | - |" in table
     assert "| 1 | online-oracle | 32 | 20 | 2.00 ± 1.00 [1.00, 3.00] | 0.75 ± 0.00 [0.75, 0.75] | 12.0 | - |" in table
