@@ -364,6 +364,12 @@ class ReweightConfig(StrictModel):
     """importance ratios and weights are clipped to [1/clip, clip]"""
     behaviour_model: str | None = None
     """importance: the model that wrote the responses"""
+    importance_pair: Literal["joint", "mean"] = "joint"
+    """importance, pairs: the pair's log ratio is the sum of its two responses' (joint: the pair's probability)
+    or their mean (a response's typical ratio: half the spread)."""
+    min_effective_sample_fraction: float = Field(default=0.0, ge=0, le=1)
+    """A guard: weights whose effective sample size, (sum w)^2 / sum w^2, is below this fraction of the units
+    fall back to uniform (logged, recorded in each row's inputs); 0 never falls back."""
 
     @field_validator("clip")
     @classmethod

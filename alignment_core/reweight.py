@@ -1,9 +1,12 @@
 """SampleReweighter: one weight per training unit (records.UNITS row), written as the `weights` stage.
 
 Every strategy first computes a positive raw weight per unit, then the stage is normalised to mean 1, so
-the loss scale does not depend on the strategy. A pair's two generations get the same weight (the loss is
-over the pair); single-generation units leave generation2_weight null. Each row keeps, as JSON, the inputs
-its weight came from. `temperature` (T) and `clip` (c) come from ReweightConfig.
+the loss scale does not depend on the strategy. Weights whose effective sample fraction,
+(sum w)^2 / (n sum w^2), is below `min_effective_sample_fraction` fall back to uniform: a few units carrying
+most of the weight train on a handful of examples (logged; each row's inputs say so). A pair's two
+generations get the same weight (the loss is over the pair); single-generation units leave
+generation2_weight null. Each row keeps, as JSON, the inputs its weight came from. `temperature` (T) and `clip`
+(c) come from ReweightConfig.
 
     uniform           1
     margin            sigmoid(|s1 - s2| / T): s = score1/score2 columns where present (e.g. reward-model
@@ -17,8 +20,9 @@ its weight came from. `temperature` (T) and `clip` (c) come from ReweightConfig.
                       sequence-level ratios, which between two different models span tens of nats);
                       self-normalised, log w = s - log mean exp(s); then clipped to [1/c, c]. Needs columns
                       generation{1,2}_policy_logp and generation{1,2}_behaviour_logp.
-                      A pair uses the product of its two responses' ratios (the sum of log ratios): the pair
-                      is one sample whose probability is that of both responses.
+                      A pair uses the product of its two responses' ratios (the sum of log ratios: the pair
+                      is one sample whose probability is that of both responses; `importance_pair: joint`) or
+                      their geometric mean (`mean`: half the spread).
     length_debias     gap = words(chosen) - words(rejected) per pair (0 for ties); typical = the stage median
                       of |gap|; weight = max(exp(-max(0, gap - typical) / (T * max(typical, 1))), 1/c). Pairs
                       whose chosen response is longer than typical by much look like length-driven preferences
@@ -77,6 +81,13 @@ class SampleReweighter:
             bad = int(np.flatnonzero(~np.isfinite(raw) | (raw <= 0))[0])
             raise ValueError(f"{self.strategy}: unit {rows[bad]['unit_id']!r} got the raw weight {raw[bad]}")
         weights = raw / raw.mean()
+        effective = effective_sample_fraction(weights)
+        fallback = effective < self.cfg.min_effective_sample_fraction
+        if fallback:
+            log.warning("%s weights: effective sample fraction %.3f < reweight.min_effective_sample_fraction %.3f: "
+                        "uniform weights instead", self.strategy, effective, self.cfg.min_effective_sample_fraction)
+            weights = np.ones_like(weights)
+            inputs = [{**i, "fallback_uniform": True, "effective_sample_fraction": effective} for i in inputs]
         return pd.DataFrame(
             {
                 "unit_id": [row["unit_id"] for row in rows],
@@ -144,6 +155,8 @@ class SampleReweighter:
                         f"generation{g}_behaviour_logp": float(behaviour),
                     }
                 )
+            if self.cfg.importance_pair == "mean":
+                log_ratio /= len(used) // 2
             log_ratios.append(log_ratio)
             inputs.append({**used, "log_ratio": log_ratio})
         # Self-normalise first (log w = s - log mean exp s), then clip: clipping raw ratios instead would turn
@@ -267,8 +280,13 @@ def add_importance_inputs(
     return units
 
 
+def effective_sample_fraction(weights: np.ndarray) -> float:
+    """The effective sample size, (sum w)^2 / sum w^2, as a fraction of n: 1 for equal weights."""
+    return float(weights.sum() ** 2 / (weights**2).sum() / len(weights))
+
+
 def weights_summary(weights: pd.DataFrame) -> dict:
-    """Spread of the weights and their effective sample size, (sum w)^2 / sum w^2, as a fraction of n."""
+    """Spread of the weights and their effective sample fraction; whether they fell back to uniform."""
     w = weights["generation1_weight"].to_numpy(dtype=np.float64)
     if len(w) == 0:
         return {"rows": 0}
@@ -277,7 +295,8 @@ def weights_summary(weights: pd.DataFrame) -> dict:
         "weight_min": float(w.min()),
         "weight_max": float(w.max()),
         "weight_std": float(w.std()),
-        "effective_sample_fraction": float(w.sum() ** 2 / (w**2).sum() / len(w)),
+        "effective_sample_fraction": effective_sample_fraction(w),
+        "fallback_uniform": bool(json.loads(weights["inputs"].iloc[0]).get("fallback_uniform", False)),
     }
 
 

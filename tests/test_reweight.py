@@ -14,6 +14,7 @@ from alignment_core.reweight import (
     add_importance_inputs,
     run_reweighting,
     sequence_logprobs,
+    weights_summary,
 )
 from alignment_core.store import ArtifactStore
 
@@ -125,6 +126,44 @@ def test_importance_self_normalised_and_clipped():
         weigh("importance", make_units(2))
     with pytest.raises(ValueError, match="clip must be >= 1"):
         SampleReweighter(ReweightConfig(strategy="importance", clip=0.5))
+
+
+def test_importance_pair_mean_halves_the_joint_log_ratio():
+    units = make_units(
+        3,
+        generation1_policy_logp=[-1.0, -5.0, -3.0], generation1_behaviour_logp=[-2.0, -2.0, -3.0],
+        generation2_policy_logp=[-2.0, -2.0, 1.0], generation2_behaviour_logp=[-2.0, -2.0, -3.0],
+    )
+    # joint log ratios 1, -3, 4; their mean per response 0.5, -1.5, 2
+    weights = weigh("importance", units, clip=100.0, importance_pair="mean")
+    s = np.array([0.5, -1.5, 2.0])
+    raw = np.exp(s - np.log(np.exp(s).mean()))
+    assert list(weights["generation1_weight"]) == pytest.approx(raw / raw.mean())
+    assert [json.loads(i)["log_ratio"] for i in weights["inputs"]] == [0.5, -1.5, 2.0]
+    joint = weigh("importance", units, clip=100.0)
+    assert [json.loads(i)["log_ratio"] for i in joint["inputs"]] == [1.0, -3.0, 4.0]
+    # single responses: the mean of one is itself
+    single = make_units(2, pairs=False, generation1_policy_logp=[-1.0, -2.0], generation1_behaviour_logp=[-1.0, -1.0])
+    assert [json.loads(i)["log_ratio"] for i in weigh("importance", single, importance_pair="mean")["inputs"]] == [
+        0.0, -1.0]
+
+
+def test_weights_below_the_effective_sample_floor_fall_back_to_uniform():
+    units = make_units(4, generation1_policy_logp=[0.0, 0.0, 0.0, 6.0], generation1_behaviour_logp=[0.0] * 4,
+                       generation2_policy_logp=[0.0] * 4, generation2_behaviour_logp=[0.0] * 4)
+    skewed = weigh("importance", units, clip=100.0)
+    w = skewed["generation1_weight"].to_numpy()
+    effective = w.sum() ** 2 / (w**2).sum() / len(w)
+    assert effective == pytest.approx(weights_summary(skewed)["effective_sample_fraction"])
+    assert 0.25 < effective < 0.3  # one unit carries nearly all the weight
+    kept = weigh("importance", units, clip=100.0, min_effective_sample_fraction=effective - 1e-3)
+    assert list(kept["generation1_weight"]) == pytest.approx(list(w))  # at the floor: kept
+    guarded = weigh("importance", units, clip=100.0, min_effective_sample_fraction=effective + 1e-3)
+    assert list(guarded["generation1_weight"]) == [1.0] * 4
+    inputs = [json.loads(i) for i in guarded["inputs"]]
+    assert all(i["fallback_uniform"] and i["effective_sample_fraction"] == pytest.approx(effective) for i in inputs)
+    assert weights_summary(guarded)["fallback_uniform"] and not weights_summary(kept)["fallback_uniform"]
+    assert inputs[3]["log_ratio"] == 6.0  # what the weight would have come from is still recorded
 
 
 def test_length_debias():
