@@ -63,7 +63,12 @@ ARMS = ("offline", "offline-importance", "online-rm", "online-oracle")
 ENSEMBLE_ARMS = ("online-rm-ensemble", "online-cascade-12", "online-cascade-25", "online-cascade-50")
 CASCADE_BUDGETS = {"online-cascade-12": 0.125, "online-cascade-25": 0.25, "online-cascade-50": 0.5}
 ENSEMBLE_SIZE = 3  # reward models per seed, trained alike but for their training seed
-ALL_ARMS = ("offline", "offline-importance", "online-rm", *ENSEMBLE_ARMS, "online-oracle")  # the report's order
+# Opt-in: importance weights made gentler: each response's typical ratio (the pair's mean), tempered (T = 4),
+# clipped to [1/2, 2], and uniform when fewer than a third of the pairs would carry the weight.
+TEMPERED_IMPORTANCE = {"strategy": "importance", "importance_pair": "mean", "temperature": 4.0, "clip": 2.0,
+                       "min_effective_sample_fraction": 0.33}
+ALL_ARMS = ("offline", "offline-importance", "offline-importance-tempered", "online-rm", *ENSEMBLE_ARMS,
+            "online-oracle")  # the report's order
 TINY_BEHAVIOUR = "tiny://llama-seed1"  # the tiny model built with seed 1 (weights and tokenizer)
 
 
@@ -150,6 +155,8 @@ def arm_config(setting: Setting, store_root: str, seed: int, arm: str, sft_polic
         changes["setup"] = "offline_pairwise"
     if arm == "offline-importance":
         changes["reweight"] = {"strategy": "importance", "behaviour_model": behaviour}
+    if arm == "offline-importance-tempered":
+        changes["reweight"] = {**TEMPERED_IMPORTANCE, "behaviour_model": behaviour}
     if arm == "online-rm":
         changes["annotation"] = {"annotator": "reward_model", "reward_model": reward_models[0]}
     if arm == "online-rm-ensemble":

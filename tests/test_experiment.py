@@ -34,11 +34,14 @@ def test_every_arm_of_every_setting_is_a_valid_config(setting, tmp_path):
     members = ["rm", "rm-m1", "rm-m2"]
     configs = {arm: arm_config(settings, str(tmp_path), 0, arm, "sft", "rho", members) for arm in ALL_ARMS}
     assert {arm: cfg.setup for arm, cfg in configs.items()} == {
-        "offline": "offline_pairwise", "offline-importance": "offline_pairwise",
+        **{arm: "offline_pairwise" for arm in ALL_ARMS if arm.startswith("offline")},
         **{arm: "online_pairwise" for arm in ALL_ARMS if arm.startswith("online")},
     }
     assert configs["offline-importance"].reweight.behaviour_model == "rho"
-    assert {cfg.reweight.strategy for arm, cfg in configs.items() if arm != "offline-importance"} == {"uniform"}
+    tempered = configs["offline-importance-tempered"].reweight
+    assert (tempered.importance_pair, tempered.temperature, tempered.clip) == ("mean", 4.0, 2.0)
+    assert {cfg.reweight.strategy for arm, cfg in configs.items() if not arm.startswith("offline-importance")} == {
+        "uniform"}
     assert configs["online-rm"].annotation.reward_model == "rm"
     assert configs["online-rm-ensemble"].annotation.reward_model == members
     assert {configs[arm].annotation.cascade.budget for arm in CASCADE_BUDGETS} == {0.125, 0.25, 0.5}
