@@ -5,7 +5,8 @@ An `InputRef` is a kind and the name as it was written (a URI, a path, a hub id)
     kind        written as                                 resolves to                       digest
     stage       a stage of the store: {run}/iter-k/<stage> (rows, not a folder)              its manifest's fingerprint
                                                                                              digest (+ labels digest)
-    tiny        tiny://llama, tiny://reward                the build in the cache folder     its safetensors' sha256
+    tiny        tiny://llama, tiny://reward,               the build in the cache folder     its safetensors' sha256
+                tiny://llama-sft (the demo's SFT policy)
     checkpoint  s3://..., file://..., memory://...         a local copy of the finished      its safetensors' sha256
                 (a checkpoint the pipeline saved)          checkpoint (local_checkpoint)
     local       a folder (/abs, ./rel, ~/..., a/b/c)       that folder                       its safetensors' sha256
@@ -29,7 +30,9 @@ from typing import Literal
 from alignment_core.config import TINY_MODEL
 
 TINY_REWARD_MODEL = "tiny://reward"
-TINY_BUILDS = {TINY_MODEL: ("tiny-llama", "causal_lm"), TINY_REWARD_MODEL: ("tiny-reward", "reward_model")}
+TINY_SFT_MODEL = "tiny://llama-sft"  # the demo's starting policy: tiny://llama after SFT on bundled:sft
+TINY_BUILDS = {TINY_MODEL: ("tiny-llama", "causal_lm"), TINY_REWARD_MODEL: ("tiny-reward", "reward_model"),
+               TINY_SFT_MODEL: ("tiny-llama-sft", "sft")}
 DEFAULT_CACHE_DIR = "~/.cache/alignment_core"
 
 Kind = Literal["stage", "tiny", "checkpoint", "local", "hub"]
@@ -146,9 +149,11 @@ class InputRef:
         if cache_dir is None:
             cache_dir = store.cache_dir if store is not None else DEFAULT_CACHE_DIR
         if self.kind == "tiny":
-            from alignment_core.tiny import build_tiny
+            from alignment_core.tiny import build_tiny, build_tiny_sft
 
             folder, kind = TINY_BUILDS[self.name]
+            if kind == "sft":  # its folder is tiny-llama-sft-<digest of what built it>
+                return str(build_tiny_sft(Path(cache_dir).expanduser()))
             return str(build_tiny(Path(cache_dir).expanduser() / folder, kind=kind))
         if self.kind == "checkpoint":
             if store is None:

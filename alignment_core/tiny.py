@@ -4,10 +4,18 @@ Nothing is downloaded: the tokenizer is a byte-level BPE trained on an English c
 fixed word list with a seeded RNG, and the model has random weights. The result is a normal
 `save_pretrained` folder, so it loads through exactly the same `from_pretrained` path as a hub model.
 
+`build_tiny_sft` is the demo's starting policy (`tiny://llama-sft`): the tiny model after a short SFT round on
+bundled:sft. Random weights answer with byte soup that no reward can rank; after SFT the answers are sentences,
+some with positive words and some without, which is what the demo's reward can move. It is built once into the
+cache folder, in a folder named by a digest of what built it (recipe, data, base model), so a change to any of
+them builds a new one instead of reusing a stale one.
+
     python -m alignment_core.tiny OUT_DIR [--kind reward_model] [--layers N]
+    python -m alignment_core.tiny CACHE_DIR --sft       # prints the folder it built (or found) under CACHE_DIR
 """
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -24,6 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from alignment_core.rendering import render_prompt_ids, response_ids
 from alignment_core.rewards import POSITIVE_WORDS  # the reward counts them; the corpus teaches them
 
 KINDS = ("causal_lm", "reward_model")
@@ -180,13 +189,82 @@ def build_tiny(out_dir: str | Path, kind: str = "causal_lm", seed: int = 0, num_
     never see half a model. A folder that already holds the same build is returned as is; one holding
     anything else is an error rather than silently reused.
     """
+    def build():
+        tokenizer = build_tokenizer(seed)
+        return build_model(tokenizer, kind=kind, seed=seed, num_layers=num_layers), tokenizer
+
+    return _publish(out_dir, _build_record(kind, seed, num_layers), build)
+
+
+# The demo policy's SFT round: 4 epochs of bundled:sft (300 answers) at batch 16, 76 optimizer steps.
+SFT_DATA = Path(__file__).parent / "bundled" / "sft.jsonl"
+SFT_RECIPE = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3}
+
+
+def build_tiny_sft(cache_dir: str | Path, seed: int = 0, num_layers: int = 4) -> Path:
+    """The tiny causal LM after an SFT round on bundled:sft, built once into `cache_dir`/tiny-llama-sft-<key>.
+
+    The key is a digest of the build record: the base build, the recipe, and the sha256 of the SFT data.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    folder, record = sft_build(seed, num_layers)
+
+    def build():
+        tokenizer = build_tokenizer(seed)
+        model = build_model(tokenizer, seed=seed, num_layers=num_layers)
+        rows = [json.loads(line) for line in SFT_DATA.read_text().splitlines() if line.strip()]
+        _sft(model, tokenizer, rows, seed=seed, **SFT_RECIPE)
+        return model, tokenizer
+
+    return _publish(cache_dir / folder, record, build)
+
+
+def sft_build(seed: int = 0, num_layers: int = 4) -> tuple[str, dict]:
+    """(folder name, build record) of `build_tiny_sft`: the folder is tiny-llama-sft-<digest of the record>."""
+    record = {**_build_record("causal_lm", seed, num_layers), "sft": {
+        **SFT_RECIPE, "data": SFT_DATA.name, "data_sha256": hashlib.sha256(SFT_DATA.read_bytes()).hexdigest()}}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    return f"tiny-llama-sft-{key}", record
+
+
+def _sft(model, tokenizer, rows: list[dict], seed: int, epochs: int, batch_size: int, learning_rate: float) -> None:
+    """Next-token loss on each completion (not its prompt), rendered as the pipeline renders a response: the
+    chat template's prompt, then the completion and its end-of-turn token, the one sampling stops at."""
+    examples = []
+    for row in rows:
+        prompt = render_prompt_ids(tokenizer, [{"role": "user", "content": row["prompt"]}])
+        examples.append((prompt, response_ids(tokenizer, row["completion"])))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(examples)).tolist()
+            for start in range(0, len(order), batch_size):
+                batch = [examples[i] for i in order[start:start + batch_size]]
+                width = max(len(prompt) + len(response) for prompt, response in batch)
+                input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+                labels = torch.full((len(batch), width), -100)  # -100: no loss (prompt and padding)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, (prompt, response) in enumerate(batch):
+                    ids = prompt + response
+                    input_ids[row, :len(ids)] = torch.tensor(ids)
+                    labels[row, len(prompt):len(ids)] = torch.tensor(response)
+                    mask[row, :len(ids)] = 1
+                model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    model.eval()
+
+
+def _publish(out_dir: str | Path, record: dict, build) -> Path:
+    """`build()`'s (model, tokenizer) saved into `out_dir` with its record; a folder already there is checked
+    against the record instead (see `build_tiny`)."""
     out_dir = Path(out_dir).expanduser().resolve()
-    record = _build_record(kind, seed, num_layers)
     if out_dir.exists():
         return _check_existing(out_dir, record)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed)
-    model = build_model(tokenizer, kind=kind, seed=seed, num_layers=num_layers)
+    model, tokenizer = build()
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model.save_pretrained(staging)
@@ -215,12 +293,16 @@ def _check_existing(out_dir: Path, record: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the tiny Llama model and tokenizer into a folder.")
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", help="the model's folder; with --sft, the cache folder to build it under")
     parser.add_argument("--kind", choices=KINDS, default="causal_lm")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft", action="store_true", help="the demo policy: the causal LM after SFT on bundled:sft")
     args = parser.parse_args(argv)
-    print(build_tiny(args.out_dir, kind=args.kind, seed=args.seed, num_layers=args.layers))
+    if args.sft:
+        print(build_tiny_sft(args.out_dir, seed=args.seed, num_layers=args.layers))
+    else:
+        print(build_tiny(args.out_dir, kind=args.kind, seed=args.seed, num_layers=args.layers))
 
 
 if __name__ == "__main__":
