@@ -102,13 +102,24 @@ class StoreConfig(StrictModel):
     lease_token: str | None = None
     """Set by the flow that holds the run's lease (dispatched stage flows verify it instead of taking their own);
     leave it unset."""
-    verify_checksums: bool = False
-    """Reading a stage always checks each shard's size and row count against its manifest; this also checks
-    each shard's sha256. `python -m alignment_core.inspect RUN --verify` checks every stage's checksums."""
+    verify_checksums: bool | None = None
+    """Deprecated and ignored (still accepted, so older configs load): deciding that a stage is complete, and
+    reading it, always checks each shard's size, rows and sha256 against its manifest."""
     force_rerun: bool = False
     """A finished iteration (complete checkpoint) whose stages would now be computed from something else (config,
     data, template, reward function, library code) is refused; true redoes it, replacing its checkpoint
     (`--force`, the flow parameter `force`)."""
+
+    @field_validator("verify_checksums")
+    @classmethod
+    def _deprecated_verify_checksums(cls, verify_checksums: bool | None) -> bool | None:
+        if verify_checksums is not None:
+            import warnings
+
+            warnings.warn("store.verify_checksums is deprecated and ignored: every stage's shards are checked "
+                          "against their sha256 before the stage counts as complete; remove the setting",
+                          FutureWarning, stacklevel=2)
+        return verify_checksums
 
     @field_validator("run_name")
     @classmethod

@@ -54,7 +54,7 @@ def verify_run(store: ArtifactStore, run: str) -> tuple[int, list[str]]:
             if manifest is None:
                 continue
             checked += 1
-            problems += [f"iter-{iteration:03d}/{stage}: {p}" for p in store.verify_stage(uri, manifest, True)]
+            problems += [f"iter-{iteration:03d}/{stage}: {p}" for p in store.verify_stage(uri, manifest)]
     return checked, problems
 
 

@@ -12,8 +12,10 @@ Why it is safe to kill a run at any moment:
   different fingerprint are stale and removed, shards under the same one are reused, so a resumed stage
   continues at its first missing shard.
 - The manifest, written last, is the only proof a stage is complete. It records each shard's rows, byte size
-  and sha256; a stage whose shards no longer match (truncated, rewritten, deleted) is not complete, and
-  reading it raises DamagedStageError naming the shard (sizes and rows always; checksums on request).
+  and sha256; a stage whose shards no longer match (truncated, rewritten, deleted, even rewritten to the same
+  size) is not complete, so a rerun redoes those shards, and reading it raises DamagedStageError naming the shard.
+  Each shard's bytes are hashed once per process per file version (size + mtime locally, ETag on S3), so the
+  completeness checks of a rerun stay cheap.
 """
 
 import contextlib
@@ -81,18 +83,14 @@ def check_segment(segment: str, what: str = "path segment") -> str:
     return segment
 
 
-def _shard_problems(record: dict, data: bytes | None = None, *, size: int | None = None, rows=None) -> list[str]:
-    """How a shard differs from its manifest record: [] or one line naming the shard and each difference.
-
-    From its bytes (size, footer rows, and the sha256 when the record has one), or from a size and a row count
-    (or the error reading the footer) found without reading the whole file.
-    """
-    if data is not None:
-        size = len(data)
-        try:
-            rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
-        except (pa.ArrowException, OSError) as error:
-            rows = error
+def _shard_problems(record: dict, data: bytes) -> list[str]:
+    """How a shard's bytes differ from its manifest record: [] or one line naming the shard and each difference
+    (size, footer rows, and the sha256 when the record has one)."""
+    size = len(data)
+    try:
+        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+    except (pa.ArrowException, OSError) as error:
+        rows = error
     differs = []
     if "bytes" in record and size != record["bytes"]:
         differs.append(f"{size} bytes (the manifest records {record['bytes']})")
@@ -100,11 +98,16 @@ def _shard_problems(record: dict, data: bytes | None = None, *, size: int | None
         differs.append(f"no readable Parquet footer ({rows})")
     elif rows != record["rows"]:
         differs.append(f"{rows} rows (the manifest records {record['rows']})")
-    if not differs and data is not None and "sha256" in record:
+    if not differs and "sha256" in record:
         digest = hashlib.sha256(data).hexdigest()
         if digest != record["sha256"]:
             differs.append(f"sha256 {digest[:12]}... (the manifest records {record['sha256'][:12]}...)")
     return [f"{record['name']} has " + ", ".join(differs)] if differs else []
+
+
+# The sha256 of shard files this process has read and found to match their manifest, by file version (see
+# ArtifactStore._file_version): the completeness checks of a rerun hash each shard once, not at every check.
+_VERIFIED_DIGESTS: dict[tuple, str] = {}
 
 
 class ArtifactStore:
@@ -114,10 +117,7 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str, endpoint_url: str | None = None, cache_dir: str = "~/.cache/alignment_core",
-                 lease_token: str | None = None, verify_checksums: bool = False):
-        # Reading a stage always checks each shard's size and row count against the manifest; with
-        # verify_checksums also its sha256 (reads the whole shard: what `inspect --verify` does).
-        self.verify_checksums = verify_checksums
+                 lease_token: str | None = None):
         # The run lease this store writes under (alignment_core/lease.py): stage writers check that it is
         # still the run's live lease; without one they check that nobody else holds a live lease on the run.
         self.lease_token = lease_token
@@ -134,8 +134,7 @@ class ArtifactStore:
     @classmethod
     def from_config(cls, store_cfg) -> "ArtifactStore":
         return cls(store_cfg.root, endpoint_url=store_cfg.endpoint_url, cache_dir=store_cfg.cache_dir,
-                   lease_token=getattr(store_cfg, "lease_token", None),
-                   verify_checksums=getattr(store_cfg, "verify_checksums", False))
+                   lease_token=getattr(store_cfg, "lease_token", None))
 
     # ---- URIs -------------------------------------------------------------------------------------
     def _unstrip(self, path: str) -> str:
@@ -345,7 +344,7 @@ class ArtifactStore:
         return self.read_json(uri) if self.exists(uri) else None
 
     def is_complete(self, stage_uri: str, fingerprint: dict[str, Any]) -> bool:
-        """A manifest of this fingerprint whose shards are all there, of the recorded size and row count.
+        """A manifest of this fingerprint whose shards are all there, of the recorded size, rows and sha256.
 
         A damaged stage is not complete: the stage function redoes its missing or damaged shards.
         """
@@ -357,35 +356,14 @@ class ArtifactStore:
             log.warning("stage %s is damaged, redoing it: %s", stage_uri, "; ".join(problems))
         return not problems
 
-    def verify_stage(self, stage_uri: str, manifest: dict | None = None, checksums: bool | None = None) -> list[str]:
-        """What differs between a finished stage's shards and its manifest ([] when nothing does).
-
-        Size (from the file system) and rows (from the Parquet footer) always; the sha256 of each shard's bytes
-        with `checksums` (default: the store's verify_checksums).
-        """
+    def verify_stage(self, stage_uri: str, manifest: dict | None = None) -> list[str]:
+        """What differs between a finished stage's shards and its manifest ([] when nothing does): each shard's
+        size, rows (from its Parquet footer) and sha256. A shard already found intact by this process, and not
+        changed since, is not read again."""
         manifest = manifest or self.read_manifest(stage_uri)
         if manifest is None:
             return [f"no {MANIFEST}"]
-        checksums = self.verify_checksums if checksums is None else checksums
-        problems = []
-        for record in manifest["shards"]:
-            path = self._path(f"{stage_uri}/{record['name']}")
-            try:
-                if checksums:
-                    problems += _shard_problems(record, self.fs.cat_file(path))
-                    continue
-                size = self.fs.info(path)["size"]
-                try:
-                    with self.fs.open(path, "rb") as f:
-                        rows = pq.ParquetFile(f).metadata.num_rows
-                except (pa.ArrowException, OSError) as error:
-                    if isinstance(error, FileNotFoundError):
-                        raise
-                    rows = error
-                problems += _shard_problems(record, size=size, rows=rows)
-            except FileNotFoundError:
-                problems.append(f"{record['name']} is missing")
-        return problems
+        return [problem for record in manifest["shards"] for problem in self._stored_shard_problems(stage_uri, record)]
 
     def stage_writer(self, stage_uri: str, schema_name: str, fingerprint: dict[str, Any]) -> "StageWriter":
         return StageWriter(self, stage_uri, schema_name, fingerprint)
@@ -420,16 +398,42 @@ class ArtifactStore:
             return pq.read_table(f)
 
     def _read_verified_shard(self, stage_uri: str, record: dict) -> pa.Table:
-        """One shard, checked against its manifest record (size, rows; sha256 with verify_checksums)."""
+        """One shard, checked against its manifest record (size, rows, sha256)."""
         try:
             data = self.fs.cat_file(self._path(f"{stage_uri}/{record['name']}"))
         except FileNotFoundError:
             raise DamagedStageError(stage_uri, [f"{record['name']} is missing"]) from None
-        record = record if self.verify_checksums else {k: v for k, v in record.items() if k != "sha256"}
         problems = _shard_problems(record, data)
         if problems:
             raise DamagedStageError(stage_uri, problems)
         return pq.read_table(io.BytesIO(data))
+
+    def _stored_shard_problems(self, stage_uri: str, record: dict) -> list[str]:
+        """How a shard's file differs from its manifest record ([] or one line); a version of the file this
+        process has already found intact is not read again."""
+        path, sha256 = self._path(f"{stage_uri}/{record['name']}"), record.get("sha256")
+        try:
+            version = self._file_version(path)  # taken before reading: a change after it is another version
+            if sha256 is not None and version is not None and _VERIFIED_DIGESTS.get(version) == sha256:
+                return []
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return [f"{record['name']} is missing"]
+        problems = _shard_problems(record, data)
+        if not problems and sha256 is not None and version is not None:
+            _VERIFIED_DIGESTS[version] = sha256
+        return problems
+
+    def _file_version(self, path: str) -> tuple | None:
+        """What changes whenever the file's bytes do: size, mtime (ns) and inode locally, the ETag on S3 (else
+        the modification time the file system reports); None when the file system reports neither."""
+        if self._local:
+            stat = os.stat(path)
+            return path, stat.st_size, stat.st_mtime_ns, stat.st_ino
+        self.fs.invalidate_cache(path)  # the version now, not a listing's from before a rewrite
+        info = self.fs.info(path)
+        version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+        return (self.protocol, path, info["size"], str(version)) if version else None
 
     # ---- listing ------------------------------------------------------------------------------------
     def _children(self, uri: str) -> list[str]:

@@ -57,7 +57,7 @@ def test_the_manifest_records_rows_bytes_and_sha256_of_each_shard(finished):
         data = Path(uri, record["name"]).read_bytes()
         assert record["rows"] == table.num_rows == pq.read_table(io.BytesIO(data)).num_rows
         assert record["bytes"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
-    assert store.verify_stage(uri, checksums=True) == []
+    assert store.verify_stage(uri) == []
     assert store.is_complete(uri, {"v": 1})
     # A writer opened on an intact finished stage (a late fan-out worker, say) leaves it complete.
     assert store.stage_writer(uri, "metrics", {"v": 1}).done_shards == {0, 1, 2}
@@ -82,24 +82,39 @@ def test_a_damaged_stage_is_not_complete_names_the_shard_and_is_redone(finished,
     pd.testing.assert_frame_equal(store.read_pandas(uri), original)
     assert {name: Path(uri, name).stat().st_mtime_ns for name in untouched} == untouched
     assert store.read_manifest(uri)["shards"] == manifest["shards"]
-    assert store.verify_stage(uri, checksums=True) == []
-
-
-@pytest.mark.fault("shard rewritten, same size (checksum)")
-def test_a_same_size_rewrite_is_caught_by_the_checksum(finished, tmp_path):
-    store, uri, _ = finished
-    path = Path(uri, "part-00000.parquet")
-    data = path.read_bytes()
-    assert b"parquet-cpp-arrow" in data  # the footer's created_by: same size, still readable, other bytes
-    path.write_bytes(data.replace(b"parquet-cpp-arrow", b"parquet-cpp-arrOw"))
-    assert len(store.read_pandas(uri)) == 12  # sizes and rows match: the default read passes
     assert store.verify_stage(uri) == []
-    checking = ArtifactStore(str(tmp_path), verify_checksums=True)
-    with pytest.raises(DamagedStageError, match="part-00000.parquet has sha256"):
-        checking.read_pandas(uri)
-    assert not checking.is_complete(uri, {"v": 1})
-    [problem] = store.verify_stage(uri, checksums=True)
+
+
+def rewrite_same_size(path: Path) -> None:
+    """Other bytes, same size, still a readable Parquet file with the same rows: only the sha256 tells."""
+    data = path.read_bytes()
+    assert b"parquet-cpp-arrow" in data  # the footer's created_by
+    path.write_bytes(data.replace(b"parquet-cpp-arrow", b"parquet-cpp-arrOw"))
+
+
+def test_a_same_size_rewrite_is_caught_by_the_checksum(finished):
+    store, uri, _ = finished
+    rewrite_same_size(Path(uri, "part-00000.parquet"))
+    assert len(pq.read_table(Path(uri, "part-00000.parquet"))) == 4  # sizes and rows still match
+    [problem] = store.verify_stage(uri)
     assert problem.startswith("part-00000.parquet has sha256 ")
+    assert not store.is_complete(uri, {"v": 1})
+    with pytest.raises(DamagedStageError, match="part-00000.parquet has sha256"):
+        store.read_pandas(uri)
+
+
+def test_a_shard_is_hashed_once_per_process_until_its_file_changes(finished):
+    store, uri, _ = finished
+    reads = []
+    real_cat_file = store.fs.cat_file
+    store.fs.cat_file = lambda path, *a, **k: reads.append(os.path.basename(path)) or real_cat_file(path, *a, **k)
+    assert store.is_complete(uri, {"v": 1}) and store.is_complete(uri, {"v": 1})
+    assert ArtifactStore(str(Path(uri).parents[2])).is_complete(uri, {"v": 1})  # another store, same process
+    assert sorted(reads) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    reads.clear()
+    rewrite_same_size(Path(uri, "part-00001.parquet"))
+    assert not store.is_complete(uri, {"v": 1})
+    assert reads == ["part-00001.parquet"]  # only the changed file is read again
 
 
 def test_inspect_verify_checks_every_stage(finished, tmp_path):
@@ -113,8 +128,7 @@ def test_inspect_verify_checks_every_stage(finished, tmp_path):
     ok = inspect()
     assert ok.returncode == 0, ok.stderr
     assert "verify: 2 finished stages, every shard matches its manifest" in ok.stdout
-    path = Path(uri, "part-00002.parquet")
-    path.write_bytes(path.read_bytes().replace(b"parquet-cpp-arrow", b"parquet-cpp-arrOw"))
+    rewrite_same_size(Path(uri, "part-00002.parquet"))
     damaged = inspect()
     assert damaged.returncode == 1
     assert "DAMAGED iter-001/metrics: part-00002.parquet has sha256" in damaged.stdout
@@ -132,7 +146,7 @@ def test_damage_on_s3_is_found_and_redone(s3_server):
     assert not store.is_complete(uri, {"v": 1})
     store.write_stage(uri, "metrics", {"v": 1}, TABLES)
     assert store.read_pandas(uri)["step"].tolist() == list(range(12))
-    assert store.verify_stage(uri, checksums=True) == []
+    assert store.verify_stage(uri) == []
 
 
 # ---- the pipeline redoes a damaged stage from its inputs --------------------------------------------------
