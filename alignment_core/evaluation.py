@@ -12,6 +12,7 @@ import pandas as pd
 
 from alignment_core.annotation import LABEL_STATUSES, import_callable, make_annotator
 from alignment_core.config import PipelineConfig
+from alignment_core.verdict import is_demo_rule
 
 load_callable = import_callable
 
@@ -35,6 +36,35 @@ def annotator_label(cfg: PipelineConfig) -> str:
         return f"reward model {annotation.reward_model}"
     judge = annotation.judge
     return f"LLM judge {judge.model} ({judge.backend}, template {judge.template})"
+
+
+def demo_judge_warning(cfg: PipelineConfig) -> str | None:
+    """A warning when the policy's evaluation would be judged by a demo rule with no oracle beside it: a run on
+    the user's own data that names no annotator (offline setups need none to train) would otherwise report
+    win-rates by the toy task's rule as if they said something about the user's task."""
+    from alignment_core.setups import SETUPS
+
+    judging = judging_config(cfg).annotation
+    if not cfg.evaluation.enabled or cfg.evaluation.oracle or SETUPS[cfg.setup].flow == "reward-model":
+        return None  # a reward model's evaluation is its held-out accuracy, no annotator involved
+    if judging.annotator != "programmatic" or not is_demo_rule(judging.programmatic):
+        return None
+    return (f"evaluation will be judged by rule {judging.programmatic}, a demo rule of the toy task "
+            "(alignment_core/rewards.py), not your task's: name your judge in annotation (annotator: "
+            "reward_model, judge_pairwise, judge_pointwise, or programmatic with your own module:function) or "
+            "set evaluation.oracle (README: Did it learn?)")
+
+
+def mean_difference(key: str, new, baseline, z: float = 1.96) -> dict[str, float]:
+    """`key`: the mean of new - baseline, prompt by prompt (prompts with both scores), with its 95% interval
+    (`key`_low, `key`_high; normal approximation of the mean, as the win-rates' Wilson intervals use z)."""
+    differences = pd.to_numeric(pd.Series(new), errors="coerce").to_numpy(float) - pd.to_numeric(
+        pd.Series(baseline), errors="coerce").to_numpy(float)
+    differences = differences[np.isfinite(differences)]
+    if len(differences) < 2:
+        return {key: math.nan, f"{key}_low": math.nan, f"{key}_high": math.nan}
+    mean, half = differences.mean(), z * differences.std(ddof=1) / math.sqrt(len(differences))
+    return {key: float(mean), f"{key}_low": float(mean - half), f"{key}_high": float(mean + half)}
 
 
 def compare_responses(cfg: PipelineConfig, new: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:

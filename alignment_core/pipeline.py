@@ -487,7 +487,7 @@ def evaluate(
     Writes `eval_generations` (the new policy's samples; iteration 0 holds the initial policy's) and an
     `evaluation` metrics stage: win-rates with 95% Wilson intervals, and the mean reward of each policy.
     """
-    from alignment_core.evaluation import annotator_label, compare_responses
+    from alignment_core.evaluation import annotator_label, compare_responses, mean_difference
 
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
@@ -509,6 +509,9 @@ def evaluate(
         if name == "previous":
             summary["annotator_score_mean"] = float(comparison["score_new"].mean())
             summary["annotator_score_mean_previous"] = float(comparison["score_baseline"].mean())
+        else:  # how far the policy moved since the start, with an interval (the plot's reward panel)
+            summary.update(mean_difference("annotator_score_delta_vs_initial", comparison["score_new"],
+                                           comparison["score_baseline"]))
     if cfg.evaluation.oracle:
         # The true reward, when the experiment has one: the same comparisons judged by the oracle, because the
         # annotator's win-rate can rise while the true reward falls (reward hacking).
@@ -523,6 +526,7 @@ def evaluate(
             summary[f"oracle_reward_mean_{name}"] = float(np.mean(scores[name]))
             outcome = np.sign(scores["new"] - scores[name]) / 2 + 0.5  # 1 win, 0.5 tie, 0 loss, prompt by prompt
             summary.update(_win_rate(f"vs_{name}", pd.Series(outcome), prefix="oracle_"))
+        summary.update(mean_difference("oracle_reward_delta_vs_initial", scores["new"], scores["initial"]))
     summary["response_words_mean"] = float(new_df["response"].str.split().str.len().mean())
     rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
     store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
@@ -577,7 +581,10 @@ def evaluate_reward_model(cfg: PipelineConfig, heldout_uri: str, checkpoint_uri:
 
 
 def evaluation_summary(store: ArtifactStore, evaluation_uri: str) -> dict:
-    return store.read_manifest(evaluation_uri)["extra"]["summary"]
+    """The evaluation's numbers, and who judged them: `judge` (the annotator in words) and `oracle` (a
+    module:function) where the stage recorded them, for the verdict line (alignment_core/verdict.py)."""
+    extra = store.read_manifest(evaluation_uri)["extra"]
+    return {**extra["summary"], **{k: extra[k] for k in ("judge", "oracle") if extra.get(k)}}
 
 
 def stage_summary(store: ArtifactStore, stage_uri: str) -> dict:

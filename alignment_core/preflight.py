@@ -1,7 +1,7 @@
 """Check everything a config names before any model work: fail once, in seconds, listing every problem.
 
     problems = preflight_problems(cfg)      # [] when the run can start
-    preflight(cfg)                          # raises PreflightError listing them all
+    preflight(cfg)                          # raises PreflightError listing them all; logs each warning
 
 What is checked: every model the run will load (policy, reference, tokenizer, reward model, judge, behaviour
 model; a hub id resolves to its snapshot in the local hub cache, downloading it if the hub is reachable), the
@@ -13,11 +13,14 @@ which runs first and before any model is loaded.
 a wrong path, a bad config or a schema mismatch fails the same way every time and is not.
 """
 
+import logging
 import subprocess
 from pathlib import Path
 
 from alignment_core.config import PipelineConfig
 from alignment_core.tracking import tracking_problems
+
+log = logging.getLogger(__name__)
 
 
 class PreflightError(ValueError):
@@ -72,10 +75,20 @@ def preflight_problems(cfg: PipelineConfig) -> list[str]:
     return problems + tracking_problems(cfg)
 
 
+def preflight_warnings(cfg: PipelineConfig) -> list[str]:
+    """What does not stop a run but makes its results mean less than they seem: a win-rate judged by a demo
+    rule that nobody named."""
+    from alignment_core.evaluation import demo_judge_warning
+
+    return [warning for warning in (demo_judge_warning(cfg),) if warning]
+
+
 def preflight(cfg: PipelineConfig) -> None:
     problems = preflight_problems(cfg)
     if problems:
         raise PreflightError(problems)
+    for warning in preflight_warnings(cfg):
+        log.warning(warning)
 
 
 def _problem(field: str, check, *args) -> list[str]:
