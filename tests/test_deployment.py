@@ -98,7 +98,7 @@ def test_served_deployment_runs_by_name_and_publishes_artifacts(prefect_server, 
         artifacts = asyncio.run(read_artifact_keys(api))
         # One artifact per kind under a stable key (tasks/report.py, flows/logs.py), none per stage or iteration.
         assert artifacts == {"served-config", "served-summary", "served-evaluation", "served-evaluation-table",
-                             "served-metrics", "served-samples"}
+                             "served-metrics", "served-samples", "served-generate-progress", "served-train-progress"}
 
 
 async def read_artifact_keys(api: str) -> set[str]:
