@@ -35,6 +35,11 @@ def is_single_file_source(source: str) -> bool:
     return source.startswith("bundled:") or source.lower().endswith(DATA_FILE_SUFFIXES)
 
 
+# The columns the data formats read (alignment_core/data.py): what `data.columns` may map a source's columns onto.
+DATA_COLUMNS = ("prompt", "messages", "chosen", "rejected", "completion", "label", "responses", "scores",
+                "score_chosen", "score_rejected")
+
+
 def check_single_file_options(source: str, split: str, subset: str | None, revision: str | None) -> None:
     """A file is one split of one dataset: a split, subset or revision asked of it would be silently ignored."""
     if is_single_file_source(source) and (split != "train" or subset is not None or revision is not None):
@@ -156,10 +161,30 @@ class DataConfig(StrictModel):
     """How many held-out prompts evaluation uses (never trained on)."""
     min_pair_margin: float = Field(default=0.0, ge=0)
     """scored lists: minimum score gap of a pair"""
+    columns: dict[str, str | list[str]] = Field(default_factory=dict)
+    """Your columns under a known format's names, e.g. `{prompt: question, completion: answer}`. A list joins
+    those columns' text with a blank line, leaving out empty ones: Alpaca's instruction and optional input make
+    one prompt with `{prompt: [instruction, input], completion: output}` (as TRL's and axolotl's Alpaca
+    templates put the input after the instruction). Columns not named here keep their names; the format is
+    then detected from the renamed columns, or named by `format`. The names formats read: prompt, messages,
+    chosen, rejected, completion, label, responses, scores, score_chosen, score_rejected."""
     prompt_reuse: Literal["cycle", "never"] = "cycle"
     """Online runs take `generation.prompts_per_iteration` new prompts per iteration. When the source runs out:
     "cycle" samples earlier iterations' prompts again (with a warning), "never" stops the run at its first stage
     with an error."""
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, columns: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        unknown = sorted(set(columns) - set(DATA_COLUMNS))
+        if unknown:
+            raise ValueError(f"columns maps onto {unknown}, which no format reads; the names formats read: "
+                             f"{list(DATA_COLUMNS)}")
+        for target, sources in columns.items():
+            names = [sources] if isinstance(sources, str) else sources
+            if not names or not all(name.strip() for name in names):
+                raise ValueError(f"columns.{target}: name a source column (or a non-empty list of them)")
+        return columns
 
     @model_validator(mode="after")
     def _file_options(self) -> "DataConfig":
@@ -739,8 +764,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     for dotted, value in (overrides or {}).items():
         section = data
         *parents, leaf = dotted.split(".")
-        for name in parents:
+        for depth, name in enumerate(parents):
             section = section.setdefault(name, {})
+            if not isinstance(section, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{dotted}: {where} is a value ({section!r}), not a section with fields")
         section[leaf] = value
     return parse_config(data)
 

@@ -2,7 +2,9 @@
 
 A source is a hub dataset name (or a local dataset folder), a `.jsonl` / `.json` / `.parquet` / `.csv` file
 (local or any fsspec URL), or `bundled:<name>` for the small datasets shipped in `alignment_core/bundled/`.
-Every source goes through one adapter, picked from the columns of its first rows or named by `format`:
+Every source goes through one adapter, picked from the columns of its first readable rows (unreadable ones are
+read past, up to DETECT_MAX_ROWS) or named by `format`; `columns` first renames a source's own columns onto
+the names below (or joins several into one):
 
     prompt_only     prompt (string or chat turns), or messages whose prompt ends at the last user turn
     pairs           prompt, chosen, rejected strings
@@ -16,8 +18,9 @@ Every source goes through one adapter, picked from the columns of its first rows
 
 The output is a `records.EXAMPLES` table. Ids are content hashes, so the same content gets the same id in
 every load and on every machine. A row that cannot be read (missing field, wrong type, empty prompt or
-answer, identical answers, unparseable transcript, ...) is skipped and counted per reason in `report`, or,
-with `on_bad_row="fail"`, raises a ValueError naming the row, the format and the problem.
+answer, identical answers, unparseable transcript, a prompt without a user turn, a role other than system,
+user or assistant, ...) is skipped and counted per reason in `report`, or, with `on_bad_row="fail"`, raises a
+ValueError naming the row, the format and the problem.
 """
 
 import hashlib
@@ -43,7 +46,9 @@ logger = logging.getLogger(__name__)
 FORMATS = ("prompt_only", "pairs", "hh_rlhf", "messages_pairs", "pointwise", "sft", "scored")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BUNDLED_PREFIX = "bundled:"
-DETECT_ROWS = 16  # format detection looks at the columns of this many leading rows
+DETECT_ROWS = 16  # format detection looks at the columns of this many readable leading rows
+DETECT_MAX_ROWS = 1000  # ... reading past unreadable ones up to this many rows
+ROLES = ("system", "user", "assistant")
 
 # The turn markers of an HH-RLHF transcript.
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -117,13 +122,19 @@ def _messages(value: Any, name: str) -> list[dict]:
     for i, turn in enumerate(value):
         if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
             raise BadRow("invalid_messages", f"{name}[{i}] is not a {{role, content}} turn of strings: {turn!r}")
+        if turn["role"] not in ROLES:
+            # A chat template renders other roles its own way or not at all: the policy would see another prompt.
+            raise BadRow("invalid_role", f"{name}[{i}] has role {turn['role']!r}, expected one of {ROLES}")
         turns.append({"role": turn["role"], "content": turn["content"]})
     return turns
 
 
 def _non_empty_prompt(turns: list[dict], name: str) -> list[dict]:
+    """A prompt with text, and a user turn to answer (a system turn alone asks nothing)."""
     if not any(turn["content"].strip() for turn in turns):
         raise BadRow("empty_prompt", f"the prompt ({name!r}) is empty")
+    if not any(turn["role"] == "user" for turn in turns):
+        raise BadRow("no_user_turn", f"the prompt ({name!r}) has no user turn, only {[t['role'] for t in turns]}")
     return turns
 
 
@@ -356,7 +367,8 @@ def detect_format(rows: list[dict]) -> str:
     known = "; ".join(f"{name}: {spelled}" for name, spelled in FORMAT_COLUMNS.items())
     if fmt is None:
         raise ValueError(f"cannot detect the data format from columns {sorted(columns)}; the known formats read "
-                         f"({known}); name one with format=")
+                         f"({known}); name one with format=, or map your columns onto those names with columns= "
+                         "(e.g. Alpaca's: {prompt: [instruction, input], completion: output})")
     unread = sorted(columns - {"prompt", "messages"} - PROMPT_ONLY_METADATA)
     if fmt == "prompt_only" and unread:
         raise ValueError(
@@ -540,6 +552,28 @@ def _read_csv(path: str) -> Iterator[dict | BadRow]:
         yield BadRow("invalid_encoding", f"{where}: column {bad!r} is not valid UTF-8 text")
 
 
+def map_columns(row: dict, columns: dict[str, str | list[str]]) -> dict | BadRow:
+    """A source row under the names a format reads (`data.columns`): each target takes its source column's
+    value, or the text of its source columns joined with a blank line (None and blank ones left out; none
+    left: None). The source columns a target took are dropped; the others keep their names."""
+    if not columns:
+        return row
+    taken = {name for sources in columns.values() for name in ([sources] if isinstance(sources, str) else sources)}
+    mapped = {name: value for name, value in row.items() if name not in taken}
+    for target, sources in columns.items():
+        if isinstance(sources, str):
+            mapped[target] = row.get(sources)
+            continue
+        texts = [row.get(name) for name in sources]
+        wrong = next((name for name, text in zip(sources, texts, strict=True)
+                      if text is not None and not isinstance(text, str)), None)
+        if wrong is not None:
+            return BadRow("not_a_string", f"column {wrong!r} (joined into {target!r}) is "
+                                          f"{type(row[wrong]).__name__}, expected a string")
+        mapped[target] = "\n\n".join(text for text in texts if text and text.strip()) or None
+    return mapped
+
+
 FILE_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
 
 
@@ -585,6 +619,15 @@ def check_source(source: str) -> tuple[str, str | None]:
     if not filesystem.exists(fs_path):
         raise FileNotFoundError(f"data source {source!r}: no such file")
     return source, suffix
+
+
+def check_data(config: DataConfig, source: str) -> str | None:
+    """The format of a data file (or bundled source), found on its first rows as its load will: raises at once
+    what that load would raise at its start (no such file, no format fits, `columns` naming columns the file
+    lacks). None for a hub dataset or a dataset folder: those are read by the prompts stage, which runs first."""
+    if check_source(source)[1] is None:
+        return None
+    return DatasLoader.from_config(config.model_copy(update={"source": source})).detect()[0]
 
 
 # --- the loader --------------------------------------------------------------------------------------------
@@ -655,6 +698,7 @@ class DatasLoader:
         max_rows: int | None = None,
         on_bad_row: str = "skip",
         min_pair_margin: float = 0.0,
+        columns: dict[str, str | list[str]] | None = None,
     ):
         if format != "auto" and format not in FORMATS:
             raise ValueError(f"unknown data format {format!r}; expected 'auto' or one of {FORMATS}")
@@ -672,6 +716,7 @@ class DatasLoader:
         self.max_rows = max_rows
         self.on_bad_row = on_bad_row
         self.min_pair_margin = min_pair_margin
+        self.columns = columns or {}
         self.report: LoadReport | None = None
         self._examples: pa.Table | None = None
 
@@ -686,6 +731,7 @@ class DatasLoader:
             max_rows=config.max_rows,
             on_bad_row=config.on_bad_row,
             min_pair_margin=config.min_pair_margin,
+            columns=config.columns,
         )
 
     def _source_rows(self) -> Iterator[dict | BadRow]:
@@ -696,6 +742,50 @@ class DatasLoader:
         check_single_file_options(self.source, self.split, self.subset, self.revision)
         return itertools.islice(FILE_READERS[suffix](path), self.max_rows)
 
+    def detect(self) -> tuple[str, list[dict | BadRow], Iterator[dict | BadRow]]:
+        """(the format, the rows read to find it, the rows after them), every row under `columns`' names.
+
+        The format is that of the first DETECT_ROWS readable rows (objects with a value), or `format` when
+        named; unreadable leading rows are read past, up to DETECT_MAX_ROWS rows, and counted in the log.
+        """
+        rows = self._source_rows()
+        head, readable = [], []
+        for row in rows:
+            head.append(row)
+            if isinstance(row, dict) and any(value is not None for value in row.values()):
+                readable.append(row)
+            if len(readable) == DETECT_ROWS or len(head) == DETECT_MAX_ROWS:
+                break
+        if not head:
+            raise ValueError(f"data source {self.source!r} has no rows")
+        unreadable = len(head) - len(readable)
+        if not readable:
+            first_bad = next((row for row in head if isinstance(row, BadRow)), None)
+            raise ValueError(f"data source {self.source!r}: none of its first {len(head)} rows is an object with "
+                             "values" + (f" (the first problem: {first_bad})" if first_bad else ""))
+        if unreadable:
+            logger.warning("%s: format detection read past %d unreadable rows among the first %d", self.source,
+                           unreadable, len(head))
+        self._check_columns_present(readable)
+        head = [self._mapped(row) for row in head]
+        fmt = self.format
+        if fmt == "auto":
+            fmt = detect_format([row for row in head if isinstance(row, dict)])
+        return fmt, head, (self._mapped(row) for row in rows)
+
+    def _mapped(self, row: dict | BadRow) -> dict | BadRow:
+        return row if isinstance(row, BadRow) else map_columns(row, self.columns)
+
+    def _check_columns_present(self, rows: list[dict]) -> None:
+        """The columns `columns` names are in the source (a typo would leave its target empty in every row): each
+        one named alone, and at least one of a list (Alpaca's `input` may be left out of rows without one)."""
+        present = {name for row in rows for name in row}
+        missing = [sources for sources in self.columns.values()
+                   if not present & ({sources} if isinstance(sources, str) else set(sources))]
+        if missing:
+            raise ValueError(f"data source {self.source!r}: data.columns names {missing}, not among its columns "
+                             f"{sorted(present)}")
+
     def load(self) -> pa.Table:
         """The examples table (computed once per loader; `report` describes the load)."""
         if self._examples is None:
@@ -703,13 +793,7 @@ class DatasLoader:
         return self._examples
 
     def _load(self) -> pa.Table:
-        rows = self._source_rows()
-        head = list(itertools.islice(rows, DETECT_ROWS))
-        if not head:
-            raise ValueError(f"data source {self.source!r} has no rows")
-        fmt = self.format
-        if fmt == "auto":
-            fmt = detect_format([row for row in head if isinstance(row, dict)])
+        fmt, head, rows = self.detect()
         adapter = ADAPTERS[fmt]
         report = LoadReport(source=self.source, format=fmt)
         examples: list[dict] = []

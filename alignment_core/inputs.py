@@ -24,6 +24,7 @@ did not finish)" is not "model ... (local folder) ...".
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,48 @@ def split_revision(name: str) -> tuple[str, str | None]:
     """`org/name@rev` -> (`org/name`, `rev`); names without `@` have no revision."""
     repo, at, revision = name.partition("@")
     return (repo, revision) if at and revision else (name, None)
+
+
+# Files a causal LM or classifier never needs: other frameworks' weights, original (non-HF) checkpoints.
+_HUB_IGNORE = ["*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "original/*", "onnx/*"]
+
+
+@lru_cache(maxsize=64)
+def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
+    """The local snapshot folder of a hub model, downloaded into the hub cache once per machine (here, not in
+    `models`, so that a preflight checks a hub id without importing torch).
+
+    Cached per process, so the many resolutions of one run ask the hub (when online) once per model.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return snapshot_download(repo_id, revision=revision, ignore_patterns=_HUB_IGNORE)
+    except GatedRepoError as error:
+        raise ModelNotFoundError(
+            f"hub model {name!r} is gated: accept its licence on the hub, then set HF_TOKEN to a token of that "
+            f"account ({type(error).__name__})") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"hub model {name!r} does not exist, or is private: check the name, or set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"hub model {repo_id!r} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the hub cannot be reached"
+        revision_flag = f" --revision {revision}" if revision else ""
+        raise ModelNotFoundError(
+            f"hub model {name!r} is not in the local hub cache ({HF_HUB_CACHE}) and {why}. Download it "
+            f"where there is internet with `hf download {repo_id}{revision_flag}` (same HF_HOME), or name a local "
+            f"folder instead, or use {TINY_MODEL!r}") from None
 
 
 def is_store_uri(name: str) -> bool:
@@ -171,9 +214,7 @@ class InputRef:
             if not folder.is_dir():
                 raise ModelNotFoundError(f"{self.describe()} does not exist")
             return str(folder)
-        from alignment_core import models  # the hub cache (models.hub_snapshot); its errors say "hub model"
-
-        return models.hub_snapshot(self.repo, self.revision)
+        return hub_snapshot(self.repo, self.revision)
 
     # ---- digests: what fingerprints and lineage record ------------------------------------------------------
     def digest(self, store=None, path: str | None = None) -> str:

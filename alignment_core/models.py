@@ -23,11 +23,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignment_core import progress
 from alignment_core.adapters import adapter_base, is_adapter, load_adapter
-from alignment_core.config import TINY_MODEL
 from alignment_core.inputs import (  # noqa: F401  (re-exported: the names of models)
     DEFAULT_CACHE_DIR,
     InputRef,
     ModelNotFoundError,
+    hub_snapshot,
     is_store_uri,
 )
 
@@ -35,51 +35,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # A snapshot in the hub cache: .../models--org--name/snapshots/<commit>
 _HUB_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
-# Files a causal LM or classifier never needs: other frameworks' weights, original (non-HF) checkpoints.
-_HUB_IGNORE = ["*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "original/*", "onnx/*"]
 
 
 def resolve_model_path(name_or_uri: str, store=None, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     """Turn a model name into a local folder that `from_pretrained` loads without touching the network
     (`inputs.InputRef.model(name).resolve`: one rule per kind of name)."""
     return InputRef.model(name_or_uri).resolve(store=store, cache_dir=cache_dir)
-
-
-@lru_cache(maxsize=64)
-def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
-    """The local snapshot folder of a hub model, downloaded into the hub cache once per machine.
-
-    Cached per process, so the many resolutions of one run ask the hub (when online) once per model.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    name = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        return snapshot_download(repo_id, revision=revision, ignore_patterns=_HUB_IGNORE)
-    except GatedRepoError as error:
-        raise ModelNotFoundError(
-            f"hub model {name!r} is gated: accept its licence on the hub, then set HF_TOKEN to a token of that "
-            f"account ({type(error).__name__})") from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"hub model {name!r} does not exist, or is private: check the name, or set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(f"hub model {repo_id!r} has no revision {revision!r}") from None
-    except LocalEntryNotFoundError:
-        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
-
-        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the hub cannot be reached"
-        revision_flag = f" --revision {revision}" if revision else ""
-        raise ModelNotFoundError(
-            f"hub model {name!r} is not in the local hub cache ({HF_HUB_CACHE}) and {why}. Download it "
-            f"where there is internet with `hf download {repo_id}{revision_flag}` (same HF_HOME), or name a local "
-            f"folder instead, or use {TINY_MODEL!r}") from None
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, store=None, **kwargs):

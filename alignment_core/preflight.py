@@ -51,27 +51,46 @@ def named_models(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def preflight_problems(cfg: PipelineConfig) -> list[str]:
+    return quick_problems(cfg) + library_problems(cfg)
+
+
+def quick_problems(cfg: PipelineConfig) -> list[str]:
+    """The checks that need neither torch nor transformers (a second or two): data files and their format,
+    model names other than the tiny builds, the judge endpoint, the accelerate config, the store. A command
+    line runs them before it starts anything else, so these mistakes are answered in seconds."""
     from alignment_core.store import ArtifactStore
 
     store = ArtifactStore.from_config(cfg.store)
     problems = []
-    for field, name in named_models(cfg).items():
+    for field, name in _models(cfg, tiny=False).items():
         problems += _problem(field, _check_model, store, name)
-    problems += _problem("data.source", _check_data, cfg.data.source)
+    problems += _problem("data.source", _check_data, cfg, cfg.data.source)
     if cfg.data.eval_source:
-        problems += _problem("data.eval_source", _check_data, cfg.data.eval_source)
+        problems += _problem("data.eval_source", _check_data, cfg, cfg.data.eval_source)
+    if cfg.online and cfg.annotation.judge_kind and cfg.annotation.judge.backend == "http":
+        problems += _problem("annotation.judge.base_url", _check_endpoint, cfg.annotation.judge)
+    if cfg.training.accelerate_config and not Path(cfg.training.accelerate_config).is_file():
+        problems.append(f"training.accelerate_config: no such file {cfg.training.accelerate_config!r}")
+    problems += _problem("store.root", _check_writable, store)
+    return problems
+
+
+def library_problems(cfg: PipelineConfig) -> list[str]:
+    """The checks that import the model libraries (seconds): the tiny builds (built here when missing), reward
+    functions, the judge template, the experiment trackers."""
+    from alignment_core.store import ArtifactStore
+
+    store = ArtifactStore.from_config(cfg.store)
+    problems = []
+    for field, name in _models(cfg, tiny=True).items():
+        problems += _problem(field, _check_model, store, name)
     annotation = cfg.annotation
     if cfg.online and "programmatic" in annotation.kinds:
         problems += _problem("annotation.programmatic", _check_callable, annotation.programmatic)
     if cfg.online and annotation.judge_kind:
         problems += _problem("annotation.judge.template", _check_template, cfg)
-        if annotation.judge.backend == "http":
-            problems += _problem("annotation.judge.base_url", _check_endpoint, annotation.judge)
     if cfg.evaluation.oracle:
         problems += _problem("evaluation.oracle", _check_callable, cfg.evaluation.oracle)
-    if cfg.training.accelerate_config and not Path(cfg.training.accelerate_config).is_file():
-        problems.append(f"training.accelerate_config: no such file {cfg.training.accelerate_config!r}")
-    problems += _problem("store.root", _check_writable, store)
     return problems + tracking_problems(cfg)
 
 
@@ -83,8 +102,9 @@ def preflight_warnings(cfg: PipelineConfig) -> list[str]:
     return [warning for warning in (demo_judge_warning(cfg),) if warning]
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    problems = preflight_problems(cfg)
+def preflight(cfg: PipelineConfig, quick_checked: bool = False) -> None:
+    """Raise PreflightError listing every problem; `quick_checked`: `quick_problems` found none just before."""
+    problems = library_problems(cfg) if quick_checked else preflight_problems(cfg)
     if problems:
         raise PreflightError(problems)
     for warning in preflight_warnings(cfg):
@@ -99,8 +119,15 @@ def _problem(field: str, check, *args) -> list[str]:
     return []
 
 
+def _models(cfg: PipelineConfig, tiny: bool) -> dict[str, str]:
+    """`named_models`, the tiny builds alone (`tiny`) or all the others."""
+    from alignment_core.inputs import InputRef
+
+    return {field: name for field, name in named_models(cfg).items() if (InputRef.model(name).kind == "tiny") == tiny}
+
+
 def _check_model(store, name: str) -> None:
-    from alignment_core.models import is_store_uri, resolve_model_path
+    from alignment_core.inputs import InputRef, is_store_uri
     from alignment_core.store import ArtifactStore
 
     if is_store_uri(name):
@@ -109,13 +136,13 @@ def _check_model(store, name: str) -> None:
         if not owner.checkpoint_complete(name):
             raise FileNotFoundError(f"checkpoint {name!r} is missing or incomplete")
         return
-    resolve_model_path(name, store=store, cache_dir=str(store.cache_dir))
+    InputRef.model(name).resolve(store=store, cache_dir=str(store.cache_dir))
 
 
-def _check_data(source: str) -> None:
-    from alignment_core.data import check_source
+def _check_data(cfg: PipelineConfig, source: str) -> None:
+    from alignment_core.data import check_data
 
-    check_source(source)
+    check_data(cfg.data, source)
 
 
 def _check_callable(path: str) -> None:
@@ -155,10 +182,11 @@ def _check_endpoint(judge) -> None:
 
 def _check_writable(store) -> None:
     """Write and delete a probe file beside the runs (not in the run's folder: that one belongs to the run's
-    lease holder, and a preflight runs before the lease is taken)."""
+    lease holder, and a preflight runs before the lease is taken; nor in a folder of its own, which a local
+    store would keep)."""
     import uuid
 
-    probe = store.uri("_preflight", f"{uuid.uuid4().hex}.json")
+    probe = store.uri(f".preflight-{uuid.uuid4().hex}.json")
     store.write_bytes(probe, b"{}")
     store.delete(probe)
 

@@ -3,7 +3,8 @@
     alignment-core run --config configs/tiny.yaml           # the online flow (python -m flows.iterative_dpo)
     alignment-core offline sft --config configs/sft.yaml    # sft | reward-model | offline-preference
     alignment-core inspect ./runs/tiny                      # stages, row counts, metrics, the learning plot
-    alignment-core serve                                    # serve the deployments (needs PREFECT_API_URL)
+    alignment-core merge CHECKPOINT OUT                     # an adapter checkpoint merged into full weights
+    alignment-core serve --config my.yaml --name nightly    # serve a config as a deployment (PREFECT_API_URL)
 
 `alignment-core COMMAND --help` describes each command's options.
 """
@@ -14,7 +15,8 @@ COMMANDS = {
     "run": "run the online iterative-dpo pipeline in ephemeral Prefect",
     "offline": "run an offline flow: sft, reward-model or offline-preference",
     "inspect": "look inside a run or a store: stages, row counts, metrics, the learning plot",
-    "serve": "serve the deployments from this process (a Prefect server must be running)",
+    "merge": "merge a LoRA adapter checkpoint into full weights (a folder from_pretrained loads)",
+    "serve": "serve a config (or the bundled ones) as deployments from this process (needs a Prefect server)",
 }
 
 
@@ -38,7 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "inspect":
         from alignment_core.inspect import main as inspect
 
-        sys.exit(inspect(rest, prog))
+        sys.exit(_until_the_reader_leaves(lambda: inspect(rest, prog)))
+    elif command == "merge":
+        from alignment_core.adapters import main as adapters
+
+        adapters(["merge", *rest])
     else:
         from flows.serve import main as serve
 
@@ -48,6 +54,20 @@ def main(argv: list[str] | None = None) -> None:
         from flows.common import exit_now
 
         exit_now()
+
+
+def _until_the_reader_leaves(command) -> int:
+    """`command()`'s exit code; when the reader of its output leaves early (`| head`), exit quietly as other
+    commands do: stdout is pointed at /dev/null so that the interpreter's final flush fails no more."""
+    import os
+
+    try:
+        code = command()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

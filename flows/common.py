@@ -1,6 +1,7 @@
 """What every flow entry point shares: config overrides from flat parameters and the command line."""
 
 import argparse
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,7 +23,8 @@ def with_overrides(config: PipelineConfig, iterations: int | None = None, run_na
 
 def parse_cli(description: str, argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, prog=prog)
-    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (see configs/)")
+    parser.add_argument("--config", required=True,
+                        help="YAML config (see configs/; configs/tiny.yaml is the built-in tiny demo)")
     parser.add_argument("--store-root", help="where artifacts go: a folder or s3://bucket/prefix")
     parser.add_argument("--run-name", help="run folder under the store root")
     parser.add_argument("--iterations", type=int, help="online iterations to run")
@@ -52,38 +54,61 @@ def config_from_cli(args: argparse.Namespace) -> PipelineConfig:
     return with_overrides(config, args.iterations, args.run_name, args.store_root, args.force)
 
 
-def checked_config_from_cli(args: argparse.Namespace, before_preflight=None) -> PipelineConfig:
-    """The command line's config, preflighted; a bad config ends the program with its message, no traceback.
+# Mistakes a user fixes in the config, the data or the run's folder: a command line ends on their message alone.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from alignment_core.config import ConfigError
+    from alignment_core.lease import LeaseHeld
+    from alignment_core.pipeline import FinishedIterationChangedError
+    from alignment_core.preflight import PreflightError
 
-    Preflight runs here, before Prefect starts, so `python -m flows...` answers a typo in seconds; the flow
-    runs it again as its first task (deployments start there). `before_preflight()` runs once the config has
-    parsed, before the (slower) preflight.
-    """
+    return ConfigError, PreflightError, FinishedIterationChangedError, LeaseHeld, FileNotFoundError
+
+
+@contextmanager
+def user_errors_end_the_command() -> Iterator[None]:
+    """A user's mistake raised inside ends the program with `error: <message>` (exit 1) and no traceback, on
+    the console: Prefect's own log records of it lose their traceback there too (the UI keeps it)."""
     import sys
 
-    from alignment_core.config import ConfigError
-    from alignment_core.preflight import PreflightError, preflight
-
+    errors = _user_errors()
+    without_traceback = _DropTraceback(errors)
+    console = [handler for name in ("", "prefect") for handler in logging.getLogger(name).handlers  # Prefect's
+               if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    for handler in console:
+        handler.addFilter(without_traceback)
     try:
-        config = config_from_cli(args)
-        if before_preflight:
-            before_preflight()
-        preflight(config)
-    except (ConfigError, PreflightError, FileNotFoundError) as error:
+        yield
+    except errors as error:
         sys.exit(f"error: {error}")
-    return config
+    finally:
+        for handler in console:
+            handler.removeFilter(without_traceback)
+
+
+class _DropTraceback(logging.Filter):
+    def __init__(self, errors: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.errors = errors
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.errors):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
     """A command-line flow run's start: the preflighted config, with Prefect's ephemeral API already up.
 
-    Prefect starts its ephemeral API server (a uvicorn subprocess, ~4 s) only when the flow first asks for a
-    client, after the imports and the preflight (~4 s, mostly importing torch): one after the other. Here the
-    server process starts once the config has parsed and boots while this process preflights, and is then
-    handed to Prefect's own `SubprocessASGIServer`, which uses it as if it had started it (its uvicorn command,
-    environment and port range, stopped at exit by Prefect as usual; it also dies with this process). Nothing
-    changes when `PREFECT_API_URL` names a server, and Prefect starts its own as before if the early one does not
-    come up.
+    In this order, so that a mistake is answered in seconds and nothing started before it delays it:
+    1. the config parses and `preflight.quick_problems` finds nothing (the data files and their format, the
+       model names, the judge endpoint, the store: nothing imports torch; about 2 s);
+    2. Prefect's ephemeral API server (a uvicorn subprocess, ~4 s) starts, and boots while this process runs
+       the rest of the preflight (importing torch and transformers, building a missing tiny model): Prefect
+       would otherwise start it only when the flow first asks for a client, one after the other. It is then
+       handed to Prefect's own `SubprocessASGIServer`, which uses it as if it had started it (its uvicorn
+       command, environment and port range, stopped at exit by Prefect as usual; it also dies with this
+       process). Nothing changes when `PREFECT_API_URL` names a server, and Prefect starts its own as before
+       if the early one does not come up.
 
     Then `gc.freeze()`: the objects the imports made (~700k, torch, transformers, Prefect) are never garbage,
     and every full collection (the stages' `gc.collect()` between models, Python's own) would walk them all:
@@ -91,14 +116,22 @@ def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
     """
     import gc
 
-    early = []
+    from alignment_core.preflight import PreflightError, preflight, quick_problems
+
+    with user_errors_end_the_command():
+        config = config_from_cli(args)
+        problems = quick_problems(config)
+        if problems:
+            raise PreflightError(problems)
+    early = _start_ephemeral_server()
     try:
-        config = checked_config_from_cli(args, before_preflight=lambda: early.append(_start_ephemeral_server()))
-        _hand_to_prefect(early[0] if early else None)
+        with user_errors_end_the_command():
+            preflight(config, quick_checked=True)
+        _hand_to_prefect(early)
     except BaseException:
-        if early and early[0]:
-            early[0][0].kill()
-            early[0][0].wait()
+        if early:
+            early[0].kill()
+            early[0].wait()
         raise
     gc.freeze()
     return config

@@ -12,7 +12,15 @@ from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import finished_iterations, open_store
 from alignment_core.setups import SETUPS
 from flows import logs
-from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
+from flows.common import (
+    exit_now,
+    parse_cli,
+    print_summary,
+    run_lease,
+    start_cli_run,
+    user_errors_end_the_command,
+    with_overrides,
+)
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.generate import generate
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.", argv, prog)
     logs.configure(args.log_level, args.progress)
     config = start_cli_run(args)
-    summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
+    with user_errors_end_the_command():
+        summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
     print_summary(config, summaries)
 
 

@@ -17,7 +17,15 @@ from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import open_store
 from alignment_core.setups import setups_of_flow
 from flows import logs
-from flows.common import exit_now, parse_cli, print_summary, run_lease, start_cli_run, with_overrides
+from flows.common import (
+    exit_now,
+    parse_cli,
+    print_summary,
+    run_lease,
+    start_cli_run,
+    user_errors_end_the_command,
+    with_overrides,
+)
 from tasks.evaluate import evaluate, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight
@@ -106,7 +114,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.offline") -
     args = parse_cli(f"Run the offline {name} flow in ephemeral Prefect.", argv[1:], f"{prog} {name}")
     logs.configure(args.log_level, args.progress)
     config = start_cli_run(args)
-    print_summary(config, [FLOWS[name](config=config)])
+    with user_errors_end_the_command():
+        summary = FLOWS[name](config=config)
+    print_summary(config, [summary])
 
 
 if __name__ == "__main__":

@@ -67,11 +67,11 @@ def test_preflight_lists_every_problem_before_any_work(hub_cache, tmp_path):
     })
     problems = preflight_problems(cfg)
     fields = [p.split(":")[0] for p in problems]
-    assert fields == ["model.policy", "data.source", "annotation.judge.template", "annotation.judge.base_url",
+    assert fields == ["model.policy", "data.source", "annotation.judge.base_url", "annotation.judge.template",
                       "evaluation.oracle"], problems
-    assert "acme/absent" in problems[0] and "not reachable" in problems[3]
-    # Nothing was written into the run (the store's write probe is gone too).
-    assert not (tmp_path / "store" / "r").exists() and list((tmp_path / "store" / "_preflight").iterdir()) == []
+    assert "acme/absent" in problems[0] and "not reachable" in problems[2]
+    # Nothing was written into the store (the write probe is gone too, and left no folder).
+    assert list((tmp_path / "store").iterdir()) == []
 
 
 def _hub_env(tmp_path, hub_home) -> dict:
