@@ -34,24 +34,28 @@ from tasks.train import train
 
 @flow(name="iterative-dpo", log_prints=True)
 def iterative_dpo(
-    config: PipelineConfig = PipelineConfig(),
     iterations: int | None = None,
     run_name: str | None = None,
     store_root: str | None = None,
-    more_iterations: int | None = None,
     force: bool = False,
+    more_iterations: int | None = None,
+    config: PipelineConfig = PipelineConfig(),
 ) -> list[dict]:
     """Online preference learning (OAIF-style): sample, label, reweight and train, `iterations` times.
 
+    The flat parameters come first (the form shows them above the config's many fields): what users change
+    from one flow run to the next, without resending the config.
+
     Args:
-        config: The whole typed pipeline config (every field is described in the form).
         iterations: When set, wins over `config.iterations`.
         run_name: When set, wins over `config.store.run_name`: the run folder this flow run writes.
         store_root: When set, wins over `config.store.root`.
-        more_iterations: Continue the run instead: this many iterations after its last finished one, which
-            is what a scheduled deployment wants (each scheduled flow run is the next online iteration).
         force: Redo finished iterations whose config, data or code changed, replacing their checkpoints
             (without it such a flow run is refused); wins over `config.store.force_rerun` when true.
+        more_iterations: Continue the run instead: this many iterations after its last finished one, which
+            is what a scheduled deployment wants (each scheduled flow run is the next online iteration).
+        config: The whole typed pipeline config (every field is described in the form). A config given
+            whole (`--param config=...`) replaces it: the fields it leaves out take the shipped defaults.
     """
     cfg = with_overrides(config, iterations, run_name, store_root, force)
     if SETUPS[cfg.setup].flow != "iterative-dpo":

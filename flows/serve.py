@@ -1,10 +1,19 @@
-"""Serve the deployments from this process (no work pool needed):
+"""Serve deployments from this process (no work pool needed): a config of yours, or the bundled tiny ones.
 
     prefect server start            # in another terminal; then export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve           # serves iterative-dpo/tiny-local (+ the offline flows)
-    prefect deployment run 'iterative-dpo/tiny-local' --watch
+    python -m flows.serve --config my.yaml --name nightly --cron "0 3 * * *"
+    prefect deployment run 'iterative-dpo/nightly' --watch
 
-Set ALIGNMENT_SCHEDULE (a cron string, e.g. "0 3 * * *") to schedule the online flow.
+`--config` serves that YAML as one deployment of the flow its setup belongs to (iterative-dpo for the online
+setups, sft / reward-model / offline-preference for the offline ones), named `--name` (default: the file's
+name without .yaml). Its `config` parameter is the whole config with every field your YAML leaves out at the
+shipped defaults (alignment_core/config.py, as `--config` on the command line). The same holds for a
+`--param config='{...}'` given to `prefect deployment run`: it replaces the whole config, and what it leaves
+out takes the shipped defaults, not the served YAML's values; change single fields with the flat parameters
+(iterations, run_name, store_root, force), which come first in the form. `--cron` (or ALIGNMENT_SCHEDULE)
+puts it on a schedule, each scheduled flow run of an online config being the run's next iteration.
+Without `--config`: the bundled tiny configs as `tiny-local` deployments of the four flows.
+deployments/prefect.yaml does the same through `prefect deploy` and a work pool.
 
 The served flow runs import only code under `alignment_core.` that their config names (reward functions,
 oracles): ALIGNMENT_CORE_ALLOWED_CODE defaults to that here; set it before starting to widen it (README: Trust
@@ -19,39 +28,56 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 
 from alignment_core.annotation.scorers import ALLOWED_CODE_ENV
 from alignment_core.config import load_config
+from alignment_core.setups import SETUPS
+from flows.common import user_errors_end_the_command
 from flows.iterative_dpo import iterative_dpo
-from flows.offline import offline_preference, reward_model, sft
+from flows.offline import FLOWS as OFFLINE_FLOWS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FLOWS = {"iterative-dpo": iterative_dpo, **OFFLINE_FLOWS}
+# The bundled configs, served as `tiny-local` without --config: one per flow.
+BUNDLED = ("tiny.yaml", "sft.yaml", "reward_model.yaml", "offline_dpo.yaml")
 
 
-def deployments():
-    schedule = os.environ.get("ALIGNMENT_SCHEDULE")
-    online = load_config(CONFIGS / "tiny.yaml")
-    return [
-        # On a schedule, each flow run continues the run by one online iteration.
-        # One flow run at a time (the next queues): a scheduled run overlapping a slow one waits for it. The
-        # store's run lease is what guarantees one writer; this keeps the second from failing on it.
-        iterative_dpo.to_deployment(name="tiny-local", cron=schedule, tags=["tiny"], parameters={
-            "config": online.model_dump(mode="json"), **({"more_iterations": 1} if schedule else {})},
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)),
-        sft.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "sft.yaml")
-                                                          .model_dump(mode="json")}),
-        reward_model.to_deployment(name="tiny-local", parameters={"config": load_config(CONFIGS / "reward_model.yaml")
-                                                                  .model_dump(mode="json")}),
-        offline_preference.to_deployment(name="tiny-local", parameters={
-            "config": load_config(CONFIGS / "offline_dpo.yaml").model_dump(mode="json")}),
-    ]
+def config_deployment(config_path: str | Path, name: str, cron: str | None = None):
+    """A deployment of the flow that runs the config's setup, with the whole config as its parameter."""
+    config = load_config(config_path)
+    flow = FLOWS[SETUPS[config.setup].flow]
+    parameters = {"config": config.model_dump(mode="json")}
+    if cron and flow is iterative_dpo:
+        parameters["more_iterations"] = 1  # on a schedule, each flow run continues the run by one iteration
+    # One flow run at a time (the next queues): a scheduled run overlapping a slow one waits for it. The
+    # store's run lease is what guarantees one writer; this keeps the second from failing on it.
+    return flow.to_deployment(name=name, cron=cron, parameters=parameters, concurrency_limit=ConcurrencyLimitConfig(
+        limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
+
+
+def deployments(config_path: str | None = None, name: str | None = None, cron: str | None = None) -> list:
+    """The deployment of `config_path` (named `name`, default the file's stem), or the bundled `tiny-local`
+    ones (`cron` schedules the online one)."""
+    if config_path:
+        return [config_deployment(config_path, name or Path(config_path).stem, cron)]
+    return [config_deployment(CONFIGS / bundled, "tiny-local", cron if bundled == "tiny.yaml" else None)
+            for bundled in BUNDLED]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m flows.serve") -> None:
     import argparse
 
-    argparse.ArgumentParser(prog=prog, description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="serve this YAML config (default: the bundled tiny configs)")
+    parser.add_argument("--name", help="the deployment's name (default: the config file's name without .yaml)")
+    parser.add_argument("--cron", default=os.environ.get("ALIGNMENT_SCHEDULE"),
+                        help='a schedule, e.g. "0 3 * * *" (default: ALIGNMENT_SCHEDULE, else none)')
+    args = parser.parse_args(argv)
+    if args.name and not args.config:
+        parser.error("--name names the deployment of --config; without --config the bundled ones are tiny-local")
+    with user_errors_end_the_command():
+        served = deployments(args.config, args.name, args.cron)
     # Anyone who can start a served deployment sets its config: it may name only the library's own code.
     os.environ.setdefault(ALLOWED_CODE_ENV, "alignment_core.")
-    serve(*deployments())
+    serve(*served)
 
 
 if __name__ == "__main__":

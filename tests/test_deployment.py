@@ -60,17 +60,18 @@ def prefect_server(tmp_path):
 
 
 @contextmanager
-def serving_deployments(tmp_path, env: dict):
-    """`python -m flows.serve` (the README's command) until its deployments are registered; yields the process."""
+def serving_deployments(tmp_path, env: dict, *args: str, deployment: str = "tiny-local"):
+    """`python -m flows.serve [args]` (the README's command) until `deployment` is registered; yields the
+    process."""
     serve_log = open(tmp_path / "serve.log", "w")
-    served = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=serve_log,
+    served = subprocess.Popen([sys.executable, "-m", "flows.serve", *args], cwd=REPO, env=env, stdout=serve_log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
         while True:
             listed = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=env,
                                     capture_output=True, text=True)
-            if "tiny-local" in listed.stdout:
+            if deployment in listed.stdout:
                 break
             assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.time() < deadline, "deployments never registered"

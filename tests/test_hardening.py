@@ -424,7 +424,7 @@ def test_deployments_set_the_allow_list(monkeypatch):
     monkeypatch.delenv(ALLOWED_CODE_ENV)
     served = []
     monkeypatch.setattr(flows.serve, "serve", lambda *deployments: served.extend(deployments))
-    monkeypatch.setattr(flows.serve, "deployments", lambda: ["d"])
+    monkeypatch.setattr(flows.serve, "deployments", lambda *options: ["d"])
     flows.serve.main([])
     import os
 

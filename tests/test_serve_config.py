@@ -1,0 +1,77 @@
+"""A user's own YAML served as a deployment (`python -m flows.serve --config my.yaml --name nightly --cron ...`) and
+started by name with `prefect deployment run`, against a real `prefect server start`; the `prefect deploy`
+template (deployments/my-config.yaml) registers the same; the flat parameters lead the flow's form."""
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from alignment_core.config import PipelineConfig
+from flows.iterative_dpo import iterative_dpo
+from tests.test_deployment import prefect_server, serving_deployments  # noqa: F401  (prefect_server: a fixture)
+from tests.test_flows import REPO
+
+# Partial on purpose: every field left out takes the shipped default.
+MY_CONFIG = {
+    "setup": "online_pairwise",
+    "iterations": 1,
+    "data": {"source": "bundled:prompts", "eval_prompts": 4},
+    "generation": {"backend": "transformers", "prompts_per_iteration": 8, "n_samples": 2, "max_new_tokens": 12},
+    "annotation": {"annotator": "programmatic", "programmatic": "alignment_core.rewards:positive_words"},
+    "training": {"batch_size": 4},
+    "evaluation": {"enabled": False},
+}
+
+
+def test_the_flat_parameters_lead_the_form():
+    from prefect.utilities.callables import parameter_schema
+
+    positions = {name: spec["position"] for name, spec in parameter_schema(iterative_dpo.fn).properties.items()}
+    assert sorted(positions, key=positions.get)[:4] == ["iterations", "run_name", "store_root", "force"]
+
+
+@pytest.mark.slow
+def test_a_users_config_is_served_and_started_by_name(prefect_server, tmp_path):  # noqa: F811
+    api, env = prefect_server
+    store_root = tmp_path / "store"
+    my_config = tmp_path / "my.yaml"
+    my_config.write_text(yaml.safe_dump({**MY_CONFIG, "store": {"root": str(store_root), "run_name": "mine"}}))
+    with serving_deployments(tmp_path, env, "--config", str(my_config), "--name", "nightly", "--cron", "0 3 * * *",
+                             deployment="nightly"):
+        deployment = asyncio.run(read_deployment(api, "iterative-dpo/nightly"))
+        assert [schedule.schedule.cron for schedule in deployment.schedules] == ["0 3 * * *"]
+        served = deployment.parameters
+        assert served["more_iterations"] == 1  # scheduled: each flow run is the next iteration
+        shipped = PipelineConfig()
+        assert served["config"]["training"]["beta"] == shipped.training.beta  # left out: the shipped default
+        assert served["config"]["model"]["policy"] == shipped.model.policy
+        assert served["config"]["generation"]["prompts_per_iteration"] == 8  # given: the user's value
+
+        run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "iterative-dpo/nightly",
+                              "--watch"], env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-3000:] + (tmp_path / "serve.log").read_text()[-5000:]
+        assert "Completed" in run.stdout
+        assert (store_root / "mine" / "iter-001" / "checkpoint" / "_complete.json").exists()
+
+    # The same through `prefect deploy` and the template in deployments/ (registered; a worker would run it).
+    env = {**env, "ALIGNMENT_CORE_HOME": str(REPO)}
+    for args in (["work-pool", "create", "local", "--type", "process"],
+                 ["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/my-config.yaml"]):
+        done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deployed = asyncio.run(read_deployment(api, "iterative-dpo/nightly"))
+    assert deployed.work_pool_name == "local" and deployed.parameters["more_iterations"] == 1
+    assert PipelineConfig.model_validate(deployed.parameters["config"]).store.run_name == "nightly"
+
+
+async def read_deployment(api: str, name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        async with get_client() as client:
+            return await client.read_deployment_by_name(name)
