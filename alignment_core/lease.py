@@ -208,6 +208,12 @@ class RunLease:
             if current is None:
                 continue  # released between our two calls: try to create again
             lease, version = current
+            if lease.get("token") == token:
+                # Our create went through but its response was lost (a dropped connection); the client's retry
+                # was then refused because the lease exists: it is this very lease.
+                log.info("the lease on %s was created by this holder (the answer to its create was lost)",
+                         self.store.run_uri(self.run))
+                break
             if is_live(lease):
                 self.token = None
                 raise LeaseHeld(self.store.run_uri(self.run), lease)

@@ -1,11 +1,14 @@
 """A fault proxy on loopback in front of the S3 server: relays HTTP/1.1 as bytes, and answers the PUT requests
-a schedule names with a 503 (SlowDown) or drops their connection halfway through the request body.
+a schedule names with a 503 (SlowDown), drops their connection halfway through the request body, or loses the
+server's response.
 
     proxy = FaultProxy(upstream_url, schedule={2: "503", 4: "drop"})   # the 2nd and 4th PUT (1-based)
     ArtifactStore("s3://bucket/prefix", endpoint_url=proxy.url)
 
-A faulted request never reaches the server (a 503 is the proxy's own answer; a dropped request is cut before
-it was forwarded). `proxy.puts` lists every PUT seen (path, fault or None), retries included.
+A "503" or "drop" request never reaches the server (a 503 is the proxy's own answer; a dropped request is cut
+before it was forwarded). A "lose-response" request does: the server carries it out and answers, and the proxy
+resets the client's connection instead of relaying that answer. `proxy.puts` lists every PUT seen (path, fault
+or None), retries included.
 """
 
 import socket
@@ -80,17 +83,21 @@ class FaultProxy:
                     reader.read(length // 2)  # half the body, then a reset: nothing reached the server
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
+                if fault == "lose-response":
+                    # On a connection of its own, so the server's answer can be read here and not relayed; the
+                    # proxy says 100 Continue itself, so the server's one answer is the final response.
+                    if expects:
+                        client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    with socket.create_connection(self.upstream) as aside:
+                        aside.sendall(b"".join(line for line in head.splitlines(keepends=True)
+                                               if not line.lower().startswith(b"expect:")))
+                        _relay_body(reader, headers, aside)
+                        _read_response(aside.makefile("rb"))  # the server has carried the request out
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 upstream.sendall(head)
-                if headers.get("transfer-encoding", "").lower() == "chunked":
-                    _relay_chunked(reader, upstream)
-                else:
-                    remaining = length
-                    while remaining:
-                        block = reader.read(min(remaining, 1 << 16))
-                        if not block:
-                            return
-                        upstream.sendall(block)
-                        remaining -= len(block)
+                if not _relay_body(reader, headers, upstream):
+                    return
         except OSError:
             return
         finally:
@@ -120,6 +127,28 @@ def _parse(head: bytes) -> tuple[str, dict[str, str]]:
             key, value = line.split(":", 1)
             headers[key.strip().lower()] = value.strip()
     return request_line, headers
+
+
+def _relay_body(reader, headers: dict[str, str], upstream: socket.socket) -> bool:
+    """The request's body to the server; False when the client hung up before sending all of it."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        _relay_chunked(reader, upstream)
+        return True
+    remaining = int(headers.get("content-length", 0))
+    while remaining:
+        block = reader.read(min(remaining, 1 << 16))
+        if not block:
+            return False
+        upstream.sendall(block)
+        remaining -= len(block)
+    return True
+
+
+def _read_response(reader) -> None:
+    """One whole response (head and a Content-Length body) from the server."""
+    head = _read_head(reader)
+    if head is not None:
+        reader.read(int(_parse(head)[1].get("content-length", 0)))
 
 
 def _relay_chunked(reader, upstream: socket.socket) -> None:
