@@ -179,12 +179,7 @@ class ArtifactStore:
         path = self._path(uri)
         if self.protocol in ("file", "local"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(self._local_temp(path, data), path)
         else:
             self.fs.pipe_file(path, data)
 
@@ -317,11 +312,17 @@ class ArtifactStore:
 
     @staticmethod
     def _local_temp(path: str, data: bytes) -> str:
+        """`data` in a hidden temporary file beside `path`, on disk; a write that fails (a full disk) removes it."""
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         return tmp
 
     @staticmethod
