@@ -6,18 +6,23 @@
 What is checked: every model the run will load (policy, reference, tokenizer, reward model, judge, behaviour
 model; a hub id resolves to its snapshot in the local hub cache, downloading it if the hub is reachable), the
 data sources, the judge template and endpoint (reachable, model served), reward functions, the accelerate
-config, the experiment trackers, and that the store is writable. A hub *dataset* is left to the prompts stage,
-which runs first and before any model is loaded.
+config, the experiment trackers, and that the store is writable. Before all of these: that every secret, file and
+host the config names is one the worker's allow-lists let a config reach (`reach_problems`, docs/trust-model.md);
+a config that names one outside is refused before any of it is read or called. A hub *dataset* is left to the
+prompts stage, which runs first and before any model is loaded.
 
 `is_transient(error)` says whether a failed stage is worth retrying: a network hiccup or a killed worker is;
 a wrong path, a bad config or a schema mismatch fails the same way every time and is not.
 """
 
 import logging
+import os
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from alignment_core.config import PipelineConfig
+from alignment_core.redact import ALLOWED_SECRETS_ENV, redact, remember_secret_env, remember_secrets_in
 from alignment_core.tracking import tracking_problems
 
 log = logging.getLogger(__name__)
@@ -51,7 +56,7 @@ def named_models(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def preflight_problems(cfg: PipelineConfig) -> list[str]:
-    return quick_problems(cfg) + library_problems(cfg)
+    return reach_problems(cfg) or quick_problems(cfg) + library_problems(cfg)
 
 
 def quick_problems(cfg: PipelineConfig) -> list[str]:
@@ -60,6 +65,9 @@ def quick_problems(cfg: PipelineConfig) -> list[str]:
     line runs them before it starts anything else, so these mistakes are answered in seconds."""
     from alignment_core.store import ArtifactStore
 
+    refused = reach_problems(cfg)
+    if refused:
+        return refused  # not even checked: checking a judge endpoint sends it the key
     store = ArtifactStore.from_config(cfg.store)
     problems = []
     for field, name in _models(cfg, tiny=False).items():
@@ -189,6 +197,116 @@ def _check_writable(store) -> None:
     probe = store.uri(f".preflight-{uuid.uuid4().hex}.json")
     store.write_bytes(probe, b"{}")
     store.delete(probe)
+
+
+# ---- what a config may reach on this machine (docs/trust-model.md) -----------------------------------------
+# Whoever sets a deployment's parameters writes the config. Beside the code it may import
+# (ALIGNMENT_CORE_ALLOWED_CODE), these bound the secrets, files and hosts it may name: comma-separated, "*" for
+# any; unset (the command line), anything. Deployments set them all (deployments/prefect.yaml, flows/serve.py).
+ALLOWED_PATHS_ENV = "ALIGNMENT_CORE_ALLOWED_PATHS"  # folders (relative ones: to the working directory)
+ALLOWED_HOSTS_ENV = "ALIGNMENT_CORE_ALLOWED_HOSTS"  # host or host:port
+
+
+def reach_problems(cfg: PipelineConfig) -> list[str]:
+    """What the config names outside the allow-lists of this machine's environment, one line each naming the
+    setting to widen; from now on, the secrets it names are masked in text (alignment_core.redact)."""
+    remember_secret_env(cfg.annotation.judge.api_key_env)
+    remember_secrets_in(cfg.model_dump_json())
+    problems = []
+    if cfg.online and cfg.annotation.judge_kind and cfg.annotation.judge.backend == "http":
+        problems += _problem("annotation.judge.api_key_env", check_allowed_secret, cfg.annotation.judge.api_key_env)
+    for field, url in named_hosts(cfg).items():
+        problems += _problem(field, check_allowed_host, url)
+    for field, path in named_paths(cfg).items():
+        problems += _problem(field, check_allowed_path, path)
+    if cfg.model.trust_remote_code:
+        problems += _problem("model.trust_remote_code", check_remote_code_allowed)
+    return problems
+
+
+def named_hosts(cfg: PipelineConfig) -> dict[str, str]:
+    """The URLs the run calls with the worker's credentials (a judge's key, the store's or MLflow's), by field."""
+    hosts = {}
+    if cfg.online and cfg.annotation.judge_kind and cfg.annotation.judge.backend == "http":
+        hosts["annotation.judge.base_url"] = cfg.annotation.judge.base_url
+    if cfg.store.endpoint_url:
+        hosts["store.endpoint_url"] = cfg.store.endpoint_url
+    if "mlflow" in cfg.tracking.report_to and "://" in (cfg.tracking.mlflow_tracking_uri or ""):
+        hosts["tracking.mlflow_tracking_uri"] = cfg.tracking.mlflow_tracking_uri
+    return hosts
+
+
+def named_paths(cfg: PipelineConfig) -> dict[str, str]:
+    """The local files and folders the run reads, by field: data, a judge template file, local model folders,
+    the accelerate config."""
+    from alignment_core.config import DATA_FILE_SUFFIXES
+    from alignment_core.inputs import InputRef
+
+    paths = {field: name for field, name in named_models(cfg).items() if InputRef.model(name).kind == "local"}
+    for field, source in (("data.source", cfg.data.source), ("data.eval_source", cfg.data.eval_source)):
+        if source and not source.startswith("bundled:") and "://" not in source and (
+                source.lower().endswith(DATA_FILE_SUFFIXES) or Path(source).expanduser().exists()):
+            paths[field] = source
+    template = cfg.annotation.judge.template
+    if template.endswith(".jinja") or Path(template).expanduser().is_file():  # as load_template tells a path
+        paths["annotation.judge.template"] = template
+    if cfg.training.accelerate_config:
+        paths["training.accelerate_config"] = cfg.training.accelerate_config
+    return paths
+
+
+def _allowed(setting: str) -> list[str] | None:
+    """The entries of an allow-list setting; None when it is unset (anything allowed)."""
+    value = os.environ.get(setting)
+    return None if value is None else [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def check_allowed_secret(name: str) -> None:
+    allowed = _allowed(ALLOWED_SECRETS_ENV)
+    if allowed is not None and "*" not in allowed and name not in allowed:
+        raise ValueError(f"the environment variable {name!r} is not one a config may name as a secret here: "
+                         f"{ALLOWED_SECRETS_ENV} allows {allowed or 'none'}; widen it on the worker to use it")
+
+
+def check_remote_code_allowed() -> None:
+    """A model's own Python (trust_remote_code) is code the code allow-list cannot vet: only "*" allows it."""
+    from alignment_core.annotation.scorers import ALLOWED_CODE_ENV
+
+    allowed = _allowed(ALLOWED_CODE_ENV)
+    if allowed is not None and "*" not in allowed:
+        raise ValueError(f"runs the model repository's own Python, which {ALLOWED_CODE_ENV} ({allowed}) cannot vet; "
+                         f"only {ALLOWED_CODE_ENV}=* on the worker allows it")
+
+
+def check_allowed_host(url: str) -> None:
+    """`url`'s host must be an entry ("host", any port) or its host:port one ("host:port")."""
+    allowed = _allowed(ALLOWED_HOSTS_ENV)
+    if allowed is None or "*" in allowed:
+        return
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    host = (parts.hostname or "").lower()
+    if host and (host in allowed or f"{host}:{port}" in allowed):
+        return
+    raise ValueError(f"host {host}:{port} ({redact(url)}) is not one a config may call here: {ALLOWED_HOSTS_ENV} "
+                     f"allows {allowed or 'none'}; widen it on the worker to call it")
+
+
+def check_allowed_path(path: str) -> None:
+    """`path`, with symlinks and `..` resolved, must be an allowed folder or lie inside one."""
+    allowed = _allowed(ALLOWED_PATHS_ENV)
+    if allowed is None or "*" in allowed:
+        return
+    target = Path(path).expanduser().resolve()
+    folders = [Path(entry).expanduser().resolve() for entry in allowed]
+    if any(target == folder or folder in target.parents for folder in folders):
+        return
+    raise ValueError(f"{path!r} (resolved: {target}) is outside the folders a config may read here: "
+                     f"{ALLOWED_PATHS_ENV} allows {[str(folder) for folder in folders] or 'none'}; widen it on "
+                     "the worker to read it")
 
 
 # ---- which failures are worth a retry --------------------------------------------------------------------

@@ -15,9 +15,10 @@ puts it on a schedule, each scheduled flow run of an online config being the run
 Without `--config`: the bundled tiny configs as `tiny-local` deployments of the four flows.
 deployments/prefect.yaml does the same through `prefect deploy` and a work pool.
 
-The served flow runs import only code under `alignment_core.` that their config names (reward functions,
-oracles): ALIGNMENT_CORE_ALLOWED_CODE defaults to that here; set it before starting to widen it (README: Trust
-model).
+Anyone who can start a served deployment sets its config, so what a config may reach is bounded here as in
+deployments/prefect.yaml (ALLOW_LISTS): code under `alignment_core.`, the secret OPENAI_API_KEY, files under
+./data, the host api.openai.com. Set ALIGNMENT_CORE_ALLOWED_CODE, _SECRETS, _PATHS or _HOSTS before starting to
+widen one (docs/trust-model.md).
 """
 
 import os
@@ -28,12 +29,17 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 
 from alignment_core.annotation.scorers import ALLOWED_CODE_ENV
 from alignment_core.config import load_config
+from alignment_core.preflight import ALLOWED_HOSTS_ENV, ALLOWED_PATHS_ENV
+from alignment_core.redact import ALLOWED_SECRETS_ENV
 from alignment_core.setups import SETUPS
 from flows.common import user_errors_end_the_command
 from flows.iterative_dpo import iterative_dpo
 from flows.offline import FLOWS as OFFLINE_FLOWS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# What a served flow run's config may reach unless the environment says otherwise: deployments/prefect.yaml's.
+ALLOW_LISTS = {ALLOWED_CODE_ENV: "alignment_core.", ALLOWED_SECRETS_ENV: "OPENAI_API_KEY", ALLOWED_PATHS_ENV: "data",
+               ALLOWED_HOSTS_ENV: "api.openai.com"}
 FLOWS = {"iterative-dpo": iterative_dpo, **OFFLINE_FLOWS}
 # The bundled configs, served as `tiny-local` without --config: one per flow.
 BUNDLED = ("tiny.yaml", "sft.yaml", "reward_model.yaml", "offline_dpo.yaml")
@@ -75,8 +81,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.serve") -> 
         parser.error("--name names the deployment of --config; without --config the bundled ones are tiny-local")
     with user_errors_end_the_command():
         served = deployments(args.config, args.name, args.cron)
-    # Anyone who can start a served deployment sets its config: it may name only the library's own code.
-    os.environ.setdefault(ALLOWED_CODE_ENV, "alignment_core.")
+    # Anyone who can start a served deployment sets its config: it reaches only what the allow-lists let it.
+    for setting, value in ALLOW_LISTS.items():
+        os.environ.setdefault(setting, value)
     serve(*served)
 
 

@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 
 from alignment_core.config import PipelineConfig
 from alignment_core.preflight import is_transient
+from alignment_core.redact import install_log_redaction
 
 
 def _route_library_logs_to_prefect() -> None:
@@ -45,6 +46,7 @@ def _route_library_logs_to_prefect() -> None:
 
 
 _route_library_logs_to_prefect()
+install_log_redaction()  # every log line of a flow or stage run, wherever it goes, with its secrets masked
 
 
 def stage_task(name: str, retries: int = 2):

@@ -420,8 +420,9 @@ def test_deployments_set_the_allow_list(monkeypatch):
         assert deployment["job_variables"]["env"][ALLOWED_CODE_ENV] == "alignment_core.", deployment["name"]
     import flows.serve
 
-    monkeypatch.setenv(ALLOWED_CODE_ENV, "recorded")  # so that monkeypatch unsets what main() sets
-    monkeypatch.delenv(ALLOWED_CODE_ENV)
+    for setting in flows.serve.ALLOW_LISTS:  # so that monkeypatch unsets what main() sets
+        monkeypatch.setenv(setting, "recorded")
+        monkeypatch.delenv(setting)
     served = []
     monkeypatch.setattr(flows.serve, "serve", lambda *deployments: served.extend(deployments))
     monkeypatch.setattr(flows.serve, "deployments", lambda *options: ["d"])

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 from alignment_core.annotation.backends import JudgeBackend, JudgeReply, Options
+from alignment_core.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class JudgeCache:
             entry = {"key": key, "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
                      "reply": {"text": reply.text, "logprobs": reply.logprobs, "raw": reply.raw},
                      "created_at": time.time()}
-            self.store.write_bytes(self._uri(key), json.dumps(entry, sort_keys=True, default=str).encode())
+            self.store.write_bytes(self._uri(key), redact(json.dumps(entry, sort_keys=True, default=str)).encode())
 
 
 class CachedJudgeBackend:
