@@ -40,6 +40,7 @@ import uuid
 from dataclasses import dataclass
 
 from alignment_core.config import TRACKERS, PipelineConfig
+from alignment_core.redact import redact
 from alignment_core.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,8 @@ def iteration_records(store: ArtifactStore, run: str, iteration: int, span: tupl
 
 
 def config_params(cfg: PipelineConfig, store_uri: str) -> dict[str, str | int | float | bool]:
-    """The whole config as flat dotted keys (the form every tracker takes), plus the run's store URI."""
+    """The whole config as flat dotted keys (the form every tracker takes), plus the run's store URI; secrets in
+    them (a URL's password) masked."""
     params: dict = {}
 
     def walk(prefix: str, value) -> None:
@@ -203,12 +205,12 @@ def config_params(cfg: PipelineConfig, store_uri: str) -> dict[str, str | int | 
         elif prefix.endswith("token"):  # a lease token changes every flow run and is nobody's business
             return
         elif value is None or isinstance(value, list):
-            params[prefix] = json.dumps(value)
+            params[prefix] = redact(json.dumps(value))
         else:
-            params[prefix] = value
+            params[prefix] = redact(value) if isinstance(value, str) else value
 
     walk("", cfg.model_dump(mode="json"))
-    params["store_uri"] = store_uri
+    params["store_uri"] = redact(store_uri)
     return params
 
 

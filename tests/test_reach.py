@@ -236,6 +236,21 @@ def test_secrets_are_masked_by_value_whatever_their_shape(monkeypatch):
     assert redact("?token2=abc%2Fdef%2Bghi" + plain) == f"?token2={MASK}"
 
 
+def test_tracker_params_carry_no_secret(monkeypatch, tmp_path):
+    from alignment_core.tracking import config_params
+
+    plain = secrets.token_hex(16)
+    monkeypatch.setenv("JUDGE_LOGIN", plain)
+    cfg = PipelineConfig.model_validate({
+        "annotation": {"judge": {"api_key_env": "JUDGE_LOGIN", "template": f"{tmp_path}/{plain}.jinja"}},
+        "store": {"root": str(tmp_path), "endpoint_url": "http://admin:open-sesame-99@127.0.0.1:9000"}})
+    reach_problems(cfg)  # what a flow run does first: the secrets the config names are remembered
+    params = config_params(cfg, "s3://admin:open-sesame-99@127.0.0.1:9000/runs/r")
+    text = json.dumps(params)
+    assert "open-sesame-99" not in text and plain not in text
+    assert params["store.endpoint_url"] == "http://admin:***@127.0.0.1:9000" and params["store.root"] == str(tmp_path)
+
+
 def test_log_records_are_masked_once_redaction_is_installed(monkeypatch, caplog):
     import logging
 
