@@ -518,6 +518,10 @@ class ScaleOutConfig(StrictModel):
     """e.g. `train-stage/gpu`"""
     timeout_s: float = Field(default=6 * 3600, gt=0)
     """Seconds to wait for a dispatched stage flow."""
+    stage_deadline_s: float | None = Field(default=None, gt=0)
+    """An overall deadline for each stage task, in seconds (None: none): a stage still running then fails with
+    an error naming it and the deadline, and is not retried (a retry would get a whole new deadline); the
+    shards it finished are kept, so a rerun continues from them."""
     annotate_deployment: str | None = None
     """e.g. `annotate-stage/gpu`: for annotators that run a model here (reward model, local or vLLM judge)."""
     generate_workers: int = Field(default=1, gt=0)

@@ -6,6 +6,8 @@ re-run flow redoes no finished work even when Prefect's database is gone. Prefec
 off on purpose: a cached URI could point at a store that was cleaned since.
 """
 
+import functools
+import inspect
 import logging
 import re
 import time
@@ -19,6 +21,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.utilities.timeout import timeout
 
 from alignment_core.config import PipelineConfig
 from alignment_core.preflight import is_transient
@@ -49,21 +52,48 @@ _route_library_logs_to_prefect()
 install_log_redaction()  # every log line of a flow or stage run, wherever it goes, with its secrets masked
 
 
+class StageDeadlineExceeded(RuntimeError):
+    """A stage task still running at `scale_out.stage_deadline_s`. Not transient: a retry would get a whole new
+    deadline. The shards the stage finished are kept, so a rerun continues from them."""
+
+
+class _DeadlinePassed(TimeoutError):
+    """Raised into the stage body by Prefect's timeout scope (which takes only TimeoutErrors) at the deadline;
+    its own class, so a TimeoutError of the body itself (a network timeout) stays transient."""
+
+
 def stage_task(name: str, retries: int = 2):
-    """A stage task: named `{stage}-iter-{k}` in the UI, retried with backoff on transient failures only.
+    """A stage task: named `{stage}-iter-{k}` in the UI, retried with backoff on transient failures only, and
+    held to `scale_out.stage_deadline_s` when the config sets one.
 
     A deterministic failure (a missing file, a bad config, a schema mismatch) fails the same way on every
     try, so it fails at once instead of three times with three tracebacks.
     """
-    return task(
-        name=name,
-        task_run_name=name + "-iter-{iteration}",
-        cache_policy=NO_CACHE,
-        retries=retries,
-        retry_delay_seconds=[5, 30],
-        retry_condition_fn=retry_if_transient,
-        persist_result=False,
-    )
+    def decorate(body: Callable) -> Callable:
+        @functools.wraps(body)
+        def within_deadline(config_json: str, *args, **kwargs):
+            deadline = parse(config_json).scale_out.stage_deadline_s
+            try:
+                with timeout(deadline, timeout_exc_type=_DeadlinePassed):
+                    return body(config_json, *args, **kwargs)
+            except _DeadlinePassed:
+                iteration = inspect.signature(body).bind(config_json, *args, **kwargs).arguments.get("iteration")
+                raise StageDeadlineExceeded(
+                    f"stage {name} (iteration {iteration}) did not finish within its deadline of {deadline:g} s "
+                    "(scale_out.stage_deadline_s); the shards it finished are kept: re-run to continue from them, "
+                    "or raise the deadline") from None
+
+        return task(
+            name=name,
+            task_run_name=name + "-iter-{iteration}",
+            cache_policy=NO_CACHE,
+            retries=retries,
+            retry_delay_seconds=[5, 30],
+            retry_condition_fn=retry_if_transient,
+            persist_result=False,
+        )(within_deadline)
+
+    return decorate
 
 
 def retry_if_transient(task, task_run, state) -> bool:
