@@ -15,13 +15,18 @@ from prefect.runtime import flow_run
 
 from alignment_core import pipeline
 from alignment_core.config import PipelineConfig
+from alignment_core.preflight import PreflightError, reach_problems
 from flows.common import run_lease
 from tasks import gpu_slot
 
 
 def _local(config_json: str) -> PipelineConfig:
-    """The stage runs here: it must not dispatch itself again."""
+    """The stage runs here: it must not dispatch itself again. Its deployment can be started on its own, with
+    any config: what that config reaches is bounded here too (alignment_core.preflight.reach_problems)."""
     cfg = PipelineConfig.model_validate_json(config_json)
+    refused = reach_problems(cfg)
+    if refused:
+        raise PreflightError(refused)
     return cfg.model_copy(update={"scale_out": cfg.scale_out.model_copy(update={
         "generate_deployment": None, "train_deployment": None, "annotate_deployment": None,
         "generate_workers": 1, "annotate_workers": 1})})

@@ -123,6 +123,20 @@ def test_the_exfiltration_config_is_refused_under_the_deployments_settings(no_al
     assert worker_secret not in "\n".join(problems)
 
 
+def test_a_stage_flow_started_on_its_own_is_bounded_too(no_allow_lists, recording_judge, tmp_path):
+    from alignment_core.preflight import PreflightError
+    from flows.stages import _local
+
+    url, requests = recording_judge
+    cfg = exfiltration_config(url, tmp_path / "private.txt")
+    assert _local(cfg.model_dump_json()).annotation.judge.base_url == url  # unrestricted: as given
+    for name, value in deployment_settings().items():
+        no_allow_lists.setenv(name, value)
+    with pytest.raises(PreflightError, match="annotation.judge.api_key_env: .*ALIGNMENT_CORE_ALLOWED_SECRETS"):
+        _local(cfg.model_dump_json())
+    assert requests == []
+
+
 @pytest.mark.parametrize("setting, value, refused", [
     (ALLOWED_SECRETS_ENV, "OPENAI_API_KEY", "annotation.judge.api_key_env"),
     (ALLOWED_HOSTS_ENV, "api.openai.com", "annotation.judge.base_url"),
