@@ -17,8 +17,8 @@ deployments/prefect.yaml does the same through `prefect deploy` and a work pool.
 
 Anyone who can start a served deployment sets its config, so what a config may reach is bounded here as in
 deployments/prefect.yaml (ALLOW_LISTS): code under `alignment_core.`, the secret OPENAI_API_KEY, files under
-./data, the host api.openai.com. Set ALIGNMENT_CORE_ALLOWED_CODE, _SECRETS, _PATHS or _HOSTS before starting to
-widen one (docs/trust-model.md).
+./data and ./runs, the host api.openai.com. Set ALIGNMENT_CORE_ALLOWED_CODE, _SECRETS, _PATHS or _HOSTS before
+starting to widen one (docs/trust-model.md).
 """
 
 import os
@@ -38,8 +38,8 @@ from flows.offline import FLOWS as OFFLINE_FLOWS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # What a served flow run's config may reach unless the environment says otherwise: deployments/prefect.yaml's.
-ALLOW_LISTS = {ALLOWED_CODE_ENV: "alignment_core.", ALLOWED_SECRETS_ENV: "OPENAI_API_KEY", ALLOWED_PATHS_ENV: "data",
-               ALLOWED_HOSTS_ENV: "api.openai.com"}
+ALLOW_LISTS = {ALLOWED_CODE_ENV: "alignment_core.", ALLOWED_SECRETS_ENV: "OPENAI_API_KEY",
+               ALLOWED_PATHS_ENV: "data,runs", ALLOWED_HOSTS_ENV: "api.openai.com"}
 FLOWS = {"iterative-dpo": iterative_dpo, **OFFLINE_FLOWS}
 # The bundled configs, served as `tiny-local` without --config: one per flow.
 BUNDLED = ("tiny.yaml", "sft.yaml", "reward_model.yaml", "offline_dpo.yaml")

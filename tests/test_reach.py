@@ -99,6 +99,17 @@ def test_deployments_and_serve_set_every_allow_list_alike():
     assert flows.serve.ALLOW_LISTS == deployment_settings()
 
 
+def test_the_bundled_configs_reach_only_what_the_deployments_allow(no_allow_lists):
+    from alignment_core.config import load_config
+
+    no_allow_lists.chdir(REPO)  # a deployment's working directory: $ALIGNMENT_CORE_HOME
+    for name, value in deployment_settings().items():
+        no_allow_lists.setenv(name, value)
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 8 and {path.name: reach_problems(load_config(path)) for path in configs} == {
+        path.name: [] for path in configs}
+
+
 def test_the_exfiltration_config_is_refused_under_the_deployments_settings(no_allow_lists, recording_judge,
                                                                            tmp_path):
     url, requests = recording_judge
