@@ -213,7 +213,7 @@ def reach_problems(cfg: PipelineConfig) -> list[str]:
     remember_secret_env(cfg.annotation.judge.api_key_env)
     remember_secrets_in(cfg.model_dump_json())
     problems = []
-    if cfg.online and cfg.annotation.judge_kind and cfg.annotation.judge.backend == "http":
+    if cfg.annotation.judge_kind and cfg.annotation.judge.backend == "http":  # offline runs evaluate with it
         problems += _problem("annotation.judge.api_key_env", check_allowed_secret, cfg.annotation.judge.api_key_env)
     for field, url in named_hosts(cfg).items():
         problems += _problem(field, check_allowed_host, url)
@@ -227,7 +227,7 @@ def reach_problems(cfg: PipelineConfig) -> list[str]:
 def named_hosts(cfg: PipelineConfig) -> dict[str, str]:
     """The URLs the run calls with the worker's credentials (a judge's key, the store's or MLflow's), by field."""
     hosts = {}
-    if cfg.online and cfg.annotation.judge_kind and cfg.annotation.judge.backend == "http":
+    if cfg.annotation.judge_kind and cfg.annotation.judge.backend == "http":
         hosts["annotation.judge.base_url"] = cfg.annotation.judge.base_url
     if cfg.store.endpoint_url:
         hosts["store.endpoint_url"] = cfg.store.endpoint_url
@@ -242,7 +242,9 @@ def named_paths(cfg: PipelineConfig) -> dict[str, str]:
     from alignment_core.config import DATA_FILE_SUFFIXES
     from alignment_core.inputs import InputRef
 
-    paths = {field: name for field, name in named_models(cfg).items() if InputRef.model(name).kind == "local"}
+    # The annotator's models as an online run loads them: offline runs evaluate with the annotator too.
+    models = named_models(cfg.model_copy(update={"setup": "online_pairwise"}))
+    paths = {field: name for field, name in models.items() if InputRef.model(name).kind == "local"}
     for field, source in (("data.source", cfg.data.source), ("data.eval_source", cfg.data.eval_source)):
         if source and not source.startswith("bundled:") and "://" not in source and (
                 source.lower().endswith(DATA_FILE_SUFFIXES) or Path(source).expanduser().exists()):

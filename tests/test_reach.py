@@ -206,6 +206,18 @@ def test_the_paths_a_config_reads_are_all_checked(no_allow_lists, tmp_path):
     assert reach_problems(cfg) == []
 
 
+def test_an_offline_run_evaluating_with_a_judge_is_bounded_too(no_allow_lists, tmp_path):
+    (tmp_path / "judge").mkdir()
+    cfg = PipelineConfig.model_validate({"setup": "sft", "training": {"loss": "sft"}, "annotation": {
+        "annotator": "judge_pairwise", "judge": {"backend": "http", "base_url": "http://evil.org/v1", "model": "m"}}})
+    no_allow_lists.setenv(ALLOWED_HOSTS_ENV, "api.openai.com")
+    assert [problem.split(":")[0] for problem in reach_problems(cfg)] == ["annotation.judge.base_url"]
+    local = PipelineConfig.model_validate({"setup": "sft", "training": {"loss": "sft"}, "annotation": {
+        "annotator": "judge_pairwise", "judge": {"backend": "local", "model": str(tmp_path / "judge")}}})
+    no_allow_lists.setenv(ALLOWED_PATHS_ENV, "data")
+    assert [problem.split(":")[0] for problem in reach_problems(local)] == ["annotation.judge.model"]
+
+
 def test_remote_model_code_needs_every_module_allowed(no_allow_lists):
     cfg = PipelineConfig.model_validate({"model": {"policy": "acme/tiny-chat", "trust_remote_code": True}})
     assert reach_problems(cfg) == []
