@@ -131,10 +131,9 @@ TRAINING_SERIES = {"loss": ("loss", False), "reward_accuracy": ("reward accuracy
 
 
 def training_curves(metrics: dict) -> dict:
-    """`metrics`: {iteration: its metrics stage as a DataFrame}. Each training round's loss, reward accuracy and
-    log-ratio per optimizer step, on one step axis across
-    iterations (a round's steps restart at 1): {"series": {metric: {"steps", "values"}}, "boundaries": [(step at
-    which iteration k starts, k)]}."""
+    """Each training round's loss, reward accuracy and log-ratio per optimizer step, on one step axis across
+    iterations (a round's steps restart at 1). `metrics`: {iteration: its metrics stage as a DataFrame}; returns
+    {"series": {metric: {"steps", "values"}}, "boundaries": [(the step before iteration k's first, k)]}."""
     series: dict[str, dict] = {}
     boundaries, offset = [], 0
     for iteration, frame in sorted(metrics.items()):
@@ -178,6 +177,8 @@ def learning_figure(evaluations: list[dict], title: str, judge: str, oracle: str
       numbers merged under both names, the others side by side;
     - training (`training_curves`): loss, reward accuracy and log-ratio per optimizer step.
     """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +195,7 @@ def learning_figure(evaluations: list[dict], title: str, judge: str, oracle: str
     _win_rate_panel(win_ax, curves)
     _training_panel(train_ax, training or {"series": {}, "boundaries": []})
     verdict = significance_line({"judge": judge, "oracle": oracle, **evaluations[-1]}) if evaluations else ""
-    fig.suptitle(f"{title}\n{verdict}", fontsize=11)
+    fig.suptitle(f"{title}\n{textwrap.fill(verdict, 150)}", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -211,9 +212,10 @@ def _reward_panel(ax, curves: dict) -> None:
         ax.axhline(initial, color=colour, linewidth=6, alpha=0.18)  # the initial policy, as a band
         ax.annotate(f"initial policy {initial:.3g}", (max(iterations), initial), xytext=(0, -12),
                     textcoords="offset points", fontsize=8, color=colour, ha="center")
-        if "change_delta" not in series:  # an older evaluation without the change's interval: points only
-            ax.plot(iterations, values, marker="o", color=colour, label=label)
-            spans += values
+        if "change_delta" not in series:  # an older evaluation without the change's interval: anchored at 0
+            ax.plot(iterations, values, marker="o", color=colour,
+                    label=f"{label}; no interval recorded (an older evaluation)")
+            spans += values + [0.0]
             continue
         change = {k.removeprefix("change_"): v for k, v in series.items() if k.startswith("change_")}
         # The change's interval around each point (the change is that point minus the band, up to prompts that

@@ -101,8 +101,8 @@ def test_a_change_inside_its_noise_draws_flat_and_the_subtitle_is_the_verdict():
     bottom, top = reward_ax.get_ylim()
     assert bottom < 0.6219 - 0.18 and top > 0.6219 + 0.19  # the interval is on the axis
     assert (0.6250 - 0.6219) / (top - bottom) < 0.01
-    assert fig._suptitle.get_text() == (
-        f"run\nwin-rate vs initial, judged by rule {DEMO_RULE}, a demo rule, not your task's: 0.50 [0.28, 0.72] "
+    assert fig._suptitle.get_text().replace("\n", " ") == (  # the title, then the verdict (wrapped)
+        f"run win-rate vs initial, judged by rule {DEMO_RULE}, a demo rule, not your task's: 0.50 [0.28, 0.72] "
         "over 40 held-out prompts: not distinguishable from the initial policy at this size (the 95% interval "
         "holds 0.5)")
 
