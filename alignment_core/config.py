@@ -300,6 +300,12 @@ class JudgeConfig(StrictModel):
     """name of the environment variable that holds the key"""
     timeout_s: float = Field(default=60.0, gt=0)
     """http judge: seconds per request."""
+    budget_s: float | None = Field(default=None, gt=0)
+    """http judge: seconds for all of a stage's requests together, from its first; requests not answered by then
+    fail as transient (like an outage: a rerun of the stage asks again). Unset: no bound beyond timeout_s."""
+    version: str = ""
+    """Part of the judge's identity in the answer cache, with its endpoint, model name, template and sampling:
+    bump when the judge behind the same URL/name changed (new weights, a new server), so it is asked again."""
     max_retries: int = Field(default=3, ge=0)
     """http judge: retries of a failed request (transient errors only)."""
     concurrency: int = Field(default=4, gt=0)

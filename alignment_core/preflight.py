@@ -11,17 +11,19 @@ host the config names is one the worker's allow-lists let a config reach (`reach
 a config that names one outside is refused before any of it is read or called. A hub *dataset* is left to the
 prompts stage, which runs first and before any model is loaded.
 
-`is_transient(error)` says whether a failed stage is worth retrying: a network hiccup or a killed worker is;
-a wrong path, a bad config or a schema mismatch fails the same way every time and is not.
+`is_transient(error)` (from alignment_core.errors, one table for the stage and judge retries) says whether a
+failed stage is worth retrying: a network hiccup or a killed worker is; a wrong path, a refused key, a full disk, a
+bad config or a schema mismatch fails the same way every time and is not.
 """
 
 import logging
 import os
-import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from alignment_core.config import PipelineConfig
+from alignment_core.errors import PermanentError, http_status_failure
+from alignment_core.errors import is_transient as is_transient  # the table lives in errors.py; tasks import it here
 from alignment_core.redact import ALLOWED_SECRETS_ENV, redact, remember_secret_env, remember_secrets_in
 from alignment_core.tracking import tracking_problems
 
@@ -122,7 +124,7 @@ def preflight(cfg: PipelineConfig, quick_checked: bool = False) -> None:
 def _problem(field: str, check, *args) -> list[str]:
     try:
         check(*args)
-    except (OSError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError, PermanentError) as error:
         return [f"{field}: {error}"]
     return []
 
@@ -160,11 +162,12 @@ def _check_callable(path: str) -> None:
 
 
 def _check_template(cfg: PipelineConfig) -> None:
-    from alignment_core.annotation.judge import load_template
+    """The judge template loads and renders a sample pair within its bounds (a render bomb fails here)."""
+    from alignment_core.annotation.judge import load_template, render_sample
 
     judge = cfg.annotation.judge
-    suffix = f"_{judge.pointwise_scale}" if cfg.annotation.judge_kind == "judge_pointwise" else ""
-    load_template(judge.template, suffix=suffix)
+    pointwise = cfg.annotation.judge_kind == "judge_pointwise"
+    render_sample(load_template(judge.template, suffix=f"_{judge.pointwise_scale}" if pointwise else ""), pointwise)
 
 
 def _check_endpoint(judge) -> None:
@@ -182,7 +185,9 @@ def _check_endpoint(judge) -> None:
     except httpx.HTTPError as error:
         raise ConnectionError(f"judge endpoint {url} is not reachable ({type(error).__name__}: {error})") from None
     if response.status_code != 200:
-        raise ConnectionError(f"judge endpoint {url} answered HTTP {response.status_code}")
+        failure = http_status_failure(response.status_code)
+        error = ConnectionError if failure.transient else PermanentError
+        raise error(f"judge endpoint {url} answered HTTP {response.status_code}: {failure.meaning}")
     served = [model.get("id") for model in response.json().get("data", [])]
     if judge.model not in served:
         raise ValueError(f"judge endpoint {judge.base_url} does not serve {judge.model!r}; it serves {served}")
@@ -309,16 +314,3 @@ def check_allowed_path(path: str) -> None:
     raise ValueError(f"{path!r} (resolved: {target}) is outside the folders a config may read here: "
                      f"{ALLOWED_PATHS_ENV} allows {[str(folder) for folder in folders] or 'none'}; widen it on "
                      "the worker to read it")
-
-
-# ---- which failures are worth a retry --------------------------------------------------------------------
-_DETERMINISTIC_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-def is_transient(error: BaseException) -> bool:
-    """True for failures that may pass on a second try: network, timeouts, a killed worker process."""
-    import httpx
-
-    if isinstance(error, (httpx.TransportError, TimeoutError, ConnectionError, subprocess.CalledProcessError)):
-        return True
-    return isinstance(error, OSError) and not isinstance(error, _DETERMINISTIC_OS_ERRORS)

@@ -18,6 +18,7 @@ from alignment_core.annotation.judge import JudgeTemplate
 from alignment_core.annotation.scorers import ALLOWED_CODE_ENV, import_callable
 from alignment_core.config import ConfigError, PipelineConfig, load_config, parse_config, yaml_load_unique
 from alignment_core.data import DatasLoader, detect_format
+from alignment_core.errors import PermanentError
 from alignment_core.redact import redact
 from alignment_core.rewards import positive_words
 from alignment_core.store import ArtifactStore
@@ -365,18 +366,17 @@ class EchoingServer(BaseHTTPRequestHandler):
         self.wfile.write(body.encode())
 
 
-def test_an_http_error_body_quoting_the_key_is_masked_in_the_annotation_rows(monkeypatch):
+def test_an_http_error_body_quoting_the_key_is_masked_in_the_error(monkeypatch):
     monkeypatch.setenv("HARDENING_TEST_KEY", FAKE_KEY)
     with serving(EchoingServer) as url:
         backend = HttpJudgeBackend(url, "judge-model", api_key_env="HARDENING_TEST_KEY", max_retries=0, timeout_s=5)
         annotator = PairwiseJudgeAnnotator(backend, load_template("helpfulness"))
-        rows = annotator.annotate(make_generations({"p1": ["good answer", "bad answer"]}))
+        with pytest.raises(PermanentError) as refused:  # a 401 stops the stage (alignment_core.errors)
+            annotator.annotate(make_generations({"p1": ["good answer", "bad answer"]}))
         backend.close()
-    assert [row["status"] for row in rows] == ["error"]
-    raw = rows[0]["raw"]
-    assert "401" in raw and "sk-proj-***" in raw and "Bearer" not in raw.replace("Authorization\\\": \\\"***", "")
-    assert FAKE_KEY not in raw and FAKE_KEY[8:] not in raw
-    json.loads(raw)  # still JSON
+    message = str(refused.value)
+    assert "401" in message and "Incorrect API key provided: ***" in message and "Bearer" not in message
+    assert FAKE_KEY not in message and FAKE_KEY[8:] not in message
 
 
 # --- the allow-list for config-named code ---------------------------------------------------------------------

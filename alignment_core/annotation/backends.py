@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Protocol
 import httpx
 import torch
 
+from alignment_core.errors import PermanentError, http_status_failure
 from alignment_core.redact import redact
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,12 @@ Options = dict[str, list[str]]
 class JudgeReply:
     text: str | None = None  # the generated answer, when the backend generated one
     logprobs: dict[str, float] | None = None  # next-token log-prob of each option the backend saw
-    error: str | None = None  # why there is no answer (HTTP error, timeout, malformed response): transient, a
-    # rerun of the stage asks again (a reply that is there but holds no verdict is "unparseable", final)
-    raw: dict = field(default_factory=dict)  # backend details kept in the annotation row
+    error: str | None = None  # why there is no answer (HTTP error, timeout, budget spent)
+    transient: bool = True  # the error may pass (an outage, a timeout): a rerun of the stage asks again; False for
+    # one that would not (alignment_core.errors), final. A reply that is there but holds no verdict, or is
+    # malformed, has no error: it is "unparseable", final.
+    raw: dict = field(default_factory=dict)  # backend details kept in the annotation row (raw["malformed"]: why a
+    # reply could not be read, naming the judge)
 
 
 class JudgeBackend(Protocol):
@@ -138,9 +143,6 @@ class LocalJudgeBackend:
         return [JudgeReply(text=text, raw={"text": text}) for text in texts]
 
 
-RETRYABLE_STATUS = (429, 500, 502, 503, 504)
-
-
 class VLLMJudgeBackend:
     """A causal LM served by an in-process vLLM engine as judge (`judge.backend: vllm`).
 
@@ -199,26 +201,53 @@ class VLLMJudgeBackend:
             use_tqdm=False,
         )
         per_row: list[dict[str, list[float]]] = [{} for _ in prompts]
+        unreadable: dict[int, str] = {}
         for (row, option, token), output in zip(requests, outputs, strict=True):
-            per_row[row].setdefault(option, []).append(output.prompt_logprobs[-1][token].logprob)
+            logprob = read_back_logprob(output, token)
+            if logprob is None:
+                unreadable[row] = f"judge {self.name!r}: vLLM read back no usable log-prob for option {option!r}"
+            else:
+                per_row[row].setdefault(option, []).append(logprob)
         replies = []
-        for values in per_row:
+        for row, values in enumerate(per_row):
+            if row in unreadable:
+                replies.append(JudgeReply(raw={"malformed": unreadable[row]}))
+                continue
             logprobs = {option: _logsumexp(v) for option, v in values.items()}
             replies.append(JudgeReply(logprobs=logprobs, raw={"logprobs": logprobs}))
         return replies
+
+
+def read_back_logprob(output, token: int) -> float | None:
+    """The log-prob vLLM computed for `token` as the prompt's last token, or None when the output holds none
+    that is a log-prob (a missing position or token, a NaN)."""
+    try:
+        value = output.prompt_logprobs[-1][token].logprob
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return float(value) if is_logprob(value) else None
+
+
+def is_logprob(value) -> bool:
+    """A finite number no larger than 0 (a little rounding above it allowed): what a log-probability can be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value <= 1e-4
 
 
 class HttpJudgeBackend:
     """Any OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, llama.cpp, hosted APIs).
 
     Requests ask for `logprobs: true, top_logprobs: 5` and temperature 0; when the reply carries log-probs
-    for the options they are used, else the judge parses the text. Failures are bounded: each request is
-    retried at most `max_retries` times, on 429/5xx, timeouts and connection errors, with exponential
-    backoff (`backoff_s * 2**attempt`, or the server's Retry-After when longer, capped at 60 s); other
-    errors are not retried. `timeout_s` is each attempt's deadline for the whole request (connect, send,
-    headers and body), not a limit per read: a server that trickles bytes is cut off when it runs out. At
-    most `concurrency` requests are in flight. The API key is read from the environment variable named
-    `api_key_env` and is never logged or stored in a reply.
+    for the options they are used, else the judge parses the text; a reply that is not a well-formed chat
+    completion is read as no answer ("unparseable", `parse_chat_completion`), never a crash. Failures are
+    bounded: a request is retried at most `max_retries` times on what alignment_core.errors calls transient
+    (timeouts, 429, 5xx, connection errors), with exponential backoff (`backoff_s * 2**attempt`, or the
+    server's Retry-After when longer, capped at 60 s). A permanent status is not retried: 400 fails that request
+    for good; 401/403/404 (a refused key, a wrong URL or model) would fail every request, so they raise
+    PermanentError and stop the stage. `timeout_s` is each attempt's deadline for the whole request (connect,
+    send, headers and body), not a limit per read: a server that trickles bytes is cut off when it runs out.
+    `budget_s` bounds all requests of the backend's life (a stage) together, from the first: what is not
+    answered by then fails as transient (a rerun asks again). At most `concurrency` requests are in flight.
+    The API key is read from the environment variable named `api_key_env` and is never logged or stored.
     """
 
     def __init__(
@@ -231,6 +260,7 @@ class HttpJudgeBackend:
         concurrency: int = 4,
         max_new_tokens: int = 8,
         backoff_s: float = 0.5,
+        budget_s: float | None = None,
     ):
         if not base_url:
             raise ValueError("annotation.judge.base_url must be set for the http judge backend")
@@ -249,16 +279,22 @@ class HttpJudgeBackend:
         self.headers, self.timeout_s = headers, timeout_s
         self.max_retries, self.concurrency = max_retries, concurrency
         self.max_new_tokens, self.backoff_s = max_new_tokens, backoff_s
+        self.budget_s, self._deadline = budget_s, None  # the budget's clock starts at the first request
 
     def complete(self, prompts: Sequence[str], options: Options | None) -> list[JudgeReply]:
         if not prompts:
             return []
+        if self.budget_s is not None and self._deadline is None:
+            self._deadline = time.monotonic() + self.budget_s
         # An event loop of its own, in a thread of its own: callers may already run one (Prefect, notebooks).
         with ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(asyncio.run, self._complete_all(list(prompts), options)).result()
 
     def close(self) -> None:
         """Nothing to release: each `complete` call opens and closes its own connection pool."""
+
+    def _seconds_left(self) -> float:
+        return math.inf if self._deadline is None else self._deadline - time.monotonic()
 
     async def _complete_all(self, prompts: list[str], options: Options | None) -> list[JudgeReply]:
         limits = httpx.Limits(max_connections=self.concurrency)
@@ -269,7 +305,14 @@ class HttpJudgeBackend:
                 async with slots:
                     return await self._complete_one(client, prompt, options)
 
-            return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+            requests = [asyncio.ensure_future(one(prompt)) for prompt in prompts]
+            try:
+                return list(await asyncio.gather(*requests))
+            except PermanentError:  # every other request would be refused the same way: stop them, then report
+                for request in requests:
+                    request.cancel()
+                await asyncio.gather(*requests, return_exceptions=True)
+                raise
 
     async def _complete_one(self, client: httpx.AsyncClient, prompt: str, options: Options | None) -> JudgeReply:
         body = {
@@ -280,46 +323,44 @@ class HttpJudgeBackend:
             "logprobs": True,
             "top_logprobs": 5,
         }
-        payload, attempts, error = await self._post_with_retries(client, body)
-        if payload is None:
-            return JudgeReply(error=error, raw={"error": error, "attempts": attempts})
-        try:
-            choice = payload["choices"][0]
-            text = choice["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            error = f"malformed chat completion: {json.dumps(payload)[:300]}"
-            return JudgeReply(error=error, raw={"error": error, "attempts": attempts})
-        top = _first_answer_top_logprobs(choice.get("logprobs"))
-        logprobs = _option_logprobs(top, options) if options is not None else None
-        raw = {"text": text, "top_logprobs": top, "attempts": attempts}
-        return JudgeReply(text=text, logprobs=logprobs, raw=raw)
+        answer, attempts, error, transient = await self._post_with_retries(client, body)
+        if answer is None:
+            return JudgeReply(error=error, transient=transient, raw={"error": error, "attempts": attempts})
+        reply = parse_chat_completion(answer, options, self.name)
+        reply.raw["attempts"] = attempts
+        return reply
 
-    async def _post_with_retries(self, client: httpx.AsyncClient, body: dict) -> tuple[dict | None, int, str | None]:
-        """(JSON payload or None, attempts made, last error)."""
+    async def _post_with_retries(self, client: httpx.AsyncClient,
+                                 body: dict) -> tuple[bytes | None, int, str | None, bool]:
+        """(the 200 answer's body or None, attempts made, last error, whether that error may pass)."""
         error = None
         for attempt in range(self.max_retries + 1):
+            seconds_left = self._seconds_left()
+            if seconds_left <= 0:
+                error = (f"the judge's budget of {self.budget_s:g} s for the stage's requests (annotation.judge."
+                         "budget_s) was spent before this one was answered"
+                         + (f"; last error: {error}" if error else ""))
+                return None, attempt, error, True
+            timeout = min(self.timeout_s, seconds_left)
             wait = self.backoff_s * 2**attempt
             try:
                 # The whole request under one deadline: httpx's own timeout is per read, and a server that
                 # sends a byte now and then would never trip it.
-                response = await asyncio.wait_for(client.post(self.url, json=body), timeout=self.timeout_s)
+                response = await asyncio.wait_for(client.post(self.url, json=body), timeout=timeout)
             except TimeoutError:
-                error = f"TimeoutError: no complete answer within {self.timeout_s:g} s (annotation.judge.timeout_s)"
+                limit = "annotation.judge.timeout_s" if timeout == self.timeout_s else "annotation.judge.budget_s"
+                error = f"TimeoutError: no complete answer within {timeout:g} s ({limit})"
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code == 200:
-                    try:
-                        return response.json(), attempt + 1, None
-                    except ValueError:
-                        return (
-                            None,
-                            attempt + 1,
-                            f"HTTP 200 with a body that is not JSON: {response.text[:300]}",
-                        )
-                error = redact(f"HTTP {response.status_code}: {response.text[:300]}")  # bodies can echo keys
-                if response.status_code not in RETRYABLE_STATUS:
-                    return None, attempt + 1, error
+                    return response.content, attempt + 1, None, True
+                failure = http_status_failure(response.status_code)
+                error = redact(f"HTTP {response.status_code} ({failure.meaning}): {response.text[:300]}")  # bodies
+                if not failure.transient:  # can echo keys
+                    if failure.fails_every_request:
+                        raise PermanentError(f"judge {self.name!r} at {self.url} answered {error}; not retried")
+                    return None, attempt + 1, error, False
                 wait = max(wait, _retry_after_s(response))
             if attempt < self.max_retries:
                 log.info(
@@ -329,8 +370,8 @@ class HttpJudgeBackend:
                     self.max_retries,
                     wait,
                 )
-                await asyncio.sleep(min(wait, 60.0))
-        return None, self.max_retries + 1, error
+                await asyncio.sleep(max(0.0, min(wait, 60.0, self._seconds_left())))
+        return None, self.max_retries + 1, error, True
 
 
 def _retry_after_s(response: httpx.Response) -> float:
@@ -340,15 +381,88 @@ def _retry_after_s(response: httpx.Response) -> float:
         return 0.0
 
 
-def _first_answer_top_logprobs(logprobs: dict | None) -> list[dict] | None:
+# ---- reading a chat completion -----------------------------------------------------------------------------
+class _Malformed(ValueError):
+    """A chat-completion field that is missing, null or of the wrong type."""
+
+
+def parse_chat_completion(body: str | bytes, options: Options | None, judge: str) -> JudgeReply:
+    """The answer text of a chat completion's body and, with options, each option's log-prob at the answer's first
+    token. Never raises: a body that is not a well-formed chat completion (not JSON, a missing or mistyped field,
+    a log-prob that is not one) gives a reply with no answer, which the judge reads as "unparseable", and
+    raw["malformed"] says why, naming the judge.
+    """
+    try:
+        text, positions = _completion_fields(json.loads(body))
+    except (_Malformed, ValueError, RecursionError) as why:  # json.loads raises ValueError on a body not JSON
+        excerpt = body[:300] if isinstance(body, str) else bytes(body[:300]).decode(errors="replace")
+        reason = why if isinstance(why, _Malformed) else f"the body is not JSON ({type(why).__name__})"
+        return JudgeReply(raw={"malformed": redact(f"judge {judge!r}: {reason}"), "body": redact(excerpt)})
+    top = _first_answer_top_logprobs(positions)
+    logprobs = _option_logprobs(top, options) if options is not None else None
+    return JudgeReply(text=text, logprobs=logprobs, raw={"text": text, "top_logprobs": top})
+
+
+def _field(container, key: str, kind: type | tuple[type, ...], where: str):
+    if not isinstance(container, dict):
+        raise _Malformed(f"{where} is {type(container).__name__}, not an object")
+    if key not in container:
+        raise _Malformed(f"{where}.{key} is missing")
+    value = container[key]
+    if not isinstance(value, kind) or isinstance(value, bool):  # no field of a completion is a bool
+        raise _Malformed(f"{where}.{key} is {type(value).__name__} {repr(value)[:60]}, not {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def _logprob(container, where: str) -> float:
+    value = _field(container, "logprob", (int, float), where)
+    if not is_logprob(value):
+        raise _Malformed(f"{where}.logprob is {value!r}, not a log-probability (a finite number <= 0)")
+    return float(value)
+
+
+def _optional_list(container: dict, key: str, where: str) -> list:
+    value = container.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Malformed(f"{where}.{key} is {type(value).__name__} {repr(value)[:60]}, not a list")
+    return value
+
+
+def _completion_fields(payload) -> tuple[str, list[tuple[str, float, list[tuple[str, float]]]]]:
+    """(answer text, [(token, log-prob, [(alternative token, log-prob)]) per generated position])."""
+    choices = _field(payload, "choices", list, "the body")
+    if not choices:
+        raise _Malformed("the body's choices list is empty")
+    choice = choices[0]
+    text = _field(_field(choice, "message", dict, "choices[0]"), "content", str, "choices[0].message")
+    logprobs = choice.get("logprobs")
+    if logprobs is None:
+        return text, []
+    if not isinstance(logprobs, dict):
+        raise _Malformed(f"choices[0].logprobs is {type(logprobs).__name__}, not an object")
+    positions = []
+    for i, position in enumerate(_optional_list(logprobs, "content", "choices[0].logprobs")):
+        where = f"choices[0].logprobs.content[{i}]"
+        token, logprob = _field(position, "token", str, where), _logprob(position, where)
+        alternatives = [(_field(entry, "token", str, f"{where}.top_logprobs[{j}]"),
+                         _logprob(entry, f"{where}.top_logprobs[{j}]"))
+                        for j, entry in enumerate(_optional_list(position, "top_logprobs", where))]
+        positions.append((token, logprob, alternatives))
+    return text, positions
+
+
+def _first_answer_top_logprobs(positions: list[tuple[str, float, list[tuple[str, float]]]]) -> list[dict] | None:
     """The top log-probs at the first generated token that is not blank (the answer's first token)."""
-    if not logprobs or not logprobs.get("content"):
-        return None
-    for position in logprobs["content"]:
-        if position.get("token", "").strip():
-            top = position.get("top_logprobs") or []
-            chosen = {"token": position["token"], "logprob": position.get("logprob")}
-            return [chosen, *[t for t in top if t.get("token") != position["token"]]]
+    for token, logprob, alternatives in positions:
+        if token.strip():
+            return [{"token": token, "logprob": logprob},
+                    *[{"token": t, "logprob": lp} for t, lp in alternatives if t != token]]
     return None
 
 
@@ -358,10 +472,8 @@ def _option_logprobs(top: list[dict] | None, options: Options) -> dict[str, floa
         return None
     found: dict[str, list[float]] = {}
     for entry in top:
-        token, logprob = str(entry.get("token", "")).strip(), entry.get("logprob")
-        if logprob is None:
-            continue
+        token = entry["token"].strip()
         for option, spellings in options.items():
             if token in spellings:
-                found.setdefault(option, []).append(float(logprob))
+                found.setdefault(option, []).append(entry["logprob"])
     return {option: _logsumexp(values) for option, values in found.items()} or None

@@ -1,8 +1,10 @@
 """Judge answers cached by content in the store, so a resumed stage or a re-label never asks twice.
 
 A judge call is identified by what decides its answer: the rendered judge prompt (the prompt and responses
-in the template), the template's digest, the judge (backend, served model name or model digest), its
-sampling (temperature 0, max_new_tokens, top log-probs) and the answer options. Answers live under
+in the template), the template's digest, the judge (backend; an HTTP judge's endpoint and served model name,
+or a local model's digest; its declared `judge.version`), its sampling (temperature 0, max_new_tokens, top
+log-probs) and the answer options. The identity is written beside the answers as `_judge.json`. Answers live
+under
 
     {store root}/_judge_cache/{judge digest}/{key[:2]}/{key}.json      key = sha256 of the call
 
@@ -16,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from alignment_core.annotation.backends import JudgeBackend, JudgeReply, Options
 from alignment_core.redact import redact
@@ -115,13 +118,25 @@ class CachedJudgeBackend:
 
 
 def judge_identity(cfg, backend: JudgeBackend, template_name: str, options_kind: str) -> dict:
-    """What identifies a judge's answers besides the prompt: backend, model, template digest, sampling."""
+    """What identifies a judge's answers besides the prompt: backend, endpoint, model, declared version, template
+    digest, sampling."""
     judge = cfg.annotation.judge
+    identity = {"backend": judge.backend, "version": judge.version}
     if judge.backend == "http":
-        model = judge.model  # the served model's name: the server is asked, its weights are not ours to hash
+        # The server is asked, its weights are not ours to hash: two servers may serve different judges under
+        # one model name, so the endpoint is part of who answers (and judge.version a change behind it).
+        identity |= {"endpoint": endpoint_identity(judge.base_url), "model": judge.model}
     else:
         from alignment_core.models import model_digest
 
-        model = "digest:" + model_digest(getattr(backend, "path", None) or judge.model)
-    return {"backend": judge.backend, "model": model, "template": template_name, "kind": options_kind,
+        identity["model"] = "digest:" + model_digest(getattr(backend, "path", None) or judge.model)
+    return {**identity, "template": template_name, "kind": options_kind,
             "sampling": {"temperature": 0.0, "max_new_tokens": judge.max_new_tokens, "top_logprobs": 5}}
+
+
+def endpoint_identity(base_url: str) -> str:
+    """scheme://host:port/path of a URL: where the judge is, without credentials, query or fragment (they may hold
+    secrets, and do not say which server answers)."""
+    parts = urlsplit(base_url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"

@@ -11,6 +11,7 @@ give a label; disagreeing orders give a tie (0.5/0.5) or a "dropped" row, per ju
 import hashlib
 import math
 import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import jinja2
 import jinja2.sandbox
 import pandas as pd
 
-from alignment_core.annotation.backends import JudgeBackend, JudgeReply
+from alignment_core.annotation.backends import JudgeBackend, JudgeReply, is_logprob
 from alignment_core.annotation.base import Score, ScoreRules, annotation_row, prompt_groups, rows_from_scores
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -27,21 +28,86 @@ YES_NO_OPTIONS = {"yes": ["yes", "Yes", "YES"], "no": ["no", "No", "NO"]}
 
 
 # ---- templates -----------------------------------------------------------------------------------------
+# A template is written by whoever sets the config. The sandbox keeps it from Python's internals; these bounds
+# keep it from the CPU and memory (nested loops, a huge repetition): a render past one fails, naming the template.
+TEMPLATE_MAX_RANGE = 10_000  # items one range() may give
+TEMPLATE_MAX_CHARS = 1_000_000  # characters of the rendered prompt, and of one repeated string or list
+TEMPLATE_DEADLINE_S = 2.0  # seconds one render may take (a bundled template renders in about a millisecond)
+
+
+class TemplateBoundError(ValueError):
+    """A judge template's render went past its range, size or time bound."""
+
+
+class _BoundedSandbox(jinja2.sandbox.SandboxedEnvironment):
+    """The sandbox with range() capped and checking the render's deadline on every item, and `*` / `**` checked
+    before they build a huge string, list or number. Loops over range() are where a template spends CPU without
+    output; the output itself is checked by JudgeTemplate.render as it is produced."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def __init__(self, template: str):
+        super().__init__(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+        self.template, self.deadline = template, time.monotonic() + TEMPLATE_DEADLINE_S
+        self.globals["range"] = self.bounded_range
+
+    def exceeded(self, what: str) -> TemplateBoundError:
+        return TemplateBoundError(f"judge template {self.template} {what}; refused (a judge template renders one "
+                                  "prompt: it needs no large loops or repetitions)")
+
+    def check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise self.exceeded(f"took over {TEMPLATE_DEADLINE_S:g} s to render")
+
+    def bounded_range(self, *args: int):
+        numbers = range(*args)
+        if len(numbers) > TEMPLATE_MAX_RANGE:
+            raise self.exceeded(f"asked for range() of {len(numbers)} items (at most {TEMPLATE_MAX_RANGE})")
+        for number in numbers:
+            self.check_deadline()
+            yield number
+
+    def call_binop(self, context, operator: str, left, right):
+        if operator == "*":
+            sequence, times = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(sequence, str | list | tuple) and isinstance(times, int) and (
+                    len(sequence) * times > TEMPLATE_MAX_CHARS):
+                raise self.exceeded(f"repeats a {type(sequence).__name__} to over {TEMPLATE_MAX_CHARS} items")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and (
+                abs(left) > 1 and right * abs(left).bit_length() > 10_000):
+            raise self.exceeded(f"raises {left} to the power {right} (a number of over 10000 bits)")
+        return super().call_binop(context, operator, left, right)
+
+
 @dataclass
 class JudgeTemplate:
     name: str  # bundled name or file name, with a digest of the text: editing a template renames the judge
     source: str
 
     def render(self, **variables: str) -> str:
-        # Sandboxed: a template (a config names it, so whoever sets the config writes it) reaches no Python
-        # internals (`''.__class__.__mro__`, `x.__globals__`): such an access raises SecurityError.
-        environment = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined,
-                                                          keep_trailing_newline=False)
+        """The judge prompt. Sandboxed: a template reaches no Python internals (`''.__class__.__mro__`,
+        `x.__globals__`: SecurityError, a ValueError here), and bounded (TemplateBoundError)."""
+        environment = _BoundedSandbox(self.name)
+        pieces, chars = [], 0
         try:
-            return environment.from_string(self.source).render(**variables)
+            for piece in environment.from_string(self.source).generate(**variables):
+                chars += len(piece)
+                if chars > TEMPLATE_MAX_CHARS:
+                    raise environment.exceeded(f"rendered over {TEMPLATE_MAX_CHARS} characters")
+                environment.check_deadline()
+                pieces.append(piece)
         except jinja2.exceptions.SecurityError as error:
             raise ValueError(f"judge template {self.name} tried an unsafe operation, refused by the sandbox: "
                              f"{error}") from None
+        return "".join(pieces)
+
+
+def render_sample(template: JudgeTemplate, pointwise: bool) -> str:
+    """The template rendered once on a made-up pair, as preflight does: a template that fails to render or runs
+    past its bounds fails in seconds, before any model is loaded."""
+    if pointwise:
+        return template.render(prompt="What is 2 + 2?", response="4")
+    return template.render(prompt="What is 2 + 2?", response_a="4", response_b="5")
 
 
 def bundled_templates() -> list[str]:
@@ -74,6 +140,7 @@ class Verdict:
     status: str  # "ok", "unparseable", "error"
     logprobs: dict[str, float] | None = None  # both options' log-probs when the verdict came from them
     source: str = "logprobs"  # "logprobs" or "text"
+    malformed: str | None = None  # why the reply could not be read, naming the judge
 
     @property
     def gap(self) -> float | None:
@@ -105,9 +172,18 @@ def parse_score(text: str, low: int = 1, high: int = 10) -> int | None:
     return int(number)
 
 
-def read_choice(reply: JudgeReply, options: dict[str, list[str]]) -> Verdict:
+def read_choice(reply: JudgeReply, options: dict[str, list[str]], judge: str) -> Verdict:
+    """The verdict in a reply of any backend; a malformed reply is "unparseable", never an exception."""
     if reply.error is not None:
         return Verdict(None, "error", source="none")
+    malformed = reply.raw.get("malformed") if isinstance(reply.raw, dict) else None
+    if malformed is None and reply.logprobs is not None and not (
+            isinstance(reply.logprobs, dict) and all(is_logprob(v) for v in reply.logprobs.values())):
+        malformed = f"judge {judge!r}: log-probs {repr(reply.logprobs)[:200]} are not log-probabilities"
+    if malformed is None and reply.text is not None and not isinstance(reply.text, str):
+        malformed = f"judge {judge!r}: answer text is {type(reply.text).__name__}, not a string"
+    if malformed is not None:
+        return Verdict(None, "unparseable", source="none", malformed=malformed)
     if reply.logprobs is not None and set(reply.logprobs) == set(options):
         best, second = sorted(reply.logprobs, key=reply.logprobs.get, reverse=True)[:2]
         if reply.logprobs[best] > reply.logprobs[second]:
@@ -118,7 +194,8 @@ def read_choice(reply: JudgeReply, options: dict[str, list[str]]) -> Verdict:
 
 
 def _verdict_raw(reply: JudgeReply, verdict: Verdict) -> dict:
-    return {**reply.raw, "answer": verdict.answer, "status": verdict.status, "source": verdict.source}
+    raw = {**reply.raw, "answer": verdict.answer, "status": verdict.status, "source": verdict.source}
+    return raw if verdict.malformed is None else {**raw, "malformed": verdict.malformed}
 
 
 def _sigmoid(x: float) -> float:
@@ -183,13 +260,14 @@ class PairwiseJudgeAnnotator:
         ]
 
     def _row(self, first: pd.Series, second: pd.Series, replies: list[JudgeReply]) -> dict:
-        verdicts = [read_choice(reply, PAIRWISE_OPTIONS) for reply in replies]
+        verdicts = [read_choice(reply, PAIRWISE_OPTIONS, self.backend.name) for reply in replies]
         raw = {"orders": [_verdict_raw(r, v) for r, v in zip(replies, verdicts, strict=True)]}
         ids = (first["generation_id"], second["generation_id"])
         for failure in ("error", "unparseable"):
             if any(v.status == failure for v in verdicts):
-                if failure == "error":  # the judge did not answer (outage, timeout): a rerun asks again
-                    raw["transient"] = True
+                if failure == "error":  # the judge did not answer: an outage or a timeout is asked again by a
+                    # rerun; a permanent refusal (HTTP 400) is final
+                    raw["transient"] = all(r.transient for r in replies if r.error is not None)
                 return annotation_row(self.name, first["prompt_id"], "pairwise", failure, raw, *ids)
         # Order 0 shows generation1 as A, order 1 shows it as B: map both to "is generation1 preferred?".
         first_wins = [verdicts[0].answer == "A"] + ([verdicts[1].answer == "B"] if len(verdicts) > 1 else [])
@@ -270,15 +348,18 @@ class PointwiseJudgeAnnotator:
 
     def score(self, reply: JudgeReply) -> Score:
         if self.scale == "yes_no":
-            verdict = read_choice(reply, YES_NO_OPTIONS)
+            verdict = read_choice(reply, YES_NO_OPTIONS, self.backend.name)
             raw = _verdict_raw(reply, verdict)
             if verdict.answer is None:
-                return Score(None, verdict.status, {**raw, "transient": True} if verdict.status == "error" else raw)
+                return Score(None, verdict.status,
+                             {**raw, "transient": reply.transient} if verdict.status == "error" else raw)
             if verdict.logprobs is not None:
                 return Score(_sigmoid(verdict.logprobs["yes"] - verdict.logprobs["no"]), "ok", raw)
             return Score(1.0 if verdict.answer == "yes" else 0.0, "ok", raw)
-        if reply.error is not None:  # the judge did not answer (outage, timeout): a rerun asks again
-            return Score(None, "error", {**reply.raw, "transient": True})
+        if reply.error is not None:  # the judge did not answer: an outage or a timeout is asked again by a rerun
+            return Score(None, "error", {**reply.raw, "transient": reply.transient})
+        if reply.raw.get("malformed") is not None or not isinstance(reply.text, str | None):
+            return Score(None, "unparseable", {**reply.raw, "answer": None})
         value = parse_score(reply.text or "")
         raw = {**reply.raw, "answer": value}
         return Score(None, "unparseable", raw) if value is None else Score(float(value), "ok", raw)

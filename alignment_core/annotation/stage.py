@@ -43,6 +43,7 @@ def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
             max_retries=judge.max_retries,
             concurrency=judge.concurrency,
             max_new_tokens=judge.max_new_tokens,
+            budget_s=judge.budget_s,
         )
     if judge.backend == "vllm":
         gen = cfg.generation
