@@ -17,6 +17,7 @@ them builds a new one instead of reusing a stale one.
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -34,6 +35,8 @@ from transformers import (
 
 from alignment_core.rendering import render_prompt_ids, response_ids
 from alignment_core.rewards import POSITIVE_WORDS  # the reward counts them; the corpus teaches them
+
+log = logging.getLogger(__name__)
 
 KINDS = ("causal_lm", "reward_model")
 VOCAB_SIZE = 1024
@@ -210,6 +213,8 @@ def build_tiny_sft(cache_dir: str | Path, seed: int = 0, num_layers: int = 4) ->
     folder, record = sft_build(seed, num_layers)
 
     def build():
+        log.info("building the demo policy once (tiny model + SFT on bundled:sft, %s) into %s", SFT_RECIPE,
+                 cache_dir / folder)
         tokenizer = build_tokenizer(seed)
         model = build_model(tokenizer, seed=seed, num_layers=num_layers)
         rows = [json.loads(line) for line in SFT_DATA.read_text().splitlines() if line.strip()]
