@@ -7,6 +7,9 @@
     python -m tests.faults.worker round ROOT MODEL_DIR [--stall-at-step K --ready FILE]
         one training round (tests.faults.test_mid_train.round_config, 16 pairs, a save every step); with
         --stall-at-step, it stalls after step K (K's save written), after creating FILE.
+    python -m tests.faults.worker stages ROOT MODEL_DIR [--stall-before PATH --ready FILE]
+        iteration 1's stages but training (tests.faults.test_kill_stages.run_stages); with --stall-before, it
+        stalls when the store is about to write the file whose URI ends with PATH, after creating FILE.
 
 The endpoint of an S3 root comes from AWS_ENDPOINT_URL, credentials from the AWS_* variables.
 """
@@ -85,6 +88,22 @@ def round_(args) -> None:
     print(json.dumps({"steps": result.steps, "trained": trained}))
 
 
+def stages(args) -> None:
+    from alignment_core.store import ArtifactStore
+    from tests.faults.test_kill_stages import run_stages
+
+    if args.stall_before:
+        real_write_bytes = ArtifactStore.write_bytes
+
+        def stalling(store, uri, data):
+            if uri.endswith(args.stall_before):
+                stall(args.ready)
+            return real_write_bytes(store, uri, data)
+
+        ArtifactStore.write_bytes = stalling
+    run_stages(args.root, args.model_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,8 +121,13 @@ def main() -> None:
     two.add_argument("--stall-at-step", type=int)
     two.add_argument("--ready")
     two.add_argument("--cache", default="~/.cache/alignment_core")
+    three = commands.add_parser("stages")
+    three.add_argument("root")
+    three.add_argument("model_dir")
+    three.add_argument("--stall-before")
+    three.add_argument("--ready")
     args = parser.parse_args()
-    save(args) if args.command == "save" else round_(args)
+    {"save": save, "round": round_, "stages": stages}[args.command](args)
 
 
 if __name__ == "__main__":
