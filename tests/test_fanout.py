@@ -217,6 +217,11 @@ def test_fanned_out_stages_on_process_workers_write_the_rows_of_one_worker(one_w
     home = tmp_path / "repo"
     for name in ("alignment_core", "flows", "tasks", "deployments", "tests"):
         shutil.copytree(REPO / name, home / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # The tiny models live in pytest's temporary folders: the stage deployments must let a config read them.
+    deployments_file = home / "deployments" / "prefect.yaml"
+    folders = ",".join(str(Path(path).parent) for path in models.values())
+    deployments_file.write_text(deployments_file.read_text().replace(
+        'ALIGNMENT_CORE_ALLOWED_PATHS: "data,runs"', f'ALIGNMENT_CORE_ALLOWED_PATHS: "data,runs,{folders}"'))
     with running_prefect_server(tmp_path) as (api, env):
         env = {**env, "ALIGNMENT_CORE_HOME": str(home), "PYTHONPATH": str(home), "PREFECT_WORKER_QUERY_SECONDS": "1",
                "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
