@@ -11,6 +11,7 @@ import errno
 import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 
 import httpx
@@ -23,11 +24,16 @@ from alignment_core.annotation.judge import PAIRWISE_OPTIONS, JudgeTemplate, Tem
 from alignment_core.config import PipelineConfig
 from alignment_core.errors import PermanentError, is_transient
 from alignment_core.preflight import is_transient as preflight_is_transient
-from alignment_core.preflight import library_problems
+from alignment_core.preflight import library_problems, quick_problems
 from alignment_core.store import ArtifactStore
 from tests.conftest import fault_note
 from tests.test_annotation import make_generations, write_generations
-from tests.test_annotation_http import completion, scripted_server, trickling_judge  # noqa: F401 (a fixture)
+from tests.test_annotation_http import (  # noqa: F401 (trickling_judge: a fixture)
+    completion,
+    scripted_server,
+    serving,
+    trickling_judge,
+)
 
 PAIRS = {f"p{i}": [f"answer {i} bad", f"answer {i} good"] for i in range(3)}
 
@@ -273,6 +279,26 @@ def test_a_503_is_retried_and_the_stage_succeeds(tmp_path, monkeypatch):
                                   judge_config(url, max_retries=1), {})
     assert manifest["extra"]["counts"] == {"ok": 3}
     assert sorted(script.attempts.values()) == [2] * 6  # each request: the 503, then its retry answered
+
+
+class RefusingModelsEndpoint(BaseHTTPRequestHandler):
+    """`GET /v1/models` (what preflight asks) answered 401."""
+
+    def do_GET(self):
+        data = b'{"error": {"message": "invalid api key"}}'
+        self.send_response(401)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_preflight_reports_a_refused_key_as_a_permanent_problem(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    with serving(RefusingModelsEndpoint) as url:
+        cfg = judge_config(url)
+        cfg.store.root = str(tmp_path)
+        problems = [p for p in quick_problems(cfg) if p.startswith("annotation.judge.base_url")]
+    assert len(problems) == 1 and "answered HTTP 401: the server refused the credentials" in problems[0]
 
 
 def test_a_400_fails_its_request_for_good(tmp_path, monkeypatch):

@@ -176,12 +176,7 @@ def read_choice(reply: JudgeReply, options: dict[str, list[str]], judge: str) ->
     """The verdict in a reply of any backend; a malformed reply is "unparseable", never an exception."""
     if reply.error is not None:
         return Verdict(None, "error", source="none")
-    malformed = reply.raw.get("malformed") if isinstance(reply.raw, dict) else None
-    if malformed is None and reply.logprobs is not None and not (
-            isinstance(reply.logprobs, dict) and all(is_logprob(v) for v in reply.logprobs.values())):
-        malformed = f"judge {judge!r}: log-probs {repr(reply.logprobs)[:200]} are not log-probabilities"
-    if malformed is None and reply.text is not None and not isinstance(reply.text, str):
-        malformed = f"judge {judge!r}: answer text is {type(reply.text).__name__}, not a string"
+    malformed = malformed_reason(reply, judge)
     if malformed is not None:
         return Verdict(None, "unparseable", source="none", malformed=malformed)
     if reply.logprobs is not None and set(reply.logprobs) == set(options):
@@ -191,6 +186,18 @@ def read_choice(reply: JudgeReply, options: dict[str, list[str]], judge: str) ->
         return Verdict(None, "unparseable", dict(reply.logprobs))  # exactly equal: no verdict to read
     answer = parse_choice(reply.text or "", options)
     return Verdict(answer, "ok" if answer is not None else "unparseable", source="text")
+
+
+def malformed_reason(reply: JudgeReply, judge: str) -> str | None:
+    """Why a reply holds nothing that can be read as a verdict, naming the judge; None for a well-formed one."""
+    if reply.raw.get("malformed") is not None:  # the backend's parser said why
+        return reply.raw["malformed"]
+    if reply.logprobs is not None and not (
+            isinstance(reply.logprobs, dict) and all(is_logprob(v) for v in reply.logprobs.values())):
+        return f"judge {judge!r}: log-probs {repr(reply.logprobs)[:200]} are not log-probabilities"
+    if reply.text is not None and not isinstance(reply.text, str):
+        return f"judge {judge!r}: answer text is {type(reply.text).__name__}, not a string"
+    return None
 
 
 def _verdict_raw(reply: JudgeReply, verdict: Verdict) -> dict:
@@ -358,8 +365,9 @@ class PointwiseJudgeAnnotator:
             return Score(1.0 if verdict.answer == "yes" else 0.0, "ok", raw)
         if reply.error is not None:  # the judge did not answer: an outage or a timeout is asked again by a rerun
             return Score(None, "error", {**reply.raw, "transient": reply.transient})
-        if reply.raw.get("malformed") is not None or not isinstance(reply.text, str | None):
-            return Score(None, "unparseable", {**reply.raw, "answer": None})
+        malformed = malformed_reason(reply, self.backend.name)
+        if malformed is not None:
+            return Score(None, "unparseable", {**reply.raw, "answer": None, "malformed": malformed})
         value = parse_score(reply.text or "")
         raw = {**reply.raw, "answer": value}
         return Score(None, "unparseable", raw) if value is None else Score(float(value), "ok", raw)
