@@ -71,17 +71,18 @@ def stage_task(name: str, retries: int = 2):
     """
     def decorate(body: Callable) -> Callable:
         @functools.wraps(body)
-        def within_deadline(config_json: str, *args, **kwargs):
-            deadline = parse(config_json).scale_out.stage_deadline_s
+        def within_deadline(*args, **kwargs):
+            arguments = inspect.signature(body).bind(*args, **kwargs).arguments
+            config_json = arguments.get("config_json")  # (a stage task without a config has no deadline)
+            deadline = parse(config_json).scale_out.stage_deadline_s if config_json is not None else None
             try:
                 with timeout(deadline, timeout_exc_type=_DeadlinePassed):
-                    return body(config_json, *args, **kwargs)
+                    return body(*args, **kwargs)
             except _DeadlinePassed:
-                iteration = inspect.signature(body).bind(config_json, *args, **kwargs).arguments.get("iteration")
                 raise StageDeadlineExceeded(
-                    f"stage {name} (iteration {iteration}) did not finish within its deadline of {deadline:g} s "
-                    "(scale_out.stage_deadline_s); the shards it finished are kept: re-run to continue from them, "
-                    "or raise the deadline") from None
+                    f"stage {name} (iteration {arguments.get('iteration')}) did not finish within its deadline of "
+                    f"{deadline:g} s (scale_out.stage_deadline_s); the shards it finished are kept: re-run to "
+                    "continue from them, or raise the deadline") from None
 
         return task(
             name=name,
