@@ -187,3 +187,11 @@ def test_a_rerun_redoes_damaged_stages_to_the_same_rows(tmp_path, tiny_model_dir
     verified = subprocess.run([sys.executable, "-m", "alignment_core.inspect", str(root / "e2e"), "--verify"],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stdout
+
+
+def test_a_config_that_still_sets_verify_checksums_loads_with_a_deprecation_warning():
+    from alignment_core.config import parse_config
+
+    with pytest.warns(FutureWarning, match="store.verify_checksums is deprecated and ignored"):
+        cfg = parse_config({"store": {"verify_checksums": False}})
+    assert cfg.store.verify_checksums is False
