@@ -312,7 +312,10 @@ def run_plot_png(store: ArtifactStore, run: str) -> bytes | None:
             judge, oracle = manifest["extra"].get("judge", judge), manifest["extra"].get("oracle")
         metrics = store.stage_uri(run, k, "metrics")
         if "metrics" in stages and store.read_manifest(metrics) is not None:
-            training[k] = store.read_pandas(metrics)
+            try:
+                training[k] = store.read_pandas(metrics)
+            except DamagedStageError:  # the listing shows it DAMAGED; the plot leaves its training curve out
+                pass
     if not evaluations:
         return None
     return learning_plot_png(evaluations, run, judge, oracle, training_curves(training))
