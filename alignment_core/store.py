@@ -14,8 +14,8 @@ Why it is safe to kill a run at any moment:
 - The manifest, written last, is the only proof a stage is complete. It records each shard's rows, byte size
   and sha256; a stage whose shards no longer match (truncated, rewritten, deleted, even rewritten to the same
   size) is not complete, so a rerun redoes those shards, and reading it raises DamagedStageError naming the shard.
-  Each shard's bytes are hashed once per process per file version (size + mtime locally, ETag on S3), so the
-  completeness checks of a rerun stay cheap.
+  Each shard's bytes are hashed once per process per file version (size, mtime and inode locally, the ETag on
+  S3), so the completeness checks of a rerun stay cheap.
 """
 
 import contextlib
