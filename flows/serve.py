@@ -13,7 +13,7 @@ out takes the shipped defaults, not the served YAML's values; change single fiel
 (iterations, run_name, store_root, force), which come first in the form. `--cron` (or ALIGNMENT_SCHEDULE)
 puts it on a schedule, each scheduled flow run of an online config being the run's next iteration.
 Without `--config`: the bundled tiny configs as `tiny-local` deployments of the four flows.
-deployments/prefect.yaml does the same through `prefect deploy` and a work pool.
+deployments/my-config.yaml does the same through `prefect deploy` and a work pool.
 
 Anyone who can start a served deployment sets its config, so what a config may reach is bounded here as in
 deployments/prefect.yaml (ALLOW_LISTS): code under `alignment_core.`, the secret OPENAI_API_KEY, files under
@@ -24,8 +24,9 @@ starting to widen one (docs/trust-model.md).
 import os
 from pathlib import Path
 
-from prefect import serve
+import anyio
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.runner import Runner
 
 from alignment_core.annotation.scorers import ALLOWED_CODE_ENV
 from alignment_core.config import load_config
@@ -65,6 +66,37 @@ def deployments(config_path: str | None = None, name: str | None = None, cron: s
         return [config_deployment(config_path, name or Path(config_path).stem, cron)]
     return [config_deployment(CONFIGS / bundled, "tiny-local", cron if bundled == "tiny.yaml" else None)
             for bundled in BUNDLED]
+
+
+# At shutdown the served deployments' schedules are paused (no flow runs scheduled for a process that is gone),
+# for at most this long: with the Prefect server gone, the client's retries kept a SIGTERMed serve running.
+PAUSE_AT_SHUTDOWN_S = 10
+
+
+class _BoundedShutdownRunner(Runner):
+    async def _pause_schedules(self) -> None:
+        with anyio.move_on_after(PAUSE_AT_SHUTDOWN_S) as waited:
+            await super()._pause_schedules()
+        if waited.cancelled_caught:
+            self._logger.warning("the served deployments were not paused within %d s (is the Prefect server "
+                                 "gone?); stopping without", PAUSE_AT_SHUTDOWN_S)
+
+
+def serve(*deployments) -> None:
+    """`prefect.serve`: poll for the deployments' flow runs and run them here until SIGTERM or Ctrl-C; but a
+    stop never waits on a server that is gone."""
+    import asyncio
+
+    runner = _BoundedShutdownRunner()
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"{deployment.flow_name}/{deployment.name}" for deployment in deployments)
+    print(f"serving {names}; start one with: prefect deployment run '{deployments[0].flow_name}/"
+          f"{deployments[0].name}'", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m flows.serve") -> None:

@@ -3,16 +3,20 @@ started by name with `prefect deployment run`, against a real `prefect server st
 template (deployments/my-config.yaml) registers the same; the flat parameters lead the flow's form."""
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from alignment_core.config import PipelineConfig
 from flows.iterative_dpo import iterative_dpo
-from tests.test_deployment import prefect_server, serving_deployments  # noqa: F401  (prefect_server: a fixture)
-from tests.test_flows import REPO
+from tests.conftest import free_port
+from tests.test_deployment import prefect_server, serving_deployments, wait_healthy  # noqa: F401  (a fixture)
+from tests.test_flows import REPO, prefect_env
 
 # Partial on purpose: every field left out takes the shipped default.
 MY_CONFIG = {
@@ -66,6 +70,36 @@ def test_a_users_config_is_served_and_started_by_name(prefect_server, tmp_path):
     deployed = asyncio.run(read_deployment(api, "iterative-dpo/nightly"))
     assert deployed.work_pool_name == "local" and deployed.parameters["more_iterations"] == 1
     assert PipelineConfig.model_validate(deployed.parameters["config"]).store.run_name == "nightly"
+
+
+@pytest.mark.slow
+@pytest.mark.fault("serve-after-server-gone")
+def test_serve_stops_on_sigterm_when_its_server_is_gone(tmp_path):
+    """The Prefect server dies under a running serve; a SIGTERM still ends it (it used to retry pausing its
+    deployments on the missing server for minutes, until a SIGKILL)."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(tmp_path, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(port), "--analytics-off", "--no-ui"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(api, server)
+        my_config = tmp_path / "my.yaml"
+        my_config.write_text(yaml.safe_dump(MY_CONFIG))
+        with serving_deployments(tmp_path, env, "--config", str(my_config), deployment="my") as served:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+            stopped = time.monotonic()
+            served.send_signal(signal.SIGTERM)
+            assert served.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() - stopped < 30
+        assert "were not paused within 10 s" in (tmp_path / "serve.log").read_text()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 
 async def read_deployment(api: str, name: str):
