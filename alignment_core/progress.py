@@ -43,15 +43,15 @@ def set_enabled(show: bool | None) -> None:
 
 def apply_to_libraries() -> None:
     from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as transformers_logging
 
     show = enabled()
-    if show:
-        transformers_logging.enable_progress_bar()
-        hub_utils.enable_progress_bars()
-    else:
-        transformers_logging.disable_progress_bar()
-        hub_utils.disable_progress_bars()
+    (hub_utils.enable_progress_bars if show else hub_utils.disable_progress_bars)()
+    # transformers only once imported (models.py applies this again after it imports it): importing it here
+    # would cost a command line's start 1-2 s before its first checks.
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        (transformers_logging.enable_progress_bar if show else transformers_logging.disable_progress_bar)()
     if "datasets" in sys.modules:  # imported: it reads its switch from here on, not from the environment
         import datasets
 
