@@ -68,7 +68,7 @@ def test_a_run_shows_its_evaluation_in_the_ui_and_logs_short_lines(tmp_path):
                                       str(write_config(tmp_path, str(tmp_path / "store")))],
                                      cwd=REPO, env={**prefect_env(tmp_path), "PREFECT_API_URL": f"{base}/api"},
                                      stdout=log, stderr=subprocess.STDOUT, timeout=900)
-            output = run_log.read_text()
+            output = run_log.read_bytes().decode()  # not read_text: it would turn each "\r" into "\n"
             assert run.returncode == 0, output[-5000:]
             check_run_log(output)
             check_artifacts_and_page(tmp_path, base, output)
@@ -158,10 +158,10 @@ def check_quiet_offline_run(tmp_path, base: str) -> None:
                           "--store-root", str(tmp_path / "store"), "--log-level", "WARNING",
                           "--set", "data.eval_prompts=4", "--set", "evaluation.max_new_tokens=12"],
                          cwd=REPO, env={**prefect_env(tmp_path), "PREFECT_API_URL": f"{base}/api"},
-                         capture_output=True, text=True, timeout=900)
-    output = run.stdout + run.stderr
+                         capture_output=True, timeout=900)  # bytes: text mode would turn each "\r" into "\n"
+    printed, output = run.stdout.decode(), run.stdout.decode() + run.stderr.decode()
     assert run.returncode == 0, output[-5000:]
-    assert "run tiny-sft finished" in run.stdout and "win-rate vs initial" in run.stdout  # printed, not logged
+    assert "run tiny-sft finished" in printed and "win-rate vs initial" in printed  # printed, not logged
     assert " | INFO " not in output and "\r" not in output, output[-3000:]
     [flow_run] = httpx.post(f"{base}/api/flow_runs/filter", json={"flows": {"name": {"any_": ["sft"]}}},
                             timeout=30).json()
