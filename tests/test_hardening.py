@@ -417,7 +417,8 @@ def test_the_allow_list_refuses_other_modules_before_importing_them(monkeypatch,
 def test_deployments_set_the_allow_list(monkeypatch):
     document = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     for deployment in document["deployments"]:
-        assert deployment["job_variables"]["env"][ALLOWED_CODE_ENV] == "alignment_core.", deployment["name"]
+        env = deployment["work_pool"]["job_variables"]["env"]  # a pool's job variables: `prefect deploy` reads them
+        assert env[ALLOWED_CODE_ENV] == "alignment_core.", deployment["name"]
     import flows.serve
 
     for setting in flows.serve.ALLOW_LISTS:  # so that monkeypatch unsets what main() sets

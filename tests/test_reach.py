@@ -87,7 +87,7 @@ def exfiltration_config(base_url: str, template: Path) -> PipelineConfig:
 def deployment_settings() -> dict[str, str]:
     """The allow-lists every deployment in deployments/prefect.yaml sets (and that they all set the same)."""
     document = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
-    settings = [deployment["job_variables"]["env"] for deployment in document["deployments"]]
+    settings = [deployment["work_pool"]["job_variables"]["env"] for deployment in document["deployments"]]
     assert all(setting == settings[0] for setting in settings)
     return settings[0]
 
