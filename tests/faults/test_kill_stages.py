@@ -28,21 +28,24 @@ def stages_config(root: str, model_dir: str):
     })
 
 
-def run_stages(root: str, model_dir: str) -> None:
-    """Iteration 1 without training: prompts, generate, annotate, units, reweight, then evaluate the policy."""
+def run_stages(root: str, model_dir: str, through: str) -> None:
+    """Iteration 1 without training, `through` reweight (prompts, generate, annotate, units, reweight) or
+    evaluate (then the policy's evaluation too)."""
     cfg = stages_config(root, model_dir)
     generations = pipeline.generate(cfg, pipeline.load_prompts(cfg, 1), model_dir, 1)
     annotations = pipeline.annotate(cfg, generations, 1)
     units = pipeline.build_units(cfg, 1, generations_uri=generations, annotations_uri=annotations)
     pipeline.reweight(cfg, units, model_dir, 1)
-    pipeline.evaluate(cfg, pipeline.load_eval_prompts(cfg), model_dir, model_dir, model_dir, 1)
+    if through == "evaluate":
+        pipeline.evaluate(cfg, pipeline.load_eval_prompts(cfg), model_dir, model_dir, model_dir, 1)
 
 
-# stage killed -> (the write it is killed before, the stages whose rows must equal the uninterrupted run's)
+# stage killed -> (the write it is killed before, the stages whose rows must equal the uninterrupted run's, the
+# last stage run: evaluation does not read what annotate and reweight write, so their runs stop before it)
 KILLS = {
-    "annotate": ("annotations/part-00002.parquet", ["annotations", "units", "weights", "evaluation"]),
-    "reweight": ("weights/_manifest.json", ["weights", "evaluation"]),
-    "evaluate": ("eval_generations/part-00001.parquet", ["eval_generations", "evaluation"]),
+    "annotate": ("annotations/part-00002.parquet", ["annotations", "units", "weights"], "reweight"),
+    "reweight": ("weights/_manifest.json", ["weights"], "reweight"),
+    "evaluate": ("eval_generations/part-00001.parquet", ["eval_generations", "evaluation"], "evaluate"),
 }
 SORT_KEYS = {"annotations": "annotation_id", "units": "unit_id", "weights": "unit_id",
              "eval_generations": "generation_id", "evaluation": "metric"}
@@ -51,7 +54,7 @@ SORT_KEYS = {"annotations": "annotation_id", "units": "unit_id", "weights": "uni
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir) -> ArtifactStore:
     root = str(tmp_path_factory.mktemp("uninterrupted"))
-    run_stages(root, str(tiny_model_dir))
+    run_stages(root, str(tiny_model_dir), through="evaluate")
     return ArtifactStore(root)
 
 
@@ -65,17 +68,17 @@ def rows(store: ArtifactStore, stage: str) -> pd.DataFrame:
 @pytest.mark.parametrize("stage", list(KILLS))
 def test_a_stage_killed_midway_resumes_to_the_rows_of_an_uninterrupted_run(request, stage, tmp_path,
                                                                             tiny_model_dir, uninterrupted):
-    before, compared = KILLS[stage]
+    before, compared, through = KILLS[stage]
     root, ready = tmp_path / "store", tmp_path / "ready"
-    kill_when_ready(start_worker("stages", str(root), str(tiny_model_dir), "--stall-before", f"iter-001/{before}",
-                                 "--ready", str(ready)), ready)
+    kill_when_ready(start_worker("stages", str(root), str(tiny_model_dir), "--through", through,
+                                 "--stall-before", f"iter-001/{before}", "--ready", str(ready)), ready)
     store = ArtifactStore(str(root))
     folder = Path(store.stage_uri("kill", 1, before.split("/")[0]))
     assert not (folder / "_manifest.json").exists()  # killed mid-stage
     finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
     assert finished  # a shard was written before the kill ...
 
-    run_worker("stages", str(root), str(tiny_model_dir))
+    run_worker("stages", str(root), str(tiny_model_dir), "--through", through)
     assert {name: (folder / name).stat().st_mtime_ns for name in finished} == finished  # ... and kept
     for name in compared:
         pd.testing.assert_frame_equal(rows(store, name), rows(uninterrupted, name), obj=name)

@@ -7,9 +7,10 @@
     python -m tests.faults.worker round ROOT MODEL_DIR [--stall-at-step K --ready FILE]
         one training round (tests.faults.test_mid_train.round_config, 16 pairs, a save every step); with
         --stall-at-step, it stalls after step K (K's save written), after creating FILE.
-    python -m tests.faults.worker stages ROOT MODEL_DIR [--stall-before PATH --ready FILE]
-        iteration 1's stages but training (tests.faults.test_kill_stages.run_stages); with --stall-before, it
-        stalls when the store is about to write the file whose URI ends with PATH, after creating FILE.
+    python -m tests.faults.worker stages ROOT MODEL_DIR --through STAGE [--stall-before PATH --ready FILE]
+        iteration 1's stages but training, through reweight or evaluate (tests.faults.test_kill_stages.run_stages);
+        with --stall-before, it stalls when the store is about to write the file whose URI ends with PATH, after
+        creating FILE.
 
 The endpoint of an S3 root comes from AWS_ENDPOINT_URL, credentials from the AWS_* variables.
 """
@@ -101,7 +102,7 @@ def stages(args) -> None:
             return real_write_bytes(store, uri, data)
 
         ArtifactStore.write_bytes = stalling
-    run_stages(args.root, args.model_dir)
+    run_stages(args.root, args.model_dir, args.through)
 
 
 def main() -> None:
@@ -124,6 +125,7 @@ def main() -> None:
     three = commands.add_parser("stages")
     three.add_argument("root")
     three.add_argument("model_dir")
+    three.add_argument("--through", choices=["reweight", "evaluate"], required=True)
     three.add_argument("--stall-before")
     three.add_argument("--ready")
     args = parser.parse_args()
