@@ -65,6 +65,63 @@ def lora_config(adapter_cfg, task: str):
     )
 
 
+def linear_module_names(model_path: str, task: str, trust_remote_code: bool = False) -> list[str]:
+    """The dotted names of the model's linear layers (GPT-2's Conv1D too), output head left out, read from a
+    copy built on the meta device from its config: no weights are read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    auto_class = AutoModelForSequenceClassification if task == "reward_model" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings() if task != "reward_model" else getattr(model, "score", None)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head]
+
+
+def target_module_problems(cfg, store) -> list[str]:
+    """A LoRA `target_modules` list checked against the policy's own module names, before any model work.
+
+    A list that matches no linear layer is a problem (peft would fail only at the train stage, after generation
+    and annotation). A list with names the model does not have, while some of its linear layers stay
+    unadapted, is logged as a warning naming them: a list written for another family (Llama's q_proj/k_proj/
+    v_proj and gate_proj/up_proj on Phi-3, whose fused qkv_proj and gate_up_proj it then leaves out). Matching
+    is peft's rule for a list: a module's full name, or its name ending in "." + the listed name.
+    """
+    from alignment_core.losses import LOSSES
+    from alignment_core.models import is_store_uri, resolve_model_path
+
+    adapter_cfg = cfg.model.adapter
+    if adapter_cfg is None or adapter_cfg.target_modules == "all-linear" or is_store_uri(cfg.model.policy):
+        return []  # all-linear always matches; a checkpoint in a store is the stage's to copy
+    try:
+        path = resolve_model_path(cfg.model.policy, store=store, cache_dir=str(store.cache_dir))
+    except (OSError, ValueError):
+        return []  # preflight reports the policy itself
+    if is_adapter(path):
+        return []  # an adapter checkpoint trains its own, saved targets
+    task = "reward_model" if LOSSES[cfg.training.loss].reward_head else "causal_lm"
+    linear = linear_module_names(path, task, trust_remote_code=cfg.model.trust_remote_code)
+    kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))
+
+    def matches(target: str, name: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    targets = list(adapter_cfg.target_modules)
+    unmatched = [t for t in targets if not any(matches(t, name) for name in linear)]
+    adapted = [name for name in linear if any(matches(t, name) for t in targets)]
+    left_out = [kind for kind in kinds if not any(name.rsplit(".", 1)[-1] == kind for name in adapted)]
+    if len(unmatched) == len(targets):
+        return [f"model.adapter.target_modules: {targets} match no linear layer of {cfg.model.policy} "
+                f"(its linear layers: {kinds}); list some of those, or use \"all-linear\""]
+    if unmatched and left_out:
+        logger.warning("model.adapter.target_modules: %s match nothing in %s, and its %s layers are left out "
+                       "(not adapted); its linear layers: %s", unmatched, cfg.model.policy, left_out, kinds)
+    return []
+
+
 def set_base_name(model, base_name: str) -> None:
     """Record the base by its config name in every adapter config the model saves."""
     for config in model.peft_config.values():

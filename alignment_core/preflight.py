@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from alignment_core.adapters import target_module_problems
 from alignment_core.config import PipelineConfig
 from alignment_core.errors import PermanentError, http_status_failure
 from alignment_core.errors import is_transient as is_transient  # the table lives in errors.py; tasks import it here
@@ -81,6 +82,7 @@ def quick_problems(cfg: PipelineConfig) -> list[str]:
         problems += _problem("annotation.judge.base_url", _check_endpoint, cfg.annotation.judge)
     if cfg.training.accelerate_config and not Path(cfg.training.accelerate_config).is_file():
         problems.append(f"training.accelerate_config: no such file {cfg.training.accelerate_config!r}")
+    problems += target_module_problems(cfg, store)
     problems += _problem("store.root", _check_writable, store)
     return problems
 
