@@ -8,6 +8,7 @@ that names the field, e.g. `training.beta must be > 0, got -1`.
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,12 +83,25 @@ def samples_needed(cfg: "PipelineConfig") -> tuple[int, str]:
     return 1, ""
 
 
+# A run name is one folder under any store (local, S3, hub): portable characters only.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+# Upper bounds of sizes: far above any real use, low enough that a typo (an extra zero or three) fails at load
+# instead of allocating for hours or overflowing.
+MAX_TOKENS = 1 << 20  # a sequence or a response: 1M tokens
+MAX_BATCH = 1 << 16  # rows in one batch or one shard
+MAX_COUNT = 1 << 24  # prompts, rows, steps
+
+
 class StrictModel(BaseModel):
     # A field's docstring (the string under it) is its description: in the JSON schema, so in the Prefect UI's
     # form, and in `--help`-style listings.
     # allow_inf_nan=False: every float knob is a finite number (YAML's .inf / .nan fail at load).
+    # strict=True: a number or a bool must be one, not a string that looks like one ('1e-4', 'yes', '8'): a quoted
+    # value in YAML is a string, and reading it as a number would hide a typo such as '1e-4O'. (load_config reads
+    # an unquoted 1e-4 as the float YAML 1.2 says it is; an int still fills a float field.)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, strict=True)
 
 
 class StoreConfig(StrictModel):
@@ -135,6 +149,9 @@ class StoreConfig(StrictModel):
         check_segment(run_name, "run_name")
         if run_name[0] in "._":
             raise ValueError(f"must not start with {run_name[0]!r} (such folders are not listed as runs)")
+        if not RUN_NAME.fullmatch(run_name):
+            raise ValueError("must be at most 128 letters, digits, '.', '_' or '-' (a folder name every store and "
+                             "shell takes as is: no spaces, no quotes or other punctuation)")
         return run_name
 
 
@@ -151,13 +168,13 @@ class DataConfig(StrictModel):
     """Hub datasets: the configuration (subset) name."""
     revision: str | None = None
     """Hub datasets: a branch, tag or commit."""
-    max_rows: int | None = Field(default=None, gt=0)
+    max_rows: int | None = Field(default=None, gt=0, le=1 << 31)
     """Read at most this many rows of the source (skipped rows count)."""
     on_bad_row: Literal["skip", "fail"] = "skip"
     """skip: count and log rows that cannot be read; fail: stop at the first one."""
     eval_source: str | None = None
     """held-out prompts; defaults to the tail of `source`"""
-    eval_prompts: int = Field(default=16, ge=0)
+    eval_prompts: int = Field(default=16, ge=0, le=MAX_COUNT)
     """How many held-out prompts evaluation uses (never trained on)."""
     min_pair_margin: float = Field(default=0.0, ge=0)
     """scored lists: minimum score gap of a pair"""
@@ -202,7 +219,7 @@ class AdapterConfig(StrictModel):
     base model; the next iteration continues the same adapter; the reference is the base with the adapter off.
     """
 
-    r: int = Field(default=16, gt=0)
+    r: int = Field(default=16, gt=0, le=4096)
     """LoRA rank"""
     alpha: float = Field(default=32.0, gt=0)
     """scaling alpha / r"""
@@ -247,31 +264,31 @@ class ModelConfig(StrictModel):
 class GenerationConfig(StrictModel):
     backend: Literal["auto", "transformers", "vllm"] = "auto"
     """auto: vLLM where a GPU and vllm are present, else transformers."""
-    prompts_per_iteration: int = Field(default=32, gt=0)
+    prompts_per_iteration: int = Field(default=32, gt=0, le=MAX_COUNT)
     """New training prompts sampled each online iteration."""
-    n_samples: int = Field(default=2, gt=0)
+    n_samples: int = Field(default=2, gt=0, le=1024)
     """Responses per prompt (pairwise setups need at least 2)."""
     temperature: float = Field(default=1.0, ge=0)
     """Sampling temperature (0: greedy)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Nucleus sampling probability mass."""
-    max_new_tokens: int = Field(default=32, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0, le=MAX_TOKENS)
     """Longest response, in tokens."""
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, le=MAX_BATCH)
     """prompts per model.generate call (transformers backend)"""
-    shard_size: int = Field(default=16, gt=0)
+    shard_size: int = Field(default=16, gt=0, le=MAX_BATCH)
     """prompts per output shard: the unit of resume"""
     seed: int = 0
     """Base seed; each shard's seed derives from run, iteration and shard."""
-    tensor_parallel_size: int = Field(default=1, gt=0)
+    tensor_parallel_size: int = Field(default=1, gt=0, le=1024)
     """vLLM: GPUs one engine shards the model over."""
-    data_parallel_size: int = Field(default=1, gt=0)
+    data_parallel_size: int = Field(default=1, gt=0, le=1024)
     """vLLM: engine replicas on this machine (data parallelism), each on `tensor_parallel_size` GPUs of its own,
     passed to vLLM's `LLM(data_parallel_size=...)`. vLLM 0.32 refuses it in one process: then (and across machines)
     use scale_out.generate_workers, one worker per GPU group."""
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     """vLLM: fraction of GPU memory the engine may take."""
-    max_model_len: int = Field(default=512, gt=0)
+    max_model_len: int = Field(default=512, gt=0, le=MAX_TOKENS)
     """vLLM: longest prompt + response the engine accepts."""
 
     @model_validator(mode="after")
@@ -370,7 +387,7 @@ class AnnotationConfig(StrictModel):
     """Drop pairs whose score gap is smaller than this."""
     pointwise_threshold: float | None = None
     """pointwise labels: reward >= threshold is desirable"""
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, le=MAX_BATCH)
     """Samples per reward-model or local-judge forward."""
     max_failure_fraction: float = Field(default=0.2, ge=0, le=1)
     """Fail the stage when more than this fraction of annotations failed."""
@@ -445,11 +462,11 @@ class TrainingConfig(StrictModel):
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
-    epochs: int = Field(default=1, gt=0)
+    epochs: int = Field(default=1, gt=0, le=1000)
     """Passes over this round's data."""
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=8, gt=0, le=MAX_BATCH)
     """per process"""
-    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0, le=MAX_BATCH)
     """Micro-batches per optimizer step."""
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     """Fraction of the round's steps spent warming up the learning rate."""
@@ -470,24 +487,24 @@ class TrainingConfig(StrictModel):
     (flex on one H200: 2.0-2.1x padded sdpa's pairs/s, README Benchmarks); off with sdpa and eager, whose masked
     rows were no faster than padded ones (benchmarks/train_throughput.py). Off: padded rows, `rows_per_forward`
     at a time."""
-    rows_per_forward: int | None = Field(default=None, ge=0)
+    rows_per_forward: int | None = Field(default=None, ge=0, le=MAX_BATCH)
     """Without padding_free: rows per forward pass; 0: every row of a micro-batch in one forward. On CPUs a few
     rows sorted by length waste far fewer padded tokens; a micro-batch is split only where that removes enough
     padding to pay for the extra forwards (rows of similar lengths stay in one). None: 4 on a CPU, 0 on an
     accelerator."""
     precompute_reference: bool = True
     """Compute reference log-probs once before training (the reference then leaves memory)."""
-    max_length: int = Field(default=256, gt=0)
+    max_length: int = Field(default=256, gt=0, le=MAX_TOKENS)
     """Longest prompt + response in tokens; longer ones are truncated."""
-    max_prompt_length: int = Field(default=128, gt=0)
+    max_prompt_length: int = Field(default=128, gt=0, le=MAX_TOKENS)
     """Longest prompt in tokens."""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """Which end of a too-long prompt to keep."""
     seed: int = 0
     """Seed of the batch order."""
-    save_every_steps: int = Field(default=0, ge=0)
+    save_every_steps: int = Field(default=0, ge=0, le=MAX_COUNT)
     """0: save only at the end of the round"""
-    num_processes: int = Field(default=1, gt=0)
+    num_processes: int = Field(default=1, gt=0, le=4096)
     """More than one process: the round runs under `accelerate launch` (DDP, DeepSpeed or FSDP per the accelerate
     config file; deployments/accelerate/ ships some)."""
     accelerate_config: str | None = None
@@ -507,7 +524,7 @@ class EvaluationConfig(StrictModel):
 
     enabled: bool = True
     """Evaluate each iteration on held-out prompts."""
-    max_new_tokens: int = Field(default=32, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0, le=MAX_TOKENS)
     """Longest held-out response, in tokens."""
     temperature: float = Field(default=0.7, ge=0)
     """Sampling temperature of held-out responses."""
@@ -530,10 +547,10 @@ class ScaleOutConfig(StrictModel):
     shards it finished are kept, so a rerun continues from them."""
     annotate_deployment: str | None = None
     """e.g. `annotate-stage/gpu`: for annotators that run a model here (reward model, local or vLLM judge)."""
-    generate_workers: int = Field(default=1, gt=0)
+    generate_workers: int = Field(default=1, gt=0, le=1024)
     """Fan-out: the generate stage's shards split across this many flow runs of `generate_deployment`, started
     together (worker i samples shards i, i+N, ...); the rows are the same as one worker's."""
-    annotate_workers: int = Field(default=1, gt=0)
+    annotate_workers: int = Field(default=1, gt=0, le=1024)
     """Fan-out of the annotate stage across flow runs of `annotate_deployment`, as for generate_workers."""
     max_redispatches: int = Field(default=2, ge=0)
     """A worker's flow run that crashed (its process or machine died; Prefect does not retry those) is started
@@ -611,7 +628,7 @@ def _check_4bit_possible() -> None:
 class PipelineConfig(StrictModel):
     setup: Setup = "online_pairwise"
     """The learning setup: online (rl, online_pointwise, online_pairwise) or offline (the other four)."""
-    iterations: int = Field(default=2, gt=0)
+    iterations: int = Field(default=2, gt=0, le=10_000)
     """Online iterations of the run (the flow's `iterations` parameter overrides it when set)."""
     data: DataConfig = DataConfig()
     """Where prompts or examples come from, and which are held out."""
@@ -696,6 +713,7 @@ class ConfigError(ValueError):
     """A config that cannot be used, with one line per problem naming the field."""
 
 
+_STRICT_TYPES = {"float_type": "a number", "int_type": "an integer", "bool_type": "true or false"}
 _BOUND_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
@@ -711,6 +729,17 @@ def _fields_at(location: tuple) -> list[str]:
     return list(section.model_fields)
 
 
+def _looks_like_a_value(text: Any) -> bool:
+    """A string a lax parser would have read as a number or a bool ('1e-4', '8', 'yes'): quoted by mistake."""
+    if not isinstance(text, str):
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return text.strip().lower() in ("true", "false", "yes", "no", "on", "off")
+    return True
+
+
 def _describe(error: dict) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "config"
     got = f", got {error['input']!r}" if not isinstance(error.get("input", {}), dict) else ""
@@ -723,6 +752,9 @@ def _describe(error: dict) -> str:
         close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
         return f"{field} is not a known field{hint}"
+    if error["type"] in _STRICT_TYPES and _looks_like_a_value(error.get("input")):
+        return (f"{field} must be {_STRICT_TYPES[error['type']]}, got the string {error['input']!r} "
+                "(write it without quotes)")
     message = error["msg"].removeprefix("Value error, ")
     return f"{field}: {message}{got}"
 
@@ -756,6 +788,13 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r} (first at line {earlier})", key_node.start_mark)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot: an unquoted `1e-4` or `5E+3` would be the string '1e-4', which
+# the strict config then refuses. YAML 1.2's float rule (the dot optional before an exponent) reads them as numbers.
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def yaml_load_unique(text: str) -> Any:

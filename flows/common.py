@@ -5,7 +5,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from alignment_core.config import PipelineConfig, load_config
+from alignment_core.config import PipelineConfig, load_config, yaml_load_unique
 from alignment_core.verdict import significance_line
 
 
@@ -44,12 +44,10 @@ def parse_cli(description: str, argv: list[str] | None = None, prog: str | None 
 
 
 def config_from_cli(args: argparse.Namespace) -> PipelineConfig:
-    import yaml
-
     overrides = {}
     for item in args.set:
         field, _, value = item.partition("=")
-        overrides[field] = yaml.safe_load(value)
+        overrides[field] = yaml_load_unique(value)  # as in a config file: --set training.learning_rate=1e-4 is a float
     config = load_config(args.config, overrides)
     return with_overrides(config, args.iterations, args.run_name, args.store_root, args.force)
 
