@@ -54,12 +54,17 @@ def config_from_cli(args: argparse.Namespace) -> PipelineConfig:
 
 # Mistakes a user fixes in the config, the data or the run's folder: a command line ends on their message alone.
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix: a traceback adds nothing for the user. A permanent failure (a
+    judge refusing the key mid-run, a full disk) and a stage past its deadline are among them."""
     from alignment_core.config import ConfigError
+    from alignment_core.errors import PermanentError
     from alignment_core.lease import LeaseHeld
     from alignment_core.pipeline import FinishedIterationChangedError
     from alignment_core.preflight import PreflightError
+    from tasks import StageDeadlineExceeded
 
-    return ConfigError, PreflightError, FinishedIterationChangedError, LeaseHeld, FileNotFoundError
+    return (ConfigError, PreflightError, FinishedIterationChangedError, LeaseHeld, FileNotFoundError, PermanentError,
+            StageDeadlineExceeded)
 
 
 @contextmanager

@@ -138,3 +138,16 @@ def test_the_writability_probe_leaves_nothing_in_the_store(tmp_path):
     config = parse_config(small_config(tmp_path))
     assert quick_problems(config) == []
     assert list(store.iterdir()) == []
+
+
+def test_a_permanent_failure_mid_run_ends_the_command_with_one_message():
+    """A judge refusing the key mid-run (HTTP 401) or a stage past its deadline says what to fix: no traceback."""
+    from alignment_core.errors import PermanentError
+    from flows.common import user_errors_end_the_command
+    from tasks import StageDeadlineExceeded
+
+    for error in (PermanentError("judge http://127.0.0.1:9/v1: the server refused the credentials"),
+                  StageDeadlineExceeded("stage annotate (iteration 1) did not finish within its deadline of 5 s")):
+        with pytest.raises(SystemExit) as exit_info, user_errors_end_the_command():
+            raise error
+        assert exit_info.value.code == f"error: {error}"
