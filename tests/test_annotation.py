@@ -559,3 +559,13 @@ def test_reward_model_loads_in_its_own_dtype(tiny_reward_model_dir):
     assert make_annotator(parse_config(base)).model.dtype == torch.float32  # model.dtype's default
     own = {**base, "annotation": {**base["annotation"], "dtype": "bfloat16"}}
     assert make_annotator(parse_config(own)).model.dtype == torch.bfloat16
+
+
+def test_equal_option_log_probs_are_no_verdict():
+    from alignment_core.annotation.backends import JudgeReply
+    from alignment_core.annotation.judge import read_choice
+
+    options = {"A": ["A"], "B": ["B"]}
+    assert read_choice(JudgeReply(logprobs={"A": -0.7, "B": -0.7}), options, "judge").status == "unparseable"
+    verdict = read_choice(JudgeReply(logprobs={"A": -0.69, "B": -0.7}), options, "judge")
+    assert (verdict.answer, verdict.status) == ("A", "ok")

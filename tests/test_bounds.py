@@ -185,3 +185,12 @@ def test_blank_or_path_unsafe_run_names_are_refused(name):
 @pytest.mark.parametrize("name", ["x" * 128, "A-1.b_2", "9lives"])
 def test_portable_run_names_up_to_128_characters_load(name):
     assert parse_config({"store": {"run_name": name}}).store.run_name == name
+
+
+def test_the_prompt_leaves_room_for_a_response_and_clips_are_at_least_one():
+    assert parse_config({"training": {"max_length": 64, "max_prompt_length": 63}}).training.max_prompt_length == 63
+    with pytest.raises(ConfigError, match=r"max_prompt_length \(64\) must be < max_length \(64\)"):
+        parse_config({"training": {"max_length": 64, "max_prompt_length": 64}})
+    assert parse_config({"reweight": {"clip": 1.0}}).reweight.clip == 1.0
+    with pytest.raises(ConfigError, match="clip must be >= 1"):
+        parse_config({"reweight": {"clip": 0.99}})

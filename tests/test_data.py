@@ -539,3 +539,11 @@ def test_bundled_files_are_what_the_script_writes(tmp_path, monkeypatch):
     make_bundled.main()
     for name in data.bundled_names():
         assert (tmp_path / f"{name}.jsonl").read_bytes() == open(data.bundled_path(name), "rb").read(), name
+
+
+def test_chosen_without_rejected_is_not_a_preference_pair(tmp_path):
+    from alignment_core.data import detect_format
+
+    assert detect_format([{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}]) == "pairs"
+    with pytest.raises(ValueError, match=r"columns \['chosen'\] would not be read"):
+        detect_format([{"prompt": "Hi", "chosen": "Hello"}])  # no silent pairs without a rejected response

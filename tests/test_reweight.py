@@ -232,3 +232,13 @@ def test_run_reweighting_importance_against_itself_is_uniform(tiny_model_dir, tm
     )
     with pytest.raises(ValueError, match="needs the current policy"):
         run_reweighting(store, units, store.stage_uri("run", 1, "weights"), cfg, {"fp": 1})
+
+
+def test_importance_upper_clip_binds():
+    # one pair far more likely under the policy: its self-normalised weight (about 4) is cut to the clip, 2
+    units = make_units(4, generation1_policy_logp=[0.0, 0.0, 0.0, 5.0], generation1_behaviour_logp=[0.0] * 4,
+                       generation2_policy_logp=[0.0] * 4, generation2_behaviour_logp=[0.0] * 4)
+    weights = weigh("importance", units, clip=2.0)
+    inputs = [json.loads(i) for i in weights["inputs"]]
+    assert [i["raw_weight"] for i in inputs][3] == pytest.approx(2.0)
+    assert [i["clipped"] for i in inputs] == [True, True, True, True]  # the others at 1/2, the outlier at 2
