@@ -65,6 +65,21 @@ def lora_config(adapter_cfg, task: str):
     )
 
 
+def quantization_config(adapter_cfg, dtype: str):
+    """transformers' BitsAndBytesConfig for QLoRA (the frozen base in 4 bits, computing in `dtype`), or None
+    without `load_in_4bit`."""
+    if adapter_cfg is None or not adapter_cfg.load_in_4bit:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=adapter_cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=adapter_cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, dtype),
+    )
+
+
 def linear_module_names(model_path: str, task: str, trust_remote_code: bool = False) -> list[str]:
     """The dotted names of the model's linear layers (GPT-2's Conv1D too), output head left out, read from a
     copy built on the meta device from its config: no weights are read or allocated."""

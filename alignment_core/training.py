@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -59,6 +60,7 @@ from alignment_core.adapters import (
     add_adapter,
     is_adapter,
     is_peft_model,
+    quantization_config,
 )
 from alignment_core.batches import BatchFactory, prompt_groups, response_mask
 from alignment_core.config import PipelineConfig
@@ -360,6 +362,10 @@ class Trainer:
         # Launched as several processes without CUDA (torchrun / `accelerate launch --multi_gpu`): ask for the
         # CPU, which makes accelerate use DDP over gloo. (accelerate's `--cpu` launcher needs MPI for that.)
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps one process-wide state, fixed by the first Accelerator: a second round in the
+            # same process (a notebook, a served flow) with another `mixed_precision` would be refused.
+            AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=multi_process_cpu)
         # Flash attention's variable-length kernels and flex attention's block-sparse masks cost what the sequences
         # cost: one row of everything.
@@ -716,14 +722,9 @@ class Trainer:
         model_cfg, adapter_cfg = self.cfg.model, self.cfg.model.adapter
         kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code, "store": self.store,
                   "attn_implementation": model_cfg.attn_implementation}
-        if adapter_cfg is not None and adapter_cfg.load_in_4bit:  # QLoRA: the frozen base in 4 bits
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=adapter_cfg.bnb_4bit_quant_type,
-                bnb_4bit_use_double_quant=adapter_cfg.bnb_4bit_use_double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, model_cfg.dtype),
-            )
+        quantization = quantization_config(adapter_cfg, model_cfg.dtype)
+        if quantization is not None:  # QLoRA: the frozen base in 4 bits
+            kwargs["quantization_config"] = quantization
             kwargs["device_map"] = {"": self.accelerator.device}
         return kwargs
 
