@@ -483,10 +483,9 @@ class TrainingConfig(StrictModel):
     each sequence, so attention stays within it): the log-probs and gradients of padded rows without computing
     padding. Checked once per round against padded rows; a model whose attention mixes packed sequences falls
     back to padded rows, with a warning. None: on with flash attention (variable-length kernels) and flex
-    attention (block-sparse masks), whose cost is what the sequences cost: every micro-batch is then one row
-    (flex on one H200: 2.0-2.1x padded sdpa's pairs/s, README Benchmarks); off with sdpa and eager, whose masked
-    rows were no faster than padded ones (benchmarks/train_throughput.py). Off: padded rows, `rows_per_forward`
-    at a time."""
+    attention (block-sparse masks), whose cost is what the sequences cost: every micro-batch is then one row; off
+    with sdpa and eager, which compute a packed row as a masked square that costs what the padding saved
+    (measurements: docs/benchmarks.md). Off: padded rows, `rows_per_forward` at a time."""
     rows_per_forward: int | None = Field(default=None, ge=0, le=MAX_BATCH)
     """Without padding_free: rows per forward pass; 0: every row of a micro-batch in one forward. On CPUs a few
     rows sorted by length waste far fewer padded tokens; a micro-batch is split only where that removes enough

@@ -78,9 +78,8 @@ logger = logging.getLogger(__name__)
 PACKING_TOLERANCE = 1e-3  # nats per response token
 CPU_ROWS_PER_FORWARD = 4  # measured best of 1/2/4/8 on 2 CPU cores (benchmarks/train_throughput.py)
 # Splitting a micro-batch pays only if each extra forward removes this many padded tokens (a forward has a fixed
-# cost). On 2 CPU cores, the tiny Llama: uniform short rows (online_iteration.py's, 4% of the tokens removed) ran
-# 25% slower in 4-row chunks, and now stay whole; varied lengths (train_throughput.py's, 20% removed) still split,
-# as fast as when every micro-batch split (128 here left 6 of 32 whole and cost 5%).
+# cost): rows of similar lengths stay in one forward, rows of varied lengths split. How 64 was chosen, measured:
+# docs/benchmarks.md (DPO training throughput).
 MIN_TOKENS_SAVED_PER_FORWARD = 64
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"

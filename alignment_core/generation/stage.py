@@ -54,8 +54,8 @@ def make_generator(
     from alignment_core.generation.transformers_backend import TransformersGenerator
 
     if attn_implementation == "flex_attention":
-        # A training kernel: decoding rebuilds its block mask at every token (one H200: 1.5-4.7k tokens/s with
-        # it, 5.7-7.5k with sdpa, benchmarks/results/gpu_check_h200.txt).
+        # A training kernel: decoding rebuilds its block mask at every token, slower than sdpa (measured:
+        # docs/benchmarks.md, GPU acceptance run).
         attn_implementation = "sdpa"
     model = load_causal_lm(policy_path, dtype=dtype, attn_implementation=attn_implementation)
     if torch.cuda.is_available():
