@@ -255,3 +255,24 @@ def test_relabelling_an_iteration_with_a_new_judge_reuses_its_generations(tmp_pa
     pipeline.annotate(relabel, generations, 1)
     assert len(script.requests) == 4  # always "A": the orders disagree, two ties, as before
     assert store.read_manifest(annotations)["extra"]["counts"] == relabelled["extra"]["counts"] == {"tie": 2}
+
+
+def test_a_round_trained_against_another_reference_is_not_the_same_round(tmp_path):
+    """The reference is an input of the round (DPO's log-ratio is taken against it): the same units, weights and
+    policy with another reference make another round, which a finished iteration refuses to become."""
+    import pyarrow as pa
+
+    from alignment_core.tiny import build_tiny
+    from tests.test_training import make_units
+
+    policy, other = (str(build_tiny(tmp_path / name, num_layers=2, seed=seed)) for name, seed in (("a", 0), ("b", 1)))
+    cfg = config(tmp_path, setup="offline_pairwise", model={"policy": policy},
+                 training={"loss": "dpo", "batch_size": 4, "epochs": 1})
+    store = pipeline.open_store(cfg)
+    units_uri = store.stage_uri("fp", 1, "units")
+    store.write_stage(units_uri, "units", {"test": 1}, [pa.Table.from_pandas(make_units(4))])
+    weights_uri = pipeline.reweight(cfg, units_uri, policy, 1)
+    checkpoint = pipeline.train(cfg, units_uri, weights_uri, policy, policy, 1)
+    assert pipeline.train(cfg, units_uri, weights_uri, policy, policy, 1) == checkpoint  # the same round: skipped
+    with pytest.raises(pipeline.FinishedIterationChangedError, match=r"its inputs \(reference\) changed"):
+        pipeline.train(cfg, units_uri, weights_uri, policy, other, 1)
