@@ -337,13 +337,25 @@ class JudgeConfig(StrictModel):
     """judge_pointwise: "yes_no" (desirable or not) or "score" (1-10); bundled templates are {template}_{scale}"""
 
 
+class HumanConfig(StrictModel):
+    """A person labels pairs through a form on the paused flow run in the Prefect UI (annotator `human`, or a
+    cascade's `escalate_to: human`); each pair's answer is stored before its shard, so it is never asked twice."""
+
+    timeout_s: int = Field(default=3600, gt=0)
+    """Seconds a form waits for its answer; pairs still unanswered then are recorded `unanswered` (not trained
+    on), and no further form is shown in that stage."""
+    max_pairs_per_form: int = Field(default=8, gt=0, le=256)
+    """Pairs per form: a shard with more pairs is asked in several forms, one after the other."""
+
+
 class CascadeConfig(StrictModel):
     """A cheap annotator labels every pair; a budget of them, where it is least sure, go to an expensive one."""
 
     first: Literal["reward_model", "judge_pairwise", "programmatic"] = "reward_model"
     """The cheap annotator that labels every pair (a reward-model ensemble knows where it is unsure)."""
-    escalate_to: Literal["reward_model", "judge_pairwise", "programmatic"] = "judge_pairwise"
-    """The expensive annotator (a strong judge, a programmatic oracle) that relabels the escalated pairs."""
+    escalate_to: Literal["reward_model", "judge_pairwise", "programmatic", "human"] = "judge_pairwise"
+    """The expensive annotator (a strong judge, a programmatic oracle, a person: annotation.human) that relabels
+    the escalated pairs."""
     budget: float = Field(default=0.25, gt=0)
     """Expensive labels per iteration: below 1, a fraction of the iteration's prompts (0.25: one pair in four);
     from 1 on, a number of pairs (a whole number). Never exceeded, resumes included."""
@@ -362,10 +374,10 @@ class CascadeConfig(StrictModel):
 
 
 class AnnotationConfig(StrictModel):
-    annotator: Literal["reward_model", "judge_pairwise", "judge_pointwise", "programmatic", "cascade"] = (
+    annotator: Literal["reward_model", "judge_pairwise", "judge_pointwise", "programmatic", "cascade", "human"] = (
         "programmatic")
-    """Who labels the samples: a reward model, an LLM judge (pairwise or pointwise), a rule, or a cascade of
-    two of them under a label budget (`cascade`)."""
+    """Who labels the samples: a reward model, an LLM judge (pairwise or pointwise), a rule, a cascade of
+    two of them under a label budget (`cascade`), or a person in the Prefect UI (`human`, every pair asked)."""
     reward_model: str | list[str] | None = None
     """path or hub name of an AutoModelForSequenceClassification; a list: an ensemble whose members each score
     every sample (reward models trained with different seeds or data), recorded per member in each row"""
@@ -395,6 +407,8 @@ class AnnotationConfig(StrictModel):
     """The LLM judge (annotator judge_pairwise / judge_pointwise)."""
     cascade: CascadeConfig = CascadeConfig()
     """annotator cascade: which annotator labels first, which one the uncertain pairs go to, and the budget."""
+    human: HumanConfig = HumanConfig()
+    """A person as annotator (`human`, or a cascade's escalate_to): the form's timeout and size."""
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -662,10 +676,15 @@ class PipelineConfig(StrictModel):
         if self.online and self.generation.n_samples < needed:
             raise ValueError(f"generation.n_samples must be >= {needed} for setup {self.setup!r} "
                              f"({why}), got {self.generation.n_samples}")
-        if self.online and spec.annotation != "pairs" and annotation.annotator in ("judge_pairwise", "cascade"):
+        pairs_only = ("judge_pairwise", "cascade", "human")
+        if self.online and spec.annotation != "pairs" and annotation.annotator in pairs_only:
             raise ValueError(f"annotation.annotator {annotation.annotator!r} gives preference pairs, but setup "
                              f"{self.setup!r} needs {spec.annotation}: use "
                              "'judge_pointwise', 'reward_model' or 'programmatic'")
+        if self.online and annotation.annotator == "human" and self.evaluation.enabled:
+            raise ValueError("annotation.annotator 'human' labels the training pairs only; held-out evaluation needs "
+                             "an automatic judge: set evaluation.enabled: false, or use a cascade with "
+                             "escalate_to: human (evaluation is then judged by its first annotator)")
         if self.evaluation.enabled:
             check_fits_model_len("evaluation.max_new_tokens", self.evaluation.max_new_tokens,
                                  self.generation.max_model_len)

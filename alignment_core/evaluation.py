@@ -19,12 +19,14 @@ load_callable = import_callable
 
 def judging_config(cfg: PipelineConfig) -> PipelineConfig:
     """The config whose annotator judges evaluations: a cascade's expensive annotator, the best judgement the
-    run has (evaluation pays no label budget: it is not trained on); else the run's annotator."""
+    run has (evaluation pays no label budget: it is not trained on), unless that is a person (held-out
+    comparisons are not put to them: its first annotator judges); else the run's annotator."""
     annotation = cfg.annotation
     if annotation.annotator != "cascade":
         return cfg
-    return cfg.model_copy(update={"annotation": annotation.model_copy(update={
-        "annotator": annotation.cascade.escalate_to})})
+    cascade = annotation.cascade
+    judge = cascade.first if cascade.escalate_to == "human" else cascade.escalate_to
+    return cfg.model_copy(update={"annotation": annotation.model_copy(update={"annotator": judge})})
 
 
 def annotator_label(cfg: PipelineConfig) -> str:

@@ -270,9 +270,10 @@ def _generation_config(cfg: PipelineConfig, stage: str):
 
 
 def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
-             shard_subset: tuple[int, int] | None = None) -> str:
+             shard_subset: tuple[int, int] | None = None, ask: Callable | None = None) -> str:
     """Label the generations; a complete stage is redone only in its rows that failed for a transient reason
-    (judge outage, timeout), unless its iteration is finished."""
+    (judge outage, timeout), unless its iteration is finished. `ask`: how a `human` annotator reaches its person
+    (alignment_core/annotation/human.py; a flow passes tasks/human.py's form in the Prefect UI)."""
     from alignment_core.annotation import run_annotation
 
     store = open_store(cfg)
@@ -290,7 +291,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
         log.info("%s: retrying the %d annotations that failed for a transient reason", out, transient)
     elif keep_finished(cfg, store, out, iteration, fingerprint):
         return out
-    run_annotation(store, generations_uri, out, cfg, fingerprint, shard_subset=shard_subset)
+    run_annotation(store, generations_uri, out, cfg, fingerprint, shard_subset=shard_subset, ask=ask)
     return out
 
 

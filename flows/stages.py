@@ -18,6 +18,7 @@ from alignment_core.config import PipelineConfig
 from alignment_core.preflight import PreflightError, reach_problems
 from flows.common import run_lease
 from tasks import gpu_slot
+from tasks.human import form_in_the_ui
 
 
 def _local(config_json: str) -> PipelineConfig:
@@ -60,7 +61,9 @@ def annotate_stage(config_json: str, generations_uri: str, iteration: int,
                    shard_subset: list[int] | None = None) -> str:
     """Label the iteration's generations; `shard_subset` [i, N]: only fan-out worker i of N's shards."""
     with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "annotate"):
-        return pipeline.annotate(cfg, generations_uri, iteration, shard_subset=_subset(shard_subset))
+        # a human annotator pauses this flow run with its form (tasks/human.py)
+        return pipeline.annotate(cfg, generations_uri, iteration, shard_subset=_subset(shard_subset),
+                                 ask=form_in_the_ui(cfg))
 
 
 @flow(name="train-stage", flow_run_name="train-iter-{iteration}")

@@ -1,5 +1,6 @@
 from alignment_core import pipeline
 from tasks import dispatch_stage, gpu_slot, parse, stage_task
+from tasks.human import form_in_the_ui
 
 
 @stage_task("annotate")
@@ -14,4 +15,5 @@ def annotate(config_json: str, generations_uri: str, iteration: int) -> str:
         }, out, complete=lambda: store.read_manifest(out) is not None, workers=scale_out.annotate_workers,
             max_redispatches=scale_out.max_redispatches)
     with gpu_slot(cfg, "annotate"):
-        return pipeline.annotate(cfg, generations_uri, iteration)
+        # a human annotator pauses the flow run from here with its form (tasks/human.py)
+        return pipeline.annotate(cfg, generations_uri, iteration, ask=form_in_the_ui(cfg))

@@ -492,8 +492,8 @@ def test_run_annotation_shards_by_prompt_resumes_and_skips(tmp_path, monkeypatch
     annotated = []
     real_make_annotator = stage.make_annotator
 
-    def counting_make_annotator(cfg):
-        annotator = real_make_annotator(cfg)
+    def counting_make_annotator(cfg, ask=None):
+        annotator = real_make_annotator(cfg, ask)
         real_annotate = annotator.annotate
         annotator.annotate = lambda frame: (
             annotated.append(sorted(set(frame["prompt_id"]))) or real_annotate(frame)

@@ -4,6 +4,8 @@ base.py      the Annotator protocol, row statuses, scores -> pairs / pointwise r
 scorers.py   reward model (its own tokenizer), reward-model ensemble and programmatic (`module:function`) annotators
 judge.py     LLM judge, pairwise (both orders) and pointwise; Jinja templates in templates/
 backends.py  judge backends: a local causal LM, an OpenAI-compatible HTTP endpoint
+cascade.py   a cheap annotator on every pair, a budget of the least sure ones escalated to an expensive one
+human.py     a person, through an injected `ask` (in a flow: a form on the paused run, tasks/human.py)
 stage.py     make_annotator(cfg) and run_annotation(...): the resumable annotate stage
 """
 

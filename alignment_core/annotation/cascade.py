@@ -1,5 +1,5 @@
 """An annotator cascade: a cheap annotator labels every pair, and a budget of pairs, those it is least sure of,
-go to an expensive one (a strong judge, a programmatic oracle).
+go to an expensive one (a strong judge, a programmatic oracle, a person: annotation/human.py).
 
     cascade = CascadeAnnotator(first=RewardModelEnsemble(...), escalate_to=judge, budget=0.25,
                                prompts_per_iteration=64)
@@ -69,16 +69,27 @@ class CascadeAnnotator:
         ranked = self._ranked(rows)
         chosen = set(ranked[:quota])
         by_id = generations.set_index("generation_id", drop=False)
+        up = [index for index, row in enumerate(rows) if index in chosen and row["generation2_id"] is not None]
+        relabelled = dict(zip(up, self._escalate([
+            by_id.loc[[rows[index]["generation1_id"], rows[index]["generation2_id"]]].assign(sample_index=[0, 1])
+            for index in up]), strict=True))
         out = []
         for index, row in enumerate(rows):
-            if index not in chosen or row["generation2_id"] is None:
+            if index not in relabelled:
                 out.append(_with_record(row, {"escalated": False, "quota": quota}))
                 continue
-            pair = by_id.loc[[row["generation1_id"], row["generation2_id"]]].assign(sample_index=[0, 1])
             record = {"escalated": True, "rule": self.rule, "rank": ranked.index(index), "quota": quota,
                       "uncertainty": _finite(uncertainty(row)), "replaced": _summary(row)}
-            out += [_with_record(escalated, record) for escalated in self.escalate_to.annotate(pair)]
+            out += [_with_record(escalated, record) for escalated in relabelled[index]]
         return out
+
+    def _escalate(self, pairs: list[pd.DataFrame]) -> list[list[dict]]:
+        """The expensive annotator's rows for each escalated pair; one that takes a shard's pairs together (a
+        person: one form for them all, not one per pair) gets them together."""
+        annotate_pairs = getattr(self.escalate_to, "annotate_pairs", None)
+        if annotate_pairs is not None:
+            return annotate_pairs(pairs)
+        return [self.escalate_to.annotate(pair) for pair in pairs]
 
     def _ranked(self, rows: list[dict]) -> list[int]:
         """Indices of the pair rows that may escalate, first to go first."""

@@ -23,6 +23,7 @@ from alignment_core.annotation.base import (
 )
 from alignment_core.annotation.cache import CachedJudgeBackend, JudgeCache, judge_identity
 from alignment_core.annotation.cascade import CascadeAnnotator
+from alignment_core.annotation.human import Ask, HumanAnnotator, HumanAnswerStore
 from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
 from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator, RewardModelEnsemble
 from alignment_core.config import PipelineConfig
@@ -59,8 +60,9 @@ def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
     )
 
 
-def make_annotator(cfg: PipelineConfig) -> Annotator:
-    """The annotator `cfg.annotation.annotator` names, producing the rows `cfg.setup` needs."""
+def make_annotator(cfg: PipelineConfig, ask: Ask | None = None) -> Annotator:
+    """The annotator `cfg.annotation.annotator` names, producing the rows `cfg.setup` needs; `ask` is how a
+    `human` annotator reaches its person (annotation/human.py)."""
     annotation = cfg.annotation
     rules = ScoreRules(
         mode=output_mode(cfg.setup),
@@ -71,14 +73,16 @@ def make_annotator(cfg: PipelineConfig) -> Annotator:
     )
     if annotation.annotator == "cascade":
         cascade = annotation.cascade
-        return CascadeAnnotator(_annotator(cascade.first, cfg, rules), _annotator(cascade.escalate_to, cfg, rules),
-                                cascade.budget, cfg.generation.prompts_per_iteration, cascade.escalate,
-                                cfg.generation.seed)
-    return _annotator(annotation.annotator, cfg, rules)
+        return CascadeAnnotator(_annotator(cascade.first, cfg, rules, ask),
+                                _annotator(cascade.escalate_to, cfg, rules, ask), cascade.budget,
+                                cfg.generation.prompts_per_iteration, cascade.escalate, cfg.generation.seed)
+    return _annotator(annotation.annotator, cfg, rules, ask)
 
 
-def _annotator(kind: str, cfg: PipelineConfig, rules: ScoreRules) -> Annotator:
+def _annotator(kind: str, cfg: PipelineConfig, rules: ScoreRules, ask: Ask | None) -> Annotator:
     annotation = cfg.annotation
+    if kind == "human":  # pairwise setups only: the config refuses the others
+        return HumanAnnotator(ask, annotation.human.max_pairs_per_form)
     if kind == "programmatic":
         return ProgrammaticAnnotator(annotation.programmatic, rules)
     if kind == "reward_model":
@@ -106,11 +110,14 @@ def _annotator(kind: str, cfg: PipelineConfig, rules: ScoreRules) -> Annotator:
     raise ValueError(f"unknown annotator {kind!r}")
 
 
-def stage_annotator(cfg: PipelineConfig, store: ArtifactStore) -> Annotator:
-    """`make_annotator(cfg)`, a judge's answers cached by content in `store` (annotation/cache.py)."""
-    annotator = make_annotator(cfg)
+def stage_annotator(cfg: PipelineConfig, store: ArtifactStore, ask: Ask | None = None) -> Annotator:
+    """`make_annotator(cfg, ask)`, a judge's answers cached by content in `store` (annotation/cache.py), a
+    person's answers stored there as they come (annotation/human.py)."""
+    annotator = make_annotator(cfg, ask)
     members = (annotator.first, annotator.escalate_to) if isinstance(annotator, CascadeAnnotator) else (annotator,)
     for judge in members:
+        if isinstance(judge, HumanAnnotator):
+            judge.answers = HumanAnswerStore(store)
         template = getattr(judge, "template", None)
         if template is not None and hasattr(judge, "backend"):
             kind = "pairwise" if isinstance(judge, PairwiseJudgeAnnotator) else f"pointwise_{judge.scale}"
@@ -155,6 +162,8 @@ def annotation_summary(annotations: pd.DataFrame) -> dict:
         # who labelled the rows: with a cascade, the first annotator or the expensive one it escalated to
         "rows_by_annotator": {str(k): int(v) for k, v in annotations["annotator"].value_counts().sort_index().items()},
         "escalated": sum(bool(json.loads(raw).get("cascade", {}).get("escalated")) for raw in annotations["raw"]),
+        # pairs put to a person who did not answer (the form timed out, or left blank): not trained on
+        "unanswered": counts.get("unanswered", 0),
     }
 
 
@@ -218,7 +227,7 @@ def check_failures(summary: dict, max_failure_fraction: float, where: str) -> No
 
 def run_annotation(
     store: ArtifactStore, generations_uri: str, out_uri: str, cfg: PipelineConfig, fingerprint: dict,
-    shard_subset: tuple[int, int] | None = None,
+    shard_subset: tuple[int, int] | None = None, ask: Ask | None = None,
 ) -> dict | None:
     """Annotate the generations stage into `out_uri`; returns the stage manifest.
 
@@ -231,7 +240,7 @@ def run_annotation(
 
     `shard_subset=(i, N)`: this call is worker i of N (alignment_core/fanout.py): it annotates only its missing
     shards i, i+N, ...; the worker that finds every shard in runs the failure guard and writes the manifest
-    (returned); the others return None.
+    (returned); the others return None. `ask` reaches the person of a `human` annotator (annotation/human.py).
     """
     if annotation_complete(store, out_uri, fingerprint):
         return store.read_manifest(out_uri)
@@ -247,14 +256,14 @@ def run_annotation(
             retry = fanout.in_subset(index, shard_subset) and transient_mask(
                 done.select(["status", "raw"]).to_pandas()).any()
             if retry:  # the prompts whose judge did not answer are asked again; the other rows are kept
-                annotator = annotator or stage_annotator(cfg, store)
+                annotator = annotator or stage_annotator(cfg, store, ask)
                 done = _retry_transient(annotator, shard, done, index)
                 writer.write_shard(index, done)
             tables.append(done.to_pandas())
             continue
         if not fanout.in_subset(index, shard_subset):  # another fan-out worker's shard
             continue
-        annotator = annotator or stage_annotator(cfg, store)
+        annotator = annotator or stage_annotator(cfg, store, ask)
         if isinstance(annotator, CascadeAnnotator):  # spends its label budget by the shard's place
             rows = annotator.annotate(shard, prompts_before=index * cfg.generation.shard_size)
         else:
