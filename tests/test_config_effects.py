@@ -156,6 +156,35 @@ EFFECT_TESTS: dict[str, str] = {
     "scale_out.concurrency_limit": FAN_OUT,
     "tracking.report_to": "tests/test_tracking.py::test_steps_continue_across_iterations_and_nothing_is_logged_twice",
     "tracking.mlflow_tracking_uri": "tests/test_tracking.py::test_flow_logs_one_tracker_run_per_pipeline_run",  # slow
+    "annotation.human.max_pairs_per_form":
+        "tests/test_human_annotator.py::test_a_killed_stage_does_not_ask_again_for_pairs_already_answered",
+    "annotation.human.timeout_s":
+        "tests/test_human_annotator.py::test_a_person_answers_the_paused_runs_form_and_unanswered_forms_time_out",
+    # tests/test_field_effects.py: fields that had no test at a non-default value
+    "training.reward_margin": "tests/test_field_effects.py::test_each_loss_hyperparameter_reaches_its_loss_through_the_config",
+    "training.slic_margin": "tests/test_field_effects.py::test_each_loss_hyperparameter_reaches_its_loss_through_the_config",
+    "training.simpo_gamma": "tests/test_field_effects.py::test_each_loss_hyperparameter_reaches_its_loss_through_the_config",
+    "training.kto_desirable_weight": "tests/test_field_effects.py::test_each_loss_hyperparameter_reaches_its_loss_through_the_config",
+    "training.weight_decay": "tests/test_field_effects.py::test_weight_decay_shrinks_every_weight_by_lr_times_decay",
+    "training.max_grad_norm": "tests/test_field_effects.py::test_max_grad_norm_clips_the_gradient_the_step_uses",
+    "training.mixed_precision": "tests/test_field_effects.py::test_bf16_mixed_precision_changes_the_forward_but_not_by_much",
+    "training.warmup_ratio": "tests/test_field_effects.py::test_the_schedule_and_warmup_set_each_steps_learning_rate",
+    "training.scheduler": "tests/test_field_effects.py::test_the_schedule_and_warmup_set_each_steps_learning_rate",
+    "training.seed": "tests/test_field_effects.py::test_the_training_seed_orders_the_examples",
+    "model.tokenizer": "tests/test_field_effects.py::test_model_tokenizer_is_read_from_its_own_folder",
+    "model.adapter.alpha": "tests/test_field_effects.py::test_adapter_alpha_dropout_and_bias_reach_peft",
+    "model.adapter.dropout": "tests/test_field_effects.py::test_adapter_alpha_dropout_and_bias_reach_peft",
+    "model.adapter.bias": "tests/test_field_effects.py::test_adapter_alpha_dropout_and_bias_reach_peft",
+    "model.adapter.bnb_4bit_quant_type": "tests/test_field_effects.py::test_qlora_quantization_settings_reach_bitsandbytes",
+    "model.adapter.bnb_4bit_use_double_quant": "tests/test_field_effects.py::test_qlora_quantization_settings_reach_bitsandbytes",
+    "generation.top_p": "tests/test_field_effects.py::test_a_top_p_this_small_keeps_only_the_most_likely_token",
+    "annotation.cascade.first": "tests/test_field_effects.py::test_the_configured_first_annotator_labels_what_is_not_escalated",
+    "annotation.cascade.escalate": "tests/test_field_effects.py::test_the_configured_escalation_rule_decides_which_pairs_escalate",
+    "data.eval_source": "tests/test_field_effects.py::test_held_out_prompts_come_from_eval_source_and_are_sampled_as_evaluation_says",
+    "evaluation.max_new_tokens": "tests/test_field_effects.py::test_held_out_prompts_come_from_eval_source_and_are_sampled_as_evaluation_says",
+    "evaluation.temperature": "tests/test_field_effects.py::test_held_out_prompts_come_from_eval_source_and_are_sampled_as_evaluation_says",
+    "iterations": "tests/test_flows.py::test_flow_runs_unchanged_against_s3",
+    "evaluation.enabled": "tests/test_flows.py::test_flow_runs_unchanged_against_s3",
 }
 
 # Where the named test sets the field under another name: the library argument the config feeds, or (train-stage)
@@ -211,31 +240,7 @@ NO_EFFECT_ON_RESULTS: dict[str, str] = {
 # ---- fields with an effect and no test of it yet (to be emptied) ----------------------------------------------
 
 NEEDS_TEST: set[str] = {
-    "iterations",  # no test sets it off its default of 2 and counts the iterations run
-    "data.eval_source",  # only the reach check reads it in tests; held-out prompts from it: untested
-    "model.tokenizer",
-    "model.adapter.alpha",
-    "model.adapter.dropout",
-    "model.adapter.bias",
-    "model.adapter.bnb_4bit_quant_type",
-    "model.adapter.bnb_4bit_use_double_quant",
-    "generation.top_p",  # test_logprobs_are_the_models_raw_logprobs sets 0.8 but asserts the log-probs, not top-p
-    "annotation.cascade.first",
-    "annotation.cascade.escalate",
-    "training.reward_margin",
-    "training.slic_margin",
-    "training.simpo_gamma",
-    "training.kto_desirable_weight",  # test_wiring's LOSS_SETTINGS keeps its default, 1.0
-    "training.weight_decay",
-    "training.warmup_ratio",
-    "training.scheduler",
-    "training.max_grad_norm",
-    "training.mixed_precision",
-    "training.seed",  # plan_steps' seed: no test compares two seeds
     "training.accelerate_config",  # only the reach check reads it in tests
-    "evaluation.enabled",
-    "evaluation.max_new_tokens",
-    "evaluation.temperature",
     "scale_out.timeout_s",
     "scale_out.max_redispatches",
 }

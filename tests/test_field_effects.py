@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from alignment_core import losses
+from alignment_core import losses, pipeline
 from alignment_core.adapters import lora_config, quantization_config
 from alignment_core.annotation.stage import make_annotator
 from alignment_core.config import AdapterConfig, parse_config
-from alignment_core.models import load_causal_lm
+from alignment_core.models import load_causal_lm, load_tokenizer
 from tests.test_cascade import cascade_config, escalated, generations
 from tests.test_ensemble import members  # noqa: F401 (the fixture: three tiny reward models)
 from tests.test_training import make_cfg, make_units, run_round, step_metrics, tiny2_dir  # noqa: F401
@@ -119,11 +119,11 @@ def test_bf16_mixed_precision_changes_the_forward_but_not_by_much(tiny2_dir, tmp
 # ---- adapters ---------------------------------------------------------------------------------------------------
 
 
-def test_adapter_dropout_and_bias_reach_peft():
-    default, changed = AdapterConfig(), AdapterConfig(dropout=0.3, bias="lora_only")
-    assert (lora_config(default, "policy").lora_dropout, lora_config(default, "policy").bias) == (0.05, "none")
-    peft_config = lora_config(changed, "policy")
-    assert (peft_config.lora_dropout, peft_config.bias) == (0.3, "lora_only")
+def test_adapter_alpha_dropout_and_bias_reach_peft():
+    default, changed = AdapterConfig(), AdapterConfig(alpha=8.0, dropout=0.3, bias="lora_only")
+    peft_default, peft_changed = lora_config(default, "policy"), lora_config(changed, "policy")
+    assert (peft_default.lora_alpha, peft_default.lora_dropout, peft_default.bias) == (32.0, 0.05, "none")
+    assert (peft_changed.lora_alpha, peft_changed.lora_dropout, peft_changed.bias) == (8.0, 0.3, "lora_only")
 
 
 def test_qlora_quantization_settings_reach_bitsandbytes():
@@ -199,3 +199,113 @@ def test_two_processes_take_the_steps_of_one_with_twice_the_batch(tiny2_dir, tmp
                                 for s in (one_store, two_store))
     for name, weight in one_weights.items():
         torch.testing.assert_close(two_weights[name], weight, atol=2e-4, rtol=0)  # Adam magnifies float noise
+
+
+# ---- the learning-rate schedule, the data order, the tokenizer ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("scheduler", "warmup_ratio"), [("constant", 0.0), ("linear", 0.0), ("cosine", 0.0),
+                                                         ("linear", 0.5), ("constant", 0.5)])
+def test_the_schedule_and_warmup_set_each_steps_learning_rate(tiny2_dir, tmp_path, scheduler, warmup_ratio):  # noqa: F811
+    cfg = make_cfg("offline_pairwise", "dpo", epochs=1, batch_size=2, scheduler=scheduler, warmup_ratio=warmup_ratio)
+    store, _, _, result = run_round(tmp_path, tiny2_dir, cfg, make_units(8))
+    rates = (step_metrics(store, store.stage_uri("round", 0, "metrics"))["learning_rate"] / 1e-3).tolist()
+    expected = {  # 4 steps; a warm-up of half the round rises over its 2 steps, then the schedule runs its course
+        ("constant", 0.0): [1, 1, 1, 1],
+        ("linear", 0.0): [1, 0.75, 0.5, 0.25],
+        ("cosine", 0.0): [1, 0.853553, 0.5, 0.146447],
+        ("linear", 0.5): [0, 0.5, 1, 0.5],
+        ("constant", 0.5): [0, 0.5, 1, 1],
+    }[(scheduler, warmup_ratio)]
+    assert result.steps == 4 and rates == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_training_seed_orders_the_examples(tiny2_dir, tmp_path):  # noqa: F811
+    plans = {}
+    for seed in (0, 0, 1):
+        cfg = make_cfg("offline_pairwise", "dpo", epochs=2, batch_size=2, seed=seed)
+        _, trainer, _, _ = run_round(tmp_path / f"{seed}-{len(plans)}", tiny2_dir, cfg, make_units(4))
+        plans.setdefault(seed, []).append(trainer.plan)
+    assert plans[0][0] == plans[0][1]  # the same seed, the same order
+    assert plans[1][0] != plans[0][0]
+    assert sorted(i for step in plans[1][0] for batch in step for i in batch) == sorted(
+        i for step in plans[0][0] for batch in step for i in batch)  # the same examples, in another order
+
+
+def test_model_tokenizer_is_read_from_its_own_folder(tiny2_dir, tmp_path):  # noqa: F811
+    """A policy folder with weights only trains with `model.tokenizer` naming where the tokenizer is."""
+    import shutil
+    from pathlib import Path
+
+    from alignment_core.store import ArtifactStore
+    from alignment_core.training import Trainer
+
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for file in Path(tiny2_dir).iterdir():
+        if file.name in ("config.json", "generation_config.json") or file.suffix == ".safetensors":
+            shutil.copy(file, weights_only / file.name)
+    settings = {"setup": "offline_pairwise", "model": {"policy": str(weights_only)}, "training": {"loss": "dpo"}}
+    store = ArtifactStore(str(tmp_path / "store"))
+    with pytest.raises(Exception, match="(?i)tokenizer"):
+        Trainer(parse_config(settings), str(weights_only), None, store)
+    settings["model"]["tokenizer"] = tiny2_dir
+    trainer = Trainer(parse_config(settings), str(weights_only), None, store)
+    assert trainer.tokenizer("a good day")["input_ids"] == load_tokenizer(tiny2_dir)("a good day")["input_ids"]
+
+
+# ---- sampling: top-p; held-out prompts and how they are sampled ------------------------------------------------
+
+
+def test_a_top_p_this_small_keeps_only_the_most_likely_token(tiny_model_dir):
+    from tests.test_generation import make_generator_for, make_prompts
+
+    prompts = make_prompts(3)
+
+    def samples(**settings):
+        rows = make_generator_for(str(tiny_model_dir), n_samples=2, **settings).generate(prompts, seed=0)
+        return [row["response_token_ids"] for row in rows]
+
+    greedy = samples(temperature=0.0)
+    assert samples(temperature=1.0, top_p=1e-6) == greedy
+    assert samples(temperature=1.0, top_p=1.0) != greedy
+
+
+def test_held_out_prompts_come_from_eval_source_and_are_sampled_as_evaluation_says(tmp_path):
+    from tests.test_fingerprints import config, write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(8)])
+    held_out = [f"A held-out question {i}?" for i in range(3)]
+    write_jsonl(tmp_path / "held_out.jsonl", [{"prompt": p} for p in held_out])
+
+    def eval_samples(seed: int, **evaluation) -> list[list[int]]:
+        cfg = config(tmp_path, data={"eval_source": str(tmp_path / "held_out.jsonl"), "eval_prompts": 3},
+                     generation={"seed": seed}, evaluation={"enabled": True, **evaluation})
+        prompts_uri = pipeline.load_eval_prompts(cfg)
+        store = pipeline.open_store(cfg)
+        assert sorted(store.read_pandas(prompts_uri)["prompt"]) == held_out
+        frame = store.read_pandas(pipeline.generate(cfg, prompts_uri, "tiny://llama", 0, stage="eval_generations"))
+        assert sorted(frame["prompt_id"]) == sorted(set(frame["prompt_id"]))  # one sample per prompt
+        return [list(ids) for ids in frame.sort_values("prompt_id")["response_token_ids"]]
+
+    short_greedy = eval_samples(0, max_new_tokens=3, temperature=0.0)
+    assert all(len(ids) <= 3 for ids in short_greedy) and max(map(len, short_greedy)) == 3
+    assert eval_samples(1, max_new_tokens=3, temperature=0.0) == short_greedy  # greedy: the seed does not matter
+    assert eval_samples(1, max_new_tokens=3, temperature=1.0) != short_greedy
+    assert max(map(len, eval_samples(0, max_new_tokens=6, temperature=0.0))) == 6
+
+
+# ---- the cascade's first annotator --------------------------------------------------------------------------------
+
+
+def test_the_configured_first_annotator_labels_what_is_not_escalated(members):  # noqa: F811
+    cfg = parse_config({
+        "setup": "online_pairwise", "generation": {"prompts_per_iteration": 6, "n_samples": 4},
+        "annotation": {"annotator": "cascade", "reward_model": members,
+                       "cascade": {"first": "programmatic", "escalate_to": "reward_model", "budget": 2}},
+    })
+    cascade = make_annotator(cfg)
+    rows = cascade.annotate(generations(6))
+    kept = [r for r in rows if not json.loads(r["raw"])["cascade"]["escalated"]]
+    assert len(kept) == 4 and {r["annotator"] for r in kept} == {cascade.first.name}
+    assert cascade.first.name.startswith("programmatic:")

@@ -120,6 +120,7 @@ def test_two_iterations_write_every_stage_with_lineage(tmp_path):
     third = pd.read_parquet(store.stage_uri("e2e", 3, "generations"))
     assert set(third["policy_uri"]) == {store.checkpoint_uri("e2e", 2)}
     assert store.checkpoint_complete(store.checkpoint_uri("e2e", 3))
+    assert store.read_manifest(store.stage_uri("e2e", 3, "evaluation")) is None  # evaluation.enabled: false
 
     inspect = subprocess.run([sys.executable, "-m", "alignment_core.inspect", str(root / "e2e"),
                               "--plot", str(tmp_path / "plot.png")], cwd=REPO, capture_output=True, text=True)
@@ -229,4 +230,7 @@ def test_flow_runs_unchanged_against_s3(tmp_path, s3_server):
     for stage in ("prompts", "generations", "annotations", "weights", "metrics"):
         frame = pd.read_parquet(f"{root}/e2e/iter-001/{stage}/", storage_options=options)
         assert len(frame) > 0, stage
-    assert ArtifactStore(root, endpoint_url=s3_server).checkpoint_complete(f"{root}/e2e/iter-001/checkpoint")
+    store = ArtifactStore(root, endpoint_url=s3_server)
+    assert store.checkpoint_complete(f"{root}/e2e/iter-001/checkpoint")
+    assert store.list_iterations("e2e") == [0, 1]  # iterations: 1, one iteration and no more
+    assert store.read_manifest(store.stage_uri("e2e", 1, "evaluation")) is None  # evaluation.enabled: false
