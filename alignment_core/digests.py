@@ -190,7 +190,6 @@ class _Module:
     name imported at module level, or an import inside it). `?module` is a name imported from a package, a
     module of it if it has one."""
 
-
     imports: tuple[str, ...]
     definitions: dict[str, tuple[str, tuple[str, ...]]]
 
@@ -285,7 +284,7 @@ def stage_code(stage: str, root: str | Path | None = None) -> dict[str, str]:
     pending, seen = list(STAGE_ENTRIES[stage]), set()
     while pending:
         entry = pending.pop()
-        if entry in seen or entry in FINGERPRINT_CODE:
+        if entry in seen or entry.removeprefix("?") in FINGERPRINT_CODE:
             continue
         seen.add(entry)
         name, _, definition = entry.removeprefix("?").partition(":")
