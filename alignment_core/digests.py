@@ -7,47 +7,53 @@ output would, not only when the config text does:
   modification stamp), bundled datasets likewise, a dataset folder file by file, a hub dataset its commit;
 - a judge template: the sha256 of its text;
 - a `module:function` (programmatic reward, evaluation oracle): the bytes of the module's file;
-- the library: per stage, the source of the modules (and pipeline functions) that produce it, so an edit to
-  `inspect.py` redoes nothing and an edit to `generation/` redoes generation (`stage_code_digest`).
+- the library: per stage, the source of the modules (and pipeline functions) its code reaches through the
+  project's imports, from the stage's entries in `STAGE_ENTRIES`, so an edit to `inspect.py` redoes nothing and
+  an edit to `generation/` redoes generation (`stage_code_digest`).
 Models are identified by `models.model_digest` (hub commit or weight bytes), through `inputs.InputRef`.
 """
 
 import ast
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import fsspec
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE = __name__.partition(".")[0]
 
-# The library code that produces each stage: files (globs) relative to the package, or `file.py:function`
-# for one top-level function of a module whose other functions belong to other stages (pipeline.py).
-_GENERATION = ["generation/*.py", "rendering.py", "setups.py", "records.py", "models.py", "inputs.py", "adapters.py",
-               "pipeline.py:generate", "pipeline.py:_generation_config", "pipeline.py:resolve_policy"]
-_ANNOTATOR = ["annotation/*.py", "rendering.py", "setups.py", "records.py", "models.py", "inputs.py", "adapters.py"]
-STAGE_CODE: dict[str, list[str]] = {
-    "prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_prompts"],
-    "eval_prompts": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_eval_prompts"],
-    "examples": ["data.py", "records.py", "pipeline.py:_all_prompts", "pipeline.py:load_examples"],
-    "generations": _GENERATION,  # every stage `pipeline.generate` writes (eval_generations too)
-    "annotations": [*_ANNOTATOR, "pipeline.py:annotate"],
-    "units": ["batches.py", "rendering.py", "setups.py", "records.py", "pipeline.py:build_units"],
-    # importance weights: log-probs through training.py's sequence_logps on batches.py's encode / collate
-    "weights": ["reweight.py", "batches.py", "rendering.py", "setups.py", "training.py", "records.py", "models.py",
-                "inputs.py", "adapters.py", "pipeline.py:reweight"],
-    "checkpoint": ["training.py", "losses.py", "batches.py", "rendering.py", "setups.py", "records.py", "models.py",
-                   "inputs.py", "adapters.py", "pipeline.py:train", "pipeline.py:_carry_over",
-                   "pipeline.py:_launch_distributed_round"],
-    "evaluation": [*_ANNOTATOR, "evaluation.py", "pipeline.py:evaluate", "pipeline.py:_win_rate",
-                   "pipeline.py:_oracle_scores", "pipeline.py:wilson_interval",
-                   "pipeline.py:evaluate_reward_model"],
+# Where each stage's code starts: `module:function` for one top-level function of a module whose other
+# functions belong to other stages (pipeline.py), a bare module for all of it. The code digest covers what
+# these reach through the project's own imports (`stage_code`), so a helper in a new module is covered as
+# soon as a covered module imports it; only a new stage needs a row here.
+STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
+    "prompts": ("alignment_core.pipeline:load_prompts",),
+    "eval_prompts": ("alignment_core.pipeline:load_eval_prompts",),
+    "examples": ("alignment_core.pipeline:load_examples",),
+    # every stage `pipeline.generate` writes (eval_generations too)
+    "generations": ("alignment_core.pipeline:generate",),
+    "annotations": ("alignment_core.pipeline:annotate",),
+    "units": ("alignment_core.pipeline:build_units",),
+    "weights": ("alignment_core.pipeline:reweight",),
+    "checkpoint": ("alignment_core.pipeline:train",),
+    "evaluation": ("alignment_core.pipeline:evaluate", "alignment_core.pipeline:evaluate_reward_model"),
 }
+# Code that decides whether a stage runs, not what it writes: the fingerprint (this module; the digests of
+# input stages and models) and the skip / keep-finished checks. Not followed, or every stage would depend on
+# the code of everything its inputs are digested with (`stage_digest` reaches models.py, this module the judge).
+FINGERPRINT_CODE = frozenset({
+    "alignment_core.digests",
+    *(f"alignment_core.pipeline:{name}" for name in (
+        "_fingerprint", "already_done", "keep_finished", "stage_digest", "policy_digest", "annotator_digests")),
+})
 
 _lock = threading.Lock()
 _file_digests: dict[tuple, str] = {}
@@ -173,34 +179,134 @@ def template_digest(template: str, suffix: str = "") -> str:
     return hashlib.sha256(load_template(template, suffix=suffix).source.encode()).hexdigest()
 
 
-def _function_source(path: Path, name: str) -> str:
-    text = path.read_text()
-    for node in ast.parse(text).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
-            return ast.get_source_segment(text, node) or ""
-    raise KeyError(f"{path} has no top-level function {name!r} (digests.STAGE_CODE is out of date)")
 
 
-def _code_entries(root: Path, entries: list[str]) -> list[tuple[str, str]]:
-    found = []
-    for entry in entries:
-        file_part, _, function = entry.partition(":")
-        if function:
-            found.append((entry, hashlib.sha256(_function_source(root / file_part, function).encode()).hexdigest()))
-            continue
-        matches = sorted(root.glob(file_part))
-        if not matches:
-            raise KeyError(f"no library file matches {file_part!r} under {root} (digests.STAGE_CODE)")
-        found += [(p.relative_to(root).as_posix(), file_digest(str(p))) for p in matches]
-    return sorted(set(found))
+# ---- library code, per stage ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Module:
+    """What the reach needs of one project module's file: every project module it imports anywhere in it
+    (function-local imports too), and for each top-level definition (function, class, assignment) the sha256
+    of its source and what it names: definitions of the same module (`module:name`) and project modules (a
+    name imported at module level, or an import inside it). `?module` is a name imported from a package, a
+    module of it if it has one."""
+
+    imports: tuple[str, ...]
+    definitions: dict[str, tuple[str, tuple[str, ...]]]
 
 
-def stage_code_digest(stage: str, root: str | Path | None = None) -> str:
-    """A digest of the library code that produces `stage` (STAGE_CODE), 16 hex chars.
+_parsed: dict[tuple[str, str], _Module] = {}
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    parts = module.split(".")[1:]  # below the package, which `root` is
+    for path in (root.joinpath(*parts).with_suffix(".py") if parts else None, root.joinpath(*parts, "__init__.py")):
+        if path is not None and path.is_file():
+            return path
+    return None
+
+
+def _with_packages(module: str) -> list[str]:
+    """A module and the packages above it: importing `a.b.c` runs `a/__init__.py` and `a/b/__init__.py` too."""
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _import_bindings(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> dict[str, tuple[str, ...]]:
+    """The names one import statement binds, each with the project modules it loads (none: not ours)."""
+    if isinstance(node, ast.Import):
+        return {alias.asname or alias.name.partition(".")[0]:
+                tuple(_with_packages(alias.name)) if alias.name.partition(".")[0] == PACKAGE else ()
+                for alias in node.names}
+    source = node.module or ""
+    if node.level:  # relative: from the importing module's package, one level up per extra dot
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        source = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+    if source.partition(".")[0] != PACKAGE:
+        return {alias.asname or alias.name: () for alias in node.names}
+    loaded = tuple(_with_packages(source))
+    return {alias.asname or alias.name: (*loaded, f"?{source}.{alias.name}") for alias in node.names}
+
+
+def _module(path: Path, module: str, sha256: str) -> _Module:
+    """`module`'s file, parsed once per process for each version of it (its bytes' sha256)."""
+    key = (module, sha256)
+    if key in _parsed:
+        return _parsed[key]
+    text = path.read_bytes().decode()
+    tree = ast.parse(text, filename=str(path))
+    is_package = path.name == "__init__.py"
+
+    def imported(node) -> list[str]:
+        return [m for modules in _import_bindings(node, module, is_package).values() for m in modules]
+
+    nodes: dict[str, ast.stmt] = {}
+    bound: dict[str, tuple[str, ...]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            nodes[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            nodes.update((n.id, node) for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update(_import_bindings(node, module, is_package))
+    lines = io.StringIO(text, newline="").readlines()  # split where `ast` counts lines: \n, \r\n and \r
+    definitions = {}
+    for name, node in nodes.items():
+        follows: list[str] = []
+        for child in ast.walk(node):
+            if isinstance(child, ast.Name) and child.id in nodes and child.id != name:
+                follows.append(f"{module}:{child.id}")
+            elif isinstance(child, ast.Name) and child.id in bound:
+                follows += bound[child.id]
+            elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                follows += imported(child)
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        source = "".join(lines[first - 1 : node.end_lineno])  # its lines, decorators included
+        definitions[name] = (hashlib.sha256(source.encode()).hexdigest(), tuple(dict.fromkeys(follows)))
+    imports = {m for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for m in imported(node)}
+    _parsed[key] = _Module(tuple(sorted(imports)), definitions)
+    return _parsed[key]
+
+
+def stage_code(stage: str, root: str | Path | None = None) -> dict[str, str]:
+    """The library code `stage`'s digest covers, each piece's sha256 by name: `path.py` for a module (its
+    bytes), `path.py:name` for one top-level definition of an entry module. From the stage's entries
+    (`STAGE_ENTRIES`): a function covers its own source, the top-level definitions of its module that it names,
+    and the modules its names are imported from or that it imports itself; a module covers its bytes and every
+    project module it imports anywhere, and the packages above it. `FINGERPRINT_CODE` is not followed.
 
     `root` is the package folder (default: this package); tests point it at a copy to edit.
     """
-    if stage not in STAGE_CODE:
-        raise KeyError(f"no code list for stage {stage!r}; known: {sorted(STAGE_CODE)}")
-    entries = _code_entries(Path(root) if root is not None else PACKAGE_DIR, STAGE_CODE[stage])
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+    if stage not in STAGE_ENTRIES:
+        raise KeyError(f"no code entries for stage {stage!r}; known: {sorted(STAGE_ENTRIES)}")
+    root = Path(root) if root is not None else PACKAGE_DIR
+    covered: dict[str, str] = {}
+    pending, seen = list(STAGE_ENTRIES[stage]), set()
+    while pending:
+        entry = pending.pop()
+        if entry in seen or entry.removeprefix("?") in FINGERPRINT_CODE:
+            continue
+        seen.add(entry)
+        name, _, definition = entry.removeprefix("?").partition(":")
+        path = _module_file(root, name)
+        if path is None and entry.startswith("?"):  # a name imported from a package, not a module of it
+            continue
+        if path is None:
+            raise KeyError(f"the library imports {name}, which has no file under {root}")
+        sha256 = file_digest(str(path))
+        module, label = _module(path, name, sha256), path.relative_to(root).as_posix()
+        pending += _with_packages(name)[:-1]  # the packages above a module run when it is imported
+        if not definition:
+            covered[label] = sha256
+            pending += module.imports
+        elif definition in module.definitions:
+            covered[f"{label}:{definition}"], follows = module.definitions[definition]
+            pending += follows
+        else:
+            raise KeyError(f"{label} has no top-level definition {definition!r} (digests.STAGE_ENTRIES)")
+    return dict(sorted(covered.items()))
+
+
+def stage_code_digest(stage: str, root: str | Path | None = None) -> str:
+    """A digest of the library code that produces `stage` (`stage_code`), 16 hex chars."""
+    return hashlib.sha256(json.dumps(stage_code(stage, root)).encode()).hexdigest()[:16]

@@ -222,11 +222,11 @@ def sequence_logprobs(
 
     The sequences are built as training builds them, untruncated: `BatchFactory.encode` (the prompt through
     the chat template with the generation prompt, the response closed with EOS) and `collate`; the log-prob is
-    training's `sequence_logps` summed over the response tokens (`concatenated_inputs`' response mask). The
+    `logprobs.sequence_logps` summed over the response tokens (`concatenated_inputs`' response mask). The
     tokenizer needs EOS and pad tokens (`models.load_tokenizer` sets the pad).
     """
     from alignment_core.batches import BatchFactory
-    from alignment_core.training import concatenated_inputs, sequence_logps
+    from alignment_core.logprobs import concatenated_inputs, sequence_logps
 
     if len(prompt_messages_list) != len(responses):
         raise ValueError(f"{len(prompt_messages_list)} prompts for {len(responses)} responses")

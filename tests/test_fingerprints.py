@@ -4,7 +4,6 @@ iteration is not silently redone from something else."""
 
 import importlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -154,30 +153,6 @@ def test_oracle_and_reward_digests_follow_the_module_file(tmp_path, monkeypatch)
     module.write_text("def oracle(prompt, response):\n    return 2.0  # changed\n")
     assert digests.callable_digest("my_oracle_fn:oracle") != before
     assert digests.callable_digest("alignment_core.rewards:positive_words").startswith("sha256:")
-
-
-# ---- library code, per stage --------------------------------------------------------------------------------
-def test_stage_code_digest_follows_only_the_code_of_its_stage(tmp_path):
-    for stage in digests.STAGE_CODE:  # every listed file and function exists
-        assert len(digests.stage_code_digest(stage)) == 16
-    package = tmp_path / "alignment_core"
-    shutil.copytree(digests.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__", "bundled"))
-    generation = digests.stage_code_digest("generations", package)
-    training = digests.stage_code_digest("checkpoint", package)
-    assert generation == digests.stage_code_digest("generations")
-
-    (package / "inspect.py").write_text((package / "inspect.py").read_text() + "\n# an edit\n")
-    assert digests.stage_code_digest("generations", package) == generation
-    pipeline_py = package / "pipeline.py"  # another stage's function in the shared module: no change
-    pipeline_py.write_text(pipeline_py.read_text().replace('"""One training round;', '"""One (edited) training round;'))
-    assert digests.stage_code_digest("generations", package) == generation
-    assert digests.stage_code_digest("checkpoint", package) != training
-
-    common = package / "generation" / "common.py"
-    common.write_text(common.read_text() + "\n# an edit\n")
-    assert digests.stage_code_digest("generations", package) != generation
-    with pytest.raises(KeyError):
-        digests.stage_code_digest("no-such-stage")
 
 
 # ---- finished iterations --------------------------------------------------------------------------------------

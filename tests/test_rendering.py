@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from alignment_core import training
+from alignment_core import logprobs
 from alignment_core.annotation.base import ScoreRules
 from alignment_core.annotation.scorers import RewardModelAnnotator
 from alignment_core.batches import BatchFactory
@@ -77,7 +77,7 @@ def test_reward_model_scores_at_annotation_what_it_was_trained_on(shaped_reward_
     # Training's path: the reward-modelling batch and the Trainer's forward inputs.
     factory = BatchFactory(tokenizer, "reward_modelling", max_length=256, max_prompt_length=128)
     batch = factory.collate(factory.encode(units))
-    token_ids, attention, _ = training.concatenated_inputs(batch, factory.generations, tokenizer.pad_token_id)
+    token_ids, attention, _ = logprobs.concatenated_inputs(batch, factory.generations, tokenizer.pad_token_id)
     model = load_reward_model(folder, tokenizer=tokenizer).eval()
     trained_scores = model(input_ids=token_ids, attention_mask=attention).logits.squeeze(-1).tolist()
 

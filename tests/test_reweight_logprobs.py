@@ -1,4 +1,4 @@
-"""reweight.sequence_logprobs, now built on training's encode / collate / sequence_logps, gives the numbers of
+"""reweight.sequence_logprobs, built on batches' encode / collate and logprobs.sequence_logps, gives the numbers of
 the routine it replaced: an independent teacher-forced forward here (its own tokenisation, padding and
 log-softmax), for prompts and responses of different lengths, any batch size, with and without a chat template."""
 

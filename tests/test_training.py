@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from alignment_core import losses, training
+from alignment_core import logprobs, losses, training
 from alignment_core.config import parse_config
 from alignment_core.models import load_causal_lm, load_reward_model
 from alignment_core.store import ArtifactStore
@@ -77,7 +77,7 @@ def step_metrics(store: ArtifactStore, metrics_uri: str) -> pd.DataFrame:
 def reward_pair_accuracy(trainer: Trainer, encoded: list[dict], model) -> float:
     """How often a reward model scores generation1 (chosen) above generation2 over all the training pairs."""
     batch = trainer.batch_factory.collate(encoded)
-    ids, attention, _ = training.concatenated_inputs(batch, ("generation1", "generation2"),
+    ids, attention, _ = logprobs.concatenated_inputs(batch, ("generation1", "generation2"),
                                                     trainer.tokenizer.pad_token_id)
     chosen, rejected = model(input_ids=ids, attention_mask=attention).logits.squeeze(-1).chunk(2)
     return (chosen > rejected).float().mean().item()
@@ -88,9 +88,9 @@ def dpo_on_pairs(trainer: Trainer, encoded: list[dict], policy, reference, beta:
     """(DPO loss, reward accuracy) of `policy` against `reference` over all the training pairs."""
     batch = trainer.batch_factory.collate(encoded)
     pad = trainer.tokenizer.pad_token_id
-    inputs = training.concatenated_inputs(batch, ("generation1", "generation2"), pad)
-    policy_chosen, policy_rejected = training.sequence_logps(policy, *inputs)[0].chunk(2)
-    reference_chosen, reference_rejected = training.sequence_logps(reference, *inputs)[0].chunk(2)
+    inputs = logprobs.concatenated_inputs(batch, ("generation1", "generation2"), pad)
+    policy_chosen, policy_rejected = logprobs.sequence_logps(policy, *inputs)[0].chunk(2)
+    reference_chosen, reference_rejected = logprobs.sequence_logps(reference, *inputs)[0].chunk(2)
     out = losses.dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                      torch.ones(len(encoded)), beta)
     return out.loss.item(), out.metrics["reward_accuracy"].mean().item()
@@ -108,7 +108,7 @@ def test_sequence_logps_matches_a_full_log_softmax(tiny2_dir):
     mask = torch.zeros_like(token_ids, dtype=torch.bool)
     mask[0, 4:12], mask[1, 7:12], mask[2, 5:9] = True, True, True
     with torch.no_grad():
-        logps, counts = training.sequence_logps(model, token_ids, attention, mask)
+        logps, counts = logprobs.sequence_logps(model, token_ids, attention, mask)
         full = model(input_ids=token_ids, attention_mask=attention).logits.log_softmax(-1)
     per_token = full[:, :-1].gather(2, token_ids[:, 1:, None]).squeeze(2)
     expected = (per_token * mask[:, 1:]).sum(1)
@@ -117,7 +117,7 @@ def test_sequence_logps_matches_a_full_log_softmax(tiny2_dir):
 
 
 def test_length_sorted_chunks_give_the_same_logps_and_gradients(tiny2_dir, monkeypatch):
-    monkeypatch.setattr(training, "MIN_TOKENS_SAVED_PER_FORWARD", 0)  # chunk these short rows too
+    monkeypatch.setattr(logprobs, "MIN_TOKENS_SAVED_PER_FORWARD", 0)  # chunk these short rows too
     model = load_causal_lm(tiny2_dir)
     torch.manual_seed(0)
     token_ids = torch.randint(10, 500, (5, 16))
@@ -128,7 +128,7 @@ def test_length_sorted_chunks_give_the_same_logps_and_gradients(tiny2_dir, monke
 
     def logps_and_grad(rows_per_forward):
         model.zero_grad()
-        logps, counts = training.sequence_logps(model, token_ids, attention, mask, rows_per_forward)
+        logps, counts = logprobs.sequence_logps(model, token_ids, attention, mask, rows_per_forward)
         (logps * torch.arange(1.0, 6.0)).sum().backward()  # distinct weights: a row mix-up would show
         return logps.detach(), counts, model.model.layers[0].mlp.up_proj.weight.grad.clone()
 
@@ -149,7 +149,7 @@ def test_rows_are_split_only_where_that_removes_enough_padding(tiny2_dir):
         token_ids = torch.randint(10, 500, (len(lengths), max(lengths)))
         attention = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
         with torch.no_grad():
-            training.sequence_logps(model, token_ids, attention, attention.bool() & (torch.arange(max(lengths)) >= 2),
+            logprobs.sequence_logps(model, token_ids, attention, attention.bool() & (torch.arange(max(lengths)) >= 2),
                                     rows_per_forward=4)
         return len(forwards)
 
@@ -162,7 +162,7 @@ def test_mismatched_inputs_pair_each_response_with_the_next_prompt():
     token_ids = torch.tensor([[1, 2, 7, 8, 0], [3, 9, 0, 0, 0], [4, 5, 6, 10, 0]])
     attention = (token_ids != 0).long()
     responses = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 0]]).bool()
-    ids, mask, response_mask = training.mismatched_inputs(token_ids, attention, responses, 0, max_length=16)
+    ids, mask, response_mask = logprobs.mismatched_inputs(token_ids, attention, responses, 0, max_length=16)
     assert ids.tolist() == [[3, 7, 8, 0], [4, 5, 6, 9], [1, 2, 10, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
     assert response_mask.long().tolist() == [[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
@@ -485,14 +485,14 @@ def test_packed_forwards_give_the_log_probs_and_gradients_of_padded_rows(tiny2_d
         ids[row, :length] = torch.randint(5, 200, (length,), generator=generator)
         attention[row, :length] = 1
         responses[row, 1 + row % 5 : length] = True  # prompts of 1-5 tokens
-    padded, padded_counts = training.sequence_logps(model, ids, attention, responses)
+    padded, padded_counts = logprobs.sequence_logps(model, ids, attention, responses)
     padded.sum().backward()
     padded_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     assert padded_counts.tolist() == (lengths - 1 - torch.arange(6) % 5).tolist()
     for one_row in (False, True):  # rows as wide as the longest sequence (sdpa, eager), or one row (flash)
         model.zero_grad()
-        packed, packed_counts = training.sequence_logps(model, ids, attention, responses, packed=True,
+        packed, packed_counts = logprobs.sequence_logps(model, ids, attention, responses, packed=True,
                                                         one_row=one_row)
         packed.sum().backward()
         assert torch.equal(packed_counts, padded_counts)
