@@ -47,7 +47,7 @@ def loss_input(spec: losses.LossSpec, generator: torch.Generator) -> losses.Loss
 
 @pytest.mark.parametrize(("setup", "loss", "field", "value"), LOSS_FIELDS,
                          ids=[f"{loss}-{field}" for _, loss, field, _ in LOSS_FIELDS])
-def test_each_loss_hyperparameter_reaches_its_loss_through_the_config(setup, loss, field, value):
+def test_each_loss_hyperparameter_reaches_its_loss_via_config(setup, loss, field, value):
     spec = losses.LOSSES[loss]
     default, changed = (parse_config({"setup": setup, "training": {"loss": loss, **extra}}).training
                         for extra in ({}, {field: value}))
@@ -271,7 +271,7 @@ def test_a_top_p_this_small_keeps_only_the_most_likely_token(tiny_model_dir):
     assert samples(temperature=1.0, top_p=1.0) != greedy
 
 
-def test_held_out_prompts_come_from_eval_source_and_are_sampled_as_evaluation_says(tmp_path):
+def test_held_out_prompts_from_eval_source_sampled_as_evaluation_says(tmp_path):
     from tests.test_fingerprints import config, write_jsonl
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(8)])
