@@ -25,7 +25,7 @@ RESULTS = Path("/tmp/mutation-results.jsonl")  # one line per mutant, appended b
 # The fast tests that cover each module: a mutant there must make one of them fail.
 TESTS = {
     "losses": ["tests/test_losses.py"],
-    "training": ["tests/test_training.py", "tests/test_losses.py"],
+    "training": ["tests/test_field_effects.py", "tests/test_training.py", "tests/test_losses.py"],
     "reweight": ["tests/test_reweight.py", "tests/test_reweight_logprobs.py"],
     "judge": ["tests/test_annotation.py", "tests/test_judge_hardening.py"],
     "lease": ["tests/test_lease_edges.py", "tests/test_lease.py"],
@@ -97,7 +97,7 @@ MUTANTS = [
            "max_grad_norm ignored"),
     Mutant(T, "loss = totals[0] / (weight_sum if weight_sum > 0 else 1.0)", "loss = totals[0]", "training",
            "logged loss not averaged"),
-    Mutant(T, "return (token_logps * mask).sum(dim=1), mask.sum(dim=1)",
+    Mutant("alignment_core/logprobs.py", "return (token_logps * mask).sum(dim=1), mask.sum(dim=1)",
            "return (token_logps).sum(dim=1), mask.sum(dim=1)", "training", "padding counted in log-probs"),
     Mutant(T, "mine = self.plan[self.step][accelerator.process_index :: accelerator.num_processes]",
            "mine = self.plan[self.step][0 :: accelerator.num_processes]", "training",
