@@ -350,6 +350,73 @@ def results_table(measurements: pd.DataFrame) -> str:
             f"escalated).\n\n" + "\n".join(lines))
 
 
+def paired_comparison(measurements: pd.DataFrame, baseline: str = "offline", resamples: int = 10_000) -> pd.DataFrame:
+    """Each arm against `baseline` at the last iteration, paired by seed (the same prompts, SFT policy and data):
+    the mean difference in held-out true reward with a percentile bootstrap 95% interval over seeds, the seeds
+    where the arm is ahead, and its share of `online-oracle`'s gain over pi_0 (when that arm ran)."""
+    last = measurements[measurements["iteration"] == measurements["iteration"].max()]
+    final = last.pivot_table(index="seed", columns="arm", values="true_reward")
+    start = measurements[measurements["iteration"] == 0].groupby("seed")["true_reward"].mean()
+    labels = last.pivot_table(index="seed", columns="arm", values="true_labels")
+    rows, rng = [], np.random.default_rng(0)
+    for arm in [a for a in ALL_ARMS if a in final.columns and a != baseline]:
+        if baseline not in final.columns:
+            break
+        difference = (final[arm] - final[baseline]).dropna()
+        means = rng.choice(difference.to_numpy(), size=(resamples, len(difference))).mean(axis=1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        oracle_share = math.nan
+        if "online-oracle" in final.columns and arm != "online-oracle":
+            oracle_share = float(((final[arm] - start) / (final["online-oracle"] - start)).mean())
+        rows.append({"arm": arm, "versus": baseline, "seeds": len(difference), "difference": difference.mean(),
+                     "low": low, "high": high, "seeds_ahead": int((difference > 0).sum()),
+                     "share_of_oracle_gain": oracle_share, "true_labels": labels[arm].mean(),
+                     "baseline_true_labels": labels[baseline].mean()})
+    return pd.DataFrame(rows)
+
+
+def comparison_table(comparison: pd.DataFrame) -> str:
+    """Markdown: the paired differences of `paired_comparison`."""
+    if comparison.empty:
+        return ""
+    versus = comparison["versus"].iloc[0]
+    lines = [f"| arm | true-reward labels (vs {versus}'s) | difference vs {versus} [95% bootstrap] "
+             "| seeds ahead | share of online-oracle's gain |", "|---|---|---|---|---|"]
+    for row in comparison.itertuples():
+        share = "-" if math.isnan(row.share_of_oracle_gain) else f"{row.share_of_oracle_gain:.0%}"
+        lines.append(f"| {row.arm} | {row.true_labels:.0f} ({row.baseline_true_labels:.0f}) "
+                     f"| {row.difference:+.2f} [{row.low:+.2f}, {row.high:+.2f}] | {row.seeds_ahead} of {row.seeds} "
+                     f"| {share} |")
+    return (f"Last iteration, paired by seed against `{versus}`: mean difference in held-out true reward, "
+            "percentile bootstrap over seeds.\n\n" + "\n".join(lines))
+
+
+def label_efficiency_plot(measurements: pd.DataFrame) -> bytes:
+    """Held-out true reward against the true-reward labels spent so far, one line per arm (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    start = measurements[measurements["iteration"] == 0]
+    for arm in [a for a in ALL_ARMS if a in set(measurements["arm"])]:
+        rows = pd.concat([start.assign(arm=arm), measurements[(measurements["arm"] == arm)
+                                                              & (measurements["iteration"] > 0)]])
+        mean = rows.groupby("iteration")[["true_labels", "true_reward"]].mean()
+        axis.plot(mean["true_labels"], mean["true_reward"], marker="o", label=arm)
+    axis.set_xlabel("true-reward labels spent so far (a reward model's training labels not counted)")
+    axis.set_ylabel("held-out true reward")
+    axis.set_title(f"label efficiency: mean over {measurements['seed'].nunique()} seed(s), a point per iteration")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def results_plot(measurements: pd.DataFrame) -> bytes:
     import matplotlib
 
@@ -387,12 +454,14 @@ def results_plot(measurements: pd.DataFrame) -> bytes:
 
 def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, wall_s: float) -> dict[str, str]:
     """Write table, plot and measurements under `report/` in the store and as Prefect artifacts."""
-    table = results_table(measurements)
+    table = results_table(measurements) + "\n\n" + comparison_table(paired_comparison(measurements))
     header = (f"# Online vs offline ({setting.name} setting)\n\nWall time {wall_s / 60:.1f} min. "
               f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts.\n\n")
-    uris = {name: store.uri("report", name) for name in ("results.md", "results.png", "measurements.csv")}
+    uris = {name: store.uri("report", name)
+            for name in ("results.md", "results.png", "label-efficiency.png", "measurements.csv")}
     store.write_bytes(uris["results.md"], (header + table + "\n").encode())
     store.write_bytes(uris["results.png"], results_plot(measurements))
+    store.write_bytes(uris["label-efficiency.png"], label_efficiency_plot(measurements))
     store.write_bytes(uris["measurements.csv"], measurements.to_csv(index=False).encode())
     create_markdown_artifact(header + table, key="online-vs-offline", description="online vs offline: results")
     for name, uri in uris.items():

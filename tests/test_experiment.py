@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -17,6 +18,9 @@ from experiments.online_vs_offline import (
     CASCADE_BUDGETS,
     SETTINGS,
     arm_config,
+    comparison_table,
+    label_efficiency_plot,
+    paired_comparison,
     pairs_jsonl,
     results_plot,
     results_table,
@@ -119,3 +123,28 @@ def test_online_oracle_dpo_raises_the_held_out_true_reward(tmp_path):
     assert (root / "report" / "results.png").read_bytes().startswith(b"\x89PNG")
     heldout = pd.read_parquet(root / "seed0-online-oracle" / "iter-002" / "heldout_samples")
     assert len(heldout) == 40 * 4 and set(heldout["sample_index"]) == {0, 1, 2, 3}
+
+
+def test_paired_comparison_bootstraps_the_seed_differences_and_the_share_of_the_oracles_gain():
+    rows = []
+    # pi_0 at 1.0; the oracle ends at 5, offline at 2, a cascade at 4 (ahead in 4 of 5 seeds), a weak arm below
+    finals = {"offline": [2, 2, 2, 2, 2], "online-oracle": [5, 5, 5, 5, 5], "online-cascade-25": [4, 4, 4, 4, 1.5],
+              "online-rm": [1, 1, 1, 1, 1]}
+    for arm, values in finals.items():
+        for seed, value in enumerate(values):
+            rows.append({"seed": seed, "arm": arm, "iteration": 0, "true_reward": 1.0, "true_labels": 0})
+            rows.append({"seed": seed, "arm": arm, "iteration": 2, "true_reward": value,
+                         "true_labels": {"offline": 64, "online-oracle": 64, "online-cascade-25": 16}.get(arm, 0)})
+    comparison = paired_comparison(pd.DataFrame(rows)).set_index("arm")
+    cascade = comparison.loc["online-cascade-25"]
+    assert cascade["difference"] == pytest.approx(1.5) and cascade["seeds_ahead"] == 4 and cascade["seeds"] == 5
+    assert -0.5 <= cascade["low"] < 1.5 < cascade["high"] <= 2.0  # the bootstrap of the 5 paired differences
+    assert cascade["share_of_oracle_gain"] == pytest.approx(np.mean([0.75] * 4 + [0.125]))
+    assert (cascade["true_labels"], cascade["baseline_true_labels"]) == (16, 64)
+    rm = comparison.loc["online-rm"]
+    assert rm["difference"] == pytest.approx(-1) and rm["high"] == pytest.approx(-1) and rm["seeds_ahead"] == 0
+    assert "offline" not in comparison.index
+    table = comparison_table(paired_comparison(pd.DataFrame(rows)))
+    assert "| online-cascade-25 | 16 (64) | +1.50 [" in table and "| 4 of 5 | 62% |" in table
+    png = label_efficiency_plot(pd.DataFrame(rows))
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
