@@ -4,6 +4,7 @@ The slow test runs the experiment as a user does (`python -m experiments.online_
 online-oracle arm only: SFT, then two iterations of online DPO labelled by the true reward.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -102,11 +103,10 @@ def test_results_table_and_plot_report_mean_std_and_range_over_seeds():
 @pytest.mark.slow
 def test_online_oracle_dpo_raises_the_held_out_true_reward(tmp_path):
     root = tmp_path / "store"
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.online_vs_offline", "--quick", "--seeds", "1", "--arms", "online-oracle",
-         "--store-root", str(root)],
-        cwd=REPO, env=prefect_env(tmp_path), capture_output=True, text=True, timeout=900,
-    )
+    command = [sys.executable, "-m", "experiments.online_vs_offline", "--quick", "--seeds", "1", "--arms",
+               "online-oracle", "--store-root", str(root)]
+    result = subprocess.run(command, cwd=REPO, env=prefect_env(tmp_path), capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     measurements = pd.read_csv(root / "report" / "measurements.csv").set_index("iteration")
@@ -123,6 +123,18 @@ def test_online_oracle_dpo_raises_the_held_out_true_reward(tmp_path):
     assert (root / "report" / "results.png").read_bytes().startswith(b"\x89PNG")
     heldout = pd.read_parquet(root / "seed0-online-oracle" / "iter-002" / "heldout_samples")
     assert len(heldout) == 40 * 4 and set(heldout["sample_index"]) == {0, 1, 2, 3}
+
+    # A rerun of the finished experiment does no model work: every stage and checkpoint is found complete.
+    def written() -> dict:
+        return {str(path.parent.relative_to(root)): json.loads(path.read_text()).get("created_at")
+                or json.loads(path.read_text()).get("saved_at")
+                for path in list(root.rglob("_manifest.json")) + list(root.rglob("_complete.json"))}
+
+    before = written()
+    assert len(before) > 20
+    rerun = subprocess.run(command, cwd=REPO, env=prefect_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert written() == before
 
 
 def test_paired_comparison_bootstraps_the_seed_differences_and_the_share_of_the_oracles_gain():
