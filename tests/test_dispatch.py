@@ -98,12 +98,13 @@ def crashing(api: str, stage: str, after_s: float = 0.0):
             thread.join(timeout=30)
 
 
-def test_a_dispatched_stage_fails_after_scale_out_timeout_s(prefect_api, tmp_path):
+@pytest.mark.parametrize("stage", list(STAGE_TASKS))
+def test_a_dispatched_stage_fails_after_scale_out_timeout_s(prefect_api, tmp_path, stage):
     # A run that never starts (no worker) is not final: only timeout_s ends the wait. Were it ignored (the default
     # is 6 hours), the run would be crashed at 40 s and the stage fail naming that instead.
-    with crashing(prefect_api, "generate", after_s=40) as crashed:
-        message, seconds = dispatched_stage(tmp_path, prefect_api, "generate", timeout_s=3, max_redispatches=0)
-    assert "generate-iter-1 not finished after 3 s (scale_out.timeout_s)" in message, message
+    with crashing(prefect_api, stage, after_s=40) as crashed:
+        message, seconds = dispatched_stage(tmp_path, prefect_api, stage, timeout_s=3, max_redispatches=0)
+    assert f"{stage}-iter-1 not finished after 3 s (scale_out.timeout_s)" in message, message
     assert crashed == []
     assert 3 <= seconds < 3 + 15, seconds  # the deadline, then at most a poll (tasks.POLL_S) and the flow's own time
 
