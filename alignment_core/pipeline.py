@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from alignment_core.config import PipelineConfig, TrainingConfig, dump_config
-from alignment_core.digests import callable_digest, data_digests, stage_code_digest, template_digest
+from alignment_core.digests import callable_digest, data_digests, file_digest, stage_code_digest, template_digest
 from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore, fingerprint_digest
@@ -381,10 +381,14 @@ def train(
     metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
     policy, reference = InputRef.model(policy_uri), InputRef.model(reference_uri)
     policy_path, reference_path = policy.resolve(store), reference.resolve(store)  # once: digests and lineage
+    # The accelerate config file by its bytes: its num_processes (when training.num_processes is unset) and its
+    # strategy decide the round as much as the training section does.
+    accelerate = ({"accelerate_config": "sha256:" + file_digest(cfg.training.accelerate_config)}
+                  if cfg.training.accelerate_config else {})
     fingerprint = _fingerprint(
         cfg, "checkpoint", ("training", "model"), setup=cfg.setup, units=stage_digest(store, units_uri),
         weights=stage_digest(store, weights_uri), policy=policy.digest(store, policy_path),
-        reference=reference.digest(store, reference_path),
+        reference=reference.digest(store, reference_path), **accelerate,
     )
     lineage_uri = f"{checkpoint}/lineage.json"
     if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri):
