@@ -517,12 +517,14 @@ class TrainingConfig(StrictModel):
     """Seed of the batch order."""
     save_every_steps: int = Field(default=0, ge=0, le=MAX_COUNT)
     """0: save only at the end of the round"""
-    num_processes: int = Field(default=1, gt=0, le=4096)
-    """More than one process: the round runs under `accelerate launch` (DDP, DeepSpeed or FSDP per the accelerate
-    config file; deployments/accelerate/ ships some)."""
+    num_processes: int | None = Field(default=None, gt=0, le=4096)
+    """Processes the round trains on. More than one: the round runs under `accelerate launch` (DDP, DeepSpeed or
+    FSDP per the accelerate config file; deployments/accelerate/ ships some). Unset: the `num_processes` of
+    `accelerate_config`, 1 without one; set, it overrides the file's."""
     accelerate_config: str | None = None
     """accelerate config file (deployments/accelerate/). Once named, the round always runs under `accelerate launch`
-    with it, also with one process (FSDP or DeepSpeed offload on a single GPU)."""
+    with it, also with one process (FSDP or DeepSpeed offload on a single GPU), on the file's `num_processes`
+    unless `num_processes` is set."""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "TrainingConfig":

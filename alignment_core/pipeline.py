@@ -24,8 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from alignment_core.config import PipelineConfig, dump_config
-from alignment_core.digests import callable_digest, data_digests, stage_code_digest, template_digest
+from alignment_core.config import PipelineConfig, TrainingConfig, dump_config
+from alignment_core.digests import callable_digest, data_digests, file_digest, stage_code_digest, template_digest
 from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore, fingerprint_digest
@@ -381,10 +381,14 @@ def train(
     metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
     policy, reference = InputRef.model(policy_uri), InputRef.model(reference_uri)
     policy_path, reference_path = policy.resolve(store), reference.resolve(store)  # once: digests and lineage
+    # The accelerate config file by its bytes: its num_processes (when training.num_processes is unset) and its
+    # strategy decide the round as much as the training section does.
+    accelerate = ({"accelerate_config": "sha256:" + file_digest(cfg.training.accelerate_config)}
+                  if cfg.training.accelerate_config else {})
     fingerprint = _fingerprint(
         cfg, "checkpoint", ("training", "model"), setup=cfg.setup, units=stage_digest(store, units_uri),
         weights=stage_digest(store, weights_uri), policy=policy.digest(store, policy_path),
-        reference=reference.digest(store, reference_path),
+        reference=reference.digest(store, reference_path), **accelerate,
     )
     lineage_uri = f"{checkpoint}/lineage.json"
     if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri):
@@ -396,7 +400,7 @@ def train(
             return checkpoint
     if store.read_manifest(units_uri)["rows"] == 0:
         _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
-    elif cfg.training.num_processes > 1 or cfg.training.accelerate_config:
+    elif (cfg.training.num_processes or 1) > 1 or cfg.training.accelerate_config:
         _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
                                   policy_uri=policy_uri, fingerprint=fingerprint_digest(fingerprint))
     else:
@@ -454,18 +458,22 @@ def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, referenc
         config_path = os.path.join(tmp, "config.yaml")
         with open(config_path, "w") as f:
             f.write(dump_config(round_cfg))
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-                   str(cfg.training.num_processes)]
-        if cfg.training.accelerate_config:
-            command += ["--config_file", cfg.training.accelerate_config]
-        else:  # torchrun-style launch; without CUDA the Trainer asks for the CPU (DDP over gloo)
-            command += ["--multi_gpu"]
-        command += ["-m", "alignment_core.training", "--config", config_path, "--units", units_uri,
-                    "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics,
-                    "--policy-name", policy_uri or policy_path]
+        command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_launch_options(cfg.training),
+                   "-m", "alignment_core.training", "--config", config_path, "--units", units_uri,
+                   "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics,
+                   "--policy-name", policy_uri or policy_path]
         if fingerprint:
             command += ["--fingerprint", fingerprint]
         subprocess.run(command, check=True)
+
+
+def accelerate_launch_options(training: TrainingConfig) -> list[str]:
+    """`accelerate launch`'s options for a round: the config file when one is named, and the process count when
+    `training.num_processes` is set (it overrides the file's; unset, the file's count holds)."""
+    options = [] if training.num_processes is None else ["--num_processes", str(training.num_processes)]
+    if training.accelerate_config:
+        return [*options, "--config_file", training.accelerate_config]
+    return [*options, "--multi_gpu"]  # torchrun-style launch; without CUDA the Trainer asks for the CPU (gloo)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------

@@ -112,14 +112,15 @@ def artifact_key(*parts) -> str:
 
 
 def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters: dict, output: str,
-                   complete: Callable[[], bool], workers: int = 1, max_redispatches: int = 2) -> str:
+                   complete: Callable[[], bool], *, max_redispatches: int, workers: int = 1) -> str:
     """Run a stage as flow runs of its deployment (e.g. on a GPU work pool) and wait until all have completed.
 
     `workers` > 1 fans the stage out: that many flow runs, started together, worker i with
     `shard_subset=[i, workers]` (it writes shards i, i+workers, ...; alignment_core/fanout.py); the last one to
     finish writes the manifest. A flow run that fails is retried by Prefect (the stage flows have flow retries),
     but one whose process or machine died is left Crashed (the process that would retry it is gone): such a
-    worker is started again here, at most `max_redispatches` times, and redoes only its missing shards. Any
+    worker is started again here, at most `max_redispatches` times (scale_out.max_redispatches: every caller
+    passes it, no default to fall back on silently), and redoes only its missing shards. Any
     other end (Failed after its retries, Cancelled) fails the stage. When every worker completed but
     `complete()` says the stage is not (a shard missing), one more flow run without a subset finishes it.
     Returns `output` (the stage's URI) once `complete()`; raises if it never is.

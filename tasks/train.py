@@ -15,7 +15,8 @@ def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, r
         return dispatch_stage(cfg.scale_out.train_deployment, cfg.scale_out.timeout_s, iteration, {
             "config_json": config_json, "units_uri": units_uri, "weights_uri": weights_uri,
             "policy_uri": policy_uri, "reference_uri": reference_uri, "iteration": iteration,
-        }, checkpoint, complete=lambda: store.checkpoint_complete(checkpoint))
+        }, checkpoint, complete=lambda: store.checkpoint_complete(checkpoint),
+            max_redispatches=cfg.scale_out.max_redispatches)
     progress = progress_artifact(artifact_key(cfg.store.run_name, "train-progress"), f"training, iteration {iteration}")
 
     def report(step: int, total: int, metrics: dict) -> None:

@@ -8,6 +8,7 @@ import pytest
 from alignment_core import pipeline
 from alignment_core.config import parse_config
 from alignment_core.store import fingerprint_digest
+from tests.test_training import ACCELERATE_CPU_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -152,8 +153,32 @@ def test_two_process_round_through_accelerate_launch(tmp_path):
     store = pipeline.open_store(cfg)
     assert store.checkpoint_complete(uris["checkpoint"])
     metrics = store.read_pandas(store.stage_uri("setups", 1, "metrics"))
-    # 16 pairs, 2 processes x 4 pairs per step: 2 optimizer steps (one process alone would take 4)
+    # 12 pairs (4 of the 16 held out), 2 processes x 4 pairs per step: 2 optimizer steps (one process takes 3)
     assert metrics["step"].max() == 2
+
+
+def test_an_accelerate_config_file_alone_sets_the_rounds_processes(tmp_path):
+    """training.accelerate_config without training.num_processes: the round runs under `accelerate launch` on the
+    file's processes (cpu_ddp_2proc.yaml: 2, DDP over gloo on CPU)."""
+    two_processes = tmp_path / "accelerate.yaml"
+    two_processes.write_text(ACCELERATE_CPU_CONFIG.read_text())
+    cfg = small(tmp_path, setup="offline_pairwise", data={"source": "bundled:preferences", "max_rows": 16},
+                training={"loss": "dpo", "batch_size": 4, "accelerate_config": str(two_processes)})
+    assert cfg.training.num_processes is None
+    uris = offline_round(cfg)
+    store = pipeline.open_store(cfg)
+    metrics = store.read_pandas(store.stage_uri("setups", 1, "metrics"))
+    # 12 pairs (4 of the 16 held out), 2 processes x 4 pairs per step: 2 optimizer steps; without the file's
+    # processes (one process, the launch without --config_file or with --num_processes 1) 3, as measured.
+    assert metrics["step"].max() == 2
+    # Set, training.num_processes overrides the file's count (accelerate's --num_processes over --config_file).
+    one = cfg.training.model_copy(update={"num_processes": 1})
+    assert pipeline.accelerate_launch_options(one) == ["--num_processes", "1", "--config_file", str(two_processes)]
+    # The file is part of the round's fingerprint: the same config with the file edited is another round, which
+    # the finished iteration refuses to become (not one skipped as "already complete").
+    two_processes.write_text(ACCELERATE_CPU_CONFIG.read_text().replace("num_processes: 2", "num_processes: 1"))
+    with pytest.raises(pipeline.FinishedIterationChangedError, match=r"its inputs \(accelerate_config\)"):
+        pipeline.train(cfg, uris["units"], uris["weights"], cfg.model.policy, cfg.model.policy, 1)
 
 
 def constant_reward(prompt: str, response: str) -> float:
