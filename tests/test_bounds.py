@@ -45,6 +45,8 @@ BOUNDS = {
     "annotation.judge.concurrency": {"gt": 0},
     "annotation.judge.max_new_tokens": {"gt": 0},
     "annotation.cascade.budget": {"gt": 0},
+    "annotation.human.timeout_s": {"gt": 0},
+    "annotation.human.max_pairs_per_form": {"gt": 0, "le": 256},
     "reweight.temperature": {"gt": 0},
     "reweight.clip": {"gt": 0},
     "reweight.min_effective_sample_fraction": {"ge": 0, "le": 1},
