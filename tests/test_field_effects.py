@@ -153,54 +153,6 @@ def test_the_configured_escalation_rule_decides_which_pairs_escalate(members):  
                                   .annotate(frame)))
 
 
-# ---- two processes: the loss and gradient scale of a step do not depend on how the batch is split --------------
-
-
-def _train_as_one_of_two_processes(rank: int, port: int, store_root: str, model_dir: str) -> None:
-    """One rank of a 2-process DDP round over gloo, as `accelerate launch` would start it (the env it sets)."""
-    import os
-
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from alignment_core.store import ArtifactStore
-    from alignment_core.training import Trainer
-
-    store = ArtifactStore(store_root)
-    trainer = Trainer(make_cfg("offline_pairwise", "dpo", epochs=1, batch_size=4, max_grad_norm=1e6),
-                      policy_path=model_dir, tokenizer_path=None, store=store)
-    trainer.train(trainer.batch_factory.encode(make_units(16)), store.checkpoint_uri("round", 0),
-                  store.stage_uri("round", 0, "metrics"))
-
-
-def test_two_processes_take_the_steps_of_one_with_twice_the_batch(tiny2_dir, tmp_path):  # noqa: F811
-    """The same 8 pairs a step: one process with batch 8, or two gloo processes with 4 each. The loss and the
-    gradient norm (after DDP's averaging and the Trainer's loss scale) of each step agree, and so do the
-    weights; a wrong loss scale, plan or split of a step between the processes changes them."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_train_as_one_of_two_processes, args=(port, str(tmp_path / "two"), tiny2_dir), nprocs=2,
-                       join=True, start_method="spawn")
-    one_store, _, _, result = run_round(tmp_path / "one", tiny2_dir, make_cfg(
-        "offline_pairwise", "dpo", epochs=1, batch_size=8, max_grad_norm=1e6), make_units(16))
-    from alignment_core.store import ArtifactStore
-
-    two_store = ArtifactStore(str(tmp_path / "two"))
-    one, two = (step_metrics(s, s.stage_uri("round", 0, "metrics")) for s in (one_store, two_store))
-    assert result.steps == len(two) == 2
-    for name in ("loss", "grad_norm", "chosen_logp", "rejected_logp"):
-        assert two[name].tolist() == pytest.approx(one[name].tolist(), rel=1e-4, abs=1e-6), name
-    one_weights, two_weights = (load_causal_lm(s.local_checkpoint(s.checkpoint_uri("round", 0))).state_dict()
-                                for s in (one_store, two_store))
-    for name, weight in one_weights.items():
-        torch.testing.assert_close(two_weights[name], weight, atol=2e-4, rtol=0)  # Adam magnifies float noise
-
-
 # ---- the learning-rate schedule, the data order, the tokenizer ---------------------------------------------------
 
 
@@ -228,6 +180,9 @@ def test_the_training_seed_orders_the_examples(tiny2_dir, tmp_path):  # noqa: F8
         plans.setdefault(seed, []).append(trainer.plan)
     assert plans[0][0] == plans[0][1]  # the same seed, the same order
     assert plans[1][0] != plans[0][0]
+    for seed in (0, 1):  # 2 epochs of 2 steps: each epoch shuffles anew
+        order = [i for step in plans[seed][0] for batch in step for i in batch]
+        assert sorted(order[:4]) == sorted(order[4:]) and order[:4] != order[4:]
     assert sorted(i for step in plans[1][0] for batch in step for i in batch) == sorted(
         i for step in plans[0][0] for batch in step for i in batch)  # the same examples, in another order
 
@@ -309,3 +264,51 @@ def test_the_configured_first_annotator_labels_what_is_not_escalated(members):  
     kept = [r for r in rows if not json.loads(r["raw"])["cascade"]["escalated"]]
     assert len(kept) == 4 and {r["annotator"] for r in kept} == {cascade.first.name}
     assert cascade.first.name.startswith("programmatic:")
+
+
+# ---- two processes: the loss and gradient scale of a step do not depend on how the batch is split --------------
+
+
+def _train_as_one_of_two_processes(rank: int, port: int, store_root: str, model_dir: str) -> None:
+    """One rank of a 2-process DDP round over gloo, as `accelerate launch` would start it (the env it sets)."""
+    import os
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from alignment_core.store import ArtifactStore
+    from alignment_core.training import Trainer
+
+    store = ArtifactStore(store_root)
+    trainer = Trainer(make_cfg("offline_pairwise", "dpo", epochs=1, batch_size=4, max_grad_norm=1e6),
+                      policy_path=model_dir, tokenizer_path=None, store=store)
+    trainer.train(trainer.batch_factory.encode(make_units(16)), store.checkpoint_uri("round", 0),
+                  store.stage_uri("round", 0, "metrics"))
+
+
+def test_two_processes_take_the_steps_of_one_with_twice_the_batch(tiny2_dir, tmp_path):  # noqa: F811
+    """The same 8 pairs a step: one process with batch 8, or two gloo processes with 4 each. The loss and the
+    gradient norm (after DDP's averaging and the Trainer's loss scale) of each step agree, and so do the
+    weights; a wrong loss scale, plan or split of a step between the processes changes them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_train_as_one_of_two_processes, args=(port, str(tmp_path / "two"), tiny2_dir), nprocs=2,
+                       join=True, start_method="spawn")
+    one_store, _, _, result = run_round(tmp_path / "one", tiny2_dir, make_cfg(
+        "offline_pairwise", "dpo", epochs=1, batch_size=8, max_grad_norm=1e6), make_units(16))
+    from alignment_core.store import ArtifactStore
+
+    two_store = ArtifactStore(str(tmp_path / "two"))
+    one, two = (step_metrics(s, s.stage_uri("round", 0, "metrics")) for s in (one_store, two_store))
+    assert result.steps == len(two) == 2
+    for name in ("loss", "grad_norm", "chosen_logp", "rejected_logp"):
+        assert two[name].tolist() == pytest.approx(one[name].tolist(), rel=1e-4, abs=1e-6), name
+    one_weights, two_weights = (load_causal_lm(s.local_checkpoint(s.checkpoint_uri("round", 0))).state_dict()
+                                for s in (one_store, two_store))
+    for name, weight in one_weights.items():
+        torch.testing.assert_close(two_weights[name], weight, atol=2e-4, rtol=0)  # Adam magnifies float noise
