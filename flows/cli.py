@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         serve(rest, prog)
         return
     if from_command_line:  # a finished run or offline command: skip the interpreter's seconds-long teardown
-        from flows.common import exit_now
+        from flows.fast_start import exit_now
 
         exit_now()
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from alignment_core.config import PipelineConfig, load_config, yaml_load_unique
 from alignment_core.verdict import significance_line
+from flows.fast_start import hand_to_prefect, start_ephemeral_server_early
 
 
 def with_overrides(config: PipelineConfig, iterations: int | None = None, run_name: str | None = None,
@@ -126,11 +127,11 @@ def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
         problems = quick_problems(config)
         if problems:
             raise PreflightError(problems)
-    early = _start_ephemeral_server()
+    early = start_ephemeral_server_early()
     try:
         with user_errors_end_the_command():
             preflight(config, quick_checked=True)
-        _hand_to_prefect(early)
+        hand_to_prefect(early)
     except BaseException:
         if early:
             early[0].kill()
@@ -138,126 +139,6 @@ def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
         raise
     gc.freeze()
     return config
-
-
-def _start_ephemeral_server():
-    """(process, port) of the API server Prefect would start on the flow's first client, started now; or None
-    when the flow will not need one (a server is configured)."""
-    import os
-    import random
-    import socket
-    import subprocess
-    import sys
-
-    import prefect
-    from prefect.logging import get_logger
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None  # a server to talk to, or none that Prefect would start (it fails naming PREFECT_API_URL)
-    for _ in range(10):  # SubprocessASGIServer.find_available_port
-        port = random.choice(range(8000, 9000))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                continue
-    else:
-        return None
-    get_logger().info("Starting temporary server on http://127.0.0.1:%d", port)
-    # SubprocessASGIServer._run_uvicorn_command, behind a start that ties the server's life to this process
-    command = [sys.executable, "-c", _DIES_WITH_PARENT.format(parent=os.getpid()), "--app-dir",
-               str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app", "--host",
-               "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           **get_current_settings().to_environment_variables(exclude_unset=True)}
-    return subprocess.Popen(command, env=env), port
-
-
-# `python -m uvicorn`, but the server is sent SIGTERM when the process that started it dies (Linux's parent-death
-# signal): a run stopped by a signal (SIGTERM, for which Prefect marks the flow run crashed and exits without the
-# atexit stop, or SIGKILL) leaves no server behind. Where prctl is missing (not Linux) it is plain uvicorn.
-_DIES_WITH_PARENT = """
-import ctypes, os, runpy, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (AttributeError, OSError):
-    pass
-if os.getppid() != {parent}:  # the parent died before the line above
-    sys.exit(0)
-runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
-"""
-
-
-def _hand_to_prefect(early) -> None:
-    """Wait for the early server to answer, then make it Prefect's ephemeral server; if it does not come up
-    (its port taken meanwhile, an exit), stop it and leave the start to Prefect."""
-    if early is None:
-        return
-    import atexit
-    import time
-
-    import httpx
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    process, port = early
-    server = SubprocessASGIServer()
-    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-    healthy = False
-    with httpx.Client() as client:
-        while not server.running and process.poll() is None and time.monotonic() < deadline:
-            try:
-                if client.get(f"http://127.0.0.1:{port}/api/health").status_code == 200:
-                    healthy = True
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-    if not healthy or server.running:
-        process.kill()
-        process.wait()
-        return
-    server.port, server.server_process, server.running = port, process, True
-    atexit.register(server.stop)
-
-
-def exit_now(code: int = 0) -> None:
-    """End a finished command-line run without the interpreter's teardown of every module and object (~3 s
-    after a flow run: torch, transformers, Prefect): what teardown would still do that matters runs first
-    (non-daemon threads end, atexit handlers: Prefect's log and event flushes, its server's stop), then the
-    streams are flushed and the process exits with `code`. Under a profiler (`python -m cProfile`), which
-    writes its report after the program returns, it returns instead."""
-    import atexit
-    import os
-    import sys
-    import threading
-
-    if sys.getprofile() is not None:
-        return
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    _send_run_logs_and_events()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _send_run_logs_and_events() -> None:
-    """Send what Prefect's log and event workers still hold while the ephemeral server is up. At exit the server
-    stops first (its stop was registered last), and the logging module's final flush then waits the log
-    worker's full 5 s timeout on a server that is gone."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for worker in (APILogWorker, EventsWorker):
-        try:
-            worker.drain_all(timeout=5)
-        except Exception:  # best effort: the atexit handlers that follow try again
-            pass
 
 
 @contextmanager

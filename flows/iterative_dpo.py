@@ -13,7 +13,6 @@ from alignment_core.pipeline import finished_iterations, open_store
 from alignment_core.setups import SETUPS
 from flows import logs
 from flows.common import (
-    exit_now,
     parse_cli,
     print_summary,
     run_lease,
@@ -21,6 +20,7 @@ from flows.common import (
     user_errors_end_the_command,
     with_overrides,
 )
+from flows.fast_start import exit_now
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.generate import generate

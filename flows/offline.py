@@ -18,7 +18,6 @@ from alignment_core.pipeline import open_store
 from alignment_core.setups import setups_of_flow
 from flows import logs
 from flows.common import (
-    exit_now,
     parse_cli,
     print_summary,
     run_lease,
@@ -26,6 +25,7 @@ from flows.common import (
     user_errors_end_the_command,
     with_overrides,
 )
+from flows.fast_start import exit_now
 from tasks.evaluate import evaluate, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight

@@ -4,7 +4,7 @@ The orchestrating flow calls them through `run_deployment` when `scale_out.gener
 `scale_out.annotate_deployment` / `scale_out.train_deployment` name them (see tasks/generate.py): a Kubernetes or
 multi-machine setup changes config and deployments, not code. Each returns its output URI, like the in-process
 task. With `scale_out.generate_workers` / `annotate_workers` N > 1 the orchestrator starts N flow runs of the
-stage at once, each with `shard_subset=[i, N]` (tasks.dispatch_stage, alignment_core/fanout.py).
+stage at once, each with `shard_subset=[i, N]` (tasks/dispatch.py: dispatch_stage, alignment_core/fanout.py).
 GPU bodies hold a slot of `scale_out.concurrency_limit` (a Prefect global concurrency limit) while they run.
 The orchestrating flow's config carries its run lease token: a stage flow writes under that lease (it checks
 the lease is still live) instead of taking one, so it never collides with the flow that dispatched it.
@@ -17,7 +17,7 @@ from alignment_core import pipeline
 from alignment_core.config import PipelineConfig
 from alignment_core.preflight import PreflightError, reach_problems
 from flows.common import run_lease
-from tasks import gpu_slot
+from tasks.dispatch import gpu_slot
 from tasks.human import form_in_the_ui
 
 
@@ -47,7 +47,7 @@ def _run_name(stage: str):
 
 # A stage flow that raises is retried once by Prefect (a transient error: a network blip, a lost GPU); the retry
 # redoes only the missing shards. A flow run whose process died is left Crashed instead: the orchestrating task
-# (tasks.dispatch_stage) starts it again.
+# (tasks/dispatch.py: dispatch_stage) starts it again.
 @flow(name="generate-stage", flow_run_name=_run_name("generate"), retries=1, retry_delay_seconds=10)
 def generate_stage(config_json: str, prompts_uri: str, policy_uri: str, iteration: int,
                    shard_subset: list[int] | None = None) -> str:

@@ -1,5 +1,6 @@
 from alignment_core import pipeline
-from tasks import dispatch_stage, gpu_slot, parse, stage_task
+from tasks import parse, stage_task
+from tasks.dispatch import dispatch_stage, gpu_slot
 from tasks.human import form_in_the_ui
 
 

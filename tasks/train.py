@@ -1,7 +1,8 @@
 from prefect.artifacts import update_progress_artifact
 
 from alignment_core import pipeline
-from tasks import artifact_key, dispatch_stage, gpu_slot, parse, stage_task
+from tasks import artifact_key, parse, stage_task
+from tasks.dispatch import dispatch_stage, gpu_slot
 from tasks.report import progress_artifact
 
 

@@ -1,4 +1,4 @@
-"""scale_out.timeout_s and scale_out.max_redispatches where the stage tasks pass them to `tasks.dispatch_stage`.
+"""scale_out.timeout_s and scale_out.max_redispatches where the stage tasks pass them to `tasks/dispatch.py`.
 
 A real `prefect server start`; the three stage deployments registered on a process work pool that no worker
 serves, so each flow run they get stays Scheduled until the test, standing in for a machine that dies, sets it
@@ -18,7 +18,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 
 from alignment_core.config import parse_config
-from flows.common import _send_run_logs_and_events
+from flows.fast_start import send_run_logs_and_events
 from tasks.annotate import annotate
 from tasks.generate import generate
 from tasks.train import train
@@ -47,7 +47,7 @@ def prefect_api(tmp_path_factory):
             client.create_deployment(client.create_flow_from_name(f"{stage}-stage"), "held", work_pool_name=POOL,
                                      entrypoint=f"flows/stages.py:{stage}_stage")
         yield api
-        _send_run_logs_and_events()  # while the server is up: at exit the log worker would retry a stopped one
+        send_run_logs_and_events()  # while the server is up: at exit the log worker would retry a stopped one
 
 
 @flow(name="dispatch-check")
@@ -106,7 +106,7 @@ def test_a_dispatched_stage_fails_after_scale_out_timeout_s(prefect_api, tmp_pat
         message, seconds = dispatched_stage(tmp_path, prefect_api, stage, timeout_s=3, max_redispatches=0)
     assert f"{stage}-iter-1 not finished after 3 s (scale_out.timeout_s)" in message, message
     assert crashed == []
-    assert 3 <= seconds < 3 + 15, seconds  # the deadline, then at most a poll (tasks.POLL_S) and the flow's own time
+    assert 3 <= seconds < 3 + 15, seconds  # the deadline, a poll (POLL_S) and the flow
 
 
 @pytest.mark.parametrize("stage, max_redispatches", [("generate", 0), ("annotate", 1), ("train", 1)])
