@@ -44,6 +44,9 @@ STAGE_CODE: dict[str, list[str]] = {
     "checkpoint": ["training.py", "losses.py", "batches.py", "rendering.py", "setups.py", "records.py", "models.py",
                    "inputs.py", "adapters.py", "pipeline.py:train", "pipeline.py:_carry_over",
                    "pipeline.py:_launch_distributed_round"],
+    # the reward-model refresh (annotation.cascade.refresh): escalated units fine-tune each member
+    "reward_models": ["refresh.py", "training.py", "losses.py", "batches.py", "rendering.py", "setups.py", "records.py",
+                      "models.py", "inputs.py", "adapters.py"],
     "evaluation": [*_ANNOTATOR, "evaluation.py", "pipeline.py:evaluate", "pipeline.py:_win_rate",
                    "pipeline.py:_oracle_scores", "pipeline.py:wilson_interval",
                    "pipeline.py:evaluate_reward_model"],
