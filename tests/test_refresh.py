@@ -16,7 +16,7 @@ from alignment_core.annotation.stage import make_annotator
 from alignment_core.config import ConfigError, parse_config
 from alignment_core.models import model_digest
 from alignment_core.records import GENERATIONS, from_rows
-from alignment_core.refresh import escalated, refresh_reward_models
+from alignment_core.refresh import refresh_reward_models
 from alignment_core.store import ArtifactStore
 from alignment_core.tiny import build_tiny
 from alignment_core.training import bootstrap_sample
@@ -54,6 +54,13 @@ def annotated_iteration(cfg, iteration: int, reward_models_uri: str | None = Non
     store.write_stage(generations, "generations", {"test": iteration},
                       [from_rows(make_generations(responses).to_dict("records"), GENERATIONS)])
     return pipeline.annotate(cfg, generations, iteration, reward_models_uri=reward_models_uri)
+
+
+def escalated(annotations):
+    """The rows the cascade sent to the oracle, by their raw record (and by who labelled them)."""
+    up = annotations[[json.loads(raw)["cascade"]["escalated"] for raw in annotations["raw"]]]
+    assert set(up["annotator"]) <= {"programmatic:alignment_core.rewards:positive_words"}
+    return up
 
 
 def weights(folder: str) -> dict:
@@ -136,8 +143,10 @@ def test_rerun_skips_and_resume_redoes_only_the_missing_member(tmp_path, members
     # killed after member 0: member 1 and the manifest are missing; only member 1 is trained again
     shutil.rmtree(f"{out}/member-1")
     os.remove(f"{out}/_manifest.json")
+    kept = os.stat(f"{out}/member-0/lineage.json").st_mtime_ns
     refresh_reward_models(cfg, 2)
     assert os.stat(f"{out}/member-0/model.safetensors").st_mtime_ns == stamps[0]
+    assert os.stat(f"{out}/member-0/lineage.json").st_mtime_ns == kept  # member 0 not even opened again
     assert os.stat(f"{out}/member-1/model.safetensors").st_mtime_ns != stamps[1]
     assert [model_digest(f"{out}/member-{i}") for i in range(2)] == digests  # the same training, the same weights
     assert store.read_manifest(out)["fingerprint_digest"] == manifest["fingerprint_digest"]
@@ -209,3 +218,35 @@ def test_members_trained_on_different_bootstrap_samples_differ(tmp_path, members
     assert lineage_a["bootstrap_seed"] == 1 and lineage_a["seed"] == 7
     assert all(np.array_equal(a[name], again[name]) for name in a)  # the same sample, the same member
     assert any(not np.allclose(a[name], b[name]) for name in a)  # another sample, another member
+
+
+# ---- the online flow -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_flow_refreshes_before_each_later_iteration_and_a_rerun_skips_it(tmp_path, members):
+    import pandas as pd
+
+    from tests.test_flows import prefect_env, run_flow, write_config
+
+    root = tmp_path / "store"
+    annotation = {"annotator": "cascade", "reward_model": members,
+                  "programmatic": "alignment_core.rewards:positive_words",
+                  "cascade": {"first": "reward_model", "escalate_to": "programmatic", "budget": 0.5,
+                              "refresh": {"enabled": True, "epochs": 1}}}
+    config = write_config(tmp_path, str(root), model={"policy": "tiny://llama-sft"}, annotation=annotation,
+                          evaluation={"enabled": False})
+    run_flow(config, prefect_env(tmp_path))
+    store = ArtifactStore(str(root))
+    assert "reward_models" not in store.list_stages("e2e", 1)  # nothing to learn from before iteration 1
+    refreshed = store.stage_uri("e2e", 2, "reward_models")
+    manifest = store.read_manifest(refreshed)
+    first_labels = escalated(pd.read_parquet(store.stage_uri("e2e", 1, "annotations")))
+    assert manifest["extra"]["labels_by_iteration"] == {"1": int((first_labels["status"] == "ok").sum())}
+    fingerprint = store.read_manifest(store.stage_uri("e2e", 2, "annotations"))["fingerprint"]
+    assert fingerprint["inputs"]["reward_models"] == pipeline.stage_digest(store, refreshed)
+    assert fingerprint["inputs"]["reward_model[0]"] == pipeline.policy_digest(store, f"{refreshed}/member-0")
+
+    saved = [store.read_json(f"{refreshed}/member-{i}/_complete.json") for i in range(2)]
+    rerun = run_flow(config, prefect_env(tmp_path))
+    assert store.read_manifest(refreshed)["created_at"] == manifest["created_at"]
+    assert [store.read_json(f"{refreshed}/member-{i}/_complete.json") for i in range(2)] == saved
+    assert "train reward" not in rerun.stderr  # no member's progress bar: no model work
