@@ -348,6 +348,28 @@ class HumanConfig(StrictModel):
     """Pairs per form: a shard with more pairs is asked in several forms, one after the other."""
 
 
+class RefreshConfig(StrictModel):
+    """The reward models learn online: from the second iteration on, each member of the cascade's first annotator
+    (a reward model or an ensemble) is fine-tuned on the expensive (escalated) labels of the iterations before,
+    and that iteration labels with the fine-tuned members (its `reward_models` stage)."""
+
+    enabled: bool = False
+    """Fine-tune the reward models on the escalated labels before each iteration's annotation (off: the same
+    reward models label every iteration)."""
+    learning_rate: float = Field(default=1e-4, gt=0)
+    """Peak learning rate of each member's fine-tuning round (AdamW, training.scheduler and warmup_ratio)."""
+    epochs: int = Field(default=2, gt=0, le=1000)
+    """Passes over the escalated labels (each member over its own bootstrap sample of them)."""
+    batch_size: int = Field(default=8, gt=0, le=MAX_BATCH)
+    """Labelled pairs per optimizer step of the fine-tuning."""
+    bootstrap: bool = True
+    """Each member trains on its own bootstrap resample of the labels (n draws with replacement), so members that
+    saw the same labels still disagree where the labels do not pin them down; off: every member sees every
+    label once."""
+    seed: int = 0
+    """Member i's batch order and bootstrap sample are seeded by seed + i."""
+
+
 class CascadeConfig(StrictModel):
     """A cheap annotator labels every pair; a budget of them, where it is least sure, go to an expensive one."""
 
@@ -362,12 +384,17 @@ class CascadeConfig(StrictModel):
     escalate: Literal["most_uncertain", "random"] = "most_uncertain"
     """Which pairs go up: the first annotator's most uncertain (abstained or failed first, then the largest
     ensemble disagreement, or else the smallest score margin), or a random choice (a control)."""
+    refresh: RefreshConfig = RefreshConfig()
+    """Fine-tune the first annotator's reward models on the escalated labels gathered so far, each iteration."""
 
     @model_validator(mode="after")
     def _check(self) -> "CascadeConfig":
         if self.first == self.escalate_to:
             raise ValueError(f"annotation.cascade: first and escalate_to are both {self.first!r}; a cascade needs "
                              "two annotators")
+        if self.refresh.enabled and self.first != "reward_model":
+            raise ValueError(f"annotation.cascade.refresh fine-tunes reward models: cascade.first must be "
+                             f"'reward_model', got {self.first!r}")
         if self.budget >= 1 and self.budget != int(self.budget):
             raise ValueError(f"annotation.cascade.budget from 1 on is a number of pairs, got {self.budget}")
         return self
@@ -515,6 +542,10 @@ class TrainingConfig(StrictModel):
     """Which end of a too-long prompt to keep."""
     seed: int = 0
     """Seed of the batch order."""
+    bootstrap_seed: int | None = None
+    """Train on a bootstrap resample of the round's units (as many draws with replacement as there are units),
+    drawn with this seed: reward models of an ensemble, each with its own seed, learn from different samples of
+    the same data. Unset: every unit once per epoch."""
     save_every_steps: int = Field(default=0, ge=0, le=MAX_COUNT)
     """0: save only at the end of the round"""
     num_processes: int | None = Field(default=None, gt=0, le=4096)
@@ -696,6 +727,9 @@ class PipelineConfig(StrictModel):
         if self.online and "reward_model" in annotation.kinds and not annotation.reward_model:
             raise ValueError("annotation.reward_model must name a reward model when annotation.annotator is "
                              "'reward_model' (or a cascade uses one)")
+        if annotation.cascade.refresh.enabled and annotation.annotator != "cascade":
+            raise ValueError("annotation.cascade.refresh learns from a cascade's escalated labels: set "
+                             "annotation.annotator to 'cascade'")
         ensemble_options = annotation.ensemble_penalty or annotation.max_disagreement is not None
         if ensemble_options and len(annotation.reward_models) < 2:
             raise ValueError("annotation.ensemble_penalty and annotation.max_disagreement need an ensemble: "

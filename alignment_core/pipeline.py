@@ -270,16 +270,26 @@ def _generation_config(cfg: PipelineConfig, stage: str):
 
 
 def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
-             shard_subset: tuple[int, int] | None = None, ask: Callable | None = None) -> str:
+             shard_subset: tuple[int, int] | None = None, ask: Callable | None = None,
+             reward_models_uri: str | None = None) -> str:
     """Label the generations; a complete stage is redone only in its rows that failed for a transient reason
     (judge outage, timeout), unless its iteration is finished. `ask`: how a `human` annotator reaches its person
-    (alignment_core/annotation/human.py; a flow passes tasks/human.py's form in the Prefect UI)."""
+    (alignment_core/annotation/human.py; a flow passes tasks/human.py's form in the Prefect UI).
+    `reward_models_uri`: the iteration's `reward_models` stage (alignment_core/refresh.py), whose fine-tuned
+    members label in place of `annotation.reward_model`."""
     from alignment_core.annotation import run_annotation
 
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
+    refreshed = {}
+    if reward_models_uri:
+        from alignment_core.refresh import labelling_config
+
+        cfg = labelling_config(cfg, store.read_manifest(reward_models_uri)["extra"]["members"])
+        refreshed = {"reward_models": stage_digest(store, reward_models_uri)}
     fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
-                               generations=stage_digest(store, generations_uri), **annotator_digests(cfg, store))
+                               generations=stage_digest(store, generations_uri), **annotator_digests(cfg, store),
+                               **refreshed)
     if already_done(store, out, fingerprint):
         transient = store.read_manifest(out)["extra"].get("transient_failures", 0)
         if not transient:
@@ -423,7 +433,8 @@ def train(
     if is_adapter(trained):  # a LoRA checkpoint: its base by config name and digest
         models["adapter_base"] = model_lineage(store, adapter_base(trained))
     store.write_json(lineage_uri, {"fingerprint": fingerprint, "policy_uri": policy_uri,
-                                   "reference_uri": reference_uri, "units_uri": units_uri, "models": models})
+                                   "reference_uri": reference_uri, "units_uri": units_uri, "models": models,
+                                   "seed": cfg.training.seed, "bootstrap_seed": cfg.training.bootstrap_seed})
     return checkpoint
 
 

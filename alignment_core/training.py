@@ -137,6 +137,11 @@ def plan_steps(
     return steps
 
 
+def bootstrap_sample(count: int, seed: int) -> list[int]:
+    """A bootstrap resample of `count` units: `count` indices drawn with replacement, the same for the same seed."""
+    return np.random.default_rng([seed, count]).integers(0, count, size=count).tolist()
+
+
 # ---- optimizer state without pickle ----------------------------------------------------------------------
 
 
@@ -259,6 +264,8 @@ class Trainer:
         set_seed(tc.seed)
         micro_batches = accelerator.num_processes * tc.gradient_accumulation_steps
         units = prompt_groups(encoded) if self.loss.grouped else [[i] for i in range(len(encoded))]
+        if tc.bootstrap_seed is not None:  # a unit drawn twice is trained on twice per epoch, one never drawn not
+            units = [units[i] for i in bootstrap_sample(len(units), tc.bootstrap_seed)]
         self.plan = plan_steps(units, tc.batch_size * micro_batches, micro_batches, tc.epochs, tc.seed)
         self.fingerprint = fingerprint or self.round_fingerprint(encoded)
         self.resumed = (self._resumable_state(checkpoint_uri, self.fingerprint) if resume else None) or {}

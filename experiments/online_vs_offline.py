@@ -44,6 +44,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from alignment_core import pipeline
 from alignment_core.config import TINY_MODEL, PipelineConfig, parse_config
 from alignment_core.data import DatasLoader
+from alignment_core.refresh import refreshes
 from alignment_core.rewards import positive_words, words
 from alignment_core.store import ArtifactStore
 from alignment_core.tiny import build_tiny
@@ -53,6 +54,7 @@ from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.generate import generate
 from tasks.load_prompts import load_eval_prompts, load_prompts
+from tasks.refresh import refresh_reward_models
 from tasks.reweight import reweight
 from tasks.train import train
 
@@ -61,14 +63,19 @@ ARMS = ("offline", "offline-importance", "online-rm", "online-oracle")
 # Opt-in arms (--arms): online with a reward-model ensemble (no new true labels), and cascades that send a budget
 # of the ensemble's least sure pairs per iteration to the true reward (12.5%, 25%, 50% of the prompts).
 ENSEMBLE_ARMS = ("online-rm-ensemble", "online-cascade-12", "online-cascade-25", "online-cascade-50")
-CASCADE_BUDGETS = {"online-cascade-12": 0.125, "online-cascade-25": 0.25, "online-cascade-50": 0.5}
+CASCADE_BUDGETS = {"online-cascade-12": 0.125, "online-cascade-25": 0.25, "online-cascade-50": 0.5,
+                   "online-cascade-25-refresh": 0.25}
 ENSEMBLE_SIZE = 3  # reward models per seed, trained alike but for their training seed
+# Opt-in: the reward models learn online: a 25% cascade whose ensemble members are trained on bootstrap resamples of
+# rho's pairs, and fine-tuned before each iteration on the true labels escalated so far (annotation.cascade.refresh,
+# at the reward models' own learning rate and epochs).
+REFRESH_ARMS = ("online-cascade-25-refresh",)
 # Opt-in: importance weights made gentler: each response's typical ratio (the pair's mean), tempered (T = 4),
 # clipped to [1/2, 2], and uniform when fewer than a third of the pairs would carry the weight.
 TEMPERED_IMPORTANCE = {"strategy": "importance", "importance_pair": "mean", "temperature": 4.0, "clip": 2.0,
                        "min_effective_sample_fraction": 0.33}
 ALL_ARMS = ("offline", "offline-importance", "offline-importance-tempered", "online-rm", *ENSEMBLE_ARMS,
-            "online-oracle")  # the report's order
+            *REFRESH_ARMS, "online-oracle")  # the report's order
 TINY_BEHAVIOUR = "tiny://llama-seed1"  # the tiny model built with seed 1 (weights and tokenizer)
 
 
@@ -149,7 +156,7 @@ def sft_config(setting: Setting, store_root: str, run_name: str, base_model: str
 
 
 def arm_config(setting: Setting, store_root: str, seed: int, arm: str, sft_policy: str, behaviour: str,
-               reward_models: list[str]) -> PipelineConfig:
+               reward_models: list[str], bootstrap_models: list[str] | None = None) -> PipelineConfig:
     changes: dict = {"model": {"policy": sft_policy, "reference": sft_policy}}
     if arm.startswith("offline"):
         changes["setup"] = "offline_pairwise"
@@ -164,7 +171,25 @@ def arm_config(setting: Setting, store_root: str, seed: int, arm: str, sft_polic
     if arm in CASCADE_BUDGETS:
         changes["annotation"] = {"annotator": "cascade", "reward_model": reward_models, "cascade": {
             "first": "reward_model", "escalate_to": "programmatic", "budget": CASCADE_BUDGETS[arm]}}
+    if arm in REFRESH_ARMS:
+        changes["annotation"]["reward_model"] = bootstrap_models
+        changes["annotation"]["cascade"]["refresh"] = {
+            "enabled": True, "learning_rate": setting.reward_model_learning_rate,
+            "epochs": setting.reward_model_epochs}
     return stage_config(setting, store_root, f"seed{seed}-{arm}", seed, **changes)
+
+
+def train_reward_model(setting: Setting, store_root: str, run: str, seed: int, dataset: str, sft_policy: str,
+                       bootstrap: bool = False) -> str:
+    """A reward head on pi_0 (it already reads this kind of text) trained on rho's pairs by the `reward-model` flow;
+    `bootstrap`: on a resample of them drawn with the training seed. Returns its checkpoint."""
+    reward_model(config=stage_config(
+        setting, store_root, run, seed, setup="reward_modelling", data={"source": dataset},
+        model={"policy": sft_policy},
+        training={"loss": "reward", "learning_rate": setting.reward_model_learning_rate,
+                  "epochs": setting.reward_model_epochs, "bootstrap_seed": seed if bootstrap else None},
+    ))
+    return pipeline.open_store(stage_config(setting, store_root, run)).checkpoint_uri(run, 1)
 
 
 def base_model_path(name: str, cache_dir: str) -> str:
@@ -241,7 +266,8 @@ def run_arm(cfg: PipelineConfig, sft_policy: str, offline_examples: list[str], s
         if cfg.online:
             prompts = load_prompts(config_json, k)
             generations = generate(config_json, prompts, policy, k)
-            annotations = annotate(config_json, generations, k)
+            reward_models = refresh_reward_models(config_json, k) if refreshes(cfg, k) else None
+            annotations = annotate(config_json, generations, k, reward_models)
             round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
         else:
             round_data = reweight(config_json, policy, k, examples_uri=offline_examples[k - 1])
@@ -495,7 +521,7 @@ def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: st
 
     measurements = []
     for seed in range(seeds):
-        offline_examples, reward_models = [], []
+        offline_examples, reward_models, bootstrap_models = [], [], []
         if needs_behaviour_data:
             # 2. rho's pairs labelled by the true reward; 3. reward models trained on them (one, or an ensemble
             # whose members differ in their training seed: head initialisation and data order)
@@ -503,17 +529,16 @@ def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: st
             members = ENSEMBLE_SIZE if set(arms) & set(ENSEMBLE_ARMS) else 1
             for member in range(members):
                 rm_run = f"seed{seed}-reward-model" + (f"-m{member}" if member else "")
-                reward_model(config=stage_config(
-                    setting, store_root, rm_run, seed + 1000 * member, setup="reward_modelling",
-                    data={"source": dataset},
-                    model={"policy": sft_policy},  # a reward head on pi_0: it already reads this kind of text
-                    training={"loss": "reward", "learning_rate": setting.reward_model_learning_rate,
-                              "epochs": setting.reward_model_epochs},
-                ))
-                reward_models.append(store.checkpoint_uri(rm_run, 1))
+                reward_models.append(train_reward_model(setting, store_root, rm_run, seed + 1000 * member,
+                                                        dataset, sft_policy))
+            # (the refresh arms' members: each also on its own bootstrap resample of rho's pairs)
+            for member in range(ENSEMBLE_SIZE if set(arms) & set(REFRESH_ARMS) else 0):
+                bootstrap_models.append(train_reward_model(
+                    setting, store_root, f"seed{seed}-reward-model-bootstrap-m{member}", seed + 1000 * member,
+                    dataset, sft_policy, bootstrap=True))
         # 4. the arms
         for arm in arms:
-            cfg = arm_config(setting, store_root, seed, arm, sft_policy, behaviour, reward_models)
+            cfg = arm_config(setting, store_root, seed, arm, sft_policy, behaviour, reward_models, bootstrap_models)
             run = run_arm(cfg, sft_policy, offline_examples, setting.heldout_samples)
             measurements += arm_measurements(store, run, setting.iterations, seed, arm, cfg.online,
                                              setting.prompts_per_iteration)

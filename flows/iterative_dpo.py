@@ -1,6 +1,6 @@
 """The online pipeline: each iteration a chain of stages, the next one sampling from the last checkpoint.
 
-    load_prompts → generate → annotate → reweight → train → evaluate   (× iterations)
+    load_prompts → generate → [refresh reward models] → annotate → reweight → train → evaluate   (× iterations)
 
 Run it once, in ephemeral Prefect:   python -m flows.iterative_dpo --config configs/tiny.yaml
 Deployed:                            prefect deployment run 'iterative-dpo/tiny-local'
@@ -10,6 +10,7 @@ from prefect import flow
 
 from alignment_core.config import PipelineConfig
 from alignment_core.pipeline import finished_iterations, open_store
+from alignment_core.refresh import refreshes
 from alignment_core.setups import SETUPS
 from flows import logs
 from flows.common import (
@@ -26,6 +27,7 @@ from tasks.evaluate import evaluate
 from tasks.generate import generate
 from tasks.load_prompts import load_eval_prompts, load_prompts
 from tasks.preflight import preflight
+from tasks.refresh import refresh_reward_models
 from tasks.report import report_iteration
 from tasks.reweight import reweight
 from tasks.track import track_iteration
@@ -76,11 +78,15 @@ def iterative_dpo(
         for k in range(1, cfg.iterations + 1):
             prompts = load_prompts(config_json, k)
             generations = generate(config_json, prompts, policy, k)
-            annotations = annotate(config_json, generations, k)
+            # annotation.cascade.refresh: the reward models fine-tuned on the escalated labels so far label this one
+            reward_models = refresh_reward_models(config_json, k) if refreshes(cfg, k) else None
+            annotations = annotate(config_json, generations, k, reward_models)
             round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
             checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, reference, k)
             stages = {"prompts": prompts, "generations": generations, "annotations": annotations, **round_data,
                       "checkpoint": checkpoint, "metrics": store.stage_uri(cfg.store.run_name, k, "metrics")}
+            if reward_models:
+                stages["reward_models"] = reward_models
             if cfg.evaluation.enabled:
                 stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
             summaries.append(report_iteration(config_json, k, stages))

@@ -58,12 +58,13 @@ def generate_stage(config_json: str, prompts_uri: str, policy_uri: str, iteratio
 
 @flow(name="annotate-stage", flow_run_name=_run_name("annotate"), retries=1, retry_delay_seconds=10)
 def annotate_stage(config_json: str, generations_uri: str, iteration: int,
-                   shard_subset: list[int] | None = None) -> str:
-    """Label the iteration's generations; `shard_subset` [i, N]: only fan-out worker i of N's shards."""
+                   shard_subset: list[int] | None = None, reward_models_uri: str | None = None) -> str:
+    """Label the iteration's generations; `shard_subset` [i, N]: only fan-out worker i of N's shards;
+    `reward_models_uri`: the iteration's refreshed reward models (annotation.cascade.refresh)."""
     with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "annotate"):
         # a human annotator pauses this flow run with its form (tasks/human.py)
         return pipeline.annotate(cfg, generations_uri, iteration, shard_subset=_subset(shard_subset),
-                                 ask=form_in_the_ui(cfg))
+                                 ask=form_in_the_ui(cfg), reward_models_uri=reward_models_uri)
 
 
 @flow(name="train-stage", flow_run_name="train-iter-{iteration}")

@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_arm_of_every_setting_is_a_valid_config(setting, tmp_path):
     settings = SETTINGS[setting]
     members = ["rm", "rm-m1", "rm-m2"]
-    configs = {arm: arm_config(settings, str(tmp_path), 0, arm, "sft", "rho", members) for arm in ALL_ARMS}
+    bootstrap = ["rm-b0", "rm-b1", "rm-b2"]
+    configs = {arm: arm_config(settings, str(tmp_path), 0, arm, "sft", "rho", members, bootstrap)
+               for arm in ALL_ARMS}
     assert {arm: cfg.setup for arm, cfg in configs.items()} == {
         **{arm: "offline_pairwise" for arm in ALL_ARMS if arm.startswith("offline")},
         **{arm: "online_pairwise" for arm in ALL_ARMS if arm.startswith("online")},
@@ -52,6 +54,11 @@ def test_every_arm_of_every_setting_is_a_valid_config(setting, tmp_path):
     assert {configs[arm].annotation.cascade.budget for arm in CASCADE_BUDGETS} == {0.125, 0.25, 0.5}
     assert all(configs[arm].annotation.annotator == "cascade" for arm in CASCADE_BUDGETS)
     assert configs["online-oracle"].annotation.annotator == "programmatic"
+    refreshing = configs["online-cascade-25-refresh"].annotation
+    assert refreshing.reward_model == bootstrap and refreshing.cascade.budget == 0.25
+    assert refreshing.cascade.refresh.enabled and refreshing.cascade.refresh.epochs == settings.reward_model_epochs
+    assert [arm for arm, cfg in configs.items() if cfg.annotation.cascade.refresh.enabled] == [
+        "online-cascade-25-refresh"]
     # the same learner and prompts in every arm: only the data source and labels differ
     assert len({(cfg.training.model_dump_json(), cfg.generation.model_dump_json(), cfg.model.reference)
                 for cfg in configs.values()}) == 1
