@@ -757,6 +757,12 @@ class PipelineConfig(StrictModel):
     def online(self) -> bool:
         return SETUPS[self.setup].online
 
+    def with_reward_models(self, members: list[str]) -> "PipelineConfig":
+        """This config with `members` (refreshed reward models, alignment_core/refresh.py) in place of
+        `annotation.reward_model`; one model stays one model."""
+        models = members[0] if isinstance(self.annotation.reward_model, str) else list(members)
+        return self.model_copy(update={"annotation": self.annotation.model_copy(update={"reward_model": models})})
+
     def stage_hash(self, *sections: str) -> str:
         """A short digest of the named config sections: the part of the config a stage depends on."""
         payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}

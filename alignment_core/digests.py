@@ -46,7 +46,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "checkpoint": ("alignment_core.pipeline:train",),
     "evaluation": ("alignment_core.pipeline:evaluate", "alignment_core.pipeline:evaluate_reward_model"),
     # the reward-model refresh (annotation.cascade.refresh): escalated labels fine-tune each member
-    "reward_models": ("alignment_core.refresh",),
+    "reward_models": ("alignment_core.pipeline:refresh_reward_models",),
 }
 # Code that decides whether a stage runs, not what it writes: the fingerprint (this module; the digests of
 # input stages and models) and the skip / keep-finished checks. Not followed, or every stage would depend on

@@ -27,7 +27,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from alignment_core.config import PipelineConfig, TrainingConfig, dump_config
 from alignment_core.digests import callable_digest, data_digests, file_digest, stage_code_digest, template_digest
 from alignment_core.inputs import InputRef
-from alignment_core.records import METRICS, from_rows
+from alignment_core.records import METRICS, UNITS, from_rows
 from alignment_core.store import ArtifactStore, fingerprint_digest
 
 log = logging.getLogger(__name__)
@@ -283,9 +283,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
     out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
     refreshed = {}
     if reward_models_uri:
-        from alignment_core.refresh import labelling_config
-
-        cfg = labelling_config(cfg, store.read_manifest(reward_models_uri)["extra"]["members"])
+        cfg = cfg.with_reward_models(store.read_manifest(reward_models_uri)["extra"]["members"])
         refreshed = {"reward_models": stage_digest(store, reward_models_uri)}
     fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
                                generations=stage_digest(store, generations_uri), **annotator_digests(cfg, store),
@@ -436,6 +434,42 @@ def train(
                                    "reference_uri": reference_uri, "units_uri": units_uri, "models": models,
                                    "seed": cfg.training.seed, "bootstrap_seed": cfg.training.bootstrap_seed})
     return checkpoint
+
+
+def refresh_reward_models(cfg: PipelineConfig, iteration: int) -> str:
+    """The `reward_models` stage of `iteration` (>= 2): every member fine-tuned on the escalated labels of the
+    iterations before it (alignment_core/refresh.py); returns the stage URI, whose manifest lists the members
+    (`extra.members`)."""
+    from alignment_core.refresh import STAGE, escalated_units, member_config, refresh_member, refreshes
+
+    if not refreshes(cfg, iteration):
+        raise ValueError(f"iteration {iteration}: no reward-model refresh (annotation.cascade.refresh.enabled, "
+                         "a cascade, and an iteration after the first)")
+    store, run = open_store(cfg), cfg.store.run_name
+    out = store.stage_uri(run, iteration, STAGE)
+    originals = cfg.annotation.reward_models
+    earlier = range(1, iteration)
+    fingerprint = _fingerprint(
+        cfg, STAGE, ("annotation",),
+        labels=[stage_digest(store, store.stage_uri(run, k, "annotations")) for k in earlier],
+        members=[policy_digest(store, name) for name in originals],
+        rounds=[member_config(cfg, i).stage_hash("training", "model") for i in range(len(originals))],
+    )
+    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
+        return out
+    units, counts = escalated_units(store, run, earlier)
+    writer = store.stage_writer(out, "units", fingerprint)  # clears members trained for another fingerprint
+    if len(units) == 0:
+        log.warning("%s: no escalated labels in iterations 1-%d; the original reward models label", out,
+                    iteration - 1)
+        members = list(originals)
+    else:
+        members = [refresh_member(cfg, store, out, index, name, units, fingerprint)
+                   for index, name in enumerate(originals)]
+    writer.write_shard(0, from_rows(units.to_dict("records"), UNITS, f"{STAGE} units"))
+    writer.finish({"members": members, "originals": list(originals), "labels": len(units),
+                   "labels_by_iteration": counts, "bootstrap": cfg.annotation.cascade.refresh.bootstrap})
+    return out
 
 
 def _carry_over(cfg: PipelineConfig, store: ArtifactStore, policy_path: str, checkpoint: str, metrics: str,

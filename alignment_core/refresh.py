@@ -24,17 +24,8 @@ import logging
 import pandas as pd
 
 from alignment_core.config import ModelConfig, PipelineConfig
-from alignment_core.pipeline import (
-    _fingerprint,
-    already_done,
-    keep_finished,
-    model_lineage,
-    open_store,
-    policy_digest,
-    resolve_policy,
-    stage_digest,
-)
-from alignment_core.records import UNITS, from_rows
+from alignment_core.inputs import InputRef
+from alignment_core.records import UNITS
 from alignment_core.store import ArtifactStore, fingerprint_digest
 
 log = logging.getLogger(__name__)
@@ -88,46 +79,7 @@ def member_config(cfg: PipelineConfig, index: int) -> PipelineConfig:
     return cfg.model_copy(update={"setup": "reward_modelling", "training": training, "model": model})
 
 
-def labelling_config(cfg: PipelineConfig, members: list[str]) -> PipelineConfig:
-    """`cfg` with the refreshed members in place of `annotation.reward_model` (one model stays one model)."""
-    models = members[0] if isinstance(cfg.annotation.reward_model, str) else list(members)
-    return cfg.model_copy(update={"annotation": cfg.annotation.model_copy(update={"reward_model": models})})
-
-
-def refresh_reward_models(cfg: PipelineConfig, iteration: int) -> str:
-    """The `reward_models` stage of `iteration` (>= 2): every member fine-tuned on the escalated labels of the
-    iterations before it; returns the stage URI, whose manifest lists the members (`extra.members`)."""
-    if not refreshes(cfg, iteration):
-        raise ValueError(f"iteration {iteration}: no reward-model refresh (annotation.cascade.refresh.enabled, "
-                         "a cascade, and an iteration after the first)")
-    store, run = open_store(cfg), cfg.store.run_name
-    out = store.stage_uri(run, iteration, STAGE)
-    originals = cfg.annotation.reward_models
-    earlier = range(1, iteration)
-    fingerprint = _fingerprint(
-        cfg, STAGE, ("annotation",),
-        labels=[stage_digest(store, store.stage_uri(run, k, "annotations")) for k in earlier],
-        members=[policy_digest(store, name) for name in originals],
-        rounds=[member_config(cfg, i).stage_hash("training", "model") for i in range(len(originals))],
-    )
-    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
-        return out
-    units, counts = escalated_units(store, run, earlier)
-    writer = store.stage_writer(out, "units", fingerprint)  # clears members trained for another fingerprint
-    if len(units) == 0:
-        log.warning("%s: no escalated labels in iterations 1-%d; the original reward models label", out,
-                    iteration - 1)
-        members = list(originals)
-    else:
-        members = [_refresh_member(cfg, store, out, index, name, units, fingerprint)
-                   for index, name in enumerate(originals)]
-    writer.write_shard(0, from_rows(units.to_dict("records"), UNITS, f"{STAGE} units"))
-    writer.finish({"members": members, "originals": list(originals), "labels": len(units),
-                   "labels_by_iteration": counts, "bootstrap": cfg.annotation.cascade.refresh.bootstrap})
-    return out
-
-
-def _refresh_member(cfg: PipelineConfig, store: ArtifactStore, out: str, index: int, original: str,
+def refresh_member(cfg: PipelineConfig, store: ArtifactStore, out: str, index: int, original: str,
                     units: pd.DataFrame, stage_fingerprint: dict) -> str:
     """Member `index` fine-tuned from `original` into `{out}/member-{index}`; kept when already complete."""
     from alignment_core.training import Trainer
@@ -140,7 +92,8 @@ def _refresh_member(cfg: PipelineConfig, store: ArtifactStore, out: str, index: 
         log.info("%s: already complete, skipped", checkpoint)
         return checkpoint
     member_cfg = member_config(cfg, index)
-    path = resolve_policy(store, original)
+    model = InputRef.model(original)
+    path = model.resolve(store)
     trainer = Trainer(member_cfg, policy_path=path, tokenizer_path=None, store=store, policy_name=original)
     try:
         encoded = trainer.batch_factory.encode(units)
@@ -149,7 +102,7 @@ def _refresh_member(cfg: PipelineConfig, store: ArtifactStore, out: str, index: 
         trainer.release()
     training = member_cfg.training
     store.write_json(lineage_uri, {
-        "fingerprint": fingerprint, "stage_fingerprint": stage_fingerprint, "base": model_lineage(store, original),
+        "fingerprint": fingerprint, "stage_fingerprint": stage_fingerprint, "base": model.lineage(store, path),
         "labels": len(units), "label_ids": sorted(units["unit_id"]), "seed": training.seed,
         "bootstrap_seed": training.bootstrap_seed,
     })

@@ -1,5 +1,6 @@
-from alignment_core import refresh
-from tasks import gpu_slot, parse, stage_task
+from alignment_core import pipeline
+from tasks import parse, stage_task
+from tasks.dispatch import gpu_slot
 
 
 @stage_task("refresh-reward-models", retries=1)
@@ -8,4 +9,4 @@ def refresh_reward_models(config_json: str, iteration: int) -> str:
     deployment is not used for it)."""
     cfg = parse(config_json)
     with gpu_slot(cfg, "train"):
-        return refresh.refresh_reward_models(cfg, iteration)
+        return pipeline.refresh_reward_models(cfg, iteration)

@@ -39,6 +39,7 @@ FIRST_LOSS = "tests/test_wiring.py::test_first_logged_loss_is_the_loss_of_plain_
 FAN_OUT = "tests/test_fanout.py::test_fanned_out_stages_on_process_workers_write_the_rows_of_one_worker"
 
 FIELD_EFFECTS = "tests/test_field_effects.py::"
+REFRESH = "tests/test_refresh.py::"
 
 EFFECT_TESTS: dict[str, str] = {
     "setup": "tests/test_training.py::test_other_losses_run_a_round",
@@ -169,6 +170,13 @@ EFFECT_TESTS: dict[str, str] = {
         "tests/test_human_annotator.py::test_a_killed_stage_does_not_ask_again_for_pairs_already_answered",
     "annotation.human.timeout_s":
         "tests/test_human_annotator.py::test_a_person_answers_the_paused_runs_form_and_unanswered_forms_time_out",
+    "annotation.cascade.refresh.enabled": REFRESH + "test_the_next_iteration_labels_with_the_refreshed_members",
+    "annotation.cascade.refresh.epochs": REFRESH + "test_refresh_settings_at_non_default_values",
+    "annotation.cascade.refresh.batch_size": REFRESH + "test_refresh_settings_at_non_default_values",
+    "annotation.cascade.refresh.learning_rate": REFRESH + "test_refresh_settings_at_non_default_values",
+    "annotation.cascade.refresh.seed": REFRESH + "test_refresh_settings_at_non_default_values",
+    "annotation.cascade.refresh.bootstrap": REFRESH + "test_refresh_settings_at_non_default_values",
+    "training.bootstrap_seed": REFRESH + "test_members_trained_on_different_bootstrap_samples_differ",
     # tests/test_field_effects.py: fields that had no test at a non-default value
     "training.reward_margin": FIELD_EFFECTS + "test_each_loss_hyperparameter_reaches_its_loss_via_config",
     "training.slic_margin": FIELD_EFFECTS + "test_each_loss_hyperparameter_reaches_its_loss_via_config",

@@ -68,10 +68,11 @@ COLLATE = "    def collate(self, encoded: list[dict]) -> dict:\n"
 
 @pytest.mark.parametrize("file, anchor, replacement, expected", [
     # the Trainer is no code of the weights stage (log-probs come from logprobs.py)
-    ("training.py", TRAINER_METHOD, "    def unused(self):\n        return None\n\n" + TRAINER_METHOD, ["checkpoint"]),
-    ("logprobs.py", None, "\n# an edit\n", ["checkpoint", "weights"]),
+    ("training.py", TRAINER_METHOD, "    def unused(self):\n        return None\n\n" + TRAINER_METHOD,
+     ["checkpoint", "reward_models"]),
+    ("logprobs.py", None, "\n# an edit\n", ["checkpoint", "reward_models", "weights"]),
     # collate is no code of sampling or annotation (prompt rendering lives in rendering.py)
-    ("batches.py", COLLATE, COLLATE + "        # an edit\n", ["checkpoint", "units", "weights"]),
+    ("batches.py", COLLATE, COLLATE + "        # an edit\n", ["checkpoint", "reward_models", "units", "weights"]),
     ("generation/common.py", None, "\n# an edit\n", ["evaluation", "generations"]),
     ("annotation/judge.py", None, "\n# an edit\n", ["annotations", "evaluation"]),
     # another stage's function in a shared module
@@ -109,7 +110,7 @@ NEW_HELPER = "def scale(x):\n    return {factor} * x\n"
     # a function-local import inside the Trainer
     ("helpers_new.py", "training.py", TRAINER_METHOD,
      "    def scaled(self, x):\n        from alignment_core.helpers_new import scale\n\n        return scale(x)\n\n"
-     + TRAINER_METHOD, ["checkpoint"]),
+     + TRAINER_METHOD, ["checkpoint", "reward_models"]),
     # a module-level import of the shared pipeline module that only one stage's function uses
     ("helpers_new.py", "pipeline.py", '    out = store.stage_uri(cfg.store.run_name, iteration, "units")\n',
      '    out = store.stage_uri(cfg.store.run_name, iteration, scale("units"))\n', ["units"]),

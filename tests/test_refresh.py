@@ -15,8 +15,8 @@ from alignment_core import pipeline
 from alignment_core.annotation.stage import make_annotator
 from alignment_core.config import ConfigError, parse_config
 from alignment_core.models import model_digest
+from alignment_core.pipeline import refresh_reward_models
 from alignment_core.records import GENERATIONS, from_rows
-from alignment_core.refresh import refresh_reward_models
 from alignment_core.store import ArtifactStore
 from alignment_core.tiny import build_tiny
 from alignment_core.training import bootstrap_sample
