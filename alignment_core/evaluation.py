@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from alignment_core.annotation import LABEL_STATUSES, import_callable, make_annotator
+from alignment_core.annotators import ANNOTATORS
 from alignment_core.config import PipelineConfig
 from alignment_core.verdict import is_demo_rule
 
@@ -32,12 +33,7 @@ def judging_config(cfg: PipelineConfig) -> PipelineConfig:
 def annotator_label(cfg: PipelineConfig) -> str:
     """Who judges the win-rates of a run, in words (plots and summaries name it)."""
     annotation = judging_config(cfg).annotation
-    if annotation.annotator == "programmatic":
-        return f"rule {annotation.programmatic}"
-    if annotation.annotator == "reward_model":
-        return f"reward model {annotation.reward_model}"
-    judge = annotation.judge
-    return f"LLM judge {judge.model} ({judge.backend}, template {judge.template})"
+    return ANNOTATORS[annotation.annotator].describe(annotation)
 
 
 def demo_judge_warning(cfg: PipelineConfig) -> str | None:

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from alignment_core.annotators import models_loaded_here
 from alignment_core.config import PipelineConfig, TrainingConfig, dump_config
 from alignment_core.digests import callable_digest, data_digests, file_digest, stage_code_digest, template_digest
 from alignment_core.inputs import InputRef
@@ -305,14 +306,8 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
 
 def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:
     """Digests of the models an annotator runs: a model retrained at the same path changes the labels."""
-    models = {}
-    if "reward_model" in cfg.annotation.kinds:
-        members = cfg.annotation.reward_models
-        for index, name in enumerate(members):
-            models["reward_model" + (f"[{index}]" if len(members) > 1 else "")] = policy_digest(store, name)
-    if cfg.annotation.judge_kind and cfg.annotation.judge.backend != "http":
-        models["judge"] = policy_digest(store, cfg.annotation.judge.model)
-    return models
+    return {field.removeprefix("annotation."): policy_digest(store, name)
+            for field, name in models_loaded_here(cfg.annotation).items()}
 
 
 def annotator_digests(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:

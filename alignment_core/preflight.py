@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from alignment_core.adapters import target_module_problems
+from alignment_core.annotators import models_loaded_here
 from alignment_core.config import PipelineConfig
 from alignment_core.errors import PermanentError, http_status_failure
 from alignment_core.errors import is_transient as is_transient  # the table lives in errors.py; tasks import it here
@@ -46,13 +47,8 @@ def named_models(cfg: PipelineConfig) -> dict[str, str]:
         models["model.reference"] = cfg.model.reference
     if cfg.model.tokenizer:
         models["model.tokenizer"] = cfg.model.tokenizer
-    annotation = cfg.annotation
-    if cfg.online and "reward_model" in annotation.kinds:
-        members = annotation.reward_models
-        for index, name in enumerate(members):
-            models["annotation.reward_model" + (f"[{index}]" if len(members) > 1 else "")] = name
-    if cfg.online and annotation.judge_kind and annotation.judge.backend != "http":
-        models["annotation.judge.model"] = annotation.judge.model
+    if cfg.online:
+        models.update(models_loaded_here(cfg.annotation))
     if cfg.reweight.strategy == "importance" and cfg.reweight.behaviour_model:
         models["reweight.behaviour_model"] = cfg.reweight.behaviour_model
     return models

@@ -12,6 +12,7 @@ from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
+from alignment_core.annotators import models_loaded_here
 from alignment_core.config import PipelineConfig
 
 
@@ -96,8 +97,7 @@ def uses_gpu(cfg: PipelineConfig, stage: str) -> bool:
     """Whether a stage's body runs a model here (what a GPU concurrency slot is for)."""
     if stage != "annotate":
         return True
-    annotation = cfg.annotation
-    return "reward_model" in annotation.kinds or bool(annotation.judge_kind and annotation.judge.backend != "http")
+    return bool(models_loaded_here(cfg.annotation))
 
 
 @contextmanager

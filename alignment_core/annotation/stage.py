@@ -24,8 +24,8 @@ from alignment_core.annotation.base import (
 from alignment_core.annotation.cache import CachedJudgeBackend, JudgeCache, judge_identity
 from alignment_core.annotation.cascade import CascadeAnnotator
 from alignment_core.annotation.human import Ask, HumanAnnotator, HumanAnswerStore
-from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
-from alignment_core.annotation.scorers import ProgrammaticAnnotator, RewardModelAnnotator, RewardModelEnsemble
+from alignment_core.annotation.judge import PairwiseJudgeAnnotator
+from alignment_core.annotators import ANNOTATORS
 from alignment_core.config import PipelineConfig
 from alignment_core.records import ANNOTATIONS, from_rows
 from alignment_core.store import ArtifactStore, shard_name
@@ -80,34 +80,7 @@ def make_annotator(cfg: PipelineConfig, ask: Ask | None = None) -> Annotator:
 
 
 def _annotator(kind: str, cfg: PipelineConfig, rules: ScoreRules, ask: Ask | None) -> Annotator:
-    annotation = cfg.annotation
-    if kind == "human":  # pairwise setups only: the config refuses the others
-        return HumanAnnotator(ask, annotation.human.max_pairs_per_form)
-    if kind == "programmatic":
-        return ProgrammaticAnnotator(annotation.programmatic, rules)
-    if kind == "reward_model":
-        options = {"batch_size": annotation.batch_size, "max_length": cfg.training.max_length,
-                   "dtype": annotation.dtype or cfg.model.dtype}
-        if len(annotation.reward_models) > 1:
-            return RewardModelEnsemble(annotation.reward_models, rules, annotation.ensemble_penalty,
-                                       annotation.max_disagreement, **options)
-        return RewardModelAnnotator(annotation.reward_model, rules, **options)
-    if kind == "judge_pairwise":  # pairwise setups only: the config refuses the others
-        return PairwiseJudgeAnnotator(
-            make_judge_backend(cfg),
-            load_template(annotation.judge.template),
-            both_orders=annotation.judge.both_orders,
-            on_disagreement=annotation.judge.on_disagreement,
-        )
-    if kind == "judge_pointwise":
-        scale = annotation.judge.pointwise_scale
-        return PointwiseJudgeAnnotator(
-            make_judge_backend(cfg),
-            load_template(annotation.judge.template, suffix=f"_{scale}"),
-            rules,
-            scale,
-        )
-    raise ValueError(f"unknown annotator {kind!r}")
+    return ANNOTATORS[kind].build(cfg, rules, ask)
 
 
 def stage_annotator(cfg: PipelineConfig, store: ArtifactStore, ask: Ask | None = None) -> Annotator:
