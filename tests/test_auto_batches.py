@@ -73,6 +73,7 @@ def test_reward_model_auto_batches_by_length_within_a_token_budget(tiny_reward_m
     long_ones = [s * 40 for s in sequences]
     split = annotator.batches(long_ones)
     assert len(split) > 1
+    assert all(len(batch) * max(len(long_ones[i]) for i in batch) <= AUTO_SCORE_TOKENS["cpu"] for batch in split)
     for batch, following in zip(split, split[1:], strict=False):
         assert (len(batch) + 1) * len(long_ones[following[0]]) > AUTO_SCORE_TOKENS["cpu"]
 

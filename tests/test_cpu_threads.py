@@ -20,15 +20,17 @@ def openmp_settings(env: dict) -> str:
     """libgomp's own report (OMP_DISPLAY_ENV, on stderr) of the settings it read when torch loaded it, in a
     process that imports alignment_core first, as our entry points do."""
     done = subprocess.run([sys.executable, "-c", "import alignment_core, torch"],
-                          env={**env, "PYTHONPATH": str(REPO), "OMP_DISPLAY_ENV": "true"},
+                          env={**env, "PYTHONPATH": str(REPO), "OMP_DISPLAY_ENV": "verbose"},
                           capture_output=True, text=True, check=True)
     return done.stderr
 
 
 def test_openmp_threads_wait_passively_unless_the_user_chose():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    assert "OMP_WAIT_POLICY = 'PASSIVE'" in openmp_settings(env)
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in openmp_settings({**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    # The spin count is what libgomp does: 0 passive, 300000 with no policy set (it then reports PASSIVE too).
+    assert "GOMP_SPINCOUNT = '0'" in openmp_settings(env)
+    active = openmp_settings({**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in active and "GOMP_SPINCOUNT = '0'" not in active
 
 
 def test_usable_cpus_follow_a_cgroup_quota(tmp_path):
