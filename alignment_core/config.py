@@ -259,6 +259,10 @@ class ModelConfig(StrictModel):
     flex_attention trains on a GPU only (no backward on CPUs), and sampling uses sdpa in its place."""
     adapter: AdapterConfig | None = None
     """None: full fine-tuning"""
+    torch_threads: int | None = Field(default=None, gt=0, le=1024)
+    """torch's CPU threads in each stage (generate, annotate, reweight, train, evaluate), set in the thread that
+    runs it. Unset: the CPUs this process may use (its affinity, bounded by a cgroup CPU quota), or torch's own
+    count where OMP_NUM_THREADS is set. Lower it when other processes share the cores."""
 
 
 class GenerationConfig(StrictModel):
@@ -274,9 +278,11 @@ class GenerationConfig(StrictModel):
     """Nucleus sampling probability mass."""
     max_new_tokens: int = Field(default=32, gt=0, le=MAX_TOKENS)
     """Longest response, in tokens."""
-    batch_size: int = Field(default=16, gt=0, le=MAX_BATCH)
-    """prompts per model.generate call (transformers backend)"""
-    shard_size: int = Field(default=16, gt=0, le=MAX_BATCH)
+    batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH)
+    """Prompts per model.generate call (transformers backend; vLLM always takes a whole shard). Unset: sized for
+    the stage, the whole shard up to a budget of sequences and of kept logits
+    (generation/transformers_backend.py: auto_prompts_per_call)."""
+    shard_size: int = Field(default=64, gt=0, le=MAX_BATCH)
     """prompts per output shard: the unit of resume"""
     seed: int = 0
     """Base seed; each shard's seed derives from run, iteration and shard."""
@@ -426,8 +432,9 @@ class AnnotationConfig(StrictModel):
     """Drop pairs whose score gap is smaller than this."""
     pointwise_threshold: float | None = None
     """pointwise labels: reward >= threshold is desirable"""
-    batch_size: int = Field(default=16, gt=0, le=MAX_BATCH)
-    """Samples per reward-model or local-judge forward."""
+    batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH)
+    """Samples per reward-model or local-judge forward. Unset: the reward model scores length-sorted batches up
+    to a token budget (annotation/scorers.py), a local judge 16 prompts per call."""
     max_failure_fraction: float = Field(default=0.2, ge=0, le=1)
     """Fail the stage when more than this fraction of annotations failed."""
     judge: JudgeConfig = JudgeConfig()

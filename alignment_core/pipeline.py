@@ -26,6 +26,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from alignment_core.annotators import models_loaded_here
 from alignment_core.config import PipelineConfig, TrainingConfig, dump_config
+from alignment_core.cpu import set_torch_threads
 from alignment_core.digests import callable_digest, data_digests, file_digest, stage_code_digest, template_digest
 from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, UNITS, from_rows
@@ -240,6 +241,7 @@ def generate(
     only worker i of N's shards (alignment_core/fanout.py), the stage complete once the last worker is done."""
     from alignment_core.generation import run_generation
 
+    set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, stage)
     gen_cfg = _generation_config(cfg, stage)
@@ -280,6 +282,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
     members label in place of `annotation.reward_model`."""
     from alignment_core.annotation import run_annotation
 
+    set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
     refreshed = {}
@@ -357,6 +360,7 @@ def build_units(
 def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: int) -> str:
     from alignment_core.reweight import run_reweighting
 
+    set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "weights")
     inputs = {"units": stage_digest(store, units_uri)}
@@ -379,6 +383,7 @@ def train(
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> str:
     """One training round; returns the checkpoint URI (skipped when a checkpoint of the same inputs exists)."""
+    set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
     checkpoint = store.checkpoint_uri(cfg.store.run_name, iteration)
     metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
@@ -538,6 +543,7 @@ def evaluate(
     """
     from alignment_core.evaluation import annotator_label, compare_responses, mean_difference
 
+    set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
     out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
     new = generate(cfg, eval_prompts_uri, policy_uri, iteration, stage="eval_generations")

@@ -46,6 +46,7 @@ BOUNDS = {
     "annotation.judge.max_new_tokens": {"gt": 0},
     "annotation.cascade.budget": {"gt": 0},
     "annotation.human.timeout_s": {"gt": 0},
+    "model.torch_threads": {"gt": 0, "le": 1024},
     "annotation.cascade.refresh.learning_rate": {"gt": 0},
     "annotation.cascade.refresh.epochs": {"gt": 0, "le": 1000},
     "annotation.cascade.refresh.batch_size": {"gt": 0, "le": 65536},

@@ -177,6 +177,11 @@ EFFECT_TESTS: dict[str, str] = {
     "annotation.cascade.refresh.seed": REFRESH + "test_refresh_settings_at_non_default_values",
     "annotation.cascade.refresh.bootstrap": REFRESH + "test_refresh_settings_at_non_default_values",
     "training.bootstrap_seed": REFRESH + "test_members_trained_on_different_bootstrap_samples_differ",
+    "generation.batch_size": "tests/test_auto_batches.py::"
+        "test_auto_takes_the_shard_in_one_call_explicit_batch_size_is_honoured_same_greedy_samples",
+    "annotation.batch_size": "tests/test_auto_batches.py::"
+        "test_reward_model_explicit_batch_size_is_honoured_and_scores_match_auto",
+    "model.torch_threads": "tests/test_cpu_threads.py::test_stages_run_with_the_configured_threads_in_their_own_thread",
     # tests/test_field_effects.py: fields that had no test at a non-default value
     "training.reward_margin": FIELD_EFFECTS + "test_each_loss_hyperparameter_reaches_its_loss_via_config",
     "training.slic_margin": FIELD_EFFECTS + "test_each_loss_hyperparameter_reaches_its_loss_via_config",
@@ -228,15 +233,6 @@ NO_EFFECT_ON_RESULTS: dict[str, str] = {
     "generation.gpu_memory_utilization": f"{VLLM_ONLY}: alignment_core/generation/vllm_backend.py:97 "
                                          "(gpu_memory_utilization=self.gen_cfg.gpu_memory_utilization); the "
                                          "engine's memory share, not what it samples",
-    "generation.batch_size": "prompts per model.generate call, alignment_core/generation/transformers_backend.py:81: "
-                             "memory and speed; greedy tokens do not depend on it (test_greedy_equals_plain_generate "
-                             "samples left-padded batches of 5), and sampled ones are other draws of the same "
-                             "distribution",
-    "annotation.batch_size": "samples per reward-model or local-judge forward, alignment_core/annotation/scorers.py:64 "
-                             "and alignment_core/annotation/stage.py:56: memory and speed; the scores are each "
-                             "sequence's own (tests/test_annotation.py::"
-                             "test_reward_model_scores_with_its_own_tokenizer scores batches of 2 as unpadded "
-                             "single sequences)",
     "annotation.judge.concurrency": "http judge requests in flight, alignment_core/annotation/backends.py:300-302 "
                                     "(httpx.Limits(max_connections=...), asyncio.Semaphore): speed only; each "
                                     "request's answer and the labels are the same",

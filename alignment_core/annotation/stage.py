@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from alignment_core import fanout, gpu
 from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend, VLLMJudgeBackend
@@ -32,6 +33,10 @@ from alignment_core.store import ArtifactStore, shard_name
 
 log = logging.getLogger(__name__)
 
+# annotation.batch_size unset: prompts per local-judge generate call (the shipped batch size before it could be
+# unset; a reward model sizes its own batches, scorers.AUTO_SCORE_TOKENS).
+LOCAL_JUDGE_PROMPTS_PER_CALL = 16
+
 
 def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
     judge = cfg.annotation.judge
@@ -54,7 +59,7 @@ def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
                                 gpu_memory_utilization=gen.gpu_memory_utilization)
     return LocalJudgeBackend(
         judge.model,
-        batch_size=cfg.annotation.batch_size,
+        batch_size=cfg.annotation.batch_size or LOCAL_JUDGE_PROMPTS_PER_CALL,
         max_new_tokens=judge.max_new_tokens,
         dtype=cfg.annotation.dtype or cfg.model.dtype,
     )
@@ -263,4 +268,4 @@ def run_annotation(
     check_failures(summary, cfg.annotation.max_failure_fraction, f"annotation stage {out_uri}")
     names = sorted(set(annotations["annotator"]))
     return writer.finish({**summary, "annotators": names, "labels_digest": labels_digest(annotations),
-                          "peak_gpu_memory_gib": peak_gpu_memory})
+                          "peak_gpu_memory_gib": peak_gpu_memory, "torch_threads": torch.get_num_threads()})

@@ -22,6 +22,7 @@ class Generator(Protocol):
     """Samples responses for prompt rows (records.PROMPTS) and returns rows of records.GENERATIONS."""
 
     backend: str
+    prompts_per_call: int | None  # None: the whole shard
 
     def generate(self, prompts: list[dict], seed: int) -> list[dict]: ...
 

@@ -110,7 +110,7 @@ def run_generation(
     if progress_callback:
         progress_callback(len(shards) - len(missing), len(shards))
 
-    backend, generated_tokens, generated_rows, skipped_prompts, seconds = None, 0, 0, 0, 0.0
+    backend, prompts_per_call, generated_tokens, generated_rows, skipped_prompts, seconds = None, None, 0, 0, 0, 0.0
     peak_gpu_memory = None
     finish_reasons: Counter = Counter()
     if missing:
@@ -118,7 +118,7 @@ def run_generation(
         gpu.reset_peak_memory()
         with make_generator(gen_cfg, policy_path, policy_uri, tokenizer_path, dtype,
                             attn_implementation) as generator:
-            backend = generator.backend
+            backend, prompts_per_call = generator.backend, generator.prompts_per_call
             for index in missing:
                 started = time.perf_counter()
                 rows = generator.generate(shards[index], shard_seed(run_name, iteration, index, gen_cfg.seed))
@@ -133,7 +133,8 @@ def run_generation(
                     progress_callback(len(writer.done_shards), len(shards))
             peak_gpu_memory = gpu.peak_memory_gib()  # before the engine shuts down
         gpu.release_memory()
-    stats = {"backend": backend, "generated_shards": len(missing), "generated_rows": generated_rows,
+    stats = {"backend": backend, "prompts_per_call": prompts_per_call, "torch_threads": torch.get_num_threads(),
+             "generated_shards": len(missing), "generated_rows": generated_rows,
              "generated_tokens": generated_tokens, "skipped_prompts": skipped_prompts,
              "finish_reasons": dict(finish_reasons), "seconds": seconds, "peak_gpu_memory_gib": peak_gpu_memory}
     if shard_subset is not None:  # a fan-out worker: whoever finds every shard in writes the manifest

@@ -39,6 +39,7 @@ class VLLMGenerator:
     """Samples with a `vllm.LLM` engine; each prompt gets its own seed derived from the shard seed."""
 
     backend = "vllm"
+    prompts_per_call = None  # the whole shard in one call: vLLM schedules its own batches
 
     def __init__(
         self,
