@@ -104,10 +104,22 @@ def library_problems(cfg: PipelineConfig) -> list[str]:
 
 def preflight_warnings(cfg: PipelineConfig) -> list[str]:
     """What does not stop a run but makes its results mean less than they seem: a win-rate judged by a demo
-    rule that nobody named."""
+    rule that nobody named; a person asked through a UI that nobody can open."""
     from alignment_core.evaluation import demo_judge_warning
 
-    return [warning for warning in (demo_judge_warning(cfg),) if warning]
+    return [warning for warning in (demo_judge_warning(cfg), unreachable_person_warning(cfg)) if warning]
+
+
+def unreachable_person_warning(cfg: PipelineConfig) -> str | None:
+    """A `human` annotator's form is shown on the paused flow run in a Prefect server's UI; without a server
+    (PREFECT_API_URL unset: the command line's temporary one, which serves no UI) nobody can answer it, and
+    every form waits its `annotation.human.timeout_s`, its pairs then unanswered."""
+    if not cfg.online or "human" not in cfg.annotation.kinds or os.environ.get("PREFECT_API_URL"):
+        return None
+    return (f"annotation: a person labels pairs in a form on the paused flow run, but no Prefect server is set "
+            f"(PREFECT_API_URL): the temporary server has no UI, so each form waits "
+            f"{cfg.annotation.human.timeout_s} s and its pairs stay unanswered. Start `prefect server start` and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api first (docs/setups-and-annotators.md)")
 
 
 def preflight(cfg: PipelineConfig, quick_checked: bool = False) -> None:

@@ -290,3 +290,18 @@ def test_a_person_answers_the_paused_runs_form_and_unanswered_forms_time_out(tmp
         states = [state.type.value for state in client.read_flow_run_states(run.id)]
         assert "FAILED" not in states and states[-1] == "COMPLETED", states  # resumed by the deadline, not failed
         assert time.time() - started < 300
+
+
+def test_without_a_prefect_server_the_preflight_warns_that_no_one_can_answer(monkeypatch):
+    from alignment_core.preflight import preflight_warnings
+
+    cfg = parse_config({"setup": "online_pairwise", "evaluation": {"enabled": False},
+                        "annotation": {"annotator": "human", "human": {"timeout_s": 90}}})
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    warnings = [w for w in preflight_warnings(cfg) if "person" in w]
+    assert len(warnings) == 1 and "PREFECT_API_URL" in warnings[0] and "90 s" in warnings[0]
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert not [w for w in preflight_warnings(cfg) if "person" in w]
+    monkeypatch.delenv("PREFECT_API_URL")
+    programmatic = parse_config({"setup": "online_pairwise", "evaluation": {"enabled": False}})
+    assert not [w for w in preflight_warnings(programmatic) if "person" in w]
