@@ -109,26 +109,29 @@ def test_results_table_and_plot_report_mean_std_and_range_over_seeds():
 
 @pytest.mark.slow
 def test_online_oracle_dpo_raises_the_held_out_true_reward(tmp_path):
+    """Asserted on the gain over pi_0 paired by seed, over two seeds (one trajectory once collapsed at its second
+    iteration after a small change to the SFT data): each seed gains, and the mean gain is wide."""
     root = tmp_path / "store"
-    command = [sys.executable, "-m", "experiments.online_vs_offline", "--quick", "--seeds", "1", "--arms",
+    command = [sys.executable, "-m", "experiments.online_vs_offline", "--quick", "--seeds", "2", "--arms",
                "online-oracle", "--store-root", str(root)]
     result = subprocess.run(command, cwd=REPO, env=prefect_env(tmp_path), capture_output=True, text=True,
-                            timeout=900)
+                            timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
-    measurements = pd.read_csv(root / "report" / "measurements.csv").set_index("iteration")
-    assert measurements.index.tolist() == [0, 1, 2]
+    measurements = pd.read_csv(root / "report" / "measurements.csv")
+    assert sorted(set(measurements["iteration"])) == [0, 1, 2] and sorted(set(measurements["seed"])) == [0, 1]
     assert (measurements["arm"] == "online-oracle").all()
-    before, after = measurements.loc[0], measurements.loc[2]
-    # SFT policy ~0.8; two iterations of online DPO reached ~3 in every run we made: a wide margin
-    assert after["true_reward"] > before["true_reward"] + 0.5, measurements
-    assert after["win_rate_vs_sft"] > 0.65, measurements
-    assert after["pairs_trained"] > 32  # both iterations trained on non-tied pairs
+    by_seed = measurements.pivot_table(index="seed", columns="iteration", values="true_reward")
+    gain = by_seed[2] - by_seed[0]
+    # SFT policy ~0.8; two iterations of online DPO reached ~3 in the runs we made: wide margins
+    assert (gain > 0).all() and gain.mean() > 0.5, measurements
+    assert measurements.loc[measurements["iteration"] == 2, "win_rate_vs_sft"].mean() > 0.65, measurements
+    assert measurements.loc[measurements["iteration"] == 2, "pairs_trained"].min() > 32  # non-tied pairs, both
 
     report = (root / "report" / "results.md").read_text()
     assert "| 2 | online-oracle | 64 |" in report
     assert (root / "report" / "results.png").read_bytes().startswith(b"\x89PNG")
-    heldout = pd.read_parquet(root / "seed0-online-oracle" / "iter-002" / "heldout_samples")
+    heldout = pd.read_parquet(root / "seed1-online-oracle" / "iter-002" / "heldout_samples")
     assert len(heldout) == 40 * 4 and set(heldout["sample_index"]) == {0, 1, 2, 3}
 
     # A rerun of the finished experiment does no model work: every stage and checkpoint is found complete.
