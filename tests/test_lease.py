@@ -298,10 +298,12 @@ def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(
     from tests.test_flows import SMALL, prefect_env, run_flow, write_config
 
     solo_root, shared_root = tmp_path / "solo", tmp_path / "shared"
-    # Enough sampling that the first run is still at work while the second one starts and is refused.
+    # The first run is still at work while the second one starts (seconds: its own server and imports) and is
+    # refused: each iteration's 32 samples take 10 s to label, however quick the sampling on this machine.
     longer = {**SMALL["generation"], "prompts_per_iteration": 16, "max_new_tokens": 32}
     two_rounds = {"iterations": 2, "evaluation": {"enabled": False}, "model": {"policy": str(tiny_model_dir)},
-                  "generation": longer}
+                  "generation": longer, "annotation": {**SMALL["annotation"],
+                                                       "programmatic": "tests.slow_reward:positive_words_slowly"}}
     for home in ("warm", "first"):
         (tmp_path / home).mkdir()
     # The solo run is the reference, and warms the Prefect home the second run starts from.
