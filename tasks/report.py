@@ -128,10 +128,10 @@ def publish_evaluation(store, run: str, iteration: int) -> None:
 
 
 # Summary keys by prefix -> section of the markdown summary, in the order shown (evaluation, the answer, first);
-# keys of no other section are the evaluation's. Units by suffix.
+# keys of no other section are the evaluation's. A metric's unit, by the suffix of its key.
 SECTIONS = (("", "Evaluation"), ("data_", "Data"), ("generation_", "Generation"), ("annotation_", "Annotation"),
             ("train_", "Training"))
-UNITS = (("tokens_per_s", "tokens/s"), ("_rows", "rows"), ("words_mean", "words"), ("learning_rate", "lr"))
+METRIC_UNITS = (("tokens_per_s", "tokens/s"), ("_rows", "rows"), ("words_mean", "words"), ("learning_rate", "lr"))
 STAGE_DESCRIPTIONS = {
     "prompts": "this iteration's training prompts",
     "examples": "the offline dataset, normalised",
@@ -160,7 +160,7 @@ def summary_markdown(run: str, summary: dict, stages: dict[str, str], rows: dict
             continue
         lines += ["", f"## {title}", "", "| metric | value | unit |", "|---|---|---|"]
         for key, value in section.items():
-            unit = next((u for suffix, u in UNITS if key.endswith(suffix)), "")
+            unit = next((u for suffix, u in METRIC_UNITS if key.endswith(suffix)), "")
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             lines.append(f"| {key.removeprefix(prefix) or key} | {shown} | {unit} |")
     lines += ["", "## Outputs", "", "| stage | rows | where | what |", "|---|---|---|---|"]
