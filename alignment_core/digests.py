@@ -27,34 +27,24 @@ from pathlib import Path
 
 import fsspec
 
+from alignment_core.stages import STAGES
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = __name__.partition(".")[0]
 
-# Where each stage's code starts: `module:function` for one top-level function of a module whose other
-# functions belong to other stages (pipeline.py), a bare module for all of it. The code digest covers what
-# these reach through the project's own imports (`stage_code`), so a helper in a new module is covered as
-# soon as a covered module imports it; only a new stage needs a row here.
-STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
-    "prompts": ("alignment_core.pipeline:load_prompts",),
-    "eval_prompts": ("alignment_core.pipeline:load_eval_prompts",),
-    "examples": ("alignment_core.pipeline:load_examples",),
-    # every stage `pipeline.generate` writes (eval_generations too)
-    "generations": ("alignment_core.pipeline:generate",),
-    "annotations": ("alignment_core.pipeline:annotate",),
-    "units": ("alignment_core.pipeline:build_units",),
-    "weights": ("alignment_core.pipeline:reweight",),
-    "checkpoint": ("alignment_core.pipeline:train",),
-    "evaluation": ("alignment_core.pipeline:evaluate", "alignment_core.pipeline:evaluate_reward_model"),
-    # the reward-model refresh (annotation.cascade.refresh): escalated labels fine-tune each member
-    "reward_models": ("alignment_core.pipeline:refresh_reward_models",),
-}
+# Where each stage's code starts (`module:function`, or a bare module for all of it): the stage table's `code`.
+# The code digest covers what these reach through the project's own imports (`stage_code`), so a helper in a new
+# module is covered as soon as a covered module imports it; only a new stage needs a row (alignment_core/stages.py).
+STAGE_ENTRIES: dict[str, tuple[str, ...]] = {name: spec.code for name, spec in STAGES.items()}
 # Code that decides whether a stage runs, not what it writes: the fingerprint (this module; the digests of
 # input stages and models) and the skip / keep-finished checks. Not followed, or every stage would depend on
 # the code of everything its inputs are digested with (`stage_digest` reaches models.py, this module the judge).
 FINGERPRINT_CODE = frozenset({
     "alignment_core.digests",
+    "alignment_core.stages",
     *(f"alignment_core.pipeline:{name}" for name in (
-        "_fingerprint", "already_done", "keep_finished", "stage_digest", "policy_digest", "annotator_digests")),
+        "run_stage", "_fingerprint", "_recorded_fingerprint", "keep_finished", "_differences", "stage_digest",
+        "policy_digest", "annotator_digests")),
 })
 
 _lock = threading.Lock()

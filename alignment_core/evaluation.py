@@ -5,16 +5,20 @@ A pairwise judge compares the two responses directly (both orders, as in trainin
 The outcome of each prompt is 1.0 (new wins), 0.5 (tie) or 0.0; a failed verdict is NaN, never a guess.
 """
 
+import logging
 import math
 
 import numpy as np
 import pandas as pd
 
 from alignment_core.annotation import LABEL_STATUSES, import_callable, make_annotator
+from alignment_core.annotation.base import ScoreRules
+from alignment_core.annotation.scorers import RewardModelAnnotator
 from alignment_core.annotators import ANNOTATORS
 from alignment_core.config import PipelineConfig
 from alignment_core.verdict import is_demo_rule
 
+log = logging.getLogger(__name__)
 load_callable = import_callable
 
 
@@ -114,3 +118,76 @@ def _compare_scores(cfg: PipelineConfig, new: pd.DataFrame, baseline: pd.DataFra
         outcome = math.nan if np.isnan(a) or np.isnan(b) else (1.0 if a > b else 0.5 if a == b else 0.0)
         results.append({"prompt_id": pid, "outcome": outcome, "score_new": a, "score_baseline": b})
     return pd.DataFrame(results, columns=["prompt_id", "outcome", "score_new", "score_baseline"])
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a win-rate (ties count half a win)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def win_rate(versus: str, outcome: pd.Series, prefix: str = "") -> dict[str, float]:
+    """`{prefix}win_rate_{versus}` with its 95% Wilson interval and how many prompts were judged."""
+    low, high = wilson_interval(float(outcome.sum()), len(outcome))
+    key = f"{prefix}win_rate_{versus}"
+    return {key: float(outcome.mean()) if len(outcome) else math.nan, f"{key}_low": low, f"{key}_high": high,
+            f"{prefix}judged_{versus}": float(len(outcome))}
+
+
+def oracle_scores(oracle, generations: pd.DataFrame) -> np.ndarray:
+    """One oracle score per prompt, in prompt_id order (evaluation samples one response per prompt)."""
+    frame = generations.drop_duplicates("prompt_id").sort_values("prompt_id")
+    return np.array([oracle(p, r) for p, r in zip(frame["prompt"], frame["response"], strict=True)], dtype=float)
+
+
+def score_evaluation(cfg: PipelineConfig, new: pd.DataFrame, baselines: dict[str, pd.DataFrame]) -> dict:
+    """The evaluation's numbers: the new policy's held-out samples against each baseline's ("previous",
+    "initial"), judged by the annotator and, when the run names one, by the oracle."""
+    summary = {}
+    for name, baseline in baselines.items():
+        comparison = compare_responses(cfg, new, baseline)
+        summary.update(win_rate(f"vs_{name}", comparison["outcome"].dropna()))  # failed verdicts are NaN
+        if name == "previous":
+            summary["annotator_score_mean"] = float(comparison["score_new"].mean())
+            summary["annotator_score_mean_previous"] = float(comparison["score_baseline"].mean())
+        else:  # how far the policy moved since the start, with an interval (the plot's reward panel)
+            summary.update(mean_difference("annotator_score_delta_vs_initial", comparison["score_new"],
+                                           comparison["score_baseline"]))
+    if cfg.evaluation.oracle:
+        # The true reward, when the experiment has one: the same comparisons judged by the oracle, because the
+        # annotator's win-rate can rise while the true reward falls (reward hacking).
+        oracle = load_callable(cfg.evaluation.oracle)
+        scores = {"new": oracle_scores(oracle, new)}
+        summary["oracle_reward_mean"] = float(np.mean(scores["new"]))
+        summary["oracle_reward_std"] = float(np.std(scores["new"]))
+        for name, baseline in baselines.items():
+            scores[name] = oracle_scores(oracle, baseline)
+            summary[f"oracle_reward_mean_{name}"] = float(np.mean(scores[name]))
+            outcome = np.sign(scores["new"] - scores[name]) / 2 + 0.5  # 1 win, 0.5 tie, 0 loss, prompt by prompt
+            summary.update(win_rate(f"vs_{name}", pd.Series(outcome), prefix="oracle_"))
+        summary.update(mean_difference("oracle_reward_delta_vs_initial", scores["new"], scores["initial"]))
+    summary["response_words_mean"] = float(new["response"].str.split().str.len().mean())
+    return summary
+
+
+def reward_model_accuracy(pairs: pd.DataFrame, reward_model_path: str, cfg: PipelineConfig, where: str) -> dict:
+    """A reward model on preference pairs of held-out prompts: how often it scores the chosen response above the
+    rejected one (ties count half), with a 95% Wilson interval, and the mean margin."""
+    summary: dict = {"heldout_pairs": float(len(pairs))}
+    if len(pairs) == 0:
+        log.warning("%s: no held-out pairs (data.eval_prompts: %d); held-out accuracy not measured", where,
+                    cfg.data.eval_prompts)
+        return summary
+    scorer = RewardModelAnnotator(reward_model_path, ScoreRules(), max_length=cfg.training.max_length,
+                                  dtype=cfg.model.dtype)
+    chosen, rejected = (np.array(scorer.score(pairs["prompt_messages"], pairs[column]))
+                        for column in ("chosen", "rejected"))
+    outcome = pd.Series(np.sign(chosen - rejected) / 2 + 0.5)
+    low, high = wilson_interval(float(outcome.sum()), len(outcome))
+    summary.update(heldout_accuracy=float(outcome.mean()), heldout_accuracy_low=low, heldout_accuracy_high=high,
+                   heldout_margin_mean=float(np.mean(chosen - rejected)))
+    return summary

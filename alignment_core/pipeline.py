@@ -9,27 +9,32 @@ Layout of one run (see store.py):
     iter-000/eval_prompts, iter-000/examples (offline), iter-000/eval_generations (the initial policy)
     iter-k/prompts → generations → annotations → units → weights → checkpoint (+ metrics)
     iter-k/eval_generations → evaluation (win-rates against the previous and the initial policy)
+
+Every stage runs through `run_stage` (its row in alignment_core/stages.py says what its fingerprint reads).
+Modules that import torch are imported inside the stage functions that use them: the orchestrating flow imports
+this module to dispatch stages, and should not pay torch's import (about 5 s) for it.
 """
 
+import dataclasses
 import logging
-import math
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from alignment_core.adapters import adapter_base, is_adapter
 from alignment_core.annotators import models_loaded_here
-from alignment_core.config import PipelineConfig, TrainingConfig, dump_config
+from alignment_core.config import PipelineConfig
 from alignment_core.cpu import set_torch_threads
+from alignment_core.data import DatasLoader
 from alignment_core.digests import callable_digest, data_digests, file_digest, stage_code_digest, template_digest
 from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, UNITS, from_rows
+from alignment_core.refresh import STAGE, escalated_units, member_config, refresh_member, refreshes
+from alignment_core.stages import STAGES, StageSpec
 from alignment_core.store import ArtifactStore, fingerprint_digest
 
 log = logging.getLogger(__name__)
@@ -77,22 +82,66 @@ def finished_iterations(cfg: PipelineConfig) -> int:
     return done
 
 
-def already_done(store: ArtifactStore, stage_uri: str, fingerprint: dict) -> bool:
-    """Whether the store holds this stage complete for this fingerprint; says so in the log when it does."""
-    if not store.is_complete(stage_uri, fingerprint):
-        return False
-    log.info("%s: already complete (%s rows), skipped", stage_uri, store.read_manifest(stage_uri)["rows"])
-    return True
-
-
-def _fingerprint(cfg: PipelineConfig, stage: str, sections: tuple[str, ...], **inputs) -> dict:
-    """What a stage's output is computed from: its config sections, the digests of what it reads (stages,
-    models, data files, templates, reward functions) and of the library code that produces it."""
-    return {"stage": stage, "config": cfg.stage_hash(*sections), "inputs": inputs, "code": stage_code_digest(stage)}
-
-
+# ---- the stage runner -----------------------------------------------------------------------------------
 class FinishedIterationChangedError(ValueError):
     """Redoing a stage of a finished iteration (complete checkpoint) computed from something else."""
+
+
+Compute = Callable[[str, dict], None]  # (the stage's URI, its fingerprint): computes and writes the stage
+
+
+def run_stage(cfg: PipelineConfig, store: ArtifactStore, spec: StageSpec, iteration: int, inputs: dict,
+              compute: Compute, *, out: str | None = None, config: Any = None) -> str:
+    """The one way a stage runs: its fingerprint (`spec.sections` of the config, or `config`; the digests in
+    `inputs`; the code digest of `spec.code`), then skip it when the store holds it complete for that
+    fingerprint, keep it when its iteration is finished and only the library code changed (`keep_finished`),
+    or compute it (`compute(out, fingerprint)` writes it, verified, through the store). Returns its URI."""
+    out = out or store.stage_uri(cfg.store.run_name, iteration, spec.path)
+    fingerprint = {"stage": spec.path, "config": cfg.stage_hash(*spec.sections) if config is None else config,
+                   "inputs": inputs, "code": stage_code_digest(spec.name)}
+    previous = _recorded_fingerprint(store, spec, out)
+    same = previous is not None and fingerprint_digest(previous) == fingerprint_digest(fingerprint)
+    if same and _complete(store, spec, out, fingerprint):
+        if not (spec.retries_transient and _retry_transient(cfg, store, out, iteration)):
+            rows = f" ({store.read_manifest(out)['rows']} rows)" if spec.record == "manifest" else ""
+            log.info("%s: already complete%s, skipped", out, rows)
+            return out
+    elif spec.keeps_finished and keep_finished(cfg, store, out, iteration, fingerprint, previous):
+        return out
+    compute(out, fingerprint)
+    return out
+
+
+def _recorded_fingerprint(store: ArtifactStore, spec: StageSpec, out: str) -> dict | None:
+    """The fingerprint a stage's copy in the store was computed from (None: no finished copy)."""
+    if spec.record == "lineage":  # a checkpoint: its lineage.json, written once the checkpoint is complete
+        lineage = f"{out}/lineage.json"
+        complete = store.checkpoint_complete(out) and store.exists(lineage)
+        return store.read_json(lineage)["fingerprint"] if complete else None
+    manifest = store.read_manifest(out)
+    return manifest.get("fingerprint") if manifest else None
+
+
+def _complete(store: ArtifactStore, spec: StageSpec, out: str, fingerprint: dict) -> bool:
+    """Every shard of the stage (and of its siblings, `spec.also`) there, of the recorded size, rows and sha256."""
+    if spec.record == "lineage":
+        return True  # the lineage is written after the checkpoint's files, which `checkpoint_complete` checked
+    siblings = [f"{out.rsplit('/', 1)[0]}/{name}" for name in spec.also]
+    return all(store.is_complete(uri, fingerprint) for uri in (out, *siblings))
+
+
+def _retry_transient(cfg: PipelineConfig, store: ArtifactStore, out: str, iteration: int) -> bool:
+    """Whether a complete stage is computed again in its rows that failed for a transient reason (judge outage,
+    timeout): not once its iteration is finished."""
+    transient = store.read_manifest(out)["extra"].get("transient_failures", 0)
+    if not transient:
+        return False
+    if store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, iteration)):
+        log.warning("%s: %d annotations failed for a transient reason; its iteration is finished, so they are "
+                    "not retried", out, transient)
+        return False
+    log.info("%s: retrying the %d annotations that failed for a transient reason", out, transient)
+    return True
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -112,20 +161,17 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def keep_finished(cfg: PipelineConfig, store: ArtifactStore, stage_uri: str, iteration: int,
-                  fingerprint: dict, previous: dict | None = None) -> bool:
+                  fingerprint: dict, previous: dict | None) -> bool:
     """Whether a stage of a finished iteration stays as it is although its fingerprint changed.
 
     A finished iteration is history: when only the library code changed since (an upgrade), its stages are kept
     and later iterations run on the new code. When anything else changed (the config, the data, a model),
     redoing the stage would silently replace the iteration's checkpoint: that raises, unless
-    `store.force_rerun` asks for it. `previous` is the fingerprint the stage was computed from (default: its
-    manifest's). Iteration 0's stages (the offline examples) count as finished with iteration 1.
+    `store.force_rerun` asks for it. `previous` is the fingerprint the stage's copy in the store was computed
+    from (None: there is none). Iteration 0's stages (the offline examples) count as finished with iteration 1.
     """
     if cfg.store.force_rerun:
         return False
-    if previous is None:
-        manifest = store.read_manifest(stage_uri)
-        previous = manifest.get("fingerprint") if manifest else None
     if previous is None or fingerprint_digest(previous) == fingerprint_digest(fingerprint):
         return False
     checkpoint = store.checkpoint_uri(cfg.store.run_name, max(iteration, 1))
@@ -147,8 +193,6 @@ def keep_finished(cfg: PipelineConfig, store: ArtifactStore, stage_uri: str, ite
 def _all_prompts(cfg: PipelineConfig, loader=None) -> tuple[pa.Table, pa.Table, dict]:
     """(training prompts, held-out eval prompts, load report): eval prompts come from eval_source or the
     source's tail; the report says what the source held (format, rows kept and skipped by reason)."""
-    from alignment_core.data import DatasLoader
-
     loader = loader or DatasLoader.from_config(cfg.data)
     prompts = loader.load_prompts()
     log.info("data: %s; %d distinct prompts", loader.report.summary(), prompts.num_rows)
@@ -166,12 +210,13 @@ def _all_prompts(cfg: PipelineConfig, loader=None) -> tuple[pa.Table, pa.Table, 
 def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
     """This iteration's prompts: a fixed permutation of the training prompts, the k-th window of it."""
     store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, iteration, "prompts")
-    fingerprint = _fingerprint(cfg, "prompts", ("data",), iteration=iteration,
-                               per_iteration=cfg.generation.prompts_per_iteration, seed=cfg.generation.seed,
-                               data=data_digests(cfg.data))
-    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
-        return out
+    inputs = {"iteration": iteration, "per_iteration": cfg.generation.prompts_per_iteration,
+              "seed": cfg.generation.seed, "data": data_digests(cfg.data)}
+    return run_stage(cfg, store, STAGES["prompts"], iteration, inputs,
+                     lambda out, fingerprint: _write_prompts(cfg, store, iteration, out, fingerprint))
+
+
+def _write_prompts(cfg: PipelineConfig, store: ArtifactStore, iteration: int, out: str, fingerprint: dict) -> None:
     train_prompts, _, report = _all_prompts(cfg)
     if train_prompts.num_rows == 0:
         raise ValueError(f"data source {cfg.data.source!r} has no training prompts left after the held-out split")
@@ -191,41 +236,34 @@ def load_prompts(cfg: PipelineConfig, iteration: int) -> str:
     reused = max(0, last - max(first, available))  # stream positions past the end come round again
     store.write_stage(out, "prompts", fingerprint, [train_prompts.take(window)],
                       extra={"reused_prompts": reused, "report": report})
-    return out
 
 
 def load_eval_prompts(cfg: PipelineConfig) -> str:
-    store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, 0, "eval_prompts")
-    fingerprint = _fingerprint(cfg, "eval_prompts", ("data",), data=data_digests(cfg.data))
-    if not already_done(store, out, fingerprint):
+    """The held-out prompts (iter-000/eval_prompts): `data.eval_source`, or the tail of the source."""
+    def compute(out: str, fingerprint: dict) -> None:
         _, eval_prompts, report = _all_prompts(cfg)
         store.write_stage(out, "prompts", fingerprint, [eval_prompts], extra={"report": report})
-    return out
+
+    store = open_store(cfg)
+    return run_stage(cfg, store, STAGES["eval_prompts"], 0, {"data": data_digests(cfg.data)}, compute)
 
 
 def load_examples(cfg: PipelineConfig) -> str:
     """The offline dataset, normalised to EXAMPLES records (iter-000/examples), without the examples whose
     prompt is held out for evaluation: those go to iter-000/heldout_examples, never trained on."""
-    from alignment_core.data import DatasLoader
+    def compute(out: str, fingerprint: dict) -> None:
+        loader = DatasLoader.from_config(cfg.data)
+        examples = loader.load()
+        _, eval_prompts, report = _all_prompts(cfg, loader)
+        eval_ids = set(eval_prompts.column("prompt_id").to_pylist())
+        is_heldout = pa.array([pid in eval_ids for pid in examples.column("prompt_id").to_pylist()], pa.bool_())
+        heldout = store.stage_uri(cfg.store.run_name, 0, "heldout_examples")
+        store.write_stage(heldout, "examples", fingerprint, [examples.filter(is_heldout)], extra={"report": report})
+        store.write_stage(out, "examples", fingerprint, [examples.filter(pa.compute.invert(is_heldout))],
+                          extra={"report": report, "heldout_examples": heldout})
 
     store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, 0, "examples")
-    heldout = store.stage_uri(cfg.store.run_name, 0, "heldout_examples")
-    fingerprint = _fingerprint(cfg, "examples", ("data",), data=data_digests(cfg.data))
-    if already_done(store, out, fingerprint) and store.is_complete(heldout, fingerprint):
-        return out
-    if keep_finished(cfg, store, out, 0, fingerprint):
-        return out
-    loader = DatasLoader.from_config(cfg.data)
-    examples = loader.load()
-    _, eval_prompts, report = _all_prompts(cfg, loader)
-    eval_ids = set(eval_prompts.column("prompt_id").to_pylist())
-    is_heldout = pa.array([pid in eval_ids for pid in examples.column("prompt_id").to_pylist()], pa.bool_())
-    store.write_stage(heldout, "examples", fingerprint, [examples.filter(is_heldout)], extra={"report": report})
-    store.write_stage(out, "examples", fingerprint, [examples.filter(pa.compute.invert(is_heldout))],
-                      extra={"report": report, "heldout_examples": heldout})
-    return out
+    return run_stage(cfg, store, STAGES["examples"], 0, {"data": data_digests(cfg.data)}, compute)
 
 
 def heldout_examples_uri(store: ArtifactStore, examples_uri: str) -> str:
@@ -241,35 +279,23 @@ def generate(
     only worker i of N's shards (alignment_core/fanout.py), the stage complete once the last worker is done."""
     from alignment_core.generation import run_generation
 
+    def compute(out: str, fingerprint: dict) -> None:
+        run_generation(
+            store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
+            run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
+            tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation, shard_subset=shard_subset,
+        )
+
     set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, iteration, stage)
-    gen_cfg = _generation_config(cfg, stage)
-    fingerprint = {
-        # Any stage name (eval_generations, an experiment's own) is produced by the same generation code.
-        "stage": stage, "config": gen_cfg.model_dump(mode="json"), "code": stage_code_digest("generations"),
-        "inputs": {"prompts": stage_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)},
-    }
-    if already_done(store, out, fingerprint):
-        return out
-    # held-out samples (eval_generations) feed no checkpoint: they are redone like any stage
-    if stage == "generations" and keep_finished(cfg, store, out, iteration, fingerprint):
-        return out
-    run_generation(
-        store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
-        run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
-        tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation, shard_subset=shard_subset,
-    )
-    return out
-
-
-def _generation_config(cfg: PipelineConfig, stage: str):
-    if stage != "eval_generations":
-        return cfg.generation
-    return cfg.generation.model_copy(update={
+    # Any other stage name (an experiment's own held-out samples) is sampled as the evaluation's are.
+    spec = STAGES.get(stage) or dataclasses.replace(STAGES["eval_generations"], folder=stage)
+    gen_cfg = cfg.generation if spec.name == "generations" else cfg.generation.model_copy(update={
         "n_samples": 1, "temperature": cfg.evaluation.temperature, "max_new_tokens": cfg.evaluation.max_new_tokens,
     })
+    inputs = {"prompts": stage_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)}
+    return run_stage(cfg, store, spec, iteration, inputs, compute, config=gen_cfg.model_dump(mode="json"))
 
 
 def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
@@ -284,27 +310,14 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
 
     set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, iteration, "annotations")
     refreshed = {}
     if reward_models_uri:
         cfg = cfg.with_reward_models(store.read_manifest(reward_models_uri)["extra"]["members"])
         refreshed = {"reward_models": stage_digest(store, reward_models_uri)}
-    fingerprint = _fingerprint(cfg, "annotations", ("annotation",), setup=cfg.setup,
-                               generations=stage_digest(store, generations_uri), **annotator_digests(cfg, store),
-                               **refreshed)
-    if already_done(store, out, fingerprint):
-        transient = store.read_manifest(out)["extra"].get("transient_failures", 0)
-        if not transient:
-            return out
-        if store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, iteration)):
-            log.warning("%s: %d annotations failed for a transient reason; its iteration is finished, so they are "
-                        "not retried", out, transient)
-            return out
-        log.info("%s: retrying the %d annotations that failed for a transient reason", out, transient)
-    elif keep_finished(cfg, store, out, iteration, fingerprint):
-        return out
-    run_annotation(store, generations_uri, out, cfg, fingerprint, shard_subset=shard_subset, ask=ask)
-    return out
+    inputs = {"setup": cfg.setup, "generations": stage_digest(store, generations_uri),
+              **annotator_digests(cfg, store), **refreshed}
+    return run_stage(cfg, store, STAGES["annotations"], iteration, inputs, lambda out, fingerprint: run_annotation(
+        store, generations_uri, out, cfg, fingerprint, shard_subset=shard_subset, ask=ask))
 
 
 def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:
@@ -332,18 +345,15 @@ def build_units(
     """The training units of this round: dataset examples (offline) or annotated generations (online)."""
     from alignment_core.batches import units_from_examples, units_from_online
 
-    store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, iteration, "units")
-    sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]
-    fingerprint = _fingerprint(cfg, "units", (), setup=cfg.setup,
-                               sources=[stage_digest(store, uri) for uri in sources])
-    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
-        return out
-    if examples_uri:
-        units = units_from_examples(store.read_pandas(examples_uri), cfg.setup)
-    else:
-        units = units_from_online(store.read_pandas(generations_uri), store.read_pandas(annotations_uri), cfg.setup)
-    if len(units) == 0:
+    def compute(out: str, fingerprint: dict) -> None:
+        if examples_uri:
+            units = units_from_examples(store.read_pandas(examples_uri), cfg.setup)
+        else:
+            units = units_from_online(store.read_pandas(generations_uri), store.read_pandas(annotations_uri),
+                                      cfg.setup)
+        if len(units):
+            store.write_stage(out, "units", fingerprint, [pa.Table.from_pandas(units, preserve_index=False)])
+            return
         message = (f"iteration {iteration}: no usable training units (setup {cfg.setup}); see the "
                    "annotation stage's status counts")
         if not cfg.online:
@@ -352,30 +362,31 @@ def build_units(
         # `train`); the empty stage and its note keep that visible instead of stopping a scheduled run.
         log.warning("%s: the policy is carried over unchanged", message)
         store.write_stage(out, "units", fingerprint, [], extra={"note": message})
-        return out
-    store.write_stage(out, "units", fingerprint, [pa.Table.from_pandas(units, preserve_index=False)])
-    return out
+
+    store = open_store(cfg)
+    sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]
+    inputs = {"setup": cfg.setup, "sources": [stage_digest(store, uri) for uri in sources]}
+    return run_stage(cfg, store, STAGES["units"], iteration, inputs, compute)
 
 
 def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: int) -> str:
+    """Per-unit training weights (`reweight.strategy`); `importance` reads the policy's log-probs."""
     from alignment_core.reweight import run_reweighting
+
+    def compute(out: str, fingerprint: dict) -> None:
+        units = store.read_pandas(units_uri)
+        if len(units) == 0:
+            store.write_stage(out, "weights", fingerprint, [], extra={"note": "no units to weigh"})
+        else:
+            run_reweighting(store, units, out, cfg, fingerprint, policy_path=resolve_policy(store, policy_uri))
 
     set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, iteration, "weights")
     inputs = {"units": stage_digest(store, units_uri)}
     if cfg.reweight.strategy == "importance":
         inputs["policy"] = policy_digest(store, policy_uri)
         inputs["behaviour"] = policy_digest(store, cfg.reweight.behaviour_model)
-    fingerprint = _fingerprint(cfg, "weights", ("reweight",), **inputs)
-    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
-        return out
-    units = store.read_pandas(units_uri)
-    if len(units) == 0:
-        store.write_stage(out, "weights", fingerprint, [], extra={"note": "no units to weigh"})
-    else:
-        run_reweighting(store, units, out, cfg, fingerprint, policy_path=resolve_policy(store, policy_uri))
-    return out
+    return run_stage(cfg, store, STAGES["weights"], iteration, inputs, compute)
 
 
 def train(
@@ -383,256 +394,131 @@ def train(
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> str:
     """One training round; returns the checkpoint URI (skipped when a checkpoint of the same inputs exists)."""
+    from alignment_core.rounds import carry_over, launch_distributed_round
+    from alignment_core.training import Trainer
+
+    def compute(checkpoint: str, fingerprint: dict) -> None:
+        metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
+        if store.read_manifest(units_uri)["rows"] == 0:
+            carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
+        elif (cfg.training.num_processes or 1) > 1 or cfg.training.accelerate_config:
+            launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
+                                     policy_uri=policy_uri, fingerprint=fingerprint_digest(fingerprint))
+        else:
+            trainer = Trainer(cfg, policy_path=policy_path, tokenizer_path=cfg.model.tokenizer, store=store,
+                              reference_path=reference_path, policy_name=policy_uri)
+            encoded = trainer.batch_factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
+            try:
+                # The round's fingerprint is the lineage's: one fingerprint decides whether the round is done, and
+                # the Trainer resumes only a checkpoint written for it.
+                trainer.train(encoded, checkpoint, metrics, progress_callback=progress,
+                              fingerprint=fingerprint_digest(fingerprint))
+            finally:
+                trainer.release()
+        models = {"policy": policy.lineage(store, policy_path), "reference": reference.lineage(store, reference_path)}
+        trained = store.local_checkpoint(checkpoint)
+        if is_adapter(trained):  # a LoRA checkpoint: its base by config name and digest
+            models["adapter_base"] = model_lineage(store, adapter_base(trained))
+        store.write_json(f"{checkpoint}/lineage.json", {
+            "fingerprint": fingerprint, "policy_uri": policy_uri, "reference_uri": reference_uri,
+            "units_uri": units_uri, "models": models, "seed": cfg.training.seed,
+            "bootstrap_seed": cfg.training.bootstrap_seed})
+
     set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
-    checkpoint = store.checkpoint_uri(cfg.store.run_name, iteration)
-    metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")
     policy, reference = InputRef.model(policy_uri), InputRef.model(reference_uri)
     policy_path, reference_path = policy.resolve(store), reference.resolve(store)  # once: digests and lineage
     # The accelerate config file by its bytes: its num_processes (when training.num_processes is unset) and its
     # strategy decide the round as much as the training section does.
     accelerate = ({"accelerate_config": "sha256:" + file_digest(cfg.training.accelerate_config)}
                   if cfg.training.accelerate_config else {})
-    fingerprint = _fingerprint(
-        cfg, "checkpoint", ("training", "model"), setup=cfg.setup, units=stage_digest(store, units_uri),
-        weights=stage_digest(store, weights_uri), policy=policy.digest(store, policy_path),
-        reference=reference.digest(store, reference_path), **accelerate,
-    )
-    lineage_uri = f"{checkpoint}/lineage.json"
-    if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri):
-        previous = store.read_json(lineage_uri)["fingerprint"]
-        if previous == fingerprint:
-            log.info("%s: already complete, skipped", checkpoint)
-            return checkpoint
-        if keep_finished(cfg, store, checkpoint, iteration, fingerprint, previous=previous):
-            return checkpoint
-    if store.read_manifest(units_uri)["rows"] == 0:
-        _carry_over(cfg, store, policy_path, checkpoint, metrics, fingerprint, policy_uri=policy_uri)
-    elif (cfg.training.num_processes or 1) > 1 or cfg.training.accelerate_config:
-        _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
-                                  policy_uri=policy_uri, fingerprint=fingerprint_digest(fingerprint))
-    else:
-        from alignment_core.training import Trainer
-
-        trainer = Trainer(cfg, policy_path=policy_path, tokenizer_path=cfg.model.tokenizer, store=store,
-                          reference_path=reference_path, policy_name=policy_uri)
-        encoded = trainer.batch_factory.encode(store.read_pandas(units_uri), store.read_pandas(weights_uri))
-        try:
-            # The round's fingerprint is the lineage's: one fingerprint decides whether the round is done, and
-            # the Trainer resumes only a checkpoint written for it.
-            trainer.train(encoded, checkpoint, metrics, progress_callback=progress,
-                          fingerprint=fingerprint_digest(fingerprint))
-        finally:
-            trainer.release()
-    models = {"policy": policy.lineage(store, policy_path), "reference": reference.lineage(store, reference_path)}
-    from alignment_core.adapters import adapter_base, is_adapter
-
-    trained = store.local_checkpoint(checkpoint)
-    if is_adapter(trained):  # a LoRA checkpoint: its base by config name and digest
-        models["adapter_base"] = model_lineage(store, adapter_base(trained))
-    store.write_json(lineage_uri, {"fingerprint": fingerprint, "policy_uri": policy_uri,
-                                   "reference_uri": reference_uri, "units_uri": units_uri, "models": models,
-                                   "seed": cfg.training.seed, "bootstrap_seed": cfg.training.bootstrap_seed})
-    return checkpoint
+    inputs = {"setup": cfg.setup, "units": stage_digest(store, units_uri), "weights": stage_digest(store, weights_uri),
+              "policy": policy.digest(store, policy_path), "reference": reference.digest(store, reference_path),
+              **accelerate}
+    return run_stage(cfg, store, STAGES["checkpoint"], iteration, inputs, compute,
+                     out=store.checkpoint_uri(cfg.store.run_name, iteration))
 
 
 def refresh_reward_models(cfg: PipelineConfig, iteration: int) -> str:
     """The `reward_models` stage of `iteration` (>= 2): every member fine-tuned on the escalated labels of the
     iterations before it (alignment_core/refresh.py); returns the stage URI, whose manifest lists the members
     (`extra.members`)."""
-    from alignment_core.refresh import STAGE, escalated_units, member_config, refresh_member, refreshes
-
     if not refreshes(cfg, iteration):
         raise ValueError(f"iteration {iteration}: no reward-model refresh (annotation.cascade.refresh.enabled, "
                          "a cascade, and an iteration after the first)")
+    def compute(out: str, fingerprint: dict) -> None:
+        units, counts = escalated_units(store, run, earlier)
+        writer = store.stage_writer(out, "units", fingerprint)  # clears members trained for another fingerprint
+        if len(units) == 0:
+            log.warning("%s: no escalated labels in iterations 1-%d; the original reward models label", out,
+                        iteration - 1)
+            members = list(originals)
+        else:
+            members = [refresh_member(cfg, store, out, index, name, units, fingerprint)
+                       for index, name in enumerate(originals)]
+        writer.write_shard(0, from_rows(units.to_dict("records"), UNITS, f"{STAGE} units"))
+        writer.finish({"members": members, "originals": list(originals), "labels": len(units),
+                       "labels_by_iteration": counts, "bootstrap": cfg.annotation.cascade.refresh.bootstrap})
+
     store, run = open_store(cfg), cfg.store.run_name
-    out = store.stage_uri(run, iteration, STAGE)
     originals = cfg.annotation.reward_models
     earlier = range(1, iteration)
-    fingerprint = _fingerprint(
-        cfg, STAGE, ("annotation",),
-        labels=[stage_digest(store, store.stage_uri(run, k, "annotations")) for k in earlier],
-        members=[policy_digest(store, name) for name in originals],
-        rounds=[member_config(cfg, i).stage_hash("training", "model") for i in range(len(originals))],
-    )
-    if already_done(store, out, fingerprint) or keep_finished(cfg, store, out, iteration, fingerprint):
-        return out
-    units, counts = escalated_units(store, run, earlier)
-    writer = store.stage_writer(out, "units", fingerprint)  # clears members trained for another fingerprint
-    if len(units) == 0:
-        log.warning("%s: no escalated labels in iterations 1-%d; the original reward models label", out,
-                    iteration - 1)
-        members = list(originals)
-    else:
-        members = [refresh_member(cfg, store, out, index, name, units, fingerprint)
-                   for index, name in enumerate(originals)]
-    writer.write_shard(0, from_rows(units.to_dict("records"), UNITS, f"{STAGE} units"))
-    writer.finish({"members": members, "originals": list(originals), "labels": len(units),
-                   "labels_by_iteration": counts, "bootstrap": cfg.annotation.cascade.refresh.bootstrap})
-    return out
-
-
-def _carry_over(cfg: PipelineConfig, store: ArtifactStore, policy_path: str, checkpoint: str, metrics: str,
-                fingerprint: dict, policy_uri: str | None = None) -> None:
-    """No training data this round: the iteration's checkpoint is the policy it started from.
-
-    With `model.adapter` the checkpoint stays an adapter (the policy's own, or a new one that changes nothing
-    on a base policy), so that every checkpoint of a LoRA run is an adapter on the same base.
-    """
-    from alignment_core.adapters import add_adapter, is_adapter
-    from alignment_core.models import load_causal_lm, load_tokenizer
-
-    log.warning("%s: no training units, saving the unchanged policy", checkpoint)
-    if cfg.model.adapter is not None and is_adapter(policy_path):
-        model = load_causal_lm(policy_path, dtype=cfg.model.dtype, adapter_mode="frozen")
-    elif cfg.model.adapter is not None:
-        model = add_adapter(load_causal_lm(policy_path, dtype=cfg.model.dtype), cfg.model.adapter, "causal_lm",
-                            base_name=policy_uri or policy_path)
-    else:
-        model = load_causal_lm(policy_path, dtype=cfg.model.dtype)
-    store.save_checkpoint(model, load_tokenizer(cfg.model.tokenizer or policy_path), checkpoint)
-    store.write_stage(metrics, "metrics", fingerprint, [], extra={"note": "no training units: policy unchanged"})
-
-
-def _launch_distributed_round(cfg, units_uri, weights_uri, policy_path, reference_path, checkpoint, metrics,
-                              policy_uri=None, fingerprint=None):
-    """Run the round under `accelerate launch` (DDP/DeepSpeed/FSDP per the accelerate config)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        round_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"policy": policy_path, "reference": reference_path})})
-        config_path = os.path.join(tmp, "config.yaml")
-        with open(config_path, "w") as f:
-            f.write(dump_config(round_cfg))
-        command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_launch_options(cfg.training),
-                   "-m", "alignment_core.training", "--config", config_path, "--units", units_uri,
-                   "--weights", weights_uri, "--checkpoint", checkpoint, "--metrics", metrics,
-                   "--policy-name", policy_uri or policy_path]
-        if fingerprint:
-            command += ["--fingerprint", fingerprint]
-        subprocess.run(command, check=True)
-
-
-def accelerate_launch_options(training: TrainingConfig) -> list[str]:
-    """`accelerate launch`'s options for a round: the config file when one is named, and the process count when
-    `training.num_processes` is set (it overrides the file's; unset, the file's count holds)."""
-    options = [] if training.num_processes is None else ["--num_processes", str(training.num_processes)]
-    if training.accelerate_config:
-        return [*options, "--config_file", training.accelerate_config]
-    return [*options, "--multi_gpu"]  # torchrun-style launch; without CUDA the Trainer asks for the CPU (gloo)
+    inputs = {"labels": [stage_digest(store, store.stage_uri(run, k, "annotations")) for k in earlier],
+              "members": [policy_digest(store, name) for name in originals],
+              "rounds": [member_config(cfg, i).stage_hash("training", "model") for i in range(len(originals))]}
+    return run_stage(cfg, store, STAGES[STAGE], iteration, inputs, compute)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
-def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a win-rate (ties count half a win)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def evaluate(
     cfg: PipelineConfig, eval_prompts_uri: str, policy_uri: str, previous_policy_uri: str,
     initial_policy_uri: str, iteration: int,
 ) -> str:
-    """Held-out prompts: the new policy against the previous and the initial one, judged by the annotator.
-
-    Writes `eval_generations` (the new policy's samples; iteration 0 holds the initial policy's) and an
-    `evaluation` metrics stage: win-rates with 95% Wilson intervals, and the mean reward of each policy.
-    """
-    from alignment_core.evaluation import annotator_label, compare_responses, mean_difference
-
-    set_torch_threads(cfg.model.torch_threads)
-    store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
+    """Held-out prompts: the new policy against the previous and the initial one, judged by the annotator. The
+    three `eval_generations` stages (iteration 0 holds the initial policy's), then `evaluate_generations`."""
     new = generate(cfg, eval_prompts_uri, policy_uri, iteration, stage="eval_generations")
     previous = generate(cfg, eval_prompts_uri, previous_policy_uri, iteration - 1, stage="eval_generations")
     initial = generate(cfg, eval_prompts_uri, initial_policy_uri, 0, stage="eval_generations")
+    return evaluate_generations(cfg, new, previous, initial, iteration)
+
+
+def evaluate_generations(cfg: PipelineConfig, new_uri: str, previous_uri: str, initial_uri: str,
+                         iteration: int) -> str:
+    """The `evaluation` metrics stage: the new policy's held-out samples against the previous and the initial
+    policy's, as win-rates with 95% Wilson intervals and the mean reward of each policy."""
+    from alignment_core.evaluation import annotator_label, score_evaluation
+
+    def compute(out: str, fingerprint: dict) -> None:
+        new = store.read_pandas(new_uri)
+        summary = score_evaluation(cfg, new, {"previous": store.read_pandas(previous_uri),
+                                              "initial": store.read_pandas(initial_uri)})
+        rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
+        store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
+                          extra={"summary": summary, "judge": annotator_label(cfg), "oracle": cfg.evaluation.oracle})
+
+    set_torch_threads(cfg.model.torch_threads)
+    store = open_store(cfg)
     oracle = {"oracle": callable_digest(cfg.evaluation.oracle)} if cfg.evaluation.oracle else {}
-    fingerprint = _fingerprint(cfg, "evaluation", ("annotation", "evaluation"),
-                               new=stage_digest(store, new), previous=stage_digest(store, previous),
-                               initial=stage_digest(store, initial), **annotator_digests(cfg, store), **oracle)
-    if already_done(store, out, fingerprint):
-        return out
-    new_df = store.read_pandas(new)
-    baselines = {"previous": store.read_pandas(previous), "initial": store.read_pandas(initial)}
-    summary = {}
-    for name, baseline in baselines.items():
-        comparison = compare_responses(cfg, new_df, baseline)
-        summary.update(_win_rate(f"vs_{name}", comparison["outcome"].dropna()))  # failed verdicts are NaN
-        if name == "previous":
-            summary["annotator_score_mean"] = float(comparison["score_new"].mean())
-            summary["annotator_score_mean_previous"] = float(comparison["score_baseline"].mean())
-        else:  # how far the policy moved since the start, with an interval (the plot's reward panel)
-            summary.update(mean_difference("annotator_score_delta_vs_initial", comparison["score_new"],
-                                           comparison["score_baseline"]))
-    if cfg.evaluation.oracle:
-        # The true reward, when the experiment has one: the same comparisons judged by the oracle, because the
-        # annotator's win-rate can rise while the true reward falls (reward hacking).
-        from alignment_core.evaluation import load_callable
-
-        oracle = load_callable(cfg.evaluation.oracle)
-        scores = {"new": _oracle_scores(oracle, new_df)}
-        summary["oracle_reward_mean"] = float(np.mean(scores["new"]))
-        summary["oracle_reward_std"] = float(np.std(scores["new"]))
-        for name, baseline in baselines.items():
-            scores[name] = _oracle_scores(oracle, baseline)
-            summary[f"oracle_reward_mean_{name}"] = float(np.mean(scores[name]))
-            outcome = np.sign(scores["new"] - scores[name]) / 2 + 0.5  # 1 win, 0.5 tie, 0 loss, prompt by prompt
-            summary.update(_win_rate(f"vs_{name}", pd.Series(outcome), prefix="oracle_"))
-        summary.update(mean_difference("oracle_reward_delta_vs_initial", scores["new"], scores["initial"]))
-    summary["response_words_mean"] = float(new_df["response"].str.split().str.len().mean())
-    rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
-    store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
-                      extra={"summary": summary, "judge": annotator_label(cfg), "oracle": cfg.evaluation.oracle})
-    return out
-
-
-def _win_rate(versus: str, outcome: pd.Series, prefix: str = "") -> dict[str, float]:
-    """`{prefix}win_rate_{versus}` with its 95% Wilson interval and how many prompts were judged."""
-    low, high = wilson_interval(float(outcome.sum()), len(outcome))
-    key = f"{prefix}win_rate_{versus}"
-    return {key: float(outcome.mean()) if len(outcome) else math.nan, f"{key}_low": low, f"{key}_high": high,
-            f"{prefix}judged_{versus}": float(len(outcome))}
-
-
-def _oracle_scores(oracle, generations: pd.DataFrame) -> np.ndarray:
-    """One oracle score per prompt, in prompt_id order (evaluation samples one response per prompt)."""
-    frame = generations.drop_duplicates("prompt_id").sort_values("prompt_id")
-    return np.array([oracle(p, r) for p, r in zip(frame["prompt"], frame["response"], strict=True)], dtype=float)
+    inputs = {"new": stage_digest(store, new_uri), "previous": stage_digest(store, previous_uri),
+              "initial": stage_digest(store, initial_uri), **annotator_digests(cfg, store), **oracle}
+    return run_stage(cfg, store, STAGES["evaluation"], iteration, inputs, compute)
 
 
 def evaluate_reward_model(cfg: PipelineConfig, heldout_uri: str, checkpoint_uri: str, iteration: int) -> str:
     """A trained reward model on preference pairs of held-out prompts: how often it scores the chosen
     response above the rejected one (ties count half), with a 95% Wilson interval."""
-    from alignment_core.annotation.base import ScoreRules
-    from alignment_core.annotation.scorers import RewardModelAnnotator
+    from alignment_core.evaluation import reward_model_accuracy
+
+    def compute(out: str, fingerprint: dict) -> None:
+        summary = reward_model_accuracy(store.read_pandas(heldout_uri), resolve_policy(store, checkpoint_uri),
+                                        cfg, out)
+        rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
+        store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
+                          extra={"summary": summary, "judge": "held-out preference pairs"})
 
     store = open_store(cfg)
-    out = store.stage_uri(cfg.store.run_name, iteration, "evaluation")
-    fingerprint = _fingerprint(cfg, "evaluation", ("evaluation",), pairs=stage_digest(store, heldout_uri),
-                               reward_model=policy_digest(store, checkpoint_uri))
-    if already_done(store, out, fingerprint):
-        return out
-    pairs = store.read_pandas(heldout_uri)
-    summary: dict = {"heldout_pairs": float(len(pairs))}
-    if len(pairs):
-        scorer = RewardModelAnnotator(resolve_policy(store, checkpoint_uri), ScoreRules(),
-                                      max_length=cfg.training.max_length, dtype=cfg.model.dtype)
-        chosen, rejected = (np.array(scorer.score(pairs["prompt_messages"], pairs[column]))
-                            for column in ("chosen", "rejected"))
-        outcome = pd.Series(np.sign(chosen - rejected) / 2 + 0.5)
-        low, high = wilson_interval(float(outcome.sum()), len(outcome))
-        summary.update(heldout_accuracy=float(outcome.mean()), heldout_accuracy_low=low, heldout_accuracy_high=high,
-                       heldout_margin_mean=float(np.mean(chosen - rejected)))
-    else:
-        log.warning("%s: no held-out pairs (data.eval_prompts: %d); held-out accuracy not measured", out,
-                    cfg.data.eval_prompts)
-    rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
-    store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
-                      extra={"summary": summary, "judge": "held-out preference pairs"})
-    return out
+    inputs = {"pairs": stage_digest(store, heldout_uri), "reward_model": policy_digest(store, checkpoint_uri)}
+    return run_stage(cfg, store, STAGES["reward_model_evaluation"], iteration, inputs, compute)
 
 
 def evaluation_summary(store: ArtifactStore, evaluation_uri: str) -> dict:

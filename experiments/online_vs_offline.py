@@ -51,7 +51,7 @@ from alignment_core.tiny import build_tiny
 from flows.offline import reward_model, sft
 from tasks import parse, stage_task
 from tasks.annotate import annotate
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate_policy
 from tasks.generate import generate
 from tasks.load_prompts import load_eval_prompts, load_prompts
 from tasks.refresh import refresh_reward_models
@@ -272,7 +272,7 @@ def run_arm(cfg: PipelineConfig, sft_policy: str, offline_examples: list[str], s
         else:
             round_data = reweight(config_json, policy, k, examples_uri=offline_examples[k - 1])
         checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, sft_policy, k)
-        evaluate(config_json, eval_prompts, checkpoint, policy, sft_policy, k)
+        evaluate_policy(config_json, eval_prompts, checkpoint, policy, sft_policy, k)
         sample_heldout(config_json, eval_prompts, checkpoint, k, samples_per_prompt)
         policy = checkpoint
     return cfg.store.run_name

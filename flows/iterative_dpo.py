@@ -23,7 +23,7 @@ from flows.common import (
 )
 from flows.fast_start import exit_now
 from tasks.annotate import annotate
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate_policy
 from tasks.generate import generate
 from tasks.load_prompts import load_eval_prompts, load_prompts
 from tasks.preflight import preflight
@@ -88,7 +88,7 @@ def iterative_dpo(
             if reward_models:
                 stages["reward_models"] = reward_models
             if cfg.evaluation.enabled:
-                stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
+                stages["evaluation"] = evaluate_policy(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
             summaries.append(report_iteration(config_json, k, stages))
             if cfg.tracking.report_to:
                 track_iteration(config_json, k)

@@ -26,7 +26,7 @@ from flows.common import (
     with_overrides,
 )
 from flows.fast_start import exit_now
-from tasks.evaluate import evaluate, evaluate_reward_model
+from tasks.evaluate import evaluate_policy, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight
 from tasks.report import report_iteration
@@ -53,7 +53,7 @@ def offline_round(cfg: PipelineConfig) -> dict:
             stages["evaluation"] = evaluate_reward_model(config_json, examples, checkpoint, 1)
         elif cfg.evaluation.enabled:
             eval_prompts = load_eval_prompts(config_json, 0)
-            stages["evaluation"] = evaluate(config_json, eval_prompts, checkpoint, policy, policy, 1)
+            stages["evaluation"] = evaluate_policy(config_json, eval_prompts, checkpoint, policy, policy, 1)
         summary = report_iteration(config_json, 1, stages)
         if cfg.tracking.report_to:
             track_iteration(config_json, 1)

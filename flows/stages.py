@@ -50,10 +50,12 @@ def _run_name(stage: str):
 # (tasks/dispatch.py: dispatch_stage) starts it again.
 @flow(name="generate-stage", flow_run_name=_run_name("generate"), retries=1, retry_delay_seconds=10)
 def generate_stage(config_json: str, prompts_uri: str, policy_uri: str, iteration: int,
-                   shard_subset: list[int] | None = None) -> str:
-    """Sample the iteration's generations; `shard_subset` [i, N]: only fan-out worker i of N's shards."""
-    with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "generate"):
-        return pipeline.generate(cfg, prompts_uri, policy_uri, iteration, shard_subset=_subset(shard_subset))
+                   shard_subset: list[int] | None = None, stage: str = "generations") -> str:
+    """Sample the iteration's generations (or, `stage` eval_generations, its held-out samples); `shard_subset`
+    [i, N]: only fan-out worker i of N's shards."""
+    with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, stage):
+        return pipeline.generate(cfg, prompts_uri, policy_uri, iteration, stage=stage,
+                                 shard_subset=_subset(shard_subset))
 
 
 @flow(name="annotate-stage", flow_run_name=_run_name("annotate"), retries=1, retry_delay_seconds=10)
@@ -61,7 +63,7 @@ def annotate_stage(config_json: str, generations_uri: str, iteration: int,
                    shard_subset: list[int] | None = None, reward_models_uri: str | None = None) -> str:
     """Label the iteration's generations; `shard_subset` [i, N]: only fan-out worker i of N's shards;
     `reward_models_uri`: the iteration's refreshed reward models (annotation.cascade.refresh)."""
-    with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "annotate"):
+    with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "annotations"):
         # a human annotator pauses this flow run with its form (tasks/human.py)
         return pipeline.annotate(cfg, generations_uri, iteration, shard_subset=_subset(shard_subset),
                                  ask=form_in_the_ui(cfg), reward_models_uri=reward_models_uri)
@@ -70,5 +72,5 @@ def annotate_stage(config_json: str, generations_uri: str, iteration: int,
 @flow(name="train-stage", flow_run_name="train-iter-{iteration}")
 def train_stage(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, reference_uri: str,
                 iteration: int) -> str:
-    with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "train"):  # the orchestrator's lease, verified
+    with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "checkpoint"):  # the orchestrator's lease, verified
         return pipeline.train(cfg, units_uri, weights_uri, policy_uri, reference_uri, iteration)

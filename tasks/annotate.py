@@ -16,7 +16,7 @@ def annotate(config_json: str, generations_uri: str, iteration: int, reward_mode
             "reward_models_uri": reward_models_uri,
         }, out, complete=lambda: store.read_manifest(out) is not None, workers=scale_out.annotate_workers,
             max_redispatches=scale_out.max_redispatches)
-    with gpu_slot(cfg, "annotate"):
+    with gpu_slot(cfg, "annotations"):
         # a human annotator pauses the flow run from here with its form (tasks/human.py)
         return pipeline.annotate(cfg, generations_uri, iteration, ask=form_in_the_ui(cfg),
                                  reward_models_uri=reward_models_uri)

@@ -12,8 +12,8 @@ from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from alignment_core.annotators import models_loaded_here
 from alignment_core.config import PipelineConfig
+from alignment_core.stages import STAGES
 
 
 def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters: dict, output: str,
@@ -94,10 +94,9 @@ POLL_S = 2.0
 
 
 def uses_gpu(cfg: PipelineConfig, stage: str) -> bool:
-    """Whether a stage's body runs a model here (what a GPU concurrency slot is for)."""
-    if stage != "annotate":
-        return True
-    return bool(models_loaded_here(cfg.annotation))
+    """Whether a stage's body runs a model here (what a GPU concurrency slot is for): its row of the stage
+    table (alignment_core/stages.py)."""
+    return STAGES[stage].runs_model(cfg)
 
 
 @contextmanager

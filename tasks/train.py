@@ -23,5 +23,5 @@ def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, r
     def report(step: int, total: int, metrics: dict) -> None:
         update_progress_artifact(progress, 100.0 * step / max(total, 1))
 
-    with gpu_slot(cfg, "train"):
+    with gpu_slot(cfg, "checkpoint"):
         return pipeline.train(cfg, units_uri, weights_uri, policy_uri, reference_uri, iteration, progress=report)

@@ -69,8 +69,8 @@ def test_every_row_labels_generations_through_make_annotator(kind, tiny_reward_m
         assert {row["prompt_id"]: row["generation1_id"] for row in rows} == {"p0": "p0-g1", "p1": "p1-g0"}
     # what the row says of itself reaches the summaries and the GPU dispatch
     assert annotator_label(cfg) == ANNOTATORS[kind].describe(cfg.annotation)
-    assert uses_gpu(cfg, "annotate") == bool(ANNOTATORS[kind].models(cfg.annotation))
-    assert uses_gpu(cfg, "annotate") == (kind == "reward_model")  # the judge is HTTP: it runs elsewhere
+    assert uses_gpu(cfg, "annotations") == bool(ANNOTATORS[kind].models(cfg.annotation))
+    assert uses_gpu(cfg, "annotations") == (kind == "reward_model")  # the judge is HTTP: it runs elsewhere
 
 
 @pytest.mark.parametrize("kind", [kind for kind, row in ANNOTATORS.items() if row.pairs_only])

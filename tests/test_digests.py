@@ -3,6 +3,8 @@ the project's own imports, so an edit redoes the stages whose code reaches it an
 copy of the package and computes the digests there (`stage_code_digest(stage, root)`)."""
 
 import ast
+import importlib
+import inspect
 import io
 import os
 import re
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment_core import digests
+from alignment_core import digests, stages
 
 STAGES = sorted(digests.STAGE_ENTRIES)
 _stamps = count(1_700_000_000_000_000_000, 1_000_000_000)
@@ -52,12 +54,14 @@ def edit(path: Path, anchor: str | None, replacement: str) -> None:
     write(path, text.encode())
 
 
-def test_every_stage_has_entries_and_pipeline_fingerprints_name_only_those(tmp_path):
+def test_every_stage_row_starts_at_a_function_that_runs_it_through_run_stage(tmp_path):
     assert stage_digests(copy_package(tmp_path)) == stage_digests()  # the digest depends on contents, not place
-    pipeline_source = (digests.PACKAGE_DIR / "pipeline.py").read_text()
-    fingerprinted = set(re.findall(r'_fingerprint\(\s*cfg, "(\w+)"', pipeline_source))
-    fingerprinted |= set(re.findall(r'stage_code_digest\("(\w+)"\)', pipeline_source))
-    assert fingerprinted and fingerprinted <= set(STAGES)
+    assert set(STAGES) == set(stages.STAGES)
+    for spec in stages.STAGES.values():
+        for entry in spec.code:
+            module, _, function = entry.partition(":")
+            source = inspect.getsource(getattr(importlib.import_module(module), function))
+            assert "run_stage(" in source, f"{spec.name}: {entry} does not run its stage through run_stage"
     with pytest.raises(KeyError, match="no-such-stage"):
         digests.stage_code_digest("no-such-stage")
 
@@ -73,8 +77,8 @@ COLLATE = "    def collate(self, encoded: list[dict]) -> dict:\n"
     ("logprobs.py", None, "\n# an edit\n", ["checkpoint", "reward_models", "weights"]),
     # collate is no code of sampling or annotation (prompt rendering lives in rendering.py)
     ("batches.py", COLLATE, COLLATE + "        # an edit\n", ["checkpoint", "reward_models", "units", "weights"]),
-    ("generation/common.py", None, "\n# an edit\n", ["evaluation", "generations"]),
-    ("annotation/judge.py", None, "\n# an edit\n", ["annotations", "evaluation"]),
+    ("generation/common.py", None, "\n# an edit\n", ["eval_generations", "generations"]),
+    ("annotation/judge.py", None, "\n# an edit\n", ["annotations", "evaluation", "reward_model_evaluation"]),
     # another stage's function in a shared module
     ("pipeline.py", '"""One training round;', '"""One (edited) training round;', ["checkpoint"]),
     # what decides whether a stage runs, not what it writes
@@ -112,12 +116,12 @@ NEW_HELPER = "def scale(x):\n    return {factor} * x\n"
      "    def scaled(self, x):\n        from alignment_core.helpers_new import scale\n\n        return scale(x)\n\n"
      + TRAINER_METHOD, ["checkpoint", "reward_models"]),
     # a module-level import of the shared pipeline module that only one stage's function uses
-    ("helpers_new.py", "pipeline.py", '    out = store.stage_uri(cfg.store.run_name, iteration, "units")\n',
-     '    out = store.stage_uri(cfg.store.run_name, iteration, scale("units"))\n', ["units"]),
+    ("helpers_new.py", "pipeline.py", "    sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]\n",
+     "    sources = [scale(uri) for uri in (examples_uri, generations_uri, annotations_uri) if uri]\n", ["units"]),
     # a relative import inside a package
     ("generation/helpers_new.py", "generation/common.py", None,
      "\n\nfrom .helpers_new import scale  # noqa: E402\n\n\ndef _scaled(x):\n    return scale(x)\n",
-     ["evaluation", "generations"]),
+     ["eval_generations", "generations"]),
 ], ids=["module-import", "local-import-in-trainer", "pipeline-function", "relative-import"])
 def test_a_helper_in_a_new_module_is_code_of_the_stages_that_call_it(tmp_path, helper, file, anchor, call, expected):
     package = copy_package(tmp_path)

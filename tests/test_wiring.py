@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from alignment_core import evaluation, losses, pipeline
+from alignment_core import evaluation, losses
 from alignment_core.annotation import JudgeReply
 from alignment_core.config import parse_config
 from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer
@@ -405,12 +405,12 @@ def test_judge_comparison_asks_both_orders_and_credits_the_right_policy(monkeypa
 
 def test_wilson_interval_known_values():
     # Textbook values (Newcombe 1998, Brown, Cai & DasGupta 2001), z = 1.96.
-    assert pipeline.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    assert pipeline.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert pipeline.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert pipeline.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert pipeline.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
-    assert all(math.isnan(x) for x in pipeline.wilson_interval(0, 0))
+    assert evaluation.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert evaluation.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert evaluation.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert evaluation.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert evaluation.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert all(math.isnan(x) for x in evaluation.wilson_interval(0, 0))
 
 
 @pytest.mark.parametrize(("wins", "n", "z"), [(8, 10, 1.96), (7.5, 10, 1.96), (3, 40, 2.576), (12, 16, 1.0),
@@ -421,14 +421,14 @@ def test_wilson_bounds_are_where_the_score_test_is_at_z(wins, n, z):
     p = wins / n
     a, b, c = 1 + z * z / n, -(2 * p + z * z / n), p * p
     roots = sorted(((-b - math.sqrt(b * b - 4 * a * c)) / (2 * a), (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
-    low, high = pipeline.wilson_interval(wins, n, z=z)
+    low, high = evaluation.wilson_interval(wins, n, z=z)
     assert (low, high) == pytest.approx((max(roots[0], 0.0), min(roots[1], 1.0)), abs=1e-12)
     assert low <= p <= high
 
 
 def test_win_rate_summary_counts_ties_half():
-    summary = pipeline._win_rate("vs_initial", pd.Series([1.0, 0.5, 0.0, 1.0, 1.0]))
+    summary = evaluation.win_rate("vs_initial", pd.Series([1.0, 0.5, 0.0, 1.0, 1.0]))
     assert summary["win_rate_vs_initial"] == pytest.approx(0.7)
     assert summary["judged_vs_initial"] == 5
-    low, high = pipeline.wilson_interval(3.5, 5)
+    low, high = evaluation.wilson_interval(3.5, 5)
     assert (summary["win_rate_vs_initial_low"], summary["win_rate_vs_initial_high"]) == (low, high)
