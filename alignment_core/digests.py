@@ -42,9 +42,8 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {name: spec.code for name, spec in S
 FINGERPRINT_CODE = frozenset({
     "alignment_core.digests",
     "alignment_core.stages",
-    *(f"alignment_core.pipeline:{name}" for name in (
-        "run_stage", "_fingerprint", "_recorded_fingerprint", "keep_finished", "_differences", "stage_digest",
-        "policy_digest", "annotator_digests")),
+    "alignment_core.runner",
+    *(f"alignment_core.pipeline:{name}" for name in ("stage_digest", "policy_digest", "annotator_digests")),
 })
 
 _lock = threading.Lock()

@@ -19,7 +19,7 @@ NaN where a metric does not apply to a sample, e.g. a KTO "chosen" reward on an 
 `LOSSES` at the end is the table the Trainer reads: one row per loss, saying what the loss needs (one or two
 responses, the reference model, a reward head, per-prompt groups, KTO's mismatched pairs) and how it is
 called on a `LossInput` with its hyper-parameters from the training config. Adding a loss is one function
-here plus one row there (README: Add a loss).
+here plus one row there (README: Extending).
 """
 
 from collections.abc import Callable

@@ -18,7 +18,6 @@ this module to dispatch stages, and should not pay torch's import (about 5 s) fo
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,11 +29,12 @@ from alignment_core.annotators import models_loaded_here
 from alignment_core.config import PipelineConfig
 from alignment_core.cpu import set_torch_threads
 from alignment_core.data import DatasLoader
-from alignment_core.digests import callable_digest, data_digests, file_digest, stage_code_digest, template_digest
+from alignment_core.digests import callable_digest, data_digests, file_digest, template_digest
 from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, UNITS, from_rows
 from alignment_core.refresh import STAGE, escalated_units, member_config, refresh_member, refreshes
-from alignment_core.stages import STAGES, StageSpec
+from alignment_core.runner import FinishedIterationChangedError, keep_finished, run_stage  # noqa: F401  (re-exported)
+from alignment_core.stages import STAGES
 from alignment_core.store import ArtifactStore, fingerprint_digest
 
 log = logging.getLogger(__name__)
@@ -80,113 +80,6 @@ def finished_iterations(cfg: PipelineConfig) -> int:
     while store.checkpoint_complete(store.checkpoint_uri(run, done + 1)):
         done += 1
     return done
-
-
-# ---- the stage runner -----------------------------------------------------------------------------------
-class FinishedIterationChangedError(ValueError):
-    """Redoing a stage of a finished iteration (complete checkpoint) computed from something else."""
-
-
-Compute = Callable[[str, dict], None]  # (the stage's URI, its fingerprint): computes and writes the stage
-
-
-def run_stage(cfg: PipelineConfig, store: ArtifactStore, spec: StageSpec, iteration: int, inputs: dict,
-              compute: Compute, *, out: str | None = None, config: Any = None) -> str:
-    """The one way a stage runs: its fingerprint (`spec.sections` of the config, or `config`; the digests in
-    `inputs`; the code digest of `spec.code`), then skip it when the store holds it complete for that
-    fingerprint, keep it when its iteration is finished and only the library code changed (`keep_finished`),
-    or compute it (`compute(out, fingerprint)` writes it, verified, through the store). Returns its URI."""
-    out = out or store.stage_uri(cfg.store.run_name, iteration, spec.path)
-    fingerprint = {"stage": spec.path, "config": cfg.stage_hash(*spec.sections) if config is None else config,
-                   "inputs": inputs, "code": stage_code_digest(spec.name)}
-    previous = _recorded_fingerprint(store, spec, out)
-    same = previous is not None and fingerprint_digest(previous) == fingerprint_digest(fingerprint)
-    if same and _complete(store, spec, out, fingerprint):
-        if not (spec.retries_transient and _retry_transient(cfg, store, out, iteration)):
-            rows = f" ({store.read_manifest(out)['rows']} rows)" if spec.record == "manifest" else ""
-            log.info("%s: already complete%s, skipped", out, rows)
-            return out
-    elif spec.keeps_finished and keep_finished(cfg, store, out, iteration, fingerprint, previous):
-        return out
-    compute(out, fingerprint)
-    return out
-
-
-def _recorded_fingerprint(store: ArtifactStore, spec: StageSpec, out: str) -> dict | None:
-    """The fingerprint a stage's copy in the store was computed from (None: no finished copy)."""
-    if spec.record == "lineage":  # a checkpoint: its lineage.json, written once the checkpoint is complete
-        lineage = f"{out}/lineage.json"
-        complete = store.checkpoint_complete(out) and store.exists(lineage)
-        return store.read_json(lineage)["fingerprint"] if complete else None
-    manifest = store.read_manifest(out)
-    return manifest.get("fingerprint") if manifest else None
-
-
-def _complete(store: ArtifactStore, spec: StageSpec, out: str, fingerprint: dict) -> bool:
-    """Every shard of the stage (and of its siblings, `spec.also`) there, of the recorded size, rows and sha256."""
-    if spec.record == "lineage":
-        return True  # the lineage is written after the checkpoint's files, which `checkpoint_complete` checked
-    siblings = [f"{out.rsplit('/', 1)[0]}/{name}" for name in spec.also]
-    return all(store.is_complete(uri, fingerprint) for uri in (out, *siblings))
-
-
-def _retry_transient(cfg: PipelineConfig, store: ArtifactStore, out: str, iteration: int) -> bool:
-    """Whether a complete stage is computed again in its rows that failed for a transient reason (judge outage,
-    timeout): not once its iteration is finished."""
-    transient = store.read_manifest(out)["extra"].get("transient_failures", 0)
-    if not transient:
-        return False
-    if store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, iteration)):
-        log.warning("%s: %d annotations failed for a transient reason; its iteration is finished, so they are "
-                    "not retried", out, transient)
-        return False
-    log.info("%s: retrying the %d annotations that failed for a transient reason", out, transient)
-    return True
-
-
-def _differences(old: dict, new: dict) -> str:
-    """Which parts of two fingerprints differ, in words: config, which inputs, library code."""
-    parts = []
-    if old.get("config") != new.get("config"):
-        parts.append("the config")
-    old_inputs, new_inputs = old.get("inputs", {}), new.get("inputs", {})
-    changed = sorted(k for k in set(old_inputs) | set(new_inputs) if old_inputs.get(k) != new_inputs.get(k))
-    if changed:
-        parts.append("its inputs (" + ", ".join(changed) + ")")
-    if old.get("code") != new.get("code"):
-        parts.append("the library code")
-    others = sorted(k for k in set(old) | set(new)
-                    if k not in ("config", "inputs", "code") and old.get(k) != new.get(k))
-    return ", ".join(parts + others) or "the fingerprint"
-
-
-def keep_finished(cfg: PipelineConfig, store: ArtifactStore, stage_uri: str, iteration: int,
-                  fingerprint: dict, previous: dict | None) -> bool:
-    """Whether a stage of a finished iteration stays as it is although its fingerprint changed.
-
-    A finished iteration is history: when only the library code changed since (an upgrade), its stages are kept
-    and later iterations run on the new code. When anything else changed (the config, the data, a model),
-    redoing the stage would silently replace the iteration's checkpoint: that raises, unless
-    `store.force_rerun` asks for it. `previous` is the fingerprint the stage's copy in the store was computed
-    from (None: there is none). Iteration 0's stages (the offline examples) count as finished with iteration 1.
-    """
-    if cfg.store.force_rerun:
-        return False
-    if previous is None or fingerprint_digest(previous) == fingerprint_digest(fingerprint):
-        return False
-    checkpoint = store.checkpoint_uri(cfg.store.run_name, max(iteration, 1))
-    if not store.checkpoint_complete(checkpoint):
-        return False
-    if {**previous, "code": None} == {**fingerprint, "code": None}:
-        log.info("%s: computed by an earlier version of the library; kept, since iteration %d is finished "
-                 "(--force redoes it)", stage_uri, max(iteration, 1))
-        return True
-    raise FinishedIterationChangedError(
-        f"iteration {max(iteration, 1)} of run {cfg.store.run_name!r} is finished ({checkpoint}), but its stage "
-        f"{stage_uri.rsplit('/', 1)[-1]!r} would now be computed from something else: "
-        f"{_differences(previous, fingerprint)} changed. Redoing it would replace the finished iteration. "
-        "Give this config its own run (--run-name NAME, or store.run_name), or redo the run on purpose with "
-        "--force (flow parameter force=true, or store.force_rerun: true)")
 
 
 # ---- prompts and examples --------------------------------------------------------------------------------
@@ -394,8 +287,8 @@ def train(
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> str:
     """One training round; returns the checkpoint URI (skipped when a checkpoint of the same inputs exists)."""
-    from alignment_core.rounds import carry_over, launch_distributed_round
     from alignment_core.training import Trainer
+    from alignment_core.training.rounds import carry_over, launch_distributed_round
 
     def compute(checkpoint: str, fingerprint: dict) -> None:
         metrics = store.stage_uri(cfg.store.run_name, iteration, "metrics")

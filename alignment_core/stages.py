@@ -35,7 +35,7 @@ class StageSpec:
     code: tuple[str, ...]  # where its code starts: `module:function`, or a bare module for all of it
     runs_model: Callable[[PipelineConfig], bool] = _never  # loads a model here: a GPU slot
     # A finished iteration's copy (its checkpoint is complete) is history: kept when only the library code changed,
-    # refused when anything else did (`pipeline.keep_finished`). Off for what no checkpoint is trained from.
+    # refused when anything else did (`runner.keep_finished`). Off for what no checkpoint is trained from.
     keeps_finished: bool = True
     # Where a complete copy records its fingerprint: the stage's manifest, or a checkpoint's lineage.json.
     record: Literal["manifest", "lineage"] = "manifest"

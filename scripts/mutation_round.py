@@ -46,7 +46,7 @@ class Mutant:
     what: str  # the bug, in words
 
 
-L, T, R, J = "alignment_core/losses.py", "alignment_core/training.py", "alignment_core/reweight.py", \
+L, T, R, J = "alignment_core/losses.py", "alignment_core/training/trainer.py", "alignment_core/reweight.py", \
     "alignment_core/annotation/judge.py"
 MUTANTS = [
     # losses
@@ -82,7 +82,7 @@ MUTANTS = [
     Mutant(T, "weight_decay=tc.weight_decay,", "weight_decay=0.0,", "training", "weight decay not passed"),
     Mutant(T, "num_warmup_steps=self._warmup_steps(), num_training_steps=len(self.plan),",
            "num_warmup_steps=0, num_training_steps=len(self.plan),", "training", "no warm-up"),
-    Mutant(T, "order = np.random.default_rng([seed, epoch]).permutation(len(units))",
+    Mutant("alignment_core/training/plan.py", "order = np.random.default_rng([seed, epoch]).permutation(len(units))",
            "order = np.random.default_rng([seed, 0]).permutation(len(units))", "training",
            "every epoch in the same order"),
     Mutant(T, "steps, warmup = len(self.plan), math.ceil(self.cfg.training.warmup_ratio * len(self.plan))",
@@ -167,8 +167,8 @@ MUTANTS = [
            "(re.compile(r\"\\b((?:AKIA|ASIA)[A-Z0-9]{4})[A-Z0-9]{12}\\b\"), rf\"\\1{MASK}\"),",
            "", "redact", "AWS key ids not masked"),
     # fingerprints and digests
-    Mutant("alignment_core/pipeline.py", "        reference=reference.digest(store, reference_path),",
-           "        reference=policy.digest(store, policy_path),", "fingerprints",
+    Mutant("alignment_core/pipeline.py", "\"reference\": reference.digest(store, reference_path),",
+           "\"reference\": policy.digest(store, policy_path),", "fingerprints",
            "round fingerprint without the reference"),
     Mutant("alignment_core/digests.py", "sha.update(f\"{relative}\\0{file_digest(str(path))}\\n\".encode())",
            "sha.update(f\"{relative}\\n\".encode())", "fingerprints", "code digest ignores file contents"),

@@ -72,7 +72,7 @@ COLLATE = "    def collate(self, encoded: list[dict]) -> dict:\n"
 
 @pytest.mark.parametrize("file, anchor, replacement, expected", [
     # the Trainer is no code of the weights stage (log-probs come from logprobs.py)
-    ("training.py", TRAINER_METHOD, "    def unused(self):\n        return None\n\n" + TRAINER_METHOD,
+    ("training/trainer.py", TRAINER_METHOD, "    def unused(self):\n        return None\n\n" + TRAINER_METHOD,
      ["checkpoint", "reward_models"]),
     ("logprobs.py", None, "\n# an edit\n", ["checkpoint", "reward_models", "weights"]),
     # collate is no code of sampling or annotation (prompt rendering lives in rendering.py)
@@ -82,7 +82,7 @@ COLLATE = "    def collate(self, encoded: list[dict]) -> dict:\n"
     # another stage's function in a shared module
     ("pipeline.py", '"""One training round;', '"""One (edited) training round;', ["checkpoint"]),
     # what decides whether a stage runs, not what it writes
-    ("pipeline.py", '"""Whether a stage of a finished iteration', '"""Whether (edited) a stage of a finished iteration',
+    ("runner.py", '"""Whether a stage of a finished iteration', '"""Whether (edited) a stage of a finished iteration',
      []),
     ("inspect.py", None, "\n# an edit\n", []),
 ], ids=["trainer", "logprobs", "collate", "generation", "judge", "pipeline-train", "keep-finished",
@@ -112,12 +112,12 @@ NEW_HELPER = "def scale(x):\n    return {factor} * x\n"
      "\n\nfrom alignment_core.helpers_new import scale  # noqa: E402\n\n\ndef _scaled(x):\n    return scale(x)\n",
      ["weights"]),
     # a function-local import inside the Trainer
-    ("helpers_new.py", "training.py", TRAINER_METHOD,
+    ("helpers_new.py", "training/trainer.py", TRAINER_METHOD,
      "    def scaled(self, x):\n        from alignment_core.helpers_new import scale\n\n        return scale(x)\n\n"
      + TRAINER_METHOD, ["checkpoint", "reward_models"]),
     # a module-level import of the shared pipeline module that only one stage's function uses
-    ("helpers_new.py", "pipeline.py", "    sources = [uri for uri in (examples_uri, generations_uri, annotations_uri) if uri]\n",
-     "    sources = [scale(uri) for uri in (examples_uri, generations_uri, annotations_uri) if uri]\n", ["units"]),
+    ("helpers_new.py", "pipeline.py", "    sources = [uri for uri in (examples_uri,",
+     "    sources = [scale(uri) for uri in (examples_uri,", ["units"]),
     # a relative import inside a package
     ("generation/helpers_new.py", "generation/common.py", None,
      "\n\nfrom .helpers_new import scale  # noqa: E402\n\n\ndef _scaled(x):\n    return scale(x)\n",
@@ -187,7 +187,7 @@ def test_any_byte_of_a_covered_piece_of_code_changes_the_digest(tmp_path):
         write(path, original)
         assert digests.stage_code_digest(stage, package) == before, piece
         tried.append(piece)
-    assert {"pipeline.py:generate", "training.py", "generation/common.py", "__init__.py"} <= set(tried)
+    assert {"pipeline.py:generate", "training/trainer.py", "generation/common.py", "__init__.py"} <= set(tried)
     assert len(tried) >= len(pieces) - 5, sorted(set(pieces) - set(tried))
 
 

@@ -5,9 +5,10 @@ import math
 
 import pytest
 
-from alignment_core import pipeline, rounds
+from alignment_core import pipeline
 from alignment_core.config import parse_config
 from alignment_core.store import fingerprint_digest
+from alignment_core.training.rounds import accelerate_launch_options
 from tests.test_training import ACCELERATE_CPU_CONFIG
 
 pytestmark = pytest.mark.slow
@@ -173,7 +174,7 @@ def test_an_accelerate_config_file_alone_sets_the_rounds_processes(tmp_path):
     assert metrics["step"].max() == 2
     # Set, training.num_processes overrides the file's count (accelerate's --num_processes over --config_file).
     one = cfg.training.model_copy(update={"num_processes": 1})
-    assert rounds.accelerate_launch_options(one) == ["--num_processes", "1", "--config_file", str(two_processes)]
+    assert accelerate_launch_options(one) == ["--num_processes", "1", "--config_file", str(two_processes)]
     # The file is part of the round's fingerprint: the same config with the file edited is another round, which
     # the finished iteration refuses to become (not one skipped as "already complete").
     two_processes.write_text(ACCELERATE_CPU_CONFIG.read_text().replace("num_processes: 2", "num_processes: 1"))

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from alignment_core import pipeline
+from alignment_core import pipeline, runner
 from alignment_core.config import parse_config
 from alignment_core.pipeline import FinishedIterationChangedError
 from alignment_core.stages import STAGES
@@ -141,7 +141,7 @@ def test_an_unchanged_stage_is_skipped(built, tmp_path, name, caplog):
     cfg, _, uri = run(runs, name, folder)
     store = pipeline.open_store(cfg)
     before = recorded(store, spec, uri)
-    with caplog.at_level(logging.INFO, logger="alignment_core.pipeline"):
+    with caplog.at_level(logging.INFO, logger="alignment_core.runner"):
         assert run(runs, name, folder)[2] == uri
     assert f"{uri}: already complete" in caplog.text
     assert recorded(store, spec, uri) == before
@@ -176,7 +176,7 @@ def test_new_library_code_keeps_a_finished_iterations_stage_and_redoes_the_rest(
     store = pipeline.open_store(cfg)
     finished = store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, max(iteration, 1)))
     before = recorded(store, spec, uri)
-    monkeypatch.setattr(pipeline, "stage_code_digest", lambda stage: f"upgraded-{stage}")  # an upgrade
+    monkeypatch.setattr(runner, "stage_code_digest", lambda stage: f"upgraded-{stage}")  # an upgrade
     assert run(runs, name, folder)[2] == uri
     after = recorded(store, spec, uri)
     if spec.keeps_finished and finished:

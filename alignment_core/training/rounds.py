@@ -1,7 +1,9 @@
 """A training round run other than by the in-process Trainer: under `accelerate launch` (several processes,
-DeepSpeed, FSDP), or carried over unchanged when the round has nothing to train on. `pipeline.train` decides
-which; `python -m alignment_core.training` is the launched side."""
+DeepSpeed, FSDP; `launch_distributed_round` starts it, `main` is each launched process), or carried over
+unchanged when the round has nothing to train on. `pipeline.train` decides which."""
 
+import argparse
+import json
 import logging
 import os
 import subprocess
@@ -9,9 +11,10 @@ import sys
 import tempfile
 
 from alignment_core.adapters import add_adapter, is_adapter
-from alignment_core.config import PipelineConfig, TrainingConfig, dump_config
+from alignment_core.config import PipelineConfig, TrainingConfig, dump_config, load_config
 from alignment_core.models import load_causal_lm, load_tokenizer
 from alignment_core.store import ArtifactStore
+from alignment_core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +63,38 @@ def accelerate_launch_options(training: TrainingConfig) -> list[str]:
     if training.accelerate_config:
         return [*options, "--config_file", training.accelerate_config]
     return [*options, "--multi_gpu"]  # torchrun-style launch; without CUDA the Trainer asks for the CPU (gloo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """accelerate launch --config_file deployments/accelerate/<config>.yaml -m alignment_core.training
+    --config C --units U [--weights W] --checkpoint URI --metrics URI
+
+    On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2 -m alignment_core.training ...`
+    (or the cpu_ddp_2proc.yaml config) runs two CPU processes over gloo; accelerate's `--cpu` flag would
+    start a single process unless MPI is installed.
+    """
+    parser = argparse.ArgumentParser(description="Run one training round (under `accelerate launch`).")
+    parser.add_argument("--config", required=True, help="pipeline config YAML")
+    parser.add_argument("--units", required=True, help="units stage URI")
+    parser.add_argument("--weights", help="weights stage URI (default: every weight 1)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint URI to write")
+    parser.add_argument("--metrics", required=True, help="metrics stage URI to write")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--policy-name", help="the policy as the config names it (a new adapter records it as "
+                        "its base; default: the config's model.policy)")
+    parser.add_argument("--fingerprint", help="the round's identity (default: derived from the config, the "
+                        "models and the examples); a checkpoint of another round is not resumed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    cfg = load_config(args.config)
+    store = ArtifactStore.from_config(cfg.store)
+    trainer = Trainer(cfg, policy_path=cfg.model.policy, tokenizer_path=cfg.model.tokenizer, store=store,
+                      reference_path=cfg.model.reference, policy_name=args.policy_name)
+    weights = store.read_pandas(args.weights) if args.weights else None
+    encoded = trainer.batch_factory.encode(store.read_pandas(args.units), weights)
+    result = trainer.train(encoded, args.checkpoint, args.metrics, resume=not args.no_resume,
+                           fingerprint=args.fingerprint)
+    if trainer.accelerator.is_main_process:
+        print(json.dumps({"checkpoint_uri": result.checkpoint_uri, "steps": result.steps,
+                          "tokens_per_s": result.tokens_per_s, "metrics": result.metrics}))

@@ -1,35 +1,6 @@
-"""One training round: a policy (or a reward model) trained on encoded examples with one of `losses`.
+"""The Trainer: one round of training on encoded examples with one of `losses` (the package docstring walks
+through a round, top to bottom)."""
 
-    trainer = Trainer(cfg, policy_path="tiny://llama", tokenizer_path=None, store=store)
-    encoded = trainer.batch_factory.encode(units_df, weights_df)
-    result = trainer.train(encoded, checkpoint_uri, metrics_uri)
-
-How a round runs, top to bottom (`Trainer.setup`, then `Trainer.train`):
-1. Plan every optimizer step up front: a seeded permutation per epoch, cut into global batches of
-   `batch_size * num_processes * gradient_accumulation_steps` examples, each split into one micro-batch per
-   (process, accumulation step); a loss that needs per-prompt groups (rl) keeps a prompt's samples together.
-   The plan depends only on the data and the config, so a resumed round and a round on a different number of
-   processes see the same global batches.
-2. Resume: a resume point at `checkpoint_uri` written by the same round (same fingerprint) restores the
-   weights, the optimizer, the scheduler and the step; the plan's first `step` batches are skipped.
-3. Reference log-probs (the losses whose row in `losses.LOSSES` asks for them): precomputed in one pass and
-   added to the examples as a `reference_logps` column (`training.precompute_reference`), or computed on the
-   fly per micro-batch. With a LoRA adapter (`model.adapter`) whose base model is the reference, the
-   reference is the policy with its adapter switched off: no second copy of the weights (adapters.py).
-4. Each step: the loss of every micro-batch (one call of the loss's row) is sum_i w_i l_i over its samples
-   divided by the sum of the weights of the whole global batch (all micro-batches, all processes), so
-   gradients equal those of one big batch whatever the split. A non-finite loss or gradient norm raises
-   NonFiniteLossError before `optimizer.step`, and nothing is saved from that state.
-5. Metrics per step go to a metrics stage (records.METRICS, long format); a checkpoint (safetensors +
-   tokenizer + config, no pickle) at the end, and every `training.save_every_steps` steps a resume point
-   that adds the optimizer/scheduler state as safetensors + JSON.
-
-Multi-process runs go through `accelerate launch ... -m alignment_core.training` (see `main` and
-deployments/accelerate/README.md; on CPU: `accelerate launch --config_file
-deployments/accelerate/cpu_ddp_2proc.yaml -m alignment_core.training ...`).
-"""
-
-import argparse
 import hashlib
 import json
 import logging
@@ -37,37 +8,37 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, gather_object, set_seed
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from accelerate.utils import gather_object, set_seed
 from transformers import get_scheduler
 
 from alignment_core import gpu, losses
-from alignment_core.adapters import (
-    adapter_base,
-    adapter_config,
-    adapter_disabled,
-    add_adapter,
-    is_adapter,
-    is_peft_model,
-    quantization_config,
-)
 from alignment_core.batches import BatchFactory, prompt_groups
 from alignment_core.config import PipelineConfig
 from alignment_core.logprobs import concatenated_inputs, mismatched_inputs, sequence_logps
-from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, model_digest, resolve_model_path
+from alignment_core.models import load_tokenizer
 from alignment_core.progress import bar as progress_bar
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
+from alignment_core.training.engines import engine_for
+from alignment_core.training.models import RoundModels
+from alignment_core.training.plan import bootstrap_sample, plan_steps
+from alignment_core.training.state import (
+    OPTIMIZER_SCALARS,
+    OPTIMIZER_TENSORS,
+    SCHEDULER_STATE,
+    TRAINER_STATE,
+    examples_digest,
+    optimizer_state_files,
+    optimizer_state_from_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +48,6 @@ logger = logging.getLogger(__name__)
 # 2.3e-4; OPT, whose decoder ignores the restarting position ids, 2.9e-2 (1.4e-3 in rows as wide as the longest).
 PACKING_TOLERANCE = 1e-3  # nats per response token
 CPU_ROWS_PER_FORWARD = 4  # measured best of 1/2/4/8 on 2 CPU cores (benchmarks/train_throughput.py)
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_SCALARS = "optimizer.json"
-SCHEDULER_STATE = "scheduler.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,94 +69,7 @@ class TrainResult:
     tokens_per_s: float  # policy-forward tokens (prompt + response, no padding) per second of training
 
 
-# ---- the step plan ---------------------------------------------------------------------------------------
-
-
-def plan_steps(
-    units: list[list[int]], examples_per_step: int, micro_batches: int, epochs: int, seed: int
-) -> list[list[list[int]]]:
-    """Every optimizer step as `micro_batches` lists of example indices.
-
-    A unit is what must stay in one micro-batch: one example, or (rl) every sample of one prompt. Each
-    epoch shuffles the units with its own seed and cuts them into steps of about `examples_per_step`
-    examples; a step's units are split evenly into the micro-batches. A last step too small to give every
-    micro-batch a unit is dropped (and logged).
-    """
-    mean_unit = sum(len(u) for u in units) / max(len(units), 1)
-    units_per_step = max(micro_batches, round(examples_per_step / mean_unit))
-    steps, dropped = [], 0
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(units))
-        for start in range(0, len(order), units_per_step):
-            chunk = order[start : start + units_per_step]
-            if len(chunk) < micro_batches:
-                dropped += sum(len(units[u]) for u in chunk)
-                continue
-            steps.append([[i for u in part for i in units[u]] for part in np.array_split(chunk, micro_batches)])
-    if dropped:
-        logger.warning("dropped %d examples that could not fill a last step of %d micro-batches", dropped,
-                       micro_batches)
-    if not steps:
-        raise ValueError(
-            f"{sum(len(u) for u in units)} examples in {len(units)} units cannot fill one optimizer step of "
-            f"{micro_batches} micro-batches; lower training.batch_size/gradient_accumulation_steps or add data"
-        )
-    return steps
-
-
-def bootstrap_sample(count: int, seed: int) -> list[int]:
-    """A bootstrap resample of `count` units: `count` indices drawn with replacement, the same for the same seed."""
-    return np.random.default_rng([seed, count]).integers(0, count, size=count).tolist()
-
-
-# ---- optimizer state without pickle ----------------------------------------------------------------------
-
-
-def optimizer_state_files(state_dict: dict) -> dict[str, bytes]:
-    """An optimizer state dict as safetensors (its tensors, keyed 'param.name') + JSON (everything else)."""
-    tensors, scalars = {}, {}
-    for param, values in state_dict["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{param}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(param), {})[name] = value
-    document = {"param_groups": state_dict["param_groups"], "scalars": scalars}
-    return {OPTIMIZER_TENSORS: save_safetensors(tensors), OPTIMIZER_SCALARS: json.dumps(document).encode()}
-
-
-def optimizer_state_from_files(tensor_bytes: bytes, scalar_bytes: bytes) -> dict:
-    """The inverse of `optimizer_state_files`. Parameters are keyed by index (a plain optimizer) or by name (the
-    full state of a sharded one, see `Trainer._optimizer_state`)."""
-    document = json.loads(scalar_bytes)
-    state: dict[int | str, dict] = {}
-
-    def key_of(param: str) -> int | str:
-        return int(param) if param.isdigit() else param
-
-    for key, value in load_safetensors(tensor_bytes).items():
-        param, name = key.rsplit(".", 1)
-        state.setdefault(key_of(param), {})[name] = value
-    for param, values in document["scalars"].items():
-        state.setdefault(key_of(param), {}).update(values)
-    return {"state": state, "param_groups": document["param_groups"]}
-
-
-def examples_digest(encoded: list[dict]) -> str:
-    """A digest of the encoded examples (token ids, weights, rewards): part of a round's identity."""
-    sha = hashlib.sha256()
-    for example in encoded:
-        for key in sorted(example):
-            value = example[key]
-            sha.update(key.encode())
-            sha.update(value.cpu().numpy().tobytes() if torch.is_tensor(value) else repr(value).encode())
-    return sha.hexdigest()[:16]
-
-
-# ---- the trainer -----------------------------------------------------------------------------------------
-
-
-class Trainer:
+class Trainer(RoundModels):
     """Trains `policy_path` for one round with `cfg.training.loss` (see the module docstring).
 
     Its lifecycle, in reading order: `__init__` (configuration only: tokenizer, batch factory, accelerator,
@@ -211,7 +91,7 @@ class Trainer:
         records it as its base, so that another machine resolves it; defaults to `policy_path`. The config's
         own rules (loss vs setup, KTO's batch size) were checked when it loaded."""
         self.cfg, self.store = cfg, store
-        self.loss = losses.LOSSES[cfg.training.loss]
+        self.loss_spec = losses.LOSSES[cfg.training.loss]  # the loss's row of the table
         self.policy_path = policy_path
         self.policy_name = policy_name or policy_path
         # The reference is the policy the round starts from unless configured otherwise.
@@ -229,13 +109,14 @@ class Trainer:
             # same process (a notebook, a served flow) with another `mixed_precision` would be refused.
             AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=multi_process_cpu)
+        self.engine = engine_for(self.accelerator, cfg)  # what DDP, FSDP or DeepSpeed does its own way
         # Flash attention's variable-length kernels and flex attention's block-sparse masks cost what the sequences
         # cost: one row of everything.
         attention = cfg.model.attn_implementation or ""
         self.one_row = "flash" in attention or attention == "flex_attention"
         padding_free = cfg.training.padding_free
         # `setup` checks it and may turn it off; a reward model scores the last token of padded rows.
-        self.packed = (self.one_row if padding_free is None else padding_free) and not self.loss.reward_head
+        self.packed = (self.one_row if padding_free is None else padding_free) and not self.loss_spec.reward_head
         self.rows_per_forward = cfg.training.rows_per_forward
         if self.rows_per_forward is None:
             self.rows_per_forward = CPU_ROWS_PER_FORWARD if self.accelerator.device.type == "cpu" else 0
@@ -263,7 +144,7 @@ class Trainer:
         started, self.seconds = time.perf_counter(), {}
         set_seed(tc.seed)
         micro_batches = accelerator.num_processes * tc.gradient_accumulation_steps
-        units = prompt_groups(encoded) if self.loss.grouped else [[i] for i in range(len(encoded))]
+        units = prompt_groups(encoded) if self.loss_spec.grouped else [[i] for i in range(len(encoded))]
         if tc.bootstrap_seed is not None:  # a unit drawn twice is trained on twice per epoch, one never drawn not
             units = [units[i] for i in bootstrap_sample(len(units), tc.bootstrap_seed)]
         self.plan = plan_steps(units, tc.batch_size * micro_batches, micro_batches, tc.epochs, tc.seed)
@@ -274,8 +155,7 @@ class Trainer:
         if self.finished:
             return
         gpu.reset_peak_memory()
-        if self._deepspeed:
-            self._configure_deepspeed()
+        self.engine.configure()
         self.model = self._load_policy(self.resumed.get("local_dir", self.policy_path))
         self.reference = self._load_reference()
         optimizer = torch.optim.AdamW(
@@ -291,7 +171,7 @@ class Trainer:
         if self.resumed:
             local = Path(self.resumed["local_dir"])
             if (local / OPTIMIZER_TENSORS).exists():
-                self._load_optimizer_state(optimizer_state_from_files(
+                self.engine.load_optimizer_state(self.model, self.optimizer, optimizer_state_from_files(
                     (local / OPTIMIZER_TENSORS).read_bytes(), (local / OPTIMIZER_SCALARS).read_bytes()))
             else:
                 logger.warning("resume point %s has no optimizer state (DeepSpeed's is not saved): the optimizer's "
@@ -301,29 +181,9 @@ class Trainer:
         if self.packed:
             self.packed = self._packing_keeps_sequences_apart(encoded)
         self.seconds["load"] = time.perf_counter() - started
-        if self.loss.reference and tc.precompute_reference:
+        if self.loss_spec.reference and tc.precompute_reference:
             self.examples = self._with_reference_logps(encoded)
         self.seconds["reference"] = time.perf_counter() - started - self.seconds["load"]
-
-    def _configure_deepspeed(self) -> None:
-        """DeepSpeed steps its optimizer inside `backward` and clips there, so the round's micro-batch size,
-        accumulation steps and clipping come from `training` (not from the accelerate config file), and a ZeRO-3
-        save gathers the whole weights. bf16 weights (model.dtype) without `training.mixed_precision` train in
-        DeepSpeed's bf16 mode, fp32 master weights and moments as under FSDP: set before the policy loads, since
-        ZeRO-3 partitions it as it loads, in the precision its config names (else fp32, twice the memory)."""
-        tc, plugin = self.cfg.training, self.accelerator.state.deepspeed_plugin
-        ds = plugin.deepspeed_config
-        ds.update(train_micro_batch_size_per_gpu=tc.batch_size,
-                  gradient_accumulation_steps=tc.gradient_accumulation_steps, gradient_clipping=tc.max_grad_norm)
-        ds.pop("train_batch_size", None)  # accelerate derives it from the three above
-        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-        if tc.mixed_precision == "no" and self.cfg.model.dtype == "bfloat16":
-            ds["bf16"] = {"enabled": True}
-        plugin.set_deepspeed_weakref()  # what transformers reads when it loads under ZeRO-3
-
-    @property
-    def _deepspeed(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def _warmup_steps(self) -> int:
         """`warmup_ratio` of the round's steps, leaving at least one step after the warm-up: the first step of
@@ -378,7 +238,7 @@ class Trainer:
         pending_rows: list[dict] = []
         tokens_seen, self.seconds["train"] = 0.0, 0.0
         self.model.train()
-        bar = progress_bar(total=total, initial=self.step, desc=f"train {self.loss.name}",
+        bar = progress_bar(total=total, initial=self.step, desc=f"train {self.loss_spec.name}",
                            disable=not accelerator.is_main_process)
         with bar as progress:  # closed on errors too, so no half bar is printed when the process exits
             while not self.finished:
@@ -440,8 +300,6 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         metric_counts: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), device=accelerator.device)
-        # `scale` already makes the sum over the global batch: DeepSpeed must not divide by the accumulation steps.
-        backward_kwargs = {"scale_wrt_gas": False} if self._deepspeed else {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # DeepSpeed steps its optimizer in the `backward` of a micro-batch with sync_gradients set: the last.
@@ -449,7 +307,7 @@ class Trainer:
             with nullcontext() if last else accelerator.no_sync(self.model):
                 out = self.compute_loss(batch)
                 weighted_sum = (out.weights * out.losses).sum()
-                accelerator.backward(weighted_sum * scale, **backward_kwargs)
+                accelerator.backward(weighted_sum * scale, **self.engine.backward_kwargs)
             loss_sum += weighted_sum.detach()
             for name, values in out.metrics.items():
                 defined = ~torch.isnan(values)
@@ -487,14 +345,14 @@ class Trainer:
         logps, counts = self.concatenated_forward(self.model, batch)
         inputs = losses.LossInput(logps, counts, batch["generation1_weight"].float(),
                                   rewards=batch["generation1_reward"])
-        if self.loss.reference:
+        if self.loss_spec.reference:
             inputs.reference_logps = self._reference_logps(batch)
-        if self.loss.mismatched_kl:
+        if self.loss_spec.mismatched_kl:
             inputs.kl_estimate = self._kto_kl_estimate(batch)
-        if self.loss.grouped:
+        if self.loss_spec.grouped:
             group_of = {prompt_id: index for index, prompt_id in enumerate(dict.fromkeys(batch["prompt_id"]))}
             inputs.group_ids = torch.tensor([group_of[p] for p in batch["prompt_id"]], device=logps.device)
-        return self.loss.compute(inputs, self.cfg.training)
+        return self.loss_spec.compute(inputs, self.cfg.training)
 
     # ---- forward passes ----
     def concatenated_forward(self, model, batch: dict):
@@ -505,7 +363,7 @@ class Trainer:
         """
         token_ids, attention, responses = concatenated_inputs(batch, self.batch_factory.generations,
                                                               self.tokenizer.pad_token_id)
-        if self.loss.reward_head:
+        if self.loss_spec.reward_head:
             scores = model(input_ids=token_ids, attention_mask=attention).logits.squeeze(-1).float()
             return scores, responses.sum(dim=1)
         return sequence_logps(model, token_ids, attention, responses, self.rows_per_forward, self.packed, self.one_row)
@@ -581,106 +439,6 @@ class Trainer:
         device = self.accelerator.device
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    # ---- models ----
-    def _load_kwargs(self) -> dict:
-        model_cfg, adapter_cfg = self.cfg.model, self.cfg.model.adapter
-        kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code, "store": self.store,
-                  "attn_implementation": model_cfg.attn_implementation}
-        quantization = quantization_config(adapter_cfg, model_cfg.dtype)
-        if quantization is not None:  # QLoRA: the frozen base in 4 bits
-            kwargs["quantization_config"] = quantization
-            kwargs["device_map"] = {"": self.accelerator.device}
-        return kwargs
-
-    def _load_policy(self, path: str):
-        """The model to train: full weights, or (model.adapter) a LoRA adapter, new or continued."""
-        adapter_cfg = self.cfg.model.adapter
-        task = "reward_model" if self.loss.reward_head else "causal_lm"
-        load = partial(load_reward_model, tokenizer=self.tokenizer) if task == "reward_model" else load_causal_lm
-        kwargs = self._load_kwargs()
-        local = resolve_model_path(path, store=self.store)
-        self._base_path = local  # the weights under the adapter (for the reference)
-        if is_adapter(local):
-            self._base_path = resolve_model_path(adapter_base(local), store=self.store)
-            if adapter_cfg is None:
-                logger.info("policy %s is an adapter and model.adapter is not set: training base + adapter, "
-                            "merged, in full", path)
-                model = load(path, adapter_mode="merge", **kwargs)
-            else:
-                stored = adapter_config(local)
-                logger.info("continuing the adapter %s (r=%s, base %s)", path, stored.get("r"), adapter_base(local))
-                if stored.get("r") != adapter_cfg.r:
-                    logger.warning("the adapter %s has rank %s, model.adapter.r is %d: continuing the stored one",
-                                   path, stored.get("r"), adapter_cfg.r)
-                model = load(path, adapter_mode="trainable", **kwargs)
-        else:
-            model = load(path, **kwargs)
-            if adapter_cfg is not None:
-                model = add_adapter(model, adapter_cfg, task, base_name=self.policy_name)
-        model.config.use_cache = False
-        if self.cfg.training.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
-
-    def _reference_matches_base(self) -> bool:
-        """Whether the configured reference is the policy adapter's base model (same folder or same weights)."""
-        reference = Path(resolve_model_path(self.reference_path, store=self.store)).resolve()
-        base = Path(self._base_path).resolve()
-        if reference == base:
-            return True
-        if is_adapter(reference):
-            return False
-        try:
-            return model_digest(reference) == model_digest(base)
-        except FileNotFoundError:
-            return False
-
-    @contextmanager
-    def _whole_weights(self):
-        """Models loaded inside are not partitioned. Under ZeRO-3 transformers partitions weights as they load
-        (it reads the DeepSpeed config accelerate registers), and only a DeepSpeed engine runs a partitioned model:
-        the frozen reference is a whole copy on each process instead."""
-        if not self._deepspeed:
-            yield
-            return
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        try:
-            yield
-        finally:
-            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-    def _load_reference(self):
-        self.reference_is_base = False
-        if not self.loss.reference:
-            return None
-        if is_peft_model(self.model_unwrapped):
-            if self._reference_matches_base():
-                logger.info("reference %s is the adapter's base model: computing it with the adapter switched "
-                            "off (no second copy of the weights)", self.reference_path)
-                self.reference_is_base = True
-                return None
-            logger.info("reference %s is not the adapter's base model: loading it separately", self.reference_path)
-        kwargs = self._load_kwargs()
-        with self._whole_weights():
-            reference = load_causal_lm(self.reference_path, **kwargs)
-        reference.requires_grad_(False).eval()
-        return reference if "device_map" in kwargs else reference.to(self.accelerator.device)
-
-    @property
-    def model_unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
-    @contextmanager
-    def _reference_model(self):
-        """The reference for a forward under no_grad: its own model, or the policy with the adapter off."""
-        if self.reference_is_base:
-            with adapter_disabled(self.model_unwrapped) as base:
-                yield base
-        else:
-            yield self.reference
-
     # ---- checkpoints ----
     def _save(self, uri: str, state: dict, final: bool = True) -> None:
         """Weights + tokenizer + optimizer/scheduler/step state, written by the main process; only the round's
@@ -688,8 +446,8 @@ class Trainer:
         # Every process takes part in gathering a sharded (FSDP) model's and optimizer's full state. A finished
         # round is never resumed (the next round starts its own optimizer): its checkpoint leaves out the
         # optimizer's moments, two thirds of a full checkpoint's bytes in fp32 Adam over bf16 weights.
-        weights = self.accelerator.get_state_dict(self.model) if self._sharded else None
-        optimizer_state = None if final else self._optimizer_state()
+        weights = self.engine.full_state_dict(self.model)
+        optimizer_state = None if final else self.engine.optimizer_state(self.model, self.optimizer)
         if self.accelerator.is_main_process:
             extra = {TRAINER_STATE: json.dumps(state, indent=2).encode()}
             if not final:
@@ -699,32 +457,6 @@ class Trainer:
             self.store.save_checkpoint(self.accelerator.unwrap_model(self.model), self.tokenizer, uri,
                                        extra_files=extra, final=final, state_dict=weights)
         self.accelerator.wait_for_everyone()
-
-    @property
-    def _sharded(self) -> bool:
-        """FSDP (DTensors, also on one GPU) and DeepSpeed (ZeRO-3) hold shards of the parameters: saves gather them."""
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-    def _optimizer_state(self) -> dict | None:
-        """The optimizer's state to save: as is, or for FSDP its full state keyed by parameter name. DeepSpeed's
-        partitioned state has no such form short of its own (pickled) checkpoints: None, a resume restarts it."""
-        if self._deepspeed:
-            return None
-        if not self._sharded:
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def _load_optimizer_state(self, state: dict) -> None:
-        if not self._sharded:
-            self.optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, self.optimizer.optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
 
     def _resumable_state(self, uri: str, fingerprint: str) -> dict | None:
         if self.store.checkpoint_marker(uri) is None:
@@ -741,44 +473,3 @@ class Trainer:
 
 
 # ---- command line (multi-process rounds) -----------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    """accelerate launch --config_file deployments/accelerate/<config>.yaml -m alignment_core.training
-    --config C --units U [--weights W] --checkpoint URI --metrics URI
-
-    On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2 -m alignment_core.training ...`
-    (or the cpu_ddp_2proc.yaml config) runs two CPU processes over gloo; accelerate's `--cpu` flag would
-    start a single process unless MPI is installed.
-    """
-    from alignment_core.config import load_config
-
-    parser = argparse.ArgumentParser(description="Run one training round (under `accelerate launch`).")
-    parser.add_argument("--config", required=True, help="pipeline config YAML")
-    parser.add_argument("--units", required=True, help="units stage URI")
-    parser.add_argument("--weights", help="weights stage URI (default: every weight 1)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint URI to write")
-    parser.add_argument("--metrics", required=True, help="metrics stage URI to write")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    parser.add_argument("--policy-name", help="the policy as the config names it (a new adapter records it as "
-                        "its base; default: the config's model.policy)")
-    parser.add_argument("--fingerprint", help="the round's identity (default: derived from the config, the "
-                        "models and the examples); a checkpoint of another round is not resumed")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    cfg = load_config(args.config)
-    store = ArtifactStore.from_config(cfg.store)
-    trainer = Trainer(cfg, policy_path=cfg.model.policy, tokenizer_path=cfg.model.tokenizer, store=store,
-                      reference_path=cfg.model.reference, policy_name=args.policy_name)
-    weights = store.read_pandas(args.weights) if args.weights else None
-    encoded = trainer.batch_factory.encode(store.read_pandas(args.units), weights)
-    result = trainer.train(encoded, args.checkpoint, args.metrics, resume=not args.no_resume,
-                           fingerprint=args.fingerprint)
-    if trainer.accelerator.is_main_process:
-        print(json.dumps({"checkpoint_uri": result.checkpoint_uri, "steps": result.steps,
-                          "tokens_per_s": result.tokens_per_s, "metrics": result.metrics}))
-
-
-if __name__ == "__main__":
-    main()

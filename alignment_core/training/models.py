@@ -1,0 +1,109 @@
+"""The models of a training round, as the Trainer loads them: the policy (full weights, or a LoRA adapter, new or
+continued; QLoRA's 4-bit base), and the reference (a frozen copy, or the policy with its adapter switched off
+when the reference is the adapter's base: no second copy of the weights)."""
+
+import logging
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+from alignment_core.adapters import (
+    adapter_base,
+    adapter_config,
+    adapter_disabled,
+    add_adapter,
+    is_adapter,
+    is_peft_model,
+    quantization_config,
+)
+from alignment_core.models import load_causal_lm, load_reward_model, model_digest, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+class RoundModels:
+    """The Trainer's model loading (a mixin: it reads the Trainer's config, store, tokenizer, loss row,
+    accelerator and engine)."""
+
+    def _load_kwargs(self) -> dict:
+        model_cfg, adapter_cfg = self.cfg.model, self.cfg.model.adapter
+        kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code, "store": self.store,
+                  "attn_implementation": model_cfg.attn_implementation}
+        quantization = quantization_config(adapter_cfg, model_cfg.dtype)
+        if quantization is not None:  # QLoRA: the frozen base in 4 bits
+            kwargs["quantization_config"] = quantization
+            kwargs["device_map"] = {"": self.accelerator.device}
+        return kwargs
+
+    def _load_policy(self, path: str):
+        """The model to train: full weights, or (model.adapter) a LoRA adapter, new or continued."""
+        adapter_cfg = self.cfg.model.adapter
+        task = "reward_model" if self.loss_spec.reward_head else "causal_lm"
+        load = partial(load_reward_model, tokenizer=self.tokenizer) if task == "reward_model" else load_causal_lm
+        kwargs = self._load_kwargs()
+        local = resolve_model_path(path, store=self.store)
+        self._base_path = local  # the weights under the adapter (for the reference)
+        if is_adapter(local):
+            self._base_path = resolve_model_path(adapter_base(local), store=self.store)
+            if adapter_cfg is None:
+                logger.info("policy %s is an adapter and model.adapter is not set: training base + adapter, "
+                            "merged, in full", path)
+                model = load(path, adapter_mode="merge", **kwargs)
+            else:
+                stored = adapter_config(local)
+                logger.info("continuing the adapter %s (r=%s, base %s)", path, stored.get("r"), adapter_base(local))
+                if stored.get("r") != adapter_cfg.r:
+                    logger.warning("the adapter %s has rank %s, model.adapter.r is %d: continuing the stored one",
+                                   path, stored.get("r"), adapter_cfg.r)
+                model = load(path, adapter_mode="trainable", **kwargs)
+        else:
+            model = load(path, **kwargs)
+            if adapter_cfg is not None:
+                model = add_adapter(model, adapter_cfg, task, base_name=self.policy_name)
+        model.config.use_cache = False
+        if self.cfg.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _reference_matches_base(self) -> bool:
+        """Whether the configured reference is the policy adapter's base model (same folder or same weights)."""
+        reference = Path(resolve_model_path(self.reference_path, store=self.store)).resolve()
+        base = Path(self._base_path).resolve()
+        if reference == base:
+            return True
+        if is_adapter(reference):
+            return False
+        try:
+            return model_digest(reference) == model_digest(base)
+        except FileNotFoundError:
+            return False
+
+    def _load_reference(self):
+        self.reference_is_base = False
+        if not self.loss_spec.reference:
+            return None
+        if is_peft_model(self.model_unwrapped):
+            if self._reference_matches_base():
+                logger.info("reference %s is the adapter's base model: computing it with the adapter switched "
+                            "off (no second copy of the weights)", self.reference_path)
+                self.reference_is_base = True
+                return None
+            logger.info("reference %s is not the adapter's base model: loading it separately", self.reference_path)
+        kwargs = self._load_kwargs()
+        with self.engine.whole_weights():
+            reference = load_causal_lm(self.reference_path, **kwargs)
+        reference.requires_grad_(False).eval()
+        return reference if "device_map" in kwargs else reference.to(self.accelerator.device)
+
+    @property
+    def model_unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @contextmanager
+    def _reference_model(self):
+        """The reference for a forward under no_grad: its own model, or the policy with the adapter off."""
+        if self.reference_is_base:
+            with adapter_disabled(self.model_unwrapped) as base:
+                yield base
+        else:
+            yield self.reference
