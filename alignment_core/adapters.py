@@ -15,11 +15,12 @@ Full weights at the end: `python -m alignment_core.adapters merge CHECKPOINT OUT
 `save_pretrained` folder (base + adapter merged) that loads without peft.
 """
 
-import argparse
 import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+
+from alignment_core.inputs import InputRef, is_store_uri
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +106,13 @@ def target_module_problems(cfg, store) -> list[str]:
     v_proj and gate_proj/up_proj on Phi-3, whose fused qkv_proj and gate_up_proj it then leaves out). Matching
     is peft's rule for a list: a module's full name, or its name ending in "." + the listed name.
     """
-    from alignment_core.losses import LOSSES
-    from alignment_core.models import is_store_uri, resolve_model_path
+    from alignment_core.losses import LOSSES  # imports torch: preflight's quick checks call this first
 
     adapter_cfg = cfg.model.adapter
     if adapter_cfg is None or adapter_cfg.target_modules == "all-linear" or is_store_uri(cfg.model.policy):
         return []  # all-linear always matches; a checkpoint in a store is the stage's to copy
     try:
-        path = resolve_model_path(cfg.model.policy, store=store, cache_dir=str(store.cache_dir))
+        path = InputRef.model(cfg.model.policy).resolve(store=store, cache_dir=str(store.cache_dir))
     except (OSError, ValueError):
         return []  # preflight reports the policy itself
     if is_adapter(path):
@@ -205,41 +205,10 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
-def merge(checkpoint: str, out: str, store=None, dtype: str = "float32", kind: str | None = None) -> str:
-    """Base + adapter merged into full weights at `out` (a normal save_pretrained folder + tokenizer).
-
-    `kind` is "causal_lm" or "reward_model"; by default it follows the adapter's task type.
-    """
-    from alignment_core.models import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
-
-    path = resolve_model_path(checkpoint, store=store)
-    if not is_adapter(path):
-        raise ValueError(f"{checkpoint} is not an adapter checkpoint (no {ADAPTER_CONFIG})")
-    kind = kind or ("reward_model" if adapter_config(path).get("task_type") == "SEQ_CLS" else "causal_lm")
-    tokenizer = load_tokenizer(path, store=store)
-    if kind == "reward_model":
-        model = load_reward_model(path, tokenizer=tokenizer, dtype=dtype, store=store)
-    else:
-        model = load_causal_lm(path, dtype=dtype, store=store)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    logger.info("merged %s (base %s) into %s", checkpoint, adapter_base(path), out)
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="LoRA adapter checkpoints.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    merge_cmd = commands.add_parser("merge", help="merge an adapter checkpoint into full weights")
-    merge_cmd.add_argument("checkpoint", help="adapter checkpoint: a folder or a store URI")
-    merge_cmd.add_argument("out", help="folder to write the merged model to")
-    merge_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    merge_cmd.add_argument("--kind", choices=["causal_lm", "reward_model"], help="default: the adapter's task")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(merge(args.checkpoint, args.out, dtype=args.dtype, kind=args.kind))
-
-
 if __name__ == "__main__":
-    main()
+    # `python -m alignment_core.adapters merge CHECKPOINT OUT`: merging loads models, and alignment_core.models
+    # imports this module, so the command's code lives there. Run as a script this file is `__main__`, not the
+    # module models imports.
+    from alignment_core.models import merge_command
+
+    merge_command()

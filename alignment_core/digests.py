@@ -122,11 +122,11 @@ def hub_dataset_revision(repo_id: str, revision: str | None = None) -> str:
 
 def data_source_digest(source: str, revision: str | None = None) -> str:
     """What a `data.source` holds: file bytes (bundled, local or fsspec file), folder contents, or hub commit."""
-    from alignment_core.data import BUNDLED_PREFIX, _file_suffix, bundled_path
+    from alignment_core.data import BUNDLED_PREFIX, bundled_path, file_suffix
 
     if source.startswith(BUNDLED_PREFIX):
         return "sha256:" + file_digest(bundled_path(source.removeprefix(BUNDLED_PREFIX)))
-    if _file_suffix(source) is not None:
+    if file_suffix(source) is not None:
         return "sha256:" + file_digest(source)
     if os.path.isdir(os.path.expanduser(source)):
         return "folder:" + folder_digest(source)

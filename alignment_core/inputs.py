@@ -22,19 +22,21 @@ did not finish)" is not "model ... (local folder) ...".
 `policy_digest`, `model_lineage`) all go through this module, so each rule is written once.
 """
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from alignment_core.config import TINY_MODEL
+from alignment_core.config import DEFAULT_CACHE_DIR, TINY_MODEL
+from alignment_core.store import ArtifactStore
 
 TINY_REWARD_MODEL = "tiny://reward"
 TINY_SFT_MODEL = "tiny://llama-sft"  # the demo's starting policy: tiny://llama after SFT on bundled:sft
 TINY_BUILDS = {TINY_MODEL: ("tiny-llama", "causal_lm"), TINY_REWARD_MODEL: ("tiny-reward", "reward_model"),
                TINY_SFT_MODEL: ("tiny-llama-sft", "sft")}
-DEFAULT_CACHE_DIR = "~/.cache/alignment_core"
 
 Kind = Literal["stage", "tiny", "checkpoint", "local", "hub"]
 MODEL_KINDS: tuple[str, ...] = ("tiny", "checkpoint", "local", "hub")
@@ -192,7 +194,7 @@ class InputRef:
         if cache_dir is None:
             cache_dir = store.cache_dir if store is not None else DEFAULT_CACHE_DIR
         if self.kind == "tiny":
-            from alignment_core.tiny import build_tiny, build_tiny_sft
+            from alignment_core.tiny import build_tiny, build_tiny_sft  # torch: not for a hub id's preflight check
 
             folder, kind = TINY_BUILDS[self.name]
             if kind == "sft":  # its folder is tiny-llama-sft-<digest of what built it>
@@ -200,8 +202,6 @@ class InputRef:
             return str(build_tiny(Path(cache_dir).expanduser() / folder, kind=kind))
         if self.kind == "checkpoint":
             if store is None:
-                from alignment_core.store import ArtifactStore
-
                 store = ArtifactStore(self.name.rstrip("/").rsplit("/", 1)[0], cache_dir=str(cache_dir))
             try:
                 return store.local_checkpoint(self.name)
@@ -234,15 +234,57 @@ class InputRef:
     def lineage(self, store=None, path: str | None = None) -> dict:
         """What a checkpoint's lineage records of a model: its name as written, digest and hub commit (`path`:
         its folder when already resolved)."""
-        from alignment_core.models import hub_revision
-
         path = path or self.resolve(store)
         return {"name": self.name, "digest": self._model_digest(path), "hub_revision": hub_revision(path)}
 
     def _model_digest(self, path: str) -> str:
-        from alignment_core.models import model_digest
-
         try:
             return model_digest(path)
         except ModelNotFoundError as error:
             raise ModelNotFoundError(f"{self.describe()}: {error}") from None
+
+
+# ---- a model's identity: no model library needed ---------------------------------------------------------
+# A snapshot in the hub cache: .../models--org--name/snapshots/<commit>
+_HUB_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
+
+
+def model_digest(path: str | Path) -> str:
+    """A model's identity, 16 hex chars: what fingerprints and lineage record for it.
+
+    - a hub snapshot: its commit (the hub's own content address; no need to read gigabytes);
+    - an adapter folder (`adapter_config.json`): its safetensors files and the digest of its base model;
+    - any other folder: a sha256 over its safetensors files (names and bytes, in name order).
+    """
+    folder = Path(path).expanduser()
+    snapshot = _HUB_SNAPSHOT.search(folder.as_posix())
+    if snapshot:
+        return hashlib.sha256(f"hub:{snapshot['repo']}@{snapshot['commit']}".encode()).hexdigest()[:16]
+    folder = folder.resolve()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no .safetensors files in {folder}")
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    digest = _digest(str(folder), stamp)
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.exists():
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        digest = hashlib.sha256(f"{digest}+{model_digest(InputRef.model(base).resolve())}".encode()).hexdigest()[:16]
+    return digest
+
+
+def hub_revision(path: str | Path) -> str | None:
+    """The hub commit of a resolved snapshot folder, None for anything else (for lineage)."""
+    snapshot = _HUB_SNAPSHOT.search(Path(path).expanduser().as_posix())
+    return snapshot["commit"] if snapshot else None
+
+
+@lru_cache(maxsize=64)
+def _digest(folder: str, stamp: tuple) -> str:  # `stamp` (names, mtimes, sizes) makes a rewrite a cache miss
+    sha = hashlib.sha256()
+    for name, _, _ in stamp:
+        sha.update(name.encode())
+        with open(Path(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+    return sha.hexdigest()[:16]

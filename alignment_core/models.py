@@ -11,10 +11,8 @@ Every loader resolves the name first, so a missing model fails before anything i
 identity in fingerprints and lineage (`model_digest`) is its hub commit or the bytes of its weights.
 """
 
-import hashlib
-import json
-import re
-from functools import lru_cache
+import argparse
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -22,20 +20,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment_core import progress
-from alignment_core.adapters import adapter_base, is_adapter, load_adapter
+from alignment_core.adapters import ADAPTER_CONFIG, adapter_base, adapter_config, is_adapter, load_adapter
 from alignment_core.inputs import (  # noqa: F401  (re-exported: the names of models)
     DEFAULT_CACHE_DIR,
     InputRef,
     ModelNotFoundError,
+    hub_revision,
     hub_snapshot,
     is_store_uri,
+    model_digest,
 )
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# A snapshot in the hub cache: .../models--org--name/snapshots/<commit>
-_HUB_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
-
 
 def resolve_model_path(name_or_uri: str, store=None, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     """Turn a model name into a local folder that `from_pretrained` loads without touching the network
@@ -119,42 +117,37 @@ def _load(loader, name_or_path, dtype, trust_remote_code, store, attn_implementa
     return loader.from_pretrained(path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
 
 
-def model_digest(path: str | Path) -> str:
-    """A model's identity, 16 hex chars: what fingerprints and lineage record for it.
+# ---- adapters merged into full weights (`python -m alignment_core.adapters merge`) ----------------------
+def merge_adapter(checkpoint: str, out: str, store=None, dtype: str = "float32", kind: str | None = None) -> str:
+    """Base + adapter merged into full weights at `out` (a normal save_pretrained folder + tokenizer).
 
-    - a hub snapshot: its commit (the hub's own content address; no need to read gigabytes);
-    - an adapter folder (`adapter_config.json`): its safetensors files and the digest of its base model;
-    - any other folder: a sha256 over its safetensors files (names and bytes, in name order).
+    `kind` is "causal_lm" or "reward_model"; by default it follows the adapter's task type.
     """
-    folder = Path(path).expanduser()
-    snapshot = _HUB_SNAPSHOT.search(folder.as_posix())
-    if snapshot:
-        return hashlib.sha256(f"hub:{snapshot['repo']}@{snapshot['commit']}".encode()).hexdigest()[:16]
-    folder = folder.resolve()
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelNotFoundError(f"no .safetensors files in {folder}")
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-    digest = _digest(str(folder), stamp)
-    adapter_config = folder / "adapter_config.json"
-    if adapter_config.exists():
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        digest = hashlib.sha256(f"{digest}+{model_digest(resolve_model_path(base))}".encode()).hexdigest()[:16]
-    return digest
+    path = resolve_model_path(checkpoint, store=store)
+    if not is_adapter(path):
+        raise ValueError(f"{checkpoint} is not an adapter checkpoint (no {ADAPTER_CONFIG})")
+    kind = kind or ("reward_model" if adapter_config(path).get("task_type") == "SEQ_CLS" else "causal_lm")
+    tokenizer = load_tokenizer(path, store=store)
+    if kind == "reward_model":
+        model = load_reward_model(path, tokenizer=tokenizer, dtype=dtype, store=store)
+    else:
+        model = load_causal_lm(path, dtype=dtype, store=store)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    logger.info("merged %s (base %s) into %s", checkpoint, adapter_base(path), out)
+    return out
 
 
-def hub_revision(path: str | Path) -> str | None:
-    """The hub commit of a resolved snapshot folder, None for anything else (for lineage)."""
-    snapshot = _HUB_SNAPSHOT.search(Path(path).expanduser().as_posix())
-    return snapshot["commit"] if snapshot else None
-
-
-@lru_cache(maxsize=64)
-def _digest(folder: str, stamp: tuple) -> str:  # `stamp` (names, mtimes, sizes) makes a rewrite a cache miss
-    sha = hashlib.sha256()
-    for name, _, _ in stamp:
-        sha.update(name.encode())
-        with open(Path(folder, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
-    return sha.hexdigest()[:16]
+def merge_command(argv: list[str] | None = None) -> None:
+    """`python -m alignment_core.adapters merge CHECKPOINT OUT` (see alignment_core/adapters.py)."""
+    parser = argparse.ArgumentParser(description="LoRA adapter checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge_cmd = commands.add_parser("merge", help="merge an adapter checkpoint into full weights")
+    merge_cmd.add_argument("checkpoint", help="adapter checkpoint: a folder or a store URI")
+    merge_cmd.add_argument("out", help="folder to write the merged model to")
+    merge_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge_cmd.add_argument("--kind", choices=["causal_lm", "reward_model"], help="default: the adapter's task")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(merge_adapter(args.checkpoint, args.out, dtype=args.dtype, kind=args.kind))

@@ -28,7 +28,7 @@ from alignment_core.adapters import adapter_base, is_adapter
 from alignment_core.annotators import models_loaded_here
 from alignment_core.config import PipelineConfig
 from alignment_core.cpu import set_torch_threads
-from alignment_core.data import DatasLoader
+from alignment_core.data import DatasetLoader
 from alignment_core.digests import callable_digest, data_digests, file_digest, template_digest
 from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, UNITS, from_rows
@@ -86,12 +86,12 @@ def finished_iterations(cfg: PipelineConfig) -> int:
 def _all_prompts(cfg: PipelineConfig, loader=None) -> tuple[pa.Table, pa.Table, dict]:
     """(training prompts, held-out eval prompts, load report): eval prompts come from eval_source or the
     source's tail; the report says what the source held (format, rows kept and skipped by reason)."""
-    loader = loader or DatasLoader.from_config(cfg.data)
+    loader = loader or DatasetLoader.from_config(cfg.data)
     prompts = loader.load_prompts()
     log.info("data: %s; %d distinct prompts", loader.report.summary(), prompts.num_rows)
     report = {**loader.report.to_dict(), "distinct_prompts": prompts.num_rows}
     if cfg.data.eval_source:
-        held_out = DatasLoader.from_config(cfg.data.model_copy(update={"source": cfg.data.eval_source}))
+        held_out = DatasetLoader.from_config(cfg.data.model_copy(update={"source": cfg.data.eval_source}))
         eval_prompts = held_out.load_prompts().slice(0, cfg.data.eval_prompts)
         eval_ids = set(eval_prompts.column("prompt_id").to_pylist())
         keep = [pid not in eval_ids for pid in prompts.column("prompt_id").to_pylist()]
@@ -145,7 +145,7 @@ def load_examples(cfg: PipelineConfig) -> str:
     """The offline dataset, normalised to EXAMPLES records (iter-000/examples), without the examples whose
     prompt is held out for evaluation: those go to iter-000/heldout_examples, never trained on."""
     def compute(out: str, fingerprint: dict) -> None:
-        loader = DatasLoader.from_config(cfg.data)
+        loader = DatasetLoader.from_config(cfg.data)
         examples = loader.load()
         _, eval_prompts, report = _all_prompts(cfg, loader)
         eval_ids = set(eval_prompts.column("prompt_id").to_pylist())

@@ -11,7 +11,7 @@ SCHEMA_VERSION = 1
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
-# One normalised dataset row (DatasLoader output). Which response columns are filled depends on the
+# One normalised dataset row (DatasetLoader output). Which response columns are filled depends on the
 # format: chosen/rejected for pairs, completion (+ label for pointwise feedback) for SFT and KTO data.
 EXAMPLES = pa.schema(
     [

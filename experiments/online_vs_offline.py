@@ -43,7 +43,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from alignment_core import pipeline
 from alignment_core.config import TINY_MODEL, PipelineConfig, parse_config
-from alignment_core.data import DatasLoader
+from alignment_core.data import DatasetLoader
 from alignment_core.refresh import refreshes
 from alignment_core.rewards import positive_words, words
 from alignment_core.store import ArtifactStore
@@ -209,7 +209,7 @@ def pairs_jsonl(units: pd.DataFrame) -> bytes:
 
 
 def examples_from_pairs(cfg: PipelineConfig, iteration: int, generations_uri: str, annotations_uri: str) -> str:
-    """Iteration k's labelled pairs of rho: `iter-k/pairs.jsonl` and, read back by DatasLoader, `iter-k/examples`."""
+    """Iteration k's labelled pairs of rho: `iter-k/pairs.jsonl` and, read back by DatasetLoader, `iter-k/examples`."""
     store = pipeline.open_store(cfg)
     units = pipeline.build_units(cfg, iteration, generations_uri=generations_uri, annotations_uri=annotations_uri)
     out = store.stage_uri(cfg.store.run_name, iteration, "examples")
@@ -218,7 +218,7 @@ def examples_from_pairs(cfg: PipelineConfig, iteration: int, generations_uri: st
         return out
     jsonl = store.uri(cfg.store.run_name, f"iter-{iteration:03d}", "pairs.jsonl")
     store.write_bytes(jsonl, pairs_jsonl(store.read_pandas(units)))
-    loader = DatasLoader(jsonl, format="pairs")
+    loader = DatasetLoader(jsonl, format="pairs")
     store.write_stage(out, "examples", fingerprint, [loader.load()], extra={"report": loader.report.to_dict()})
     return out
 

@@ -7,7 +7,7 @@ The rule for maintainers: a new field of `alignment_core.config.PipelineConfig`,
 - EFFECT_TESTS: the field -> one existing test, "tests/file.py::test_name", that sets it to a non-default value and
   asserts its effect at the point of use (other samples, labels, weights, losses, files, an error that only that
   value brings), not merely that the config parses. Prefer a fast test; a slow one where it is the only one. A test
-  that sets the value through the library call the config feeds (e.g. `DatasLoader(split=...)`,
+  that sets the value through the library call the config feeds (e.g. `DatasetLoader(split=...)`,
   `ScoreRules(min_margin=...)`) counts: that call is where the field is used.
 - NO_EFFECT_ON_RESULTS: the field -> why it changes nothing a run computes (a tracker's name, a vLLM engine argument
   that needs a GPU, a batch size that trades memory for speed), naming the line that passes it on.

@@ -1,4 +1,4 @@
-"""DatasLoader on files written in the exact layouts of the public datasets it adapts, plus the bundled data."""
+"""DatasetLoader on files written in the exact layouts of the public datasets it adapts, plus the bundled data."""
 
 import hashlib
 import json
@@ -11,7 +11,7 @@ import pytest
 
 from alignment_core import data
 from alignment_core.config import DataConfig
-from alignment_core.data import DatasLoader, detect_format, prompt_id
+from alignment_core.data import DatasetLoader, detect_format, prompt_id
 from alignment_core.records import EXAMPLES, PROMPTS
 from alignment_core.rewards import positive_words
 
@@ -22,7 +22,7 @@ def write_jsonl(path, rows) -> str:
 
 
 def load(path, **options) -> tuple[list[dict], data.LoadReport]:
-    loader = DatasLoader(str(path), **options)
+    loader = DatasetLoader(str(path), **options)
     table = loader.load()
     assert table.schema == EXAMPLES
     return table.to_pylist(), loader.report
@@ -282,7 +282,7 @@ def test_detection_uses_several_rows_and_unknown_columns_fail(tmp_path):
     assert report.format == "pairs" and report.rows_kept == 3
     assert report.skipped_by_reason == {"missing_field": 1} and report.first_bad_row == 0
     with pytest.raises(ValueError, match=r"cannot detect the data format from columns \['question', 'text'\]"):
-        DatasLoader(write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "text": "t"}])).load()
+        DatasetLoader(write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "text": "t"}])).load()
 
 
 def test_format_override(tmp_path):
@@ -303,7 +303,7 @@ def test_format_override(tmp_path):
     kept, report = load(path, format="pointwise")
     assert kept == [] and report.skipped_by_reason == {"missing_field": 3}
     with pytest.raises(ValueError, match="unknown data format 'dpo'"):
-        DatasLoader(path, format="dpo")
+        DatasetLoader(path, format="dpo")
 
 
 # --- bad rows ----------------------------------------------------------------------------------------------------
@@ -362,10 +362,10 @@ def test_bad_rows_are_counted_per_reason_with_their_first_index(tmp_path, caplog
 
 def test_fail_mode_raises_on_the_first_bad_row(tmp_path):
     with pytest.raises(ValueError, match=r"row 1 \(pairs format\): missing field 'rejected'"):
-        DatasLoader(bad_pairs_file(tmp_path), on_bad_row="fail").load()
+        DatasetLoader(bad_pairs_file(tmp_path), on_bad_row="fail").load()
     path = write_jsonl(tmp_path / "hh.jsonl", [HH_ROWS[0], {"chosen": "no markers", "rejected": "none here"}])
     with pytest.raises(ValueError, match=r"row 1 \(hh_rlhf format\): .*Assistant:' turn marker"):
-        DatasLoader(path, on_bad_row="fail").load()
+        DatasetLoader(path, on_bad_row="fail").load()
 
 
 # --- ids, limits, prompts --------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_max_rows_reads_only_the_first_rows(tmp_path):
     kept, report = load(path, max_rows=20)
     assert len(kept) == 20 and kept[-1]["prompt"] == "p19" and report.rows_read == 20
     with pytest.raises(ValueError, match="max_rows must be > 0"):
-        DatasLoader(str(path), max_rows=0)
+        DatasetLoader(str(path), max_rows=0)
 
 
 def test_load_prompts_unique_in_first_occurrence_order(tmp_path):
@@ -416,7 +416,7 @@ def test_load_prompts_unique_in_first_occurrence_order(tmp_path):
         {"prompt": "B", "chosen": "3", "rejected": "4"},
         {"prompt": "C", "chosen": "1", "rejected": "2"},
     ]
-    prompts = DatasLoader(write_jsonl(tmp_path / "p.jsonl", rows)).load_prompts()
+    prompts = DatasetLoader(write_jsonl(tmp_path / "p.jsonl", rows)).load_prompts()
     assert prompts.schema == PROMPTS
     assert prompts.column("prompt").to_pylist() == ["B", "A", "C"]
     assert prompts.column("prompt_id").to_pylist() == [prompt_id([user(p)]) for p in "BAC"]
@@ -427,20 +427,20 @@ def test_load_prompts_unique_in_first_occurrence_order(tmp_path):
 
 def test_source_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        DatasLoader(str(tmp_path / "missing.jsonl")).load()
+        DatasetLoader(str(tmp_path / "missing.jsonl")).load()
     with pytest.raises(FileNotFoundError, match="no such dataset folder or file"):
-        DatasLoader(str(tmp_path / "missing_folder")).load()
+        DatasetLoader(str(tmp_path / "missing_folder")).load()
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="unsupported file type"):
-        DatasLoader(str(tmp_path / "notes.txt")).load()
+        DatasetLoader(str(tmp_path / "notes.txt")).load()
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p"}])
     with pytest.raises(ValueError, match="single file: split/subset/revision apply only to hub datasets"):
-        DatasLoader(path, split="test").load()
+        DatasetLoader(path, split="test").load()
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="has no rows"):
-        DatasLoader(str(tmp_path / "empty.jsonl")).load()
+        DatasetLoader(str(tmp_path / "empty.jsonl")).load()
     with pytest.raises(ValueError, match=r"unknown bundled dataset 'nope'; available: \['pointwise', 'preferences'"):
-        DatasLoader("bundled:nope").load()
+        DatasetLoader("bundled:nope").load()
 
 
 def test_hub_name_goes_through_load_dataset(monkeypatch):
@@ -453,7 +453,7 @@ def test_hub_name_goes_through_load_dataset(monkeypatch):
         return datasets.Dataset.from_list(HH_ROWS * 3)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    loader = DatasLoader("Anthropic/hh-rlhf", subset="harmless-base", split="test", revision="abc123", max_rows=2)
+    loader = DatasetLoader("Anthropic/hh-rlhf", subset="harmless-base", split="test", revision="abc123", max_rows=2)
     rows = loader.load().to_pylist()
     assert calls == [("Anthropic/hh-rlhf", "harmless-base", {"split": "test", "revision": "abc123"})]
     assert loader.report.format == "hh_rlhf" and len(rows) == 2
@@ -467,14 +467,14 @@ def test_local_dataset_folder_through_datasets(tmp_path, monkeypatch):
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", [{"prompt": "p", "completion": "c"}])
     write_jsonl(folder / "test.jsonl", [{"prompt": "q", "completion": "d"}, {"prompt": "r", "completion": "e"}])
-    loader = DatasLoader(str(folder), split="test")
+    loader = DatasetLoader(str(folder), split="test")
     assert loader.load().column("prompt").to_pylist() == ["q", "r"]
     assert loader.report.format == "sft"
 
 
 def test_from_config():
     config = DataConfig(source="bundled:prompts", format="prompt_only", max_rows=5, on_bad_row="fail")
-    loader = DatasLoader.from_config(config)
+    loader = DatasetLoader.from_config(config)
     assert (loader.source, loader.format, loader.max_rows, loader.on_bad_row) == (
         "bundled:prompts",
         "prompt_only",
@@ -497,7 +497,7 @@ def test_from_config():
     ],
 )
 def test_bundled_datasets_load_without_skips(name, format, rows):
-    loader = DatasLoader(f"bundled:{name}")
+    loader = DatasetLoader(f"bundled:{name}")
     table = loader.load()
     assert table.schema == EXAMPLES and table.num_rows == rows
     assert loader.report.format == format and loader.report.rows_skipped == 0
@@ -505,11 +505,11 @@ def test_bundled_datasets_load_without_skips(name, format, rows):
 
 
 def test_bundled_preferences_favour_positive_words():
-    rows = DatasLoader("bundled:preferences").load().to_pylist()
+    rows = DatasetLoader("bundled:preferences").load().to_pylist()
     margins = [positive_words(r["prompt"], r["chosen"]) - positive_words(r["prompt"], r["rejected"]) for r in rows]
     assert min(margins) > 0
     assert len({row["prompt_id"] for row in rows}) == 300  # one row per prompt
-    labels = DatasLoader("bundled:pointwise").load().to_pylist()
+    labels = DatasetLoader("bundled:pointwise").load().to_pylist()
     for row in labels:
         assert (positive_words(row["prompt"], row["completion"]) >= 2) == (row["label"] == 1.0)
 
@@ -517,7 +517,7 @@ def test_bundled_preferences_favour_positive_words():
 def test_bundled_prompts_tail_is_held_out():
     from alignment_core.bundled import make_bundled
 
-    prompts = DatasLoader("bundled:prompts").load_prompts().column("prompt").to_pylist()
+    prompts = DatasetLoader("bundled:prompts").load_prompts().column("prompt").to_pylist()
     head, tail = prompts[: -make_bundled.HELD_OUT_PROMPTS], prompts[-make_bundled.HELD_OUT_PROMPTS :]
     assert len(prompts) == 200 and len(tail) == 40
     training_pool = {prompt for prompt, _ in make_bundled.prompt_pool(make_bundled.TOPICS, personal=True)}
@@ -526,7 +526,7 @@ def test_bundled_prompts_tail_is_held_out():
     used_in_training = {
         prompt
         for name in ("preferences", "sft", "pointwise")
-        for prompt in DatasLoader(f"bundled:{name}").load().column("prompt").to_pylist()
+        for prompt in DatasetLoader(f"bundled:{name}").load().column("prompt").to_pylist()
     }
     assert not used_in_training.intersection(tail)
     assert used_in_training <= training_pool
@@ -547,3 +547,9 @@ def test_chosen_without_rejected_is_not_a_preference_pair(tmp_path):
     assert detect_format([{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}]) == "pairs"
     with pytest.raises(ValueError, match=r"columns \['chosen'\] would not be read"):
         detect_format([{"prompt": "Hi", "chosen": "Hello"}])  # no silent pairs without a rejected response
+
+
+def test_the_original_designs_spelling_is_the_same_loader():
+    from alignment_core.data import DatasetLoader, DatasLoader
+
+    assert DatasLoader is DatasetLoader

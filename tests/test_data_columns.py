@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from alignment_core.config import DataConfig
-from alignment_core.data import DETECT_MAX_ROWS, DatasLoader
+from alignment_core.data import DETECT_MAX_ROWS, DatasetLoader
 from alignment_core.store import ArtifactStore
 from tests.test_cli import ALPACA_ROWS, write_alpaca
 from tests.test_flows import REPO, prefect_env
@@ -25,7 +25,7 @@ def write_lines(path, lines: list[str]) -> str:
 
 
 def test_alpaca_columns_join_instruction_and_input_into_the_prompt(tmp_path):
-    loader = DatasLoader(write_alpaca(tmp_path / "alpaca.jsonl"), columns=ALPACA_COLUMNS)
+    loader = DatasetLoader(write_alpaca(tmp_path / "alpaca.jsonl"), columns=ALPACA_COLUMNS)
     rows = loader.load().to_pylist()
     assert loader.report.format == "sft" and loader.report.rows_kept == len(ALPACA_ROWS) == 24
     # row 1 has an input: a blank line after the instruction; row 0's input is empty: the instruction alone
@@ -38,7 +38,7 @@ def test_alpaca_columns_join_instruction_and_input_into_the_prompt(tmp_path):
 def test_a_renamed_column_maps_onto_pairs(tmp_path):
     rows = [{"question": f"q{i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(3)]
     path = write_lines(tmp_path / "pairs.jsonl", [json.dumps(row) for row in rows])
-    loader = DatasLoader(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    loader = DatasetLoader(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
     examples = loader.load().to_pylist()
     assert loader.report.format == "pairs"
     assert [(e["prompt"], e["chosen"], e["rejected"]) for e in examples] == [("q0", "yes 0", "no 0"),
@@ -49,7 +49,7 @@ def test_a_renamed_column_maps_onto_pairs(tmp_path):
 def test_a_mapping_that_names_a_column_the_file_lacks_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"data.columns names \['question'\], not among its columns "
                                          r"\['input', 'instruction', 'output'\]"):
-        DatasLoader(write_alpaca(tmp_path / "alpaca.jsonl"), columns={"prompt": "question"}).detect()
+        DatasetLoader(write_alpaca(tmp_path / "alpaca.jsonl"), columns={"prompt": "question"}).detect()
 
 
 def test_columns_may_only_name_what_a_format_reads():
@@ -63,7 +63,7 @@ def test_format_detection_reads_past_bad_leading_rows_and_says_how_many(tmp_path
     good = [json.dumps({"prompt": f"p{i}", "chosen": f"a{i}", "rejected": f"b{i}"}) for i in range(5)]
     path = write_lines(tmp_path / "late.jsonl", ["{not json"] * 20 + ["[1, 2]"] * 5 + good)
     with caplog.at_level(logging.WARNING, logger="alignment_core.data"):
-        loader = DatasLoader(path)
+        loader = DatasetLoader(path)
         loader.load()
     assert loader.report.format == "pairs" and loader.report.rows_kept == 5
     assert loader.report.skipped_by_reason == {"invalid_json": 25}
@@ -74,7 +74,7 @@ def test_no_readable_row_within_the_bound_is_a_clear_error(tmp_path):
     path = write_lines(tmp_path / "bad.jsonl", ["{not json"] * (DETECT_MAX_ROWS + 5))
     with pytest.raises(ValueError, match=rf"none of its first {DETECT_MAX_ROWS} rows is an object with values "
                                          r"\(the first problem: line 1: "):
-        DatasLoader(path).load()
+        DatasetLoader(path).load()
 
 
 def test_a_lone_system_turn_or_an_unknown_role_is_a_bad_row(tmp_path):
@@ -86,12 +86,12 @@ def test_a_lone_system_turn_or_an_unknown_role_is_a_bad_row(tmp_path):
         {"prompt": [system, {"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"},
     ]
     path = write_lines(tmp_path / "roles.jsonl", [json.dumps(row) for row in rows])
-    loader = DatasLoader(path)
+    loader = DatasetLoader(path)
     kept = loader.load().to_pylist()
     assert [row["source_row"] for row in kept] == [2]
     assert loader.report.skipped_by_reason == {"no_user_turn": 1, "invalid_role": 1}
     with pytest.raises(ValueError, match=r"row 0 \(pairs format\): the prompt \('prompt'\) has no user turn"):
-        DatasLoader(path, on_bad_row="fail").load()
+        DatasetLoader(path, on_bad_row="fail").load()
 
 
 @pytest.mark.slow

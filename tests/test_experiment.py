@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_core.data import DatasLoader, prompt_id
+from alignment_core.data import DatasetLoader, prompt_id
 from experiments.online_vs_offline import (
     ALL_ARMS,
     CASCADE_BUDGETS,
@@ -73,7 +73,7 @@ def test_offline_pairs_file_reads_back_as_the_same_pairs(tmp_path):
     })
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(pairs_jsonl(units))
-    examples = DatasLoader(str(path), format="pairs").load().to_pandas()
+    examples = DatasetLoader(str(path), format="pairs").load().to_pandas()
     assert examples["chosen"].tolist() == units["generation1_response"].tolist()
     assert examples["rejected"].tolist() == units["generation2_response"].tolist()
     assert examples["prompt_id"].tolist() == [prompt_id(m) for m in messages]

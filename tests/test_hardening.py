@@ -17,7 +17,7 @@ from alignment_core.annotation import HttpJudgeBackend, PairwiseJudgeAnnotator, 
 from alignment_core.annotation.judge import JudgeTemplate
 from alignment_core.annotation.scorers import ALLOWED_CODE_ENV, import_callable
 from alignment_core.config import ConfigError, PipelineConfig, load_config, parse_config, yaml_load_unique
-from alignment_core.data import DatasLoader, detect_format
+from alignment_core.data import DatasetLoader, detect_format
 from alignment_core.errors import PermanentError
 from alignment_core.redact import redact
 from alignment_core.rewards import positive_words
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load(path, **options):
-    loader = DatasLoader(str(path), **options)
+    loader = DatasetLoader(str(path), **options)
     return loader.load().to_pylist(), loader.report
 
 
@@ -53,11 +53,11 @@ def test_non_utf8_and_unencodable_jsonl_rows_are_counted_with_their_line(tmp_pat
     assert "line 3" in caplog.text
     assert report.first_bad_row_by_reason == {"invalid_encoding": 1}  # the source row index (line 2 is blank)
     with pytest.raises(ValueError, match=r"row 1 \(prompt_only format\): line 3: not valid UTF-8"):
-        DatasLoader(str(path), on_bad_row="fail").load()
+        DatasetLoader(str(path), on_bad_row="fail").load()
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_bytes(b'{"prompt": "ok"}\n{"prompt": "ok too", "meta": {"note": "\\udc80"}}\n')
     with pytest.raises(ValueError, match=r"line 2: 'meta.note' is not valid UTF-8 text"):
-        DatasLoader(str(surrogate), on_bad_row="fail").load()
+        DatasetLoader(str(surrogate), on_bad_row="fail").load()
 
 
 def test_non_utf8_json_array_item_is_counted_with_its_line(tmp_path):
@@ -287,7 +287,7 @@ def test_unread_columns_are_an_error_not_a_prompt_only_load(tmp_path, row, unrea
     path = tmp_path / "odd.jsonl"
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError) as error:
-        DatasLoader(str(path)).load()
+        DatasetLoader(str(path)).load()
     message = str(error.value)
     assert f"columns {unread} would not be read" in message
     assert "scored: prompt, responses/completions" in message and "pairs: prompt, chosen, rejected" in message

@@ -1,4 +1,4 @@
-"""Small hand-made datasets shipped inside the package, loaded as `DatasLoader("bundled:<name>")`.
+"""Small hand-made datasets shipped inside the package, loaded as `DatasetLoader("bundled:<name>")`.
 
 The .jsonl files are written by `make_bundled.py` in this folder (deterministic: rerunning it rewrites the
 same bytes) and committed:

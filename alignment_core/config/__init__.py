@@ -11,8 +11,11 @@ rules across sections), `loading.py` (YAML and dicts in and out, error wording).
 """
 
 from alignment_core.config.common import (  # noqa: F401  (the package's names)
+    BUNDLED_PREFIX,
     DATA_COLUMNS,
     DATA_FILE_SUFFIXES,
+    DATA_FORMATS,
+    DEFAULT_CACHE_DIR,
     MAX_BATCH,
     MAX_COUNT,
     MAX_TOKENS,
@@ -24,6 +27,7 @@ from alignment_core.config.common import (  # noqa: F401  (the package's names)
     check_fits_model_len,
     check_prompt_fits,
     check_reweight_clip,
+    check_segment,
     check_single_file_options,
     is_single_file_source,
     samples_needed,

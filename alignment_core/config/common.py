@@ -18,16 +18,27 @@ Loss = Literal[tuple(dict.fromkeys(loss for spec in SETUPS.values() for loss in 
 
 # The bundled tiny model is built on first use under this folder-relative name (see alignment_core.tiny).
 TINY_MODEL = "tiny://llama"
+# Where tiny builds, downloaded checkpoints and hub snapshots are kept (store.cache_dir's default).
+DEFAULT_CACHE_DIR = "~/.cache/alignment_core"
+# The data formats a source can be in (alignment_core/data/: one adapter each), files it can be, and the
+# prefix of the datasets shipped in alignment_core/bundled/.
+DATA_FORMATS = ("prompt_only", "pairs", "hh_rlhf", "messages_pairs", "pointwise", "sft", "scored")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+BUNDLED_PREFIX = "bundled:"
 
 # ---- cross-field rules: each is one function, called by the config validators (so a bad combination fails at
 # config load) and, where a library entry point takes the same values without a config, by that entry point.
 
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+def check_segment(segment: str, what: str = "path segment") -> str:
+    """One folder or file name under the store root: no separator, not `.` or `..`, not empty."""
+    if not isinstance(segment, str) or segment in ("", ".", "..") or any(c in segment for c in "/\\\0"):
+        raise ValueError(f"{what} must be a single folder name (no '/', '\\', '..', not empty), got {segment!r}")
+    return segment
 
 
 def is_single_file_source(source: str) -> bool:
     """A bundled dataset or a data file (one split of one dataset), as opposed to a hub dataset or a folder."""
-    return source.startswith("bundled:") or source.lower().endswith(DATA_FILE_SUFFIXES)
+    return source.startswith(BUNDLED_PREFIX) or source.lower().endswith(DATA_FILE_SUFFIXES)
 
 
 # The columns the data formats read (alignment_core/data.py): what `data.columns` may map a source's columns onto.

@@ -7,6 +7,8 @@ from pydantic import Field, field_validator, model_validator
 
 from alignment_core.config.common import (
     DATA_COLUMNS,
+    DATA_FORMATS,
+    DEFAULT_CACHE_DIR,
     MAX_BATCH,
     MAX_COUNT,
     MAX_TOKENS,
@@ -14,6 +16,7 @@ from alignment_core.config.common import (
     TINY_MODEL,
     StrictModel,
     check_fits_model_len,
+    check_segment,
     check_single_file_options,
 )
 
@@ -27,7 +30,7 @@ class StoreConfig(StrictModel):
     """The run's folder under the root; every flow run with this name continues the same run."""
     endpoint_url: str | None = None
     """S3-compatible server, e.g. http://127.0.0.1:9000"""
-    cache_dir: str = "~/.cache/alignment_core"
+    cache_dir: str = DEFAULT_CACHE_DIR
     """local copies of remote checkpoints"""
     lease_timeout_s: float = Field(default=600.0, gt=0)
     """One flow run writes a run at a time: it holds `{root}/{run}/_lease.json`, renewed every quarter of this
@@ -58,8 +61,6 @@ class StoreConfig(StrictModel):
     @classmethod
     def _one_folder(cls, run_name: str) -> str:
         """The run is one folder under the root: `../x` or `a/b` would write (and clear stages) elsewhere."""
-        from alignment_core.store import check_segment
-
         check_segment(run_name, "run_name")
         if run_name[0] in "._":
             raise ValueError(f"must not start with {run_name[0]!r} (such folders are not listed as runs)")
@@ -72,9 +73,7 @@ class StoreConfig(StrictModel):
 class DataConfig(StrictModel):
     source: str = "bundled:preferences"
     """hub dataset name, local file, or bundled:<name>"""
-    format: Literal[
-        "auto", "prompt_only", "pairs", "hh_rlhf", "messages_pairs", "pointwise", "sft", "scored"
-    ] = "auto"
+    format: Literal[("auto", *DATA_FORMATS)] = "auto"
     """The source's format; auto detects it from the columns (README: Bring your own data)."""
     split: str = "train"
     """Hub datasets and dataset folders: the split to read."""
