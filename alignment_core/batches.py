@@ -30,8 +30,6 @@ when the Trainer precomputed them, `reference_logps` (one per generation, genera
 
 import logging
 import math
-import random
-from collections.abc import Iterator
 
 import pandas as pd
 import torch
@@ -342,33 +340,6 @@ class BatchFactory:
             batch["reference_logps"] = torch.tensor(
                 [item["reference_logps"][k] for k in range(len(self.generations)) for item in encoded])
         return batch
-
-    def batches(self, encoded: list[dict], batch_size: int, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = False) -> Iterator[dict]:
-        """Collated batches of `batch_size` units.
-
-        For `rl` the units of one prompt stay in one batch (the loss's leave-one-out baseline is taken over a
-        prompt's samples): whole prompt groups are packed, so a batch can hold fewer than batch_size units.
-        """
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        order = prompt_groups(encoded) if self.spec.feedback == "reward" else [[i] for i in range(len(encoded))]
-        if shuffle:
-            random.Random(seed).shuffle(order)
-
-        current: list[int] = []
-        for group in order:
-            if len(group) > batch_size:
-                raise ValueError(
-                    f"a prompt has {len(group)} samples, more than batch_size {batch_size}; for rl the batch "
-                    "size must hold all samples of a prompt"
-                )
-            if len(current) + len(group) > batch_size:
-                yield self.collate([encoded[i] for i in current])
-                current = []
-            current += group
-        if current and not (drop_last and len(current) < batch_size):
-            yield self.collate([encoded[i] for i in current])
 
 
 def prompt_groups(encoded: list[dict]) -> list[list[int]]:

@@ -39,7 +39,6 @@ TINY_BUILDS = {TINY_MODEL: ("tiny-llama", "causal_lm"), TINY_REWARD_MODEL: ("tin
                TINY_SFT_MODEL: ("tiny-llama-sft", "sft")}
 
 Kind = Literal["stage", "tiny", "checkpoint", "local", "hub"]
-MODEL_KINDS: tuple[str, ...] = ("tiny", "checkpoint", "local", "hub")
 KIND_NAMES = {"stage": "stage output", "tiny": "tiny build", "checkpoint": "store checkpoint",
               "local": "local folder", "hub": "hub id"}
 
@@ -160,10 +159,6 @@ class InputRef:
         return cls.model(uri)
 
     # ---- what it is -----------------------------------------------------------------------------------------
-    @property
-    def is_model(self) -> bool:
-        return self.kind in MODEL_KINDS
-
     @property
     def repo(self) -> str:
         """A hub id without its revision."""

@@ -313,8 +313,6 @@ def run_reweighting(
     For `importance`, units without the log-prob columns get them from the policy at `policy_path` and
     `reweight.behaviour_model`.
     """
-    if store.is_complete(out_uri, fingerprint):
-        return store.read_manifest(out_uri)
     if cfg.reweight.strategy == "importance" and "generation1_policy_logp" not in units.columns:
         if policy_path is None or cfg.reweight.behaviour_model is None:
             raise ValueError(

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from alignment_core import pipeline
 from alignment_core.config import PipelineConfig
+from alignment_core.fanout import check_subset
 from alignment_core.preflight import PreflightError, reach_problems
 from flows.common import run_lease
 from tasks.dispatch import gpu_slot
@@ -31,10 +32,6 @@ def _local(config_json: str) -> PipelineConfig:
     return cfg.model_copy(update={"scale_out": cfg.scale_out.model_copy(update={
         "generate_deployment": None, "train_deployment": None, "annotate_deployment": None,
         "generate_workers": 1, "annotate_workers": 1})})
-
-
-def _subset(shard_subset: list[int] | None) -> tuple[int, int] | None:
-    return tuple(shard_subset) if shard_subset else None
 
 
 def _run_name(stage: str):
@@ -55,7 +52,7 @@ def generate_stage(config_json: str, prompts_uri: str, policy_uri: str, iteratio
     [i, N]: only fan-out worker i of N's shards."""
     with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, stage):
         return pipeline.generate(cfg, prompts_uri, policy_uri, iteration, stage=stage,
-                                 shard_subset=_subset(shard_subset))
+                                 shard_subset=check_subset(shard_subset))
 
 
 @flow(name="annotate-stage", flow_run_name=_run_name("annotate"), retries=1, retry_delay_seconds=10)
@@ -65,7 +62,7 @@ def annotate_stage(config_json: str, generations_uri: str, iteration: int,
     `reward_models_uri`: the iteration's refreshed reward models (annotation.cascade.refresh)."""
     with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, "annotations"):
         # a human annotator pauses this flow run with its form (tasks/human.py)
-        return pipeline.annotate(cfg, generations_uri, iteration, shard_subset=_subset(shard_subset),
+        return pipeline.annotate(cfg, generations_uri, iteration, shard_subset=check_subset(shard_subset),
                                  ask=form_in_the_ui(cfg), reward_models_uri=reward_models_uri)
 
 

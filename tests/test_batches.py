@@ -8,6 +8,7 @@ import torch
 
 from alignment_core.batches import (
     BatchFactory,
+    prompt_groups,
     response_mask,
     units_from_examples,
     units_from_online,
@@ -379,7 +380,9 @@ def test_weights_join_and_follow_a_swap(tokenizer, caplog):
         factory.encode(units, weights.assign(generation2_weight=None))
 
 
-def test_rl_batches_keep_a_prompts_samples_together(tokenizer):
+def test_rl_prompt_groups_hold_each_prompts_samples(tokenizer):
+    """rl's leave-one-out baseline needs a prompt's samples in one micro-batch: the Trainer plans its steps over
+    `prompt_groups` (LossSpec.grouped); training.plan_steps keeps each group whole (tests/test_training.py)."""
     prompts = [f"p{i}" for i in range(5)]
     generations = make_generations(prompts, samples=3)
     rows = [
@@ -389,34 +392,24 @@ def test_rl_batches_keep_a_prompts_samples_together(tokenizer):
     units = units_from_online(generations, from_rows(rows, ANNOTATIONS).to_pandas(), "rl")
     factory = BatchFactory(tokenizer, "rl", max_length=64, max_prompt_length=32)
     encoded = factory.encode(units)
-    orders = []
-    for seed in (0, 1):
-        seen = []
-        batches = list(factory.batches(encoded, batch_size=7, shuffle=True, seed=seed))
-        assert [len(batch["prompt"]) for batch in batches] == [6, 6, 3]  # a third prompt does not fit in 7
-        for batch in batches:
-            assert (pd.Series(batch["prompt"]).value_counts() == 3).all()  # every prompt with all its samples
-            seen += batch["generation1_reward"].tolist()
-        assert sorted(seen) == [float(i) for i in range(15)]
-        orders.append(seen)
-    assert orders[0] != orders[1]
-    with pytest.raises(ValueError, match="more than batch_size"):
-        next(factory.batches(encoded, batch_size=2))
+    groups = prompt_groups(encoded)
+    assert [len(group) for group in groups] == [3] * 5
+    seen = []
+    for group in groups:
+        batch = factory.collate([encoded[i] for i in group])
+        assert len(set(batch["prompt"])) == 1  # one prompt, all its samples
+        seen += batch["generation1_reward"].tolist()
+    assert sorted(seen) == [float(i) for i in range(15)]
 
 
-def test_batches_sizes_shuffle_and_drop_last(tokenizer):
+def test_collate_keeps_the_units_order(tokenizer):
     examples = pd.concat([make_examples()] * 3, ignore_index=True)
     examples["example_id"] = [f"e{i}" for i in range(6)]
     factory = BatchFactory(tokenizer, "sft", max_length=64, max_prompt_length=32)
     encoded = factory.encode(units_from_examples(examples, "sft"))
-    ordered = list(factory.batches(encoded, batch_size=4, shuffle=False))
-    assert [len(b["prompt"]) for b in ordered] == [4, 2]
-    assert ordered[0]["generation1_response_only"] == ["hello friend", "it was cold"] * 2
-    assert [len(b["prompt"]) for b in factory.batches(encoded, batch_size=4, drop_last=True)] == [4]
-    shuffled = [
-        r for b in factory.batches(encoded, batch_size=4, seed=3) for r in b["generation1_response_only"]
-    ]
-    assert sorted(shuffled) == sorted(r for b in ordered for r in b["generation1_response_only"])
+    batch = factory.collate(encoded[:4])
+    assert len(batch["prompt"]) == 4
+    assert batch["generation1_response_only"] == ["hello friend", "it was cold"] * 2
 
 
 def test_from_config_and_bad_arguments(tokenizer):

@@ -233,7 +233,8 @@ def test_stage_resumes_after_a_kill_with_the_same_samples(stopping_model_dir, tm
     assert table["generation_id"].tolist() == expected["generation_id"].tolist()
     assert table["response_token_ids"].map(list).tolist() == expected["response_token_ids"].map(list).tolist()
 
-    # A complete stage returns its manifest without loading a model.
+    # Every shard in (whether the stage is run at all is `runner.run_stage`'s call: tests/test_stages.py): no
+    # model is loaded, and the manifest keeps its fingerprint.
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a complete stage")
 

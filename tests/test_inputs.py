@@ -35,7 +35,7 @@ def test_each_form_of_name_is_one_kind(tmp_path, store):
     assert InputRef.model("org/name").revision is None and InputRef.model(str(folder)).revision is None
     # A URI alone: laid out as a stage of the store (manifest or not) is a stage; a checkpoint is a model.
     assert InputRef.of(store, store.stage_uri("run", 1, "units")) == InputRef.stage(store.stage_uri("run", 1, "units"))
-    assert InputRef.of(store, store.checkpoint_uri("run", 1)).is_model
+    assert InputRef.of(store, store.checkpoint_uri("run", 1)).kind == "local"  # a model: a local store's folder
     assert InputRef.of(store, "tiny://llama") == InputRef("tiny", "tiny://llama")
     assert InputRef.of(store, "org/name@v1").kind == "hub"
 

@@ -221,9 +221,6 @@ def test_run_reweighting_importance_against_itself_is_uniform(tiny_model_dir, tm
     assert weights["generation2_weight"].isna().tolist() == [False, False, True]
     assert manifest["extra"]["strategy"] == "importance"
     assert manifest["extra"]["effective_sample_fraction"] == pytest.approx(1.0)
-    assert (
-        run_reweighting(store, units, out, cfg, {"fp": 1})["created_at"] == manifest["created_at"]
-    )  # skipped
 
     with_inputs = add_importance_inputs(units, str(tiny_model_dir), str(tiny_model_dir))
     assert with_inputs["generation2_policy_logp"].isna().tolist() == [False, False, True]

@@ -180,13 +180,6 @@ def _retry_transient(annotator: Annotator, shard: pd.DataFrame, done: pa.Table, 
     return merged.take(pa.array(order))
 
 
-def annotation_complete(store: ArtifactStore, out_uri: str, fingerprint: dict) -> bool:
-    """Complete, with no rows left that failed for a transient reason."""
-    if not store.is_complete(out_uri, fingerprint):
-        return False
-    return not store.read_manifest(out_uri)["extra"].get("transient_failures", 0)
-
-
 def check_failures(summary: dict, max_failure_fraction: float, where: str) -> None:
     if summary["failure_fraction"] > max_failure_fraction:
         detail = ", ".join(f"{s} {summary['counts'].get(s, 0)}" for s in FAILURE_STATUSES)
@@ -220,8 +213,6 @@ def run_annotation(
     shards i, i+N, ...; the worker that finds every shard in runs the failure guard and writes the manifest
     (returned); the others return None. `ask` reaches the person of a `human` annotator (annotation/human.py).
     """
-    if annotation_complete(store, out_uri, fingerprint):
-        return store.read_manifest(out_uri)
     shards = shards_by_prompt(store.read_pandas(generations_uri), cfg.generation.shard_size)
     writer = store.stage_writer(out_uri, "annotations", fingerprint)
     annotator = None

@@ -91,8 +91,6 @@ def run_generation(
     `shard_subset=(i, N)`: this call is worker i of N (alignment_core/fanout.py): it samples only its missing
     shards i, i+N, ..., and writes the manifest (returned) only if every shard is then in; else returns None.
     """
-    if store.is_complete(out_uri, fingerprint):
-        return store.read_manifest(out_uri)
     prompts = store.read_table(prompts_uri).to_pylist()
     if not prompts:
         raise ValueError(f"prompts stage {prompts_uri} has no rows: nothing to generate")
