@@ -15,6 +15,7 @@ from alignment_core.pipeline import FinishedIterationChangedError
 from alignment_core.stages import STAGES
 from alignment_core.store import MANIFEST
 from alignment_core.tiny import build_tiny
+from tests.test_pipeline import online_iteration
 
 PAIRS = [{"prompt": f"Say something about the {thing}.", "chosen": f"A good happy {thing}.",
           "rejected": f"A sad cold {thing}."} for thing in ("road", "cup", "tree", "door", "lamp", "boat")]
@@ -69,11 +70,9 @@ def built(tmp_path_factory):
     policy = cfg.model.policy
     eval_prompts = pipeline.load_eval_prompts(cfg)
     prompts = pipeline.load_prompts(cfg, 1)
-    generations = pipeline.generate(cfg, prompts, policy, 1)
-    annotations = pipeline.annotate(cfg, generations, 1)
-    units = pipeline.build_units(cfg, 1, generations_uri=generations, annotations_uri=annotations)
-    weights = pipeline.reweight(cfg, units, policy, 1)
-    checkpoint = pipeline.train(cfg, units, weights, policy, policy, 1)
+    iteration = online_iteration(cfg)
+    generations, annotations, units, weights, checkpoint = (
+        iteration[name] for name in ("generations", "annotations", "units", "weights", "checkpoint"))
     new = pipeline.generate(cfg, eval_prompts, checkpoint, 1, stage="eval_generations")
     initial = pipeline.generate(cfg, eval_prompts, policy, 0, stage="eval_generations")
     pipeline.evaluate_generations(cfg, new, initial, initial, 1)
@@ -124,6 +123,17 @@ def recorded(store, spec, uri: str) -> str:
     return json.dumps(store.read_json(f"{uri}/{name}"), sort_keys=True)
 
 
+def ran_once(built, tmp_path, name: str):
+    """The row's stage run again on a copy of the built store: (its spec, config, iteration, URI, store, whether
+    its iteration is finished)."""
+    folder, runs = store_copy(built, tmp_path)
+    spec = STAGES[name]
+    cfg, iteration, uri = run(runs, name, folder)
+    store = pipeline.open_store(cfg)
+    finished = store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, max(iteration, 1)))
+    return folder, runs, spec, uri, store, finished
+
+
 def run(runs, name: str, folder: str, changes: dict | None = None):
     base, iteration, call = runs[name]
     cfg = parse_config(merged(merged(base, {"store": {"root": folder}}), changes or {}))
@@ -150,11 +160,7 @@ def test_an_unchanged_stage_is_skipped(built, tmp_path, name, caplog):
 @pytest.mark.parametrize("name", sorted(name for name, spec in STAGES.items() if spec.sections))
 def test_a_changed_config_section_redoes_the_stage_or_refuses_to_rewrite_a_finished_iteration(built, tmp_path,
                                                                                                name):
-    folder, runs = store_copy(built, tmp_path)
-    spec = STAGES[name]
-    cfg, iteration, uri = run(runs, name, folder)
-    store = pipeline.open_store(cfg)
-    finished = store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, max(iteration, 1)))
+    folder, runs, spec, uri, store, finished = ran_once(built, tmp_path, name)
     before = json.loads(recorded(store, spec, uri))["fingerprint"]
     changes = SECTION_CHANGES[CHANGED_SECTION.get(name, spec.sections[0])]
     if spec.keeps_finished and finished:
@@ -170,11 +176,7 @@ def test_a_changed_config_section_redoes_the_stage_or_refuses_to_rewrite_a_finis
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_new_library_code_keeps_a_finished_iterations_stage_and_redoes_the_rest(built, tmp_path, name,
                                                                                   monkeypatch):
-    folder, runs = store_copy(built, tmp_path)
-    spec = STAGES[name]
-    cfg, iteration, uri = run(runs, name, folder)
-    store = pipeline.open_store(cfg)
-    finished = store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, max(iteration, 1)))
+    folder, runs, spec, uri, store, finished = ran_once(built, tmp_path, name)
     before = recorded(store, spec, uri)
     monkeypatch.setattr(runner, "stage_code_digest", lambda stage: f"upgraded-{stage}")  # an upgrade
     assert run(runs, name, folder)[2] == uri

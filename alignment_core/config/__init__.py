@@ -10,60 +10,10 @@ The package, by what the sections configure: `common.py` (names, bounds and chec
 rules across sections), `loading.py` (YAML and dicts in and out, error wording).
 """
 
-from alignment_core.config.common import (  # noqa: F401  (the package's names)
-    BUNDLED_PREFIX,
-    DATA_COLUMNS,
-    DATA_FILE_SUFFIXES,
-    DATA_FORMATS,
-    DEFAULT_CACHE_DIR,
-    MAX_BATCH,
-    MAX_COUNT,
-    MAX_TOKENS,
-    RUN_NAME,
-    TINY_MODEL,
-    Loss,
-    Setup,
-    StrictModel,
-    check_fits_model_len,
-    check_prompt_fits,
-    check_reweight_clip,
-    check_segment,
-    check_single_file_options,
-    is_single_file_source,
-    samples_needed,
-)
-from alignment_core.config.feedback import (  # noqa: F401  (the package's names)
-    AnnotationConfig,
-    CascadeConfig,
-    HumanConfig,
-    JudgeConfig,
-    RefreshConfig,
-    ReweightConfig,
-)
-from alignment_core.config.loading import (  # noqa: F401  (the package's names)
-    ConfigError,
-    UniqueKeyLoader,
-    dump_config,
-    load_config,
-    parse_config,
-    yaml_load_unique,
-)
-from alignment_core.config.operations import (  # noqa: F401  (the package's names)
-    TRACKERS,
-    ScaleOutConfig,
-    TrackingConfig,
-)
-from alignment_core.config.optimization import (  # noqa: F401  (the package's names)
-    EvaluationConfig,
-    TrainingConfig,
-)
-from alignment_core.config.pipeline_config import (  # noqa: F401  (the package's names)
-    PipelineConfig,
-)
-from alignment_core.config.sources import (  # noqa: F401  (the package's names)
-    AdapterConfig,
-    DataConfig,
-    GenerationConfig,
-    ModelConfig,
-    StoreConfig,
-)
+from alignment_core.config.common import *  # noqa: F403  (its __all__)
+from alignment_core.config.feedback import *  # noqa: F403  (its __all__)
+from alignment_core.config.loading import *  # noqa: F403  (its __all__)
+from alignment_core.config.operations import *  # noqa: F403  (its __all__)
+from alignment_core.config.optimization import *  # noqa: F403  (its __all__)
+from alignment_core.config.pipeline_config import *  # noqa: F403  (its __all__)
+from alignment_core.config.sources import *  # noqa: F403  (its __all__)

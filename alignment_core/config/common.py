@@ -11,6 +11,29 @@ from alignment_core.setups import SETUPS
 if TYPE_CHECKING:  # only a type: the whole config is built from these sections
     from alignment_core.config.pipeline_config import PipelineConfig
 
+__all__ = [  # what the package re-exports
+    "BUNDLED_PREFIX",
+    "DATA_COLUMNS",
+    "DATA_FILE_SUFFIXES",
+    "DATA_FORMATS",
+    "DEFAULT_CACHE_DIR",
+    "Loss",
+    "MAX_BATCH",
+    "MAX_COUNT",
+    "MAX_TOKENS",
+    "RUN_NAME",
+    "Setup",
+    "StrictModel",
+    "TINY_MODEL",
+    "check_fits_model_len",
+    "check_prompt_fits",
+    "check_reweight_clip",
+    "check_segment",
+    "check_single_file_options",
+    "is_single_file_source",
+    "samples_needed",
+]
+
 # The seven learning setups: one row each in alignment_core.setups (README: The seven learning setups), and
 # the losses they train with, in the order the setups name them (each has a row in alignment_core.losses).
 Setup = Literal[tuple(SETUPS)]

@@ -7,6 +7,15 @@ from pydantic import Field, field_validator, model_validator
 
 from alignment_core.config.common import MAX_BATCH, StrictModel, check_reweight_clip
 
+__all__ = [  # what the package re-exports
+    "AnnotationConfig",
+    "CascadeConfig",
+    "HumanConfig",
+    "JudgeConfig",
+    "RefreshConfig",
+    "ReweightConfig",
+]
+
 
 class JudgeConfig(StrictModel):
     backend: Literal["local", "vllm", "http"] = "local"

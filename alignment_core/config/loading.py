@@ -11,6 +11,15 @@ from pydantic import BaseModel, ValidationError
 
 from alignment_core.config.pipeline_config import PipelineConfig
 
+__all__ = [  # what the package re-exports
+    "ConfigError",
+    "UniqueKeyLoader",
+    "dump_config",
+    "load_config",
+    "parse_config",
+    "yaml_load_unique",
+]
+
 
 class ConfigError(ValueError):
     """A config that cannot be used, with one line per problem naming the field."""

@@ -6,6 +6,12 @@ from pydantic import Field, model_validator
 
 from alignment_core.config.common import StrictModel
 
+__all__ = [  # what the package re-exports
+    "ScaleOutConfig",
+    "TRACKERS",
+    "TrackingConfig",
+]
+
 
 class ScaleOutConfig(StrictModel):
     """Run the GPU stages as their own deployed flows (e.g. on a GPU work pool); None runs them in-process."""

@@ -6,6 +6,11 @@ from pydantic import Field, model_validator
 
 from alignment_core.config.common import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Loss, StrictModel, check_prompt_fits
 
+__all__ = [  # what the package re-exports
+    "EvaluationConfig",
+    "TrainingConfig",
+]
+
 
 class TrainingConfig(StrictModel):
     loss: Loss = "dpo"

@@ -12,6 +12,10 @@ from alignment_core.config.optimization import EvaluationConfig, TrainingConfig
 from alignment_core.config.sources import DataConfig, GenerationConfig, ModelConfig, StoreConfig
 from alignment_core.setups import SETUPS
 
+__all__ = [  # what the package re-exports
+    "PipelineConfig",
+]
+
 
 def _check_4bit_possible() -> None:
     """QLoRA's 4-bit base (bitsandbytes) runs on CUDA devices only: say so at config load, not mid-run."""

@@ -20,6 +20,14 @@ from alignment_core.config.common import (
     check_single_file_options,
 )
 
+__all__ = [  # what the package re-exports
+    "AdapterConfig",
+    "DataConfig",
+    "GenerationConfig",
+    "ModelConfig",
+    "StoreConfig",
+]
+
 
 class StoreConfig(StrictModel):
     """Where artifacts live. Credentials never go here: they come from the environment (AWS_*) or a block."""

@@ -27,44 +27,6 @@ column mapping), `loader.py` (`DatasetLoader` and its `LoadReport`).
 """
 
 from alignment_core.config import BUNDLED_PREFIX, DATA_FILE_SUFFIXES, DATA_FORMATS  # noqa: F401, E402
-from alignment_core.data.formats import (  # noqa: F401  (the package's names)
-    ADAPTERS,
-    ASSISTANT,
-    DETECT_MAX_ROWS,
-    DETECT_ROWS,
-    FORMAT_COLUMNS,
-    HH_TURN,
-    HUMAN,
-    PROMPT_ONLY_METADATA,
-    ROLES,
-    SCORED_RESPONSES,
-    SCORED_SCORES,
-    BadRow,
-    adapt_hh_rlhf,
-    adapt_messages_pairs,
-    adapt_pairs,
-    adapt_pointwise,
-    adapt_prompt_only,
-    adapt_scored,
-    adapt_sft,
-    detect_format,
-    parse_hh_prompt,
-    prompt_id,
-    render_prompt,
-    stable_hash,
-)
-from alignment_core.data.loader import (  # noqa: F401  (the package's names)
-    DatasetLoader,
-    DatasLoader,
-    LoadReport,
-    check_data,
-)
-from alignment_core.data.readers import (  # noqa: F401  (the package's names)
-    FILE_READERS,
-    bundled_names,
-    bundled_path,
-    check_source,
-    file_suffix,
-    map_columns,
-    read_hub,
-)
+from alignment_core.data.formats import *  # noqa: F403  (its __all__)
+from alignment_core.data.loader import *  # noqa: F403  (its __all__)
+from alignment_core.data.readers import *  # noqa: F403  (its __all__)

@@ -13,6 +13,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # adapters are handed the loader that calls them
     from alignment_core.data.loader import DatasetLoader
 
+__all__ = [  # what the package re-exports
+    "ADAPTERS",
+    "ASSISTANT",
+    "BadRow",
+    "DETECT_MAX_ROWS",
+    "DETECT_ROWS",
+    "FORMAT_COLUMNS",
+    "HH_TURN",
+    "HUMAN",
+    "PROMPT_ONLY_METADATA",
+    "ROLES",
+    "SCORED_RESPONSES",
+    "SCORED_SCORES",
+    "adapt_hh_rlhf",
+    "adapt_messages_pairs",
+    "adapt_pairs",
+    "adapt_pointwise",
+    "adapt_prompt_only",
+    "adapt_scored",
+    "adapt_sft",
+    "detect_format",
+    "parse_hh_prompt",
+    "prompt_id",
+    "render_prompt",
+    "stable_hash",
+]
+
 logger = logging.getLogger(__name__)
 
 DETECT_ROWS = 16  # format detection looks at the columns of this many readable leading rows

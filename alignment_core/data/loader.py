@@ -27,6 +27,13 @@ from alignment_core.data.formats import (
 from alignment_core.data.readers import FILE_READERS, check_source, map_columns, read_hub
 from alignment_core.records import EXAMPLES, PROMPTS, from_rows
 
+__all__ = [  # what the package re-exports
+    "DatasLoader",
+    "DatasetLoader",
+    "LoadReport",
+    "check_data",
+]
+
 logger = logging.getLogger(__name__)
 
 # --- the loader --------------------------------------------------------------------------------------------

@@ -17,6 +17,16 @@ from alignment_core.config import (
 )
 from alignment_core.data.formats import BadRow
 
+__all__ = [  # what the package re-exports
+    "FILE_READERS",
+    "bundled_names",
+    "bundled_path",
+    "check_source",
+    "file_suffix",
+    "map_columns",
+    "read_hub",
+]
+
 # --- reading sources ---------------------------------------------------------------------------------------
 
 

@@ -44,6 +44,10 @@ from alignment_core.store.shards import (
     fingerprint_digest,
 )
 
+__all__ = [  # what the package re-exports
+    "ArtifactStore",
+]
+
 log = logging.getLogger(__name__)
 
 # The sha256 of shard files this process has read and found to match their manifest, by file version (see

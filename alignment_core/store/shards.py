@@ -20,6 +20,22 @@ from alignment_core.records import SCHEMA_VERSION, SCHEMAS, conform
 if TYPE_CHECKING:
     from alignment_core.store.artifact_store import ArtifactStore
 
+__all__ = [  # what the package re-exports
+    "CHECKPOINT_MARKER",
+    "CHECKPOINT_POINTER",
+    "CHECKPOINT_VERSION_PREFIX",
+    "DamagedStageError",
+    "MANIFEST",
+    "RESUME_MARKER",
+    "STAGE_PLAN",
+    "StageWriter",
+    "_SHARD",
+    "_shard_problems",
+    "fingerprint_digest",
+    "shard_name",
+    "shard_record",
+]
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"

@@ -34,26 +34,6 @@ deployments/accelerate/README.md; on CPU: `accelerate launch --config_file
 deployments/accelerate/cpu_ddp_2proc.yaml -m alignment_core.training ...`).
 """
 
-from alignment_core.training.plan import bootstrap_sample, plan_steps
-from alignment_core.training.state import (
-    OPTIMIZER_SCALARS,
-    OPTIMIZER_TENSORS,
-    SCHEDULER_STATE,
-    TRAINER_STATE,
-    examples_digest,
-    optimizer_state_files,
-    optimizer_state_from_files,
-)
-from alignment_core.training.trainer import (
-    CPU_ROWS_PER_FORWARD,
-    PACKING_TOLERANCE,
-    NonFiniteLossError,
-    Trainer,
-    TrainResult,
-)
-
-__all__ = [
-    "CPU_ROWS_PER_FORWARD", "OPTIMIZER_SCALARS", "OPTIMIZER_TENSORS", "PACKING_TOLERANCE", "SCHEDULER_STATE",
-    "TRAINER_STATE", "NonFiniteLossError", "TrainResult", "Trainer", "bootstrap_sample", "examples_digest",
-    "optimizer_state_files", "optimizer_state_from_files", "plan_steps",
-]
+from alignment_core.training.plan import *  # noqa: F403  (its __all__)
+from alignment_core.training.state import *  # noqa: F403  (its __all__)
+from alignment_core.training.trainer import *  # noqa: F403  (its __all__)

@@ -5,6 +5,11 @@ import logging
 
 import numpy as np
 
+__all__ = [  # what the package re-exports
+    "bootstrap_sample",
+    "plan_steps",
+]
+
 logger = logging.getLogger(__name__)
 
 

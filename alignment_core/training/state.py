@@ -8,6 +8,16 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+__all__ = [  # what the package re-exports
+    "OPTIMIZER_SCALARS",
+    "OPTIMIZER_TENSORS",
+    "SCHEDULER_STATE",
+    "TRAINER_STATE",
+    "examples_digest",
+    "optimizer_state_files",
+    "optimizer_state_from_files",
+]
+
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SCALARS = "optimizer.json"

@@ -40,6 +40,14 @@ from alignment_core.training.state import (
     optimizer_state_from_files,
 )
 
+__all__ = [  # what the package re-exports
+    "CPU_ROWS_PER_FORWARD",
+    "NonFiniteLossError",
+    "PACKING_TOLERANCE",
+    "TrainResult",
+    "Trainer",
+]
+
 logger = logging.getLogger(__name__)
 
 # Packed and padded forwards differ by rounding only; sequences that see each other differ by far more. Measured
