@@ -5,7 +5,7 @@ computes a fingerprint of what it depends on (the config sections it reads, the 
 the digest of the policy it runs) and returns at once when the store already holds a complete stage with
 that fingerprint: the store's manifests, not Prefect's database, are the record of what is done.
 
-Layout of one run (see store.py):
+Layout of one run (see alignment_core/store/):
     iter-000/eval_prompts, iter-000/examples (offline), iter-000/eval_generations (the initial policy)
     iter-k/prompts → generations → annotations → units → weights → checkpoint (+ metrics)
     iter-k/eval_generations → evaluation (win-rates against the previous and the initial policy)

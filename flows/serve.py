@@ -7,7 +7,7 @@
 `--config` serves that YAML as one deployment of the flow its setup belongs to (iterative-dpo for the online
 setups, sft / reward-model / offline-preference for the offline ones), named `--name` (default: the file's
 name without .yaml). Its `config` parameter is the whole config with every field your YAML leaves out at the
-shipped defaults (alignment_core/config.py, as `--config` on the command line). The same holds for a
+shipped defaults (alignment_core/config/, as `--config` on the command line). The same holds for a
 `--param config='{...}'` given to `prefect deployment run`: it replaces the whole config, and what it leaves
 out takes the shipped defaults, not the served YAML's values; change single fields with the flat parameters
 (iterations, run_name, store_root, force), which come first in the form. `--cron` (or ALIGNMENT_SCHEDULE)

@@ -1,4 +1,4 @@
-"""Write docs/configuration.md, the configuration reference, from the pydantic models of alignment_core/config.py.
+"""Write docs/configuration.md, the configuration reference, from the pydantic models of alignment_core/config/.
 
 Every field's docstring is its description (the same text the Prefect UI's form shows), so the page is generated,
 never edited by hand: `python scripts/config_reference.py` rewrites it, `--check` exits 1 when it is out of date
@@ -21,7 +21,7 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 HEADER = """# Configuration reference
 
-Generated from `alignment_core/config.py` by `scripts/config_reference.py`; do not edit by hand (rerun the
+Generated from `alignment_core/config/` by `scripts/config_reference.py`; do not edit by hand (rerun the
 script after changing a field: tests/test_docs.py fails while this page is out of date). A config is YAML; a
 field left out takes the default below. `--set section.field=value` on the command line and the Prefect UI's
 form (a deployment's `config` parameter) set the same fields, with the same descriptions.

@@ -1,6 +1,6 @@
 """Config strictness: every range bound at and past its edge, numbers that are strings, run names.
 
-BOUNDS is the expected range of every bounded field, written out: a bound loosened or dropped in config.py (or a
+BOUNDS is the expected range of every bounded field, written out: a bound loosened or dropped in the config (or a
 new bounded field not listed here) fails `test_the_bounds_are_the_expected_ones`, and each bound is then tried
 through parse_config at its edge (accepted) and just past it (refused with a message naming the field).
 """

@@ -237,9 +237,9 @@ NO_EFFECT_ON_RESULTS: dict[str, str] = {
                                     "(httpx.Limits(max_connections=...), asyncio.Semaphore): speed only; each "
                                     "request's answer and the labels are the same",
     "training.precompute_reference": "reference log-probs computed once before the round instead of at each step "
-                                     "(alignment_core/training.py:434): memory and speed; the same losses "
+                                     "(alignment_core/training/trainer.py:192): memory and speed; the same losses "
                                      "(tests/test_training.py::test_dpo_on_the_fly_reference_matches_precomputed)",
-    "store.verify_checksums": "deprecated and ignored: its validator (alignment_core/config.py:132) only warns; "
+    "store.verify_checksums": "deprecated and ignored: its validator (alignment_core/config/sources.py:57) only warns; "
                               "nothing reads it (tests/test_verified_shards.py::"
                               "test_a_config_that_still_sets_verify_checksums_loads_with_a_deprecation_warning)",
     "tracking.project": "the tracker's experiment/project name, alignment_core/tracking.py:79 (Settings.project), "

@@ -1,6 +1,6 @@
 """The documentation holds together: every relative link in README.md and docs/*.md reaches a file of the clone
 (and a heading of it, when the link names one), the README stays a short guide, the sections that code and error
-messages cite by name ("README: Trust model") exist, and the generated configuration reference matches config.py."""
+messages cite by name ("README: Trust model") exist, and the generated configuration reference matches the config."""
 
 import importlib.util
 import re

@@ -292,7 +292,7 @@ def test_two_micro_batches_of_four_make_the_step_of_one_batch_of_eight(tiny2_dir
 
 
 def test_a_checkpoint_of_another_round_is_not_resumed_from_but_redone(tiny2_dir, tmp_path, caplog):
-    """training.py `_resumable_state`: a checkpoint whose trainer_state fingerprint is another round's
+    """training/trainer.py `_resumable_state`: a checkpoint whose trainer_state fingerprint is another round's
     (other examples, config, policy or reference) is ignored with a warning, and the round starts over."""
     cfg = make_cfg("dpo", batch_size=4, epochs=1)
 

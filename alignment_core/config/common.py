@@ -64,7 +64,7 @@ def is_single_file_source(source: str) -> bool:
     return source.startswith(BUNDLED_PREFIX) or source.lower().endswith(DATA_FILE_SUFFIXES)
 
 
-# The columns the data formats read (alignment_core/data.py): what `data.columns` may map a source's columns onto.
+# The columns the data formats read (alignment_core/data/): what `data.columns` may map a source's columns onto.
 DATA_COLUMNS = ("prompt", "messages", "chosen", "rejected", "completion", "label", "responses", "scores",
                 "score_chosen", "score_rejected")
 
