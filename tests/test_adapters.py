@@ -22,6 +22,7 @@ from alignment_core.rendering import render_prompt_ids
 from alignment_core.store import ArtifactStore
 from alignment_core.tiny import build_tiny
 from alignment_core.training import Trainer
+from tests.helpers import prefect_env
 from tests.test_generation import POLICY_URI, build_stopping_model, make_prompts, teacher_forced_logprobs
 from tests.test_training import dpo_on_pairs, make_units, reward_pair_accuracy, step_metrics
 
@@ -401,12 +402,6 @@ def test_attn_implementation_reaches_from_pretrained(tiny2_dir):
 # ---- the online flow with a LoRA reward model and a LoRA policy -----------------------------------------------
 
 
-def prefect_env(tmp_path: Path) -> dict:
-    from tests.test_flows import prefect_env as flows_env
-
-    return flows_env(tmp_path)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_lora_reward_model_then_two_online_lora_iterations(tmp_path):
@@ -428,7 +423,7 @@ def test_lora_reward_model_then_two_online_lora_iterations(tmp_path):
     assert adapters.is_adapter(store.local_checkpoint(reward_model))
 
     # 2. two online iterations of a LoRA policy, annotated by the LoRA reward model
-    from tests.test_flows import SMALL
+    from tests.helpers import SMALL
 
     config = {**SMALL, "model": {"policy": "tiny://llama", "adapter": LORA},
               "annotation": {"annotator": "reward_model", "reward_model": reward_model},

@@ -15,7 +15,7 @@ import yaml
 from alignment_core.config import ConfigError
 from alignment_core.preflight import quick_problems
 from tests.conftest import free_port
-from tests.test_flows import REPO, SMALL, prefect_env
+from tests.helpers import REPO, SMALL, prefect_env
 
 ALPACA_ROWS = [{"instruction": f"Write a sentence about item {i}.", "input": f"Item {i} is blue." if i % 2 else "",
                 "output": f"Item {i} is a good and happy thing."} for i in range(24)]

@@ -43,7 +43,7 @@ REFRESH = "tests/test_refresh.py::"
 
 EFFECT_TESTS: dict[str, str] = {
     "setup": "tests/test_training.py::test_other_losses_run_a_round",
-    "data.source": "tests/test_hardening.py::test_load_reports_reach_the_prompts_and_examples_manifests",
+    "data.source": "tests/test_data.py::test_load_reports_reach_the_prompts_and_examples_manifests",
     "data.format": "tests/test_data.py::test_format_override",
     "data.split": "tests/test_data.py::test_local_dataset_folder_through_datasets",
     "data.subset": "tests/test_data.py::test_hub_name_goes_through_load_dataset",

@@ -9,16 +9,13 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
-from alignment_core import data
-from alignment_core.config import DataConfig
+from alignment_core import data, pipeline
+from alignment_core.config import DataConfig, parse_config
 from alignment_core.data import DatasetLoader, detect_format, prompt_id
 from alignment_core.records import EXAMPLES, PROMPTS
 from alignment_core.rewards import positive_words
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
+from alignment_core.store import ArtifactStore
+from tests.helpers import write_jsonl
 
 
 def load(path, **options) -> tuple[list[dict], data.LoadReport]:
@@ -553,3 +550,121 @@ def test_the_original_designs_spelling_is_the_same_loader():
     from alignment_core.data import DatasetLoader, DatasLoader
 
     assert DatasLoader is DatasetLoader
+
+
+# --- rows that are not UTF-8 text: counted skips with their line ---------------------------------------------
+
+
+def test_non_utf8_and_unencodable_jsonl_rows_are_counted_with_their_line(tmp_path, caplog):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(
+        b'{"prompt": "first"}\n'
+        b"\n"
+        b'{"prompt": "caf\xe9 latin-1"}\n'  # line 3: a Latin-1 byte, not UTF-8
+        b'{"prompt": "second"}\n'
+        b'{"prompt": "lone \\ud800 surrogate"}\n'  # line 5: valid JSON, but no UTF-8 encoding exists
+        b'{"prompt": "third \\ud83d\\ude00"}\n'  # a proper surrogate pair: an emoji, kept
+    )
+    rows, report = load(path)
+    assert [row["prompt"] for row in rows] == ["first", "second", "third \U0001f600"]
+    assert report.skipped_by_reason == {"invalid_encoding": 2} and report.rows_read == 5
+    assert report.first_bad_detail.startswith("line 3: not valid UTF-8 (byte 0xe9")
+    assert "line 3" in caplog.text
+    assert report.first_bad_row_by_reason == {"invalid_encoding": 1}  # the source row index (line 2 is blank)
+    with pytest.raises(ValueError, match=r"row 1 \(prompt_only format\): line 3: not valid UTF-8"):
+        DatasetLoader(str(path), on_bad_row="fail").load()
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_bytes(b'{"prompt": "ok"}\n{"prompt": "ok too", "meta": {"note": "\\udc80"}}\n')
+    with pytest.raises(ValueError, match=r"line 2: 'meta.note' is not valid UTF-8 text"):
+        DatasetLoader(str(surrogate), on_bad_row="fail").load()
+
+
+def test_non_utf8_json_array_item_is_counted_with_its_line(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_bytes(
+        b'[\n  {"prompt": "a", "chosen": "x", "rejected": "y"},\n'
+        b'  {"prompt": "b\xff", "chosen": "x", "rejected": "y"},\n'
+        b'  {"prompt": "c", "chosen": "x", "rejected": "y"}\n]\n'
+    )
+    rows, report = load(path)
+    assert [row["prompt"] for row in rows] == ["a", "c"]
+    assert report.skipped_by_reason == {"invalid_encoding": 1}
+    assert report.first_bad_detail.startswith("item 1 (line 3): 'prompt' is not valid UTF-8")
+
+
+def test_non_utf8_csv_row_is_counted_and_the_column_still_loads_as_text(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(
+        b'prompt,chosen,rejected\n'
+        b'"a prompt\nover two lines",good,bad\n'
+        b'caf\xe9,good,bad\n'  # line 4: not UTF-8
+        b'plain,good,bad\n'
+    )
+    rows, report = load(path)
+    assert [row["prompt"] for row in rows] == ["a prompt\nover two lines", "plain"]  # text, not bytes
+    assert report.skipped_by_reason == {"invalid_encoding": 1}
+    assert report.first_bad_detail == "line 4: column 'prompt' is not valid UTF-8 text"
+
+
+def test_load_reports_reach_the_prompts_and_examples_manifests(tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    good = [json.dumps({"prompt": f"p{i}", "chosen": "great", "rejected": "bad"}).encode() for i in range(6)]
+    source.write_bytes(b"\n".join(good[:3] + [b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}'] + good[3:]))
+    data = {"source": str(source), "eval_prompts": 2}
+    store = {"root": str(tmp_path / "runs"), "run_name": "r"}
+    online = parse_config({"data": data, "store": store, "generation": {"prompts_per_iteration": 2}})
+    offline = parse_config({"setup": "offline_pairwise", "data": data, "store": store})
+    uris = [pipeline.load_prompts(online, 1), pipeline.load_eval_prompts(online), pipeline.load_examples(offline)]
+    manifests = [ArtifactStore(str(tmp_path / "runs")).read_manifest(uri) for uri in uris]
+    for manifest in manifests:
+        report = manifest["extra"]["report"]
+        assert report["skipped_by_reason"] == {"invalid_encoding": 1} and report["rows_kept"] == 6
+        assert report["first_bad_detail"].startswith("line 4: not valid UTF-8")
+
+
+# --- scored lists in public spellings; no silent prompt_only ------------------------------------------------
+
+
+def test_scored_lists_in_other_spellings(tmp_path):
+    rows = [
+        {"prompt": "Pick", "completions": ["meh", "great", "bad"], "rewards": [0.2, 0.9, 0.1]},
+        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Chat"}],
+         "completions": [[{"role": "assistant", "content": "hello friend"}], [{"role": "assistant", "content": "go"}]],
+         "rewards": [2, 1]},
+        {"prompt": "Bad", "completions": ["a", "b"], "rewards": [1.0, "high"]},
+    ]
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    kept, report = load(path)
+    assert report.format == "scored"
+    assert [(row["chosen"], row["rejected"]) for row in kept] == [("great", "bad"), ("hello friend", "go")]
+    assert kept[1]["prompt_messages"][0] == {"role": "system", "content": "Be kind."}
+    assert report.skipped_by_reason == {"invalid_score": 1}
+    assert "rewards[1]" in report.first_bad_detail
+    for responses, scores in (("responses", "ratings"), ("outputs", "scores"), ("candidates", "rewards")):
+        assert detect_format([{"prompt": "p", responses: ["a", "b"], scores: [1, 2]}]) == "scored"
+
+
+@pytest.mark.parametrize(
+    "row, unread",
+    [
+        ({"prompt": "p", "response": "r", "reward": 1.0}, "['response', 'reward']"),
+        ({"prompt": "p", "completions": ["a", "b"]}, "['completions']"),  # scores missing
+        ({"prompt": "p", "output": "o", "id": 3}, "['output']"),
+        ({"messages": [{"role": "user", "content": "q"}], "answer": "a"}, "['answer']"),
+    ],
+)
+def test_unread_columns_are_an_error_not_a_prompt_only_load(tmp_path, row, unread):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError) as error:
+        DatasetLoader(str(path)).load()
+    message = str(error.value)
+    assert f"columns {unread} would not be read" in message
+    assert "scored: prompt, responses/completions" in message and "pairs: prompt, chosen, rejected" in message
+    kept, report = load(path, format="prompt_only")  # named explicitly: the prompts alone
+    assert report.format == "prompt_only" and len(kept) == 1
+
+
+def test_prompt_only_beside_metadata_columns_is_detected():
+    assert detect_format([{"prompt": "p", "id": 1, "source": "web", "category": "chat", "lang": "en"}]) == "prompt_only"

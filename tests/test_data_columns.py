@@ -13,8 +13,8 @@ import yaml
 from alignment_core.config import DataConfig
 from alignment_core.data import DETECT_MAX_ROWS, DatasetLoader
 from alignment_core.store import ArtifactStore
+from tests.helpers import REPO, prefect_env
 from tests.test_cli import ALPACA_ROWS, write_alpaca
-from tests.test_flows import REPO, prefect_env
 
 ALPACA_COLUMNS = {"prompt": ["instruction", "input"], "completion": "output"}
 

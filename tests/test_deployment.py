@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.test_flows import REPO, prefect_env
+from tests.helpers import REPO, prefect_env
 
 pytestmark = pytest.mark.slow
 

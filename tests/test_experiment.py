@@ -27,7 +27,7 @@ from experiments.online_vs_offline import (
     sft_config,
     win_rate,
 )
-from tests.test_flows import prefect_env
+from tests.helpers import prefect_env
 
 REPO = Path(__file__).resolve().parent.parent
 

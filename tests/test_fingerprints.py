@@ -3,15 +3,14 @@ functions, models and the library code that produces the stage. A changed input 
 iteration is not silently redone from something else."""
 
 import importlib
-import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from alignment_core import digests, pipeline
 from alignment_core.config import parse_config
 from alignment_core.store import CHECKPOINT_MARKER
+from tests.helpers import write_jsonl
 from tests.test_annotation import make_generations, write_generations
 from tests.test_annotation_http import scripted_server
 
@@ -30,8 +29,6 @@ def config(tmp_path, **sections):
     return parse_config(base)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def manifest(cfg, iteration: int, stage: str) -> dict:

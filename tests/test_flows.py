@@ -14,61 +14,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from alignment_core.records import SCHEMAS
 from alignment_core.store import ArtifactStore
+from tests.helpers import REPO, SMALL, prefect_env, run_flow, write_config  # noqa: F401  (REPO, SMALL: re-exported)
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-
-# A small online setup: 8 prompts x 2 samples per iteration, shards of 2 prompts (4 shards to kill between).
-SMALL = {
-    "setup": "online_pairwise",
-    "iterations": 2,
-    "data": {"source": "bundled:prompts", "eval_prompts": 4},
-    "model": {"policy": "tiny://llama"},
-    "generation": {"backend": "transformers", "prompts_per_iteration": 8, "n_samples": 2, "max_new_tokens": 12,
-                   "shard_size": 2, "batch_size": 8},
-    "annotation": {"annotator": "programmatic", "programmatic": "alignment_core.rewards:positive_words"},
-    "reweight": {"strategy": "margin"},
-    "training": {"loss": "dpo", "batch_size": 4, "learning_rate": 1e-4},
-    "evaluation": {"max_new_tokens": 12, "oracle": "alignment_core.rewards:positive_words"},
-    "store": {"run_name": "e2e"},
-}
 
 STAGE_SCHEMAS = {"prompts": "prompts", "generations": "generations", "annotations": "annotations",
                  "units": "units", "weights": "weights", "metrics": "metrics", "eval_generations": "generations",
                  "evaluation": "metrics"}
-
-
-def prefect_env(tmp_path: Path, **extra) -> dict:
-    env = dict(os.environ)
-    env.pop("PREFECT_API_URL", None)
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        PREFECT_LOGGING_LEVEL="INFO",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        **extra,
-    )
-    return env
-
-
-def write_config(tmp_path: Path, root: str, **changes) -> Path:
-    config = {**SMALL, "store": {**SMALL["store"], "root": root}, **changes}
-    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_flow(config: Path, env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "flows.iterative_dpo", "--config", str(config), *args],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def test_two_iterations_write_every_stage_with_lineage(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_flows import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 

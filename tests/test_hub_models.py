@@ -19,7 +19,7 @@ from alignment_core.models import ModelNotFoundError, hub_snapshot, load_causal_
 from alignment_core.preflight import preflight_problems
 from alignment_core.store import ArtifactStore
 from tests.conftest import POLICY_REVISION, REWARD_REVISION, add_to_hub_cache
-from tests.test_flows import REPO, SMALL, prefect_env
+from tests.helpers import REPO, SMALL, prefect_env
 
 
 @pytest.fixture

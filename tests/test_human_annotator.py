@@ -22,9 +22,9 @@ from alignment_core.batches import units_from_online
 from alignment_core.config import ConfigError, parse_config
 from alignment_core.evaluation import annotator_label
 from alignment_core.store import ArtifactStore
+from tests.helpers import REPO, SMALL, write_config
 from tests.test_annotation import make_generations, write_generations
 from tests.test_deployment import running_prefect_server
-from tests.test_flows import REPO, SMALL, write_config
 
 RESPONSES = {"p0": ["a good day", "rain"], "p1": ["cold", "a great friend"], "p2": ["same", "same too"],
              "p3": ["meh", "hmm"], "p4": ["nice", "grey"]}

@@ -17,7 +17,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from alignment_core.annotation import AnnotationFailureError, run_annotation
+from alignment_core.annotation import (
+    AnnotationFailureError,
+    load_template,
+    run_annotation,
+)
 from alignment_core.annotation.backends import JudgeReply, parse_chat_completion, read_back_logprob
 from alignment_core.annotation.cache import CACHE_FOLDER, endpoint_identity
 from alignment_core.annotation.judge import PAIRWISE_OPTIONS, JudgeTemplate, TemplateBoundError, read_choice
@@ -373,3 +377,23 @@ def test_a_stage_budget_bounds_all_requests_and_a_rerun_asks_again(trickling_jud
     manifest = run_annotation(store, generations_uri, out, cfg, {})
     assert manifest["extra"]["transient_failures"] == 0 and manifest["extra"]["failure_fraction"] == 0.0
     fault_note(request, f"16 requests, budget 3 s: {elapsed:.1f} s, {sent} sent; the rerun answered all 8 rows")
+
+
+# --- judge templates in a sandbox ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ prompt.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os }}",
+    "{% for c in [].__class__.__base__.__subclasses__() %}{{ c }}{% endfor %}",
+])
+def test_judge_templates_cannot_reach_python_internals(source):
+    template = JudgeTemplate(name="evil@0", source=source)
+    with pytest.raises(ValueError, match=r"judge template evil@0 tried an unsafe operation, refused by the sandbox"):
+        template.render(prompt="p", response_a="a", response_b="b")
+
+
+def test_bundled_templates_still_render_in_the_sandbox():
+    text = load_template("helpfulness").render(prompt="Q?", response_a="first", response_b="second")
+    assert "Q?" in text and "first" in text and "second" in text

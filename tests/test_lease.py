@@ -15,8 +15,9 @@ import yaml
 
 from alignment_core.config import parse_config
 from alignment_core.lease import LeaseHeld, LeaseLost, RunLease, check_lease, read_lease
-from alignment_core.records import METRICS, PROMPTS, from_rows
+from alignment_core.records import PROMPTS, from_rows
 from alignment_core.store import ArtifactStore
+from tests.helpers import metrics_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,10 +64,6 @@ def race(root: str, endpoint: str, tmp_path: Path, name: str, n: int) -> list[li
         racer.wait(timeout=60)
     return outputs
 
-
-def metrics_table(start: int, n: int):
-    rows = [{"step": s, "split": "train", "metric": "loss", "value": s / 10} for s in range(start, start + n)]
-    return from_rows(rows, METRICS)
 
 
 def start_holder(root: str, endpoint: str = "", timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
@@ -295,7 +292,7 @@ def test_lease_on_s3(s3_server, tmp_path):
 @pytest.mark.slow
 @pytest.mark.fault("two concurrent flow runs on one run")
 def test_a_second_flow_run_on_the_same_run_fails_fast_and_the_first_is_unharmed(tmp_path, tiny_model_dir):
-    from tests.test_flows import SMALL, prefect_env, run_flow, write_config
+    from tests.helpers import SMALL, prefect_env, run_flow, write_config
 
     solo_root, shared_root = tmp_path / "solo", tmp_path / "shared"
     # The first run is still at work while the second one starts (seconds: its own server and imports) and is

@@ -6,13 +6,8 @@ import json
 import pytest
 
 from alignment_core.lease import LeaseLost, RunLease, check_lease, read_lease
-from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
-
-
-def metrics_table(start: int, n: int):
-    return from_rows([{"step": s, "split": "train", "metric": "loss", "value": 0.0} for s in range(start, start + n)],
-                     METRICS)
+from tests.helpers import metrics_table
 
 
 def set_expiry(store: ArtifactStore, run: str, expires_at: float) -> None:

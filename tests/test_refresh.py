@@ -225,7 +225,7 @@ def test_members_trained_on_different_bootstrap_samples_differ(tmp_path, members
 def test_the_flow_refreshes_before_each_later_iteration_and_a_rerun_skips_it(tmp_path, members):
     import pandas as pd
 
-    from tests.test_flows import prefect_env, run_flow, write_config
+    from tests.helpers import prefect_env, run_flow, write_config
 
     root = tmp_path / "store"
     annotation = {"annotator": "cascade", "reward_model": members,

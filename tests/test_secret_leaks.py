@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import fault_note
+from tests.helpers import REPO, SMALL, prefect_env, write_config
 from tests.test_annotation_http import completion, serving
-from tests.test_flows import REPO, SMALL, prefect_env, write_config
 
 pytestmark = pytest.mark.slow
 

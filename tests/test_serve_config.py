@@ -15,8 +15,8 @@ import yaml
 from alignment_core.config import PipelineConfig
 from flows.iterative_dpo import iterative_dpo
 from tests.conftest import free_port
+from tests.helpers import REPO, prefect_env
 from tests.test_deployment import prefect_server, serving_deployments, wait_healthy  # noqa: F401  (a fixture)
-from tests.test_flows import REPO, prefect_env
 
 # Partial on purpose: every field left out takes the shipped default.
 MY_CONFIG = {

@@ -5,13 +5,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from alignment_core.records import METRICS, SchemaError, from_rows
+from alignment_core.records import SchemaError
 from alignment_core.store import ArtifactStore, fingerprint_digest
-
-
-def metrics_table(start: int, n: int) -> pa.Table:
-    rows = [{"step": s, "split": "train", "metric": "loss", "value": s / 10} for s in range(start, start + n)]
-    return from_rows(rows, METRICS)
+from tests.helpers import metrics_table
 
 
 def test_stage_round_trip_and_manifest(tmp_path):

@@ -25,8 +25,8 @@ from alignment_core import progress
 from alignment_core.verdict import significance_line
 from tasks.report import by_iteration, summary_markdown
 from tests.conftest import free_port
+from tests.helpers import REPO, prefect_env, write_config
 from tests.test_deployment import wait_healthy
-from tests.test_flows import REPO, prefect_env, write_config
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

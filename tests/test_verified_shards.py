@@ -13,15 +13,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore, DamagedStageError
+from tests.helpers import metrics_table
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def metrics_table(start: int, n: int):
-    rows = [{"step": s, "split": "train", "metric": "loss", "value": s / 10} for s in range(start, start + n)]
-    return from_rows(rows, METRICS)
 
 
 TABLES = [metrics_table(0, 4), metrics_table(4, 4), metrics_table(8, 4)]
@@ -153,7 +149,7 @@ def test_damage_on_s3_is_found_and_redone(s3_server):
 @pytest.mark.slow
 @pytest.mark.fault("damaged shards redone by a flow rerun")
 def test_a_rerun_redoes_damaged_stages_to_the_same_rows(tmp_path, tiny_model_dir):
-    from tests.test_flows import prefect_env, run_flow, write_config
+    from tests.helpers import prefect_env, run_flow, write_config
 
     root = tmp_path / "store"
     config = write_config(tmp_path, str(root), iterations=1, evaluation={"enabled": False},

@@ -12,7 +12,7 @@ import pytest
 
 from alignment_core.store import ArtifactStore
 from tests.conftest import fault_note
-from tests.test_flows import REPO, prefect_env, run_flow, write_config
+from tests.helpers import REPO, prefect_env, run_flow, write_config
 from tests.test_verified_shards import rewrite_same_size
 
 

@@ -12,7 +12,7 @@ from alignment_core.config import parse_config
 from alignment_core.preflight import is_transient
 from tasks import StageDeadlineExceeded, stage_task
 from tests.conftest import fault_note
-from tests.test_flows import REPO, prefect_env
+from tests.helpers import REPO, prefect_env
 
 
 @stage_task("nap")
