@@ -248,6 +248,7 @@ class Trainer:
         self.model = self.reference = self.optimizer = self.scheduler = None
         self.reference_is_base = False  # the reference is the policy with its adapter off
         self.seconds: dict[str, float] = {}  # where the round's time went: load, reference, train, save
+        self.reference_rows_from_sampler = 0  # examples whose reference log-probs are the sampler's
 
     # ---- setup: everything the loop needs ----
     def setup(self, encoded: list[dict], checkpoint_uri: str, resume: bool = True,
@@ -301,8 +302,10 @@ class Trainer:
         if self.packed:
             self.packed = self._packing_keeps_sequences_apart(encoded)
         self.seconds["load"] = time.perf_counter() - started
+        if self.loss.reference:
+            self.examples = self._with_sampler_reference_logps(encoded)
         if self.loss.reference and tc.precompute_reference:
-            self.examples = self._with_reference_logps(encoded)
+            self.examples = self._with_reference_logps(self.examples)
         self.seconds["reference"] = time.perf_counter() - started - self.seconds["load"]
 
     def _configure_deepspeed(self) -> None:
@@ -412,6 +415,9 @@ class Trainer:
         if metrics_writer is not None:
             metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
                                    "tokens_per_s": tokens_per_s, "padding_free": self.packed,
+                                   "reference_rows_from_sampler": self.reference_rows_from_sampler,
+                                   "reference_rows_forward": len(self.examples) - self.reference_rows_from_sampler
+                                   if self.loss.reference else 0,
                                    "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                                    "peak_gpu_memory_gib": gpu.peak_memory_gib()})
         accelerator.wait_for_everyone()
@@ -558,11 +564,33 @@ class Trainer:
         return losses.kto_kl_estimate(policy, reference,
                                       across_processes=lambda mean: self.accelerator.reduce(mean, reduction="mean"))
 
+    def _with_sampler_reference_logps(self, encoded: list[dict]) -> list[dict]:
+        """The examples with the sampler's log-probs as their `reference_logps` where those are the reference's
+        (`training.reference_from_sampler`): every generation of the example sampled by the reference model
+        (same digest) and trained on untruncated (`BatchFactory.sampler_logp`). Without precomputation a batch
+        takes its reference log-probs from one source, so then every example must qualify or none is used."""
+        self.reference_rows_from_sampler = 0
+        if not self.cfg.training.reference_from_sampler:
+            return encoded
+        digest = model_digest(resolve_model_path(self.reference_path, store=self.store))
+        sides = self.batch_factory.generations
+        samplers = [[example.get(f"{side}_sampler") for side in sides] for example in encoded]
+        usable = [all(s is not None and s[1] == digest for s in sampled) for sampled in samplers]
+        if not self.cfg.training.precompute_reference and not all(usable):
+            return encoded
+        self.reference_rows_from_sampler = sum(usable)
+        logger.info("reference log-probs of %d of %d examples from the sampler (reference %s)",
+                    self.reference_rows_from_sampler, len(encoded), self.reference_path)
+        return [{**example, "reference_logps": [s[0] for s in sampled]} if ok else example
+                for example, sampled, ok in zip(encoded, samplers, usable, strict=True)]
+
     @torch.no_grad()
     def _with_reference_logps(self, encoded: list[dict]) -> list[dict]:
         """The examples with their reference log-probs (one per generation) as a `reference_logps` column, as
-        TRL's precompute_ref_log_probs does; each process computes a share."""
-        share = np.array_split(np.arange(len(encoded)), self.accelerator.num_processes)[
+        TRL's precompute_ref_log_probs does; each process computes a share. Examples that already have them
+        (from the sampler) keep them."""
+        missing = [i for i, example in enumerate(encoded) if "reference_logps" not in example]
+        share = np.array_split(np.array(missing, dtype=np.int64), self.accelerator.num_processes)[
             self.accelerator.process_index
         ]
         size = self.cfg.training.batch_size
@@ -574,7 +602,8 @@ class Trainer:
             columns = logps.view(len(self.batch_factory.generations), len(indices))
             rows += [(i, columns[:, j].tolist()) for j, i in enumerate(indices)]
         by_index = dict(gather_object(rows))
-        return [{**example, "reference_logps": by_index[i]} for i, example in enumerate(encoded)]
+        return [{**example, "reference_logps": by_index[i]} if i in by_index else example
+                for i, example in enumerate(encoded)]
 
     def _collate(self, examples: list[dict], indices: list[int]) -> dict:
         batch = self.batch_factory.collate([examples[i] for i in indices])
