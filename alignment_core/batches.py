@@ -150,6 +150,8 @@ def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setu
             )
         frame[f"{side}_response"] = by_id.loc[frame[f"{side}_id"], "response"].to_numpy()
         frame[f"{side}_token_ids"] = by_id.loc[frame[f"{side}_id"], "response_token_ids"].to_numpy()
+        frame[f"{side}_sampler_logp"] = by_id.loc[frame[f"{side}_id"], "sum_logprob"].to_numpy()
+        frame[f"{side}_sampler_digest"] = by_id.loc[frame[f"{side}_id"], "policy_digest"].to_numpy()
         mismatched = by_id.loc[frame[f"{side}_id"], "prompt_id"].to_numpy() != frame["prompt_id"].to_numpy()
         if mismatched.any():
             raise ValueError(
@@ -162,7 +164,8 @@ def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setu
     if spec.responses == 2:
         _require(frame, "generation2_reward", setup, "annotation_id")
     else:
-        for column in ("generation2_id", "generation2_response", "generation2_token_ids", "generation2_reward"):
+        for column in ("generation2_id", "generation2_response", "generation2_token_ids", "generation2_reward",
+                       "generation2_sampler_logp", "generation2_sampler_digest"):
             frame[column] = None
     if spec.feedback == "label":
         _check_labels(frame["generation1_reward"], setup)
@@ -186,7 +189,7 @@ def canonicalise_pairs(units: pd.DataFrame, setup: str) -> pd.DataFrame:
     units = units[~ties].reset_index(drop=True)
     swap = units["generation2_reward"] > units["generation1_reward"]
     pairs = [(f"generation1_{suffix}", f"generation2_{suffix}")
-             for suffix in ("response", "token_ids", "id", "reward", "weight")]
+             for suffix in ("response", "token_ids", "id", "reward", "weight", "sampler_logp", "sampler_digest")]
     for first, second in [*pairs, ("score1", "score2")]:
         if first in units.columns:  # one column at a time: a two-column .loc swap corrupts mixed-dtype frames
             first_values = units.loc[swap, first].to_numpy(copy=True)
@@ -247,12 +250,14 @@ class BatchFactory:
                 prompt_cache[key] = (text, prompt_text_to_ids(self.tokenizer, text))
             prompt_text, prompt_ids = prompt_cache[key]
             responses = {side: self.response_ids(unit, side) for side in self.generations}
-            prompt_ids, responses = self.truncate(prompt_ids, responses)
+            truncated_prompt, truncated = self.truncate(prompt_ids, responses)
             item = {"unit_id": unit["unit_id"], "prompt_id": unit["prompt_id"], "prompt": prompt_text,
-                    "prompt_ids": prompt_ids}
+                    "prompt_ids": truncated_prompt}
             for side in self.generations:
                 item[f"{side}_response_only"] = unit[f"{side}_response"]
-                item[f"{side}_response_ids"] = responses[side]
+                item[f"{side}_response_ids"] = truncated[side]
+                item[f"{side}_sampler"] = self.sampler_logp(unit, side, truncated_prompt == prompt_ids
+                                                            and truncated[side] == responses[side])
                 reward = float(unit[f"{side}_reward"]) if self.spec.has_rewards else None
                 item[f"{side}_reward"] = reward
                 item[f"{side}_weight"] = float(unit[f"{side}_weight"])
@@ -268,6 +273,17 @@ class BatchFactory:
         if sampled is not None and len(sampled):
             return [int(token) for token in sampled]
         return response_ids(self.tokenizer, unit[f"{side}_response"])
+
+    @staticmethod
+    def sampler_logp(unit: dict, side: str, untruncated: bool) -> tuple[float, str] | None:
+        """(summed log-prob, digest of the model) the sampler recorded for one side's tokens, where training sees
+        exactly the tokens it sampled after exactly the prompt it sampled from: sampled tokens (the same
+        rendering rule for the prompt as generation's) and neither truncated. Else None: another context."""
+        logp, digest = unit.get(f"{side}_sampler_logp"), unit.get(f"{side}_sampler_digest")
+        sampled = unit.get(f"{side}_token_ids")
+        if not untruncated or _is_missing(logp) or _is_missing(digest) or sampled is None or not len(sampled):
+            return None
+        return float(logp), str(digest)
 
     def _join_weights(self, units: pd.DataFrame, weights: pd.DataFrame | None) -> pd.DataFrame:
         """Attach generation1_weight/generation2_weight by unit_id; without a weights table they are 1.0."""

@@ -103,6 +103,12 @@ UNITS = pa.schema(
         # learns as they are; offline units have none and their text is tokenised
         pa.field("generation1_token_ids", pa.list_(pa.int32())),
         pa.field("generation2_token_ids", pa.list_(pa.int32())),
+        # online: the summed raw log-prob of each response's tokens under the model that sampled it, and that
+        # model's digest; the Trainer uses them as reference log-probs when the reference is that model
+        pa.field("generation1_sampler_logp", pa.float64()),
+        pa.field("generation2_sampler_logp", pa.float64()),
+        pa.field("generation1_sampler_digest", pa.string()),
+        pa.field("generation2_sampler_digest", pa.string()),
         pa.field("score1", pa.float64()),  # online: the annotator's raw scores of the two generations
         pa.field("score2", pa.float64()),
         pa.field("confidence", pa.float64()),

@@ -43,6 +43,7 @@ this invocation's runs, as a user's is across runs); its wall time is printed as
     python benchmarks/online_iteration.py --prompts 256 --noise  # with a busy neighbour process (see --noise)
     python benchmarks/online_iteration.py --profile 1024   # cProfile of one flow run: the top costs
     python benchmarks/online_iteration.py --prompts 1 --fixed-prompts 0 --baseline /tmp/base  # before/after
+    python benchmarks/online_iteration.py --prompts 64 --baseline-set training.reference_from_sampler=false
 """
 
 import argparse
@@ -102,7 +103,7 @@ def write_prompts(path: Path, count: int) -> None:
 
 
 def flow_config(prompts_file: Path, prompts: int, store_root: Path, cache_dir: Path,
-                like_for_like: bool = False) -> dict:
+                like_for_like: bool = False, overrides: dict | None = None) -> dict:
     config = {
         "setup": "online_pairwise",
         "iterations": 1,
@@ -121,7 +122,23 @@ def flow_config(prompts_file: Path, prompts: int, store_root: Path, cache_dir: P
     if like_for_like:
         for section, values in LIKE_FOR_LIKE.items():
             config[section].update(values)
+    for section, values in (overrides or {}).items():
+        config[section].update(values)
     return config
+
+
+def parse_overrides(settings: list[str]) -> dict:
+    """`section.field=value` (value as YAML) -> {section: {field: value}}."""
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        section, _, field = key.partition(".")
+        if not field or not _:
+            raise SystemExit(f"--baseline-set {setting!r}: expected section.field=value")
+        overrides.setdefault(section, {})[field] = yaml.safe_load(value)
+    return overrides
 
 
 TRL_SCRIPT = textwrap.dedent('''
@@ -214,12 +231,14 @@ def task_runs(prefect_home: Path, since: float) -> tuple[list[dict], dict | None
 
 
 def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_dir: Path,
-             profile: Path | None = None, repo: Path = REPO, like_for_like: bool = False) -> dict:
+             profile: Path | None = None, repo: Path = REPO, like_for_like: bool = False,
+             overrides: dict | None = None) -> dict:
     import yaml
 
     store_root = workdir / f"store-{index}"
     config_path = workdir / f"ours-{index}.yaml"
-    config_path.write_text(yaml.safe_dump(flow_config(prompts_file, prompts, store_root, cache_dir, like_for_like)))
+    config_path.write_text(yaml.safe_dump(flow_config(prompts_file, prompts, store_root, cache_dir, like_for_like,
+                                                      overrides)))
     command = [sys.executable]
     if profile:
         command += ["-m", "cProfile", "-o", str(profile)]
@@ -234,6 +253,7 @@ def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_
     store = ArtifactStore(str(store_root))
     units = store.read_manifest(store.stage_uri("bench", 1, "units"))
     generated = store.read_manifest(store.stage_uri("bench", 1, "generations"))["extra"]
+    trained = store.read_manifest(store.stage_uri("bench", 1, "metrics"))["extra"]
     runs, flow = task_runs(workdir / "prefect-home", started)
     stages = dict.fromkeys(STAGE_ORDER, 0.0)
     for run in runs:
@@ -244,6 +264,8 @@ def run_ours(workdir: Path, index: int, prompts: int, prompts_file: Path, cache_
     return {"wall": wall, "cpu": cpu, "pairs": units["rows"], "stages": stages, "first_task": first_task,
             "prompts_per_call": generated.get("prompts_per_call"), "torch_threads": generated.get("torch_threads"),
             "after_last": after_last, "task_names": [r["name"] for r in runs],
+            "reference_s": trained["seconds"].get("reference", float("nan")),
+            "reference_rows_forward": trained.get("reference_rows_forward"),
             "flow_start": _seconds(flow["start_time"]) - started if flow else float("nan")}
 
 
@@ -308,7 +330,7 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
             ratio = statistics.median(rate) / statistics.median(trl_rate) if trl else float("nan")
             # Each repeat's own ratio (its run against the TRL run beside it): the spread of the ratio itself.
             paired = [a / b for a, b in zip(rate, trl_rate, strict=False)]
-            label = "ours" if system == "ours" else "base (--baseline checkout)"
+            label = "ours" if system == "ours" else "base (--baseline checkout / --baseline-set)"
             print(f"  {label}: {spread([r['wall'] for r in runs])} s wall, {spread(rate, '{:.2f}')} pairs/s "
                   f"({runs[0]['pairs']} pairs), {cpu_spread(runs)} CPU s; ratio to TRL {ratio:.2f}x"
                   + (f" (per repeat {spread(paired, '{:.2f}')}: {', '.join(f'{p:.2f}' for p in paired)})"
@@ -383,6 +405,9 @@ def main() -> None:
                         help="also run the flow of another copy of this repository (e.g. `git worktree add "
                              "/tmp/base HEAD~1`) as a third system, 'base', in the same rotation: a change's "
                              "before and after measured under the same load")
+    parser.add_argument("--baseline-set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="run the baseline with these config settings (e.g. training.reference_from_sampler="
+                             "false: the reference pass on); without --baseline, the baseline is this checkout")
     parser.add_argument("--baseline-prompts", type=int, nargs="+", metavar="PROMPTS",
                         help="run the baseline at these sizes only (default: every size)")
     args = parser.parse_args()
@@ -453,14 +478,16 @@ def sitting(args: argparse.Namespace, noise: bool) -> None:
     for size in sizes:
         for repeat in range(args.repeats):
             systems = ["ours", "trl"] if args.start_with == "ours" else ["trl", "ours"]
-            if args.baseline and (not args.baseline_prompts or size in args.baseline_prompts):
+            if (args.baseline or args.baseline_set) and (not args.baseline_prompts or size in args.baseline_prompts):
                 systems.insert(1, "base")
             shift = repeat % len(systems)  # each system takes each place in the order in turn
             for system in systems[shift:] + systems[:shift]:
                 if system in ("ours", "base"):
-                    repo = REPO if system == "ours" else Path(args.baseline).resolve()
+                    base = system == "base"
+                    repo = Path(args.baseline).resolve() if base and args.baseline else REPO
                     result = run_ours(workdir, index, size, prompt_files[size], cache_dir, repo=repo,
-                                      like_for_like=args.like_for_like)
+                                      like_for_like=args.like_for_like,
+                                      overrides=parse_overrides(args.baseline_set) if base else None)
                 else:
                     result = run_trl(workdir, index, size, prompt_files[size], policy_dir, reward_dir)
                 result.update(load=os.getloadavg()[0], noise=noise)
@@ -469,7 +496,8 @@ def sitting(args: argparse.Namespace, noise: bool) -> None:
                 if system in ("ours", "base"):
                     stages = "  " + " ".join(f"{k}={v:.1f}" for k, v in result["stages"].items()) + \
                         f" first-task={result['first_task']:.1f} after-last={result['after_last']:.1f}" \
-                        f" prompts/call={result.get('prompts_per_call')} threads={result.get('torch_threads')}"
+                        f" prompts/call={result.get('prompts_per_call')} threads={result.get('torch_threads')}" \
+                        f" reference-pass={result['reference_s']:.2f}s over {result['reference_rows_forward']} rows"
                 print(f"run {index:2d}: {system:4s} {size:5d} prompts {result['wall']:7.1f} s wall, "
                       f"{result['cpu']:6.1f} s CPU, "
                       f"{result['pairs']} pairs, {result['pairs'] / result['wall']:6.2f} pairs/s{stages}  "

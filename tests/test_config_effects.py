@@ -114,6 +114,8 @@ EFFECT_TESTS: dict[str, str] = {
     "reweight.min_effective_sample_fraction": "tests/test_reweight.py::"
                                               "test_weights_below_the_effective_sample_floor_fall_back_to_uniform",
     "training.loss": "tests/test_training.py::test_other_losses_run_a_round",
+    "training.reference_from_sampler": "tests/test_sampler_logprobs.py::"
+                                       "test_a_round_on_sampler_logprobs_trains_as_one_with_the_reference_pass",
     # The Trainer's first logged loss equals losses.<loss> computed with the config's values (LOSS_SETTINGS: beta
     # 0.5/2.0, label_smoothing 0.2, kto_undesirable_weight 0.6, slic_nll_weight 0.5, rl_kl_coef 0.2): a value
     # dropped between the config and the loss changes that first loss.

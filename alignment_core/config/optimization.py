@@ -68,6 +68,12 @@ class TrainingConfig(StrictModel):
     accelerator."""
     precompute_reference: bool = True
     """Compute reference log-probs once before training (the reference then leaves memory)."""
+    reference_from_sampler: bool = True
+    """Use the generation stage's log-probs as the reference log-probs, skipping the reference forward, for the
+    responses whose sampling model is the reference (same digest: iteration 1 from the initial policy, or a
+    reference that is the behaviour policy) and whose tokens training sees untruncated. Exact up to float
+    rounding: the sampler records raw log-probs (before temperature and top-p). Other rows take the reference
+    forward as before."""
     max_length: int = Field(default=256, gt=0, le=MAX_TOKENS)
     """Longest prompt + response in tokens; longer ones are truncated."""
     max_prompt_length: int = Field(default=128, gt=0, le=MAX_TOKENS)

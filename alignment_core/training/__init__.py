@@ -16,6 +16,8 @@ How a round runs, top to bottom (`Trainer.setup`, then `Trainer.train`):
    added to the examples as a `reference_logps` column (`training.precompute_reference`), or computed on the
    fly per micro-batch. With a LoRA adapter (`model.adapter`) whose base model is the reference, the
    reference is the policy with its adapter switched off: no second copy of the weights (adapters.py).
+   Where the reference is the model that sampled an online example's responses, the sampler's raw log-probs
+   are its reference log-probs and no forward runs for it (`training.reference_from_sampler`).
 4. Each step: the loss of every micro-batch (one call of the loss's row) is sum_i w_i l_i over its samples
    divided by the sum of the weights of the whole global batch (all micro-batches, all processes), so
    gradients equal those of one big batch whatever the split. A non-finite loss or gradient norm raises
@@ -26,8 +28,8 @@ How a round runs, top to bottom (`Trainer.setup`, then `Trainer.train`):
 
 The package, one job per module: `plan.py` (the step plan), `state.py` (optimizer state and resume files without
 pickle), `engines.py` (what plain DDP, FSDP and DeepSpeed do differently), `models.py` (the policy and reference it
-loads), `trainer.py` (the Trainer),
-`rounds.py` (a round under `accelerate launch`, or carried over; the launched entry point).
+loads), `reference.py` (precomputed reference log-probs, the sampler's where exact), `trainer.py` (the
+Trainer), `rounds.py` (a round under `accelerate launch`, or carried over; the launched entry point).
 
 Multi-process runs go through `accelerate launch ... -m alignment_core.training` (see `rounds.main` and
 deployments/accelerate/README.md; on CPU: `accelerate launch --config_file

@@ -12,11 +12,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from alignment_core import gpu, losses
@@ -30,6 +29,7 @@ from alignment_core.store import ArtifactStore
 from alignment_core.training.engines import engine_for
 from alignment_core.training.models import RoundModels
 from alignment_core.training.plan import bootstrap_sample, plan_steps
+from alignment_core.training.reference import ReferenceLogps
 from alignment_core.training.state import (
     OPTIMIZER_SCALARS,
     OPTIMIZER_TENSORS,
@@ -77,7 +77,7 @@ class TrainResult:
     tokens_per_s: float  # policy-forward tokens (prompt + response, no padding) per second of training
 
 
-class Trainer(RoundModels):
+class Trainer(RoundModels, ReferenceLogps):
     """Trains `policy_path` for one round with `cfg.training.loss` (see the module docstring).
 
     Its lifecycle, in reading order: `__init__` (configuration only: tokenizer, batch factory, accelerator,
@@ -137,6 +137,7 @@ class Trainer(RoundModels):
         self.model = self.reference = self.optimizer = self.scheduler = None
         self.reference_is_base = False  # the reference is the policy with its adapter off
         self.seconds: dict[str, float] = {}  # where the round's time went: load, reference, train, save
+        self.reference_rows_from_sampler = 0  # examples whose reference log-probs are the sampler's
 
     # ---- setup: everything the loop needs ----
     def setup(self, encoded: list[dict], checkpoint_uri: str, resume: bool = True,
@@ -189,8 +190,10 @@ class Trainer(RoundModels):
         if self.packed:
             self.packed = self._packing_keeps_sequences_apart(encoded)
         self.seconds["load"] = time.perf_counter() - started
+        if self.loss_spec.reference:
+            self.examples = self._with_sampler_reference_logps(encoded)
         if self.loss_spec.reference and tc.precompute_reference:
-            self.examples = self._with_reference_logps(encoded)
+            self.examples = self._with_reference_logps(self.examples)
         self.seconds["reference"] = time.perf_counter() - started - self.seconds["load"]
 
     def _warmup_steps(self) -> int:
@@ -280,6 +283,9 @@ class Trainer(RoundModels):
         if metrics_writer is not None:
             metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
                                    "tokens_per_s": tokens_per_s, "padding_free": self.packed,
+                                   "reference_rows_from_sampler": self.reference_rows_from_sampler,
+                                   "reference_rows_forward": len(self.examples) - self.reference_rows_from_sampler
+                                   if self.loss_spec.reference else 0,
                                    "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                                    "peak_gpu_memory_gib": gpu.peak_memory_gib()})
         accelerator.wait_for_everyone()
@@ -423,24 +429,6 @@ class Trainer(RoundModels):
                 reference = sequence_logps(reference_model, *pairs)[0]
         return losses.kto_kl_estimate(policy, reference,
                                       across_processes=lambda mean: self.accelerator.reduce(mean, reduction="mean"))
-
-    @torch.no_grad()
-    def _with_reference_logps(self, encoded: list[dict]) -> list[dict]:
-        """The examples with their reference log-probs (one per generation) as a `reference_logps` column, as
-        TRL's precompute_ref_log_probs does; each process computes a share."""
-        share = np.array_split(np.arange(len(encoded)), self.accelerator.num_processes)[
-            self.accelerator.process_index
-        ]
-        size = self.cfg.training.batch_size
-        rows = []
-        for start in progress_bar(range(0, len(share), size), desc="reference log-probs", leave=False,
-                                  disable=not self.accelerator.is_main_process):
-            indices = share[start : start + size].tolist()
-            logps = self._reference_logps(self._collate(encoded, indices)).cpu()
-            columns = logps.view(len(self.batch_factory.generations), len(indices))
-            rows += [(i, columns[:, j].tolist()) for j, i in enumerate(indices)]
-        by_index = dict(gather_object(rows))
-        return [{**example, "reference_logps": by_index[i]} for i, example in enumerate(encoded)]
 
     def _collate(self, examples: list[dict], indices: list[int]) -> dict:
         batch = self.batch_factory.collate([examples[i] for i in indices])
