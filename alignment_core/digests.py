@@ -43,7 +43,7 @@ FINGERPRINT_CODE = frozenset({
     "alignment_core.digests",
     "alignment_core.stages",
     "alignment_core.runner",
-    *(f"alignment_core.pipeline:{name}" for name in ("stage_digest", "policy_digest", "annotator_digests")),
+    *(f"alignment_core.pipeline:{name}" for name in ("stage_digest", "model_input_digest", "annotator_digests")),
 })
 
 _lock = threading.Lock()

@@ -49,7 +49,7 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
 def input_digest(store: ArtifactStore, uri: str) -> str:
     """What a stage's output depends on from one input named by its URI alone: `InputRef.of` decides whether it
     is a stage output (its fingerprint digest) or a model (its content digest). Stages call `stage_digest` or
-    `policy_digest`, which say which kind they mean."""
+    `model_input_digest`, which say which kind they mean."""
     return InputRef.of(store, uri).digest(store)
 
 
@@ -58,14 +58,15 @@ def stage_digest(store: ArtifactStore, stage_uri: str) -> str:
     return InputRef.stage(stage_uri).digest(store)
 
 
-def resolve_policy(store: ArtifactStore, policy_uri: str) -> str:
+def resolve_model(store: ArtifactStore, name: str) -> str:
     """A local folder for a model named by hub name, local path, tiny://, or a checkpoint URI in the store."""
-    return InputRef.model(policy_uri).resolve(store)
+    return InputRef.model(name).resolve(store)
 
 
-def policy_digest(store: ArtifactStore, policy_uri: str) -> str:
-    """A model's content digest (hub commit or weight bytes), as fingerprints record it."""
-    return InputRef.model(policy_uri).digest(store)
+def model_input_digest(store: ArtifactStore, name: str) -> str:
+    """A model's content digest (hub commit or weight bytes), as fingerprints record it: a policy, a reference, a
+    reward model or a judge alike."""
+    return InputRef.model(name).digest(store)
 
 
 def model_lineage(store: ArtifactStore, name: str) -> dict:
@@ -174,7 +175,7 @@ def generate(
 
     def compute(out: str, fingerprint: dict) -> None:
         run_generation(
-            store, prompts_uri, out, gen_cfg, policy_path=resolve_policy(store, policy_uri), policy_uri=policy_uri,
+            store, prompts_uri, out, gen_cfg, policy_path=resolve_model(store, policy_uri), policy_uri=policy_uri,
             run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
             tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation, shard_subset=shard_subset,
@@ -187,7 +188,7 @@ def generate(
     gen_cfg = cfg.generation if spec.name == "generations" else cfg.generation.model_copy(update={
         "n_samples": 1, "temperature": cfg.evaluation.temperature, "max_new_tokens": cfg.evaluation.max_new_tokens,
     })
-    inputs = {"prompts": stage_digest(store, prompts_uri), "policy": policy_digest(store, policy_uri)}
+    inputs = {"prompts": stage_digest(store, prompts_uri), "policy": model_input_digest(store, policy_uri)}
     return run_stage(cfg, store, spec, iteration, inputs, compute, config=gen_cfg.model_dump(mode="json"))
 
 
@@ -215,7 +216,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
 
 def annotator_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, str]:
     """Digests of the models an annotator runs: a model retrained at the same path changes the labels."""
-    return {field.removeprefix("annotation."): policy_digest(store, name)
+    return {field.removeprefix("annotation."): model_input_digest(store, name)
             for field, name in models_loaded_here(cfg.annotation).items()}
 
 
@@ -271,14 +272,14 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
         if len(units) == 0:
             store.write_stage(out, "weights", fingerprint, [], extra={"note": "no units to weigh"})
         else:
-            run_reweighting(store, units, out, cfg, fingerprint, policy_path=resolve_policy(store, policy_uri))
+            run_reweighting(store, units, out, cfg, fingerprint, policy_path=resolve_model(store, policy_uri))
 
     set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
     inputs = {"units": stage_digest(store, units_uri)}
     if cfg.reweight.strategy == "importance":
-        inputs["policy"] = policy_digest(store, policy_uri)
-        inputs["behaviour"] = policy_digest(store, cfg.reweight.behaviour_model)
+        inputs["policy"] = model_input_digest(store, policy_uri)
+        inputs["behaviour"] = model_input_digest(store, cfg.reweight.behaviour_model)
     return run_stage(cfg, store, STAGES["weights"], iteration, inputs, compute)
 
 
@@ -357,7 +358,7 @@ def refresh_reward_models(cfg: PipelineConfig, iteration: int) -> str:
     originals = cfg.annotation.reward_models
     earlier = range(1, iteration)
     inputs = {"labels": [stage_digest(store, store.stage_uri(run, k, "annotations")) for k in earlier],
-              "members": [policy_digest(store, name) for name in originals],
+              "members": [model_input_digest(store, name) for name in originals],
               "rounds": [member_config(cfg, i).stage_hash("training", "model") for i in range(len(originals))]}
     return run_stage(cfg, store, STAGES[STAGE], iteration, inputs, compute)
 
@@ -403,14 +404,14 @@ def evaluate_reward_model(cfg: PipelineConfig, heldout_uri: str, checkpoint_uri:
     from alignment_core.evaluation import reward_model_accuracy
 
     def compute(out: str, fingerprint: dict) -> None:
-        summary = reward_model_accuracy(store.read_pandas(heldout_uri), resolve_policy(store, checkpoint_uri),
+        summary = reward_model_accuracy(store.read_pandas(heldout_uri), resolve_model(store, checkpoint_uri),
                                         cfg, out)
         rows = [{"step": iteration, "split": "eval", "metric": k, "value": v} for k, v in summary.items()]
         store.write_stage(out, "metrics", fingerprint, [from_rows(rows, METRICS)],
                           extra={"summary": summary, "judge": "held-out preference pairs"})
 
     store = open_store(cfg)
-    inputs = {"pairs": stage_digest(store, heldout_uri), "reward_model": policy_digest(store, checkpoint_uri)}
+    inputs = {"pairs": stage_digest(store, heldout_uri), "reward_model": model_input_digest(store, checkpoint_uri)}
     return run_stage(cfg, store, STAGES["reward_model_evaluation"], iteration, inputs, compute)
 
 

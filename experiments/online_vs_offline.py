@@ -55,8 +55,8 @@ from tasks.evaluate import evaluate_policy
 from tasks.generate import generate
 from tasks.load_prompts import load_eval_prompts, load_prompts
 from tasks.refresh import refresh_reward_models
-from tasks.reweight import reweight
 from tasks.train import train
+from tasks.units_and_weights import units_and_weights
 
 ORACLE = "alignment_core.rewards:positive_words"
 ARMS = ("offline", "offline-importance", "online-rm", "online-oracle")
@@ -268,9 +268,10 @@ def run_arm(cfg: PipelineConfig, sft_policy: str, offline_examples: list[str], s
             generations = generate(config_json, prompts, policy, k)
             reward_models = refresh_reward_models(config_json, k) if refreshes(cfg, k) else None
             annotations = annotate(config_json, generations, k, reward_models)
-            round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
+            round_data = units_and_weights(config_json, policy, k, generations_uri=generations,
+                                           annotations_uri=annotations)
         else:
-            round_data = reweight(config_json, policy, k, examples_uri=offline_examples[k - 1])
+            round_data = units_and_weights(config_json, policy, k, examples_uri=offline_examples[k - 1])
         checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, sft_policy, k)
         evaluate_policy(config_json, eval_prompts, checkpoint, policy, sft_policy, k)
         sample_heldout(config_json, eval_prompts, checkpoint, k, samples_per_prompt)

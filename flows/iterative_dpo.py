@@ -1,6 +1,6 @@
 """The online pipeline: each iteration a chain of stages, the next one sampling from the last checkpoint.
 
-    load_prompts → generate → [refresh reward models] → annotate → reweight → train → evaluate   (× iterations)
+    load_prompts → generate → [refresh reward models] → annotate → units and weights → train → evaluate   (× iterations)
 
 Run it once, in ephemeral Prefect:   python -m flows.iterative_dpo --config configs/tiny.yaml
 Deployed:                            prefect deployment run 'iterative-dpo/tiny-local'
@@ -29,9 +29,9 @@ from tasks.load_prompts import load_eval_prompts, load_prompts
 from tasks.preflight import preflight
 from tasks.refresh import refresh_reward_models
 from tasks.report import report_iteration
-from tasks.reweight import reweight
 from tasks.track import track_iteration
 from tasks.train import train
+from tasks.units_and_weights import units_and_weights
 
 
 @flow(name="iterative-dpo", log_prints=True)
@@ -81,7 +81,8 @@ def iterative_dpo(
             # annotation.cascade.refresh: the reward models fine-tuned on the escalated labels so far label this one
             reward_models = refresh_reward_models(config_json, k) if refreshes(cfg, k) else None
             annotations = annotate(config_json, generations, k, reward_models)
-            round_data = reweight(config_json, policy, k, generations_uri=generations, annotations_uri=annotations)
+            round_data = units_and_weights(config_json, policy, k, generations_uri=generations,
+                                           annotations_uri=annotations)
             checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, reference, k)
             stages = {"prompts": prompts, "generations": generations, "annotations": annotations, **round_data,
                       "checkpoint": checkpoint, "metrics": store.stage_uri(cfg.store.run_name, k, "metrics")}

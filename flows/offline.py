@@ -1,6 +1,6 @@
 """Offline flows on the same stages and trainer: the responses and labels come from a fixed dataset.
 
-    load_examples → reweight → train → evaluate
+    load_examples → units and weights → train → evaluate
 
 - `sft`: supervised fine-tuning on prompt/completion data.
 - `reward-model`: Bradley-Terry reward model from preference pairs (loads later as an annotator).
@@ -30,9 +30,9 @@ from tasks.evaluate import evaluate_policy, evaluate_reward_model
 from tasks.load_prompts import load_eval_prompts, load_examples
 from tasks.preflight import preflight
 from tasks.report import report_iteration
-from tasks.reweight import reweight
 from tasks.track import track_iteration
 from tasks.train import train
+from tasks.units_and_weights import units_and_weights
 
 
 def offline_round(cfg: PipelineConfig) -> dict:
@@ -44,7 +44,7 @@ def offline_round(cfg: PipelineConfig) -> dict:
         preflight(config_json)
         policy = cfg.model.policy
         examples = load_examples(config_json, 0)
-        round_data = reweight(config_json, policy, 1, examples_uri=examples)
+        round_data = units_and_weights(config_json, policy, 1, examples_uri=examples)
         checkpoint = train(config_json, round_data["units"], round_data["weights"], policy,
                            cfg.model.reference or policy, 1)
         stages = {"examples": examples, **round_data, "checkpoint": checkpoint,

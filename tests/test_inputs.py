@@ -72,7 +72,7 @@ def test_tiny_build_resolves_into_the_cache_and_digests_its_weights(store, tmp_p
     ref = InputRef.model("tiny://llama")
     path = ref.resolve(store)
     assert path == str(tmp_path / "cache" / "tiny-llama")  # the store's cache folder
-    assert ref.digest(store) == pipeline.policy_digest(store, "tiny://llama") == model_digest(path)
+    assert ref.digest(store) == pipeline.model_input_digest(store, "tiny://llama") == model_digest(path)
     assert ref.lineage(store) == {"name": "tiny://llama", "digest": model_digest(path), "hub_revision": None}
     assert InputRef.model("tiny://reward").resolve(cache_dir=tmp_path / "other") == str(tmp_path / "other/tiny-reward")
 
@@ -86,19 +86,19 @@ def test_store_checkpoint_resolves_to_its_finished_copy(store, tiny_model_dir):
         "name": "file://" + uri, "digest": model_digest(tiny_model_dir), "hub_revision": None}
     unfinished = "file://" + store.checkpoint_uri("run", 2)
     with pytest.raises(ModelNotFoundError, match=rf"model '{unfinished}' \(store checkpoint\): .*incomplete"):
-        pipeline.policy_digest(store, unfinished)
+        pipeline.model_input_digest(store, unfinished)
 
 
 def test_local_folder_errors_name_the_kind(store, tmp_path, tiny_model_dir):
-    assert pipeline.policy_digest(store, str(tiny_model_dir)) == model_digest(tiny_model_dir)
-    assert pipeline.resolve_policy(store, str(tiny_model_dir)) == str(tiny_model_dir)
+    assert pipeline.model_input_digest(store, str(tiny_model_dir)) == model_digest(tiny_model_dir)
+    assert pipeline.resolve_model(store, str(tiny_model_dir)) == str(tiny_model_dir)
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(ModelNotFoundError, match=rf"model '{missing}' \(local folder\) does not exist"):
-        pipeline.policy_digest(store, missing)
+        pipeline.model_input_digest(store, missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelNotFoundError, match=rf"model '{empty}' \(local folder\): no .safetensors files"):
-        pipeline.policy_digest(store, str(empty))
+        pipeline.model_input_digest(store, str(empty))
 
 
 def test_hub_id_at_a_revision_is_its_snapshot_and_commit(store, hub_cache):  # noqa: F811
@@ -112,7 +112,7 @@ def test_hub_id_at_a_revision_is_its_snapshot_and_commit(store, hub_cache):  # n
     assert lineage == {"name": f"acme/tiny-chat@{POLICY_REVISION}", "digest": model_digest(path),
                        "hub_revision": POLICY_REVISION}
     with pytest.raises(ModelNotFoundError, match=r"hub model 'acme/absent'"):
-        pipeline.policy_digest(store, "acme/absent")
+        pipeline.model_input_digest(store, "acme/absent")
     with pytest.raises(ModelNotFoundError, match=r"'acme/tiny-chat' has no revision|--revision v9"):
         InputRef.model("acme/tiny-chat@v9").resolve(store)
     assert "hub id at revision v9" in InputRef.model("acme/tiny-chat@v9").describe()

@@ -108,7 +108,7 @@ def test_the_next_iteration_labels_with_the_refreshed_members(tmp_path, members)
     # the refresh stage's lineage, and the refreshed members' weights, are what the labels were computed from
     assert fingerprint["inputs"]["reward_models"] == pipeline.stage_digest(store, out)
     assert [fingerprint["inputs"][f"reward_model[{i}]"] for i in range(2)] == [
-        pipeline.policy_digest(store, m) for m in refreshed]
+        pipeline.model_input_digest(store, m) for m in refreshed]
     rows = store.read_pandas(annotations_uri)
     cheap = rows[[not e for e in rows.index.isin(escalated(rows).index)]]
     expected = "reward_ensemble:" + ",".join(model_digest(m) for m in refreshed)
@@ -243,7 +243,7 @@ def test_the_flow_refreshes_before_each_later_iteration_and_a_rerun_skips_it(tmp
     assert manifest["extra"]["labels_by_iteration"] == {"1": int((first_labels["status"] == "ok").sum())}
     fingerprint = store.read_manifest(store.stage_uri("e2e", 2, "annotations"))["fingerprint"]
     assert fingerprint["inputs"]["reward_models"] == pipeline.stage_digest(store, refreshed)
-    assert fingerprint["inputs"]["reward_model[0]"] == pipeline.policy_digest(store, f"{refreshed}/member-0")
+    assert fingerprint["inputs"]["reward_model[0]"] == pipeline.model_input_digest(store, f"{refreshed}/member-0")
 
     saved = [store.read_json(f"{refreshed}/member-{i}/_complete.json") for i in range(2)]
     rerun = run_flow(config, prefect_env(tmp_path))

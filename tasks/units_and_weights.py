@@ -2,8 +2,8 @@ from alignment_core import pipeline
 from tasks import parse, stage_task
 
 
-@stage_task("reweight")
-def reweight(
+@stage_task("units-and-weights")
+def units_and_weights(
     config_json: str, policy_uri: str, iteration: int, examples_uri: str | None = None,
     generations_uri: str | None = None, annotations_uri: str | None = None,
 ) -> dict[str, str]:
