@@ -18,7 +18,7 @@ old rows is redone. A model folder holding an adapter (`adapter_config.json`) ad
 (`models.model_digest`). Errors name the kind that was meant: "stage output ... has no manifest (the stage
 did not finish)" is not "model ... (local folder) ...".
 
-`models.resolve_model_path` and the pipeline's fingerprints and lineage (`pipeline.input_digest`,
+`models.resolve_model_path` and the pipeline's fingerprints and lineage (`pipeline.stage_digest`,
 `policy_digest`, `model_lineage`) all go through this module, so each rule is written once.
 """
 

@@ -46,13 +46,6 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
     return ArtifactStore.from_config(cfg.store)
 
 
-def input_digest(store: ArtifactStore, uri: str) -> str:
-    """What a stage's output depends on from one input named by its URI alone: `InputRef.of` decides whether it
-    is a stage output (its fingerprint digest) or a model (its content digest). Stages call `stage_digest` or
-    `model_input_digest`, which say which kind they mean."""
-    return InputRef.of(store, uri).digest(store)
-
-
 def stage_digest(store: ArtifactStore, stage_uri: str) -> str:
     """A stage output's fingerprint digest (+ its labels digest when a rerun retried some of its rows)."""
     return InputRef.stage(stage_uri).digest(store)

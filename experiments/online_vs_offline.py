@@ -213,7 +213,7 @@ def examples_from_pairs(cfg: PipelineConfig, iteration: int, generations_uri: st
     store = pipeline.open_store(cfg)
     units = pipeline.build_units(cfg, iteration, generations_uri=generations_uri, annotations_uri=annotations_uri)
     out = store.stage_uri(cfg.store.run_name, iteration, "examples")
-    fingerprint = {"stage": "examples", "units": pipeline.input_digest(store, units)}
+    fingerprint = {"stage": "examples", "units": pipeline.stage_digest(store, units)}
     if store.is_complete(out, fingerprint):
         return out
     jsonl = store.uri(cfg.store.run_name, f"iter-{iteration:03d}", "pairs.jsonl")

@@ -359,7 +359,7 @@ def test_transient_failures_under_the_threshold_are_retried_by_the_next_run(outa
     assert sorted(script.requests) == sorted(failed)
     assert second["extra"]["counts"] == {"ok": 6} and second["extra"]["transient_failures"] == 0
     assert second["fingerprint_digest"] == first["fingerprint_digest"]
-    assert pipeline.input_digest(store, out) != first["fingerprint_digest"] + "+" + first["extra"]["labels_digest"]
+    assert pipeline.stage_digest(store, out) != first["fingerprint_digest"] + "+" + first["extra"]["labels_digest"]
 
 
 class TricklingJudge:

@@ -44,16 +44,19 @@ def test_a_stage_output_without_manifest_says_the_stage_did_not_finish(store, tm
     """Before InputRef, such a URI was taken for a model: "model path ... does not exist" or, once the stage
     had started, "no .safetensors files in ..."."""
     units = store.stage_uri("run", 1, "units")
-    for digest in (pipeline.input_digest, pipeline.stage_digest):
+    def named_by_uri_alone(store, uri):  # the kind decided from the URI (`InputRef.of`), not said by the caller
+        return InputRef.of(store, uri).digest(store)
+
+    for digest in (named_by_uri_alone, pipeline.stage_digest):
         with pytest.raises(StageNotFinishedError, match=rf"stage output {units} has no manifest \(the stage did not"):
             digest(store, units)
     writer = store.stage_writer(units, "prompts", {"stage": "units"})  # started: _stage.json, one shard
     writer.write_shard(0, PROMPTS.empty_table())
     with pytest.raises(StageNotFinishedError, match="has no manifest"):
-        pipeline.input_digest(store, units)
+        named_by_uri_alone(store, units)
     writer.finish()
     manifest = store.read_manifest(units)
-    assert pipeline.input_digest(store, units) == pipeline.stage_digest(store, units) == manifest["fingerprint_digest"]
+    assert named_by_uri_alone(store, units) == pipeline.stage_digest(store, units) == manifest["fingerprint_digest"]
     with pytest.raises(ValueError, match="is a stage's rows, not a model folder"):
         InputRef.stage(units).resolve(store)
 
