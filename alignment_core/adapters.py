@@ -11,7 +11,7 @@ as the user wrote it), never a machine-local snapshot folder, so any worker reso
     peft_model = add_adapter(base_model, cfg.model.adapter, "causal_lm", base_name="tiny://llama")
     with adapter_disabled(peft_model): ...                        # the base model: the DPO/KTO/RL reference
 
-Full weights at the end: `python -m alignment_core.adapters merge CHECKPOINT OUT` writes a normal
+Full weights at the end: `alignment-core merge CHECKPOINT OUT` (alignment_core/merge.py) writes a normal
 `save_pretrained` folder (base + adapter merged) that loads without peft.
 """
 
@@ -203,12 +203,3 @@ def vllm_max_lora_rank(rank: int) -> int:
         if allowed >= rank:
             return allowed
     raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
-
-
-if __name__ == "__main__":
-    # `python -m alignment_core.adapters merge CHECKPOINT OUT`: merging loads models, and alignment_core.models
-    # imports this module, so the command's code lives there. Run as a script this file is `__main__`, not the
-    # module models imports.
-    from alignment_core.models import merge_command
-
-    merge_command()

@@ -70,8 +70,7 @@ def _build_reward_model(cfg: PipelineConfig, rules, ask):
 
 
 def _build_pairwise_judge(cfg: PipelineConfig, rules, ask):
-    from alignment_core.annotation.judge import PairwiseJudgeAnnotator, load_template
-    from alignment_core.annotation.stage import make_judge_backend
+    from alignment_core.annotation.judge import PairwiseJudgeAnnotator, load_template, make_judge_backend
 
     judge = cfg.annotation.judge
     return PairwiseJudgeAnnotator(make_judge_backend(cfg), load_template(judge.template),
@@ -79,8 +78,7 @@ def _build_pairwise_judge(cfg: PipelineConfig, rules, ask):
 
 
 def _build_pointwise_judge(cfg: PipelineConfig, rules, ask):
-    from alignment_core.annotation.judge import PointwiseJudgeAnnotator, load_template
-    from alignment_core.annotation.stage import make_judge_backend
+    from alignment_core.annotation.judge import PointwiseJudgeAnnotator, load_template, make_judge_backend
 
     judge = cfg.annotation.judge
     return PointwiseJudgeAnnotator(make_judge_backend(cfg), load_template(judge.template,

@@ -11,7 +11,6 @@ Every loader resolves the name first, so a missing model fails before anything i
 identity in fingerprints and lineage (`model_digest`) is its hub commit or the bytes of its weights.
 """
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Literal
@@ -20,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment_core import progress
-from alignment_core.adapters import ADAPTER_CONFIG, adapter_base, adapter_config, is_adapter, load_adapter
+from alignment_core.adapters import adapter_base, is_adapter, load_adapter
 from alignment_core.inputs import (  # noqa: F401  (re-exported: the names of models)
     DEFAULT_CACHE_DIR,
     InputRef,
@@ -104,7 +103,7 @@ def _load(loader, name_or_path, dtype, trust_remote_code, store, attn_implementa
         base_path = resolve_model_path(base_name, store=store)
         if is_adapter(base_path):
             raise ValueError(f"adapter {name_or_path!r} names another adapter ({base_name!r}) as its base; "
-                             "merge that one first (python -m alignment_core.adapters merge ...)")
+                             "merge that one first (alignment-core merge ...)")
         base = _load(loader, base_name, dtype, trust_remote_code, store, attn_implementation, "merge", kwargs)
         if adapter_mode == "trainable" and getattr(base, "is_loaded_in_4bit", False):
             from peft import prepare_model_for_kbit_training
@@ -115,39 +114,3 @@ def _load(loader, name_or_path, dtype, trust_remote_code, store, attn_implementa
     if attn_implementation is not None:
         kwargs = {**kwargs, "attn_implementation": attn_implementation}
     return loader.from_pretrained(path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
-
-
-# ---- adapters merged into full weights (`python -m alignment_core.adapters merge`) ----------------------
-def merge_adapter(checkpoint: str, out: str, store=None, dtype: str = "float32", kind: str | None = None) -> str:
-    """Base + adapter merged into full weights at `out` (a normal save_pretrained folder + tokenizer).
-
-    `kind` is "causal_lm" or "reward_model"; by default it follows the adapter's task type.
-    """
-    path = resolve_model_path(checkpoint, store=store)
-    if not is_adapter(path):
-        raise ValueError(f"{checkpoint} is not an adapter checkpoint (no {ADAPTER_CONFIG})")
-    kind = kind or ("reward_model" if adapter_config(path).get("task_type") == "SEQ_CLS" else "causal_lm")
-    tokenizer = load_tokenizer(path, store=store)
-    if kind == "reward_model":
-        model = load_reward_model(path, tokenizer=tokenizer, dtype=dtype, store=store)
-    else:
-        model = load_causal_lm(path, dtype=dtype, store=store)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    logger.info("merged %s (base %s) into %s", checkpoint, adapter_base(path), out)
-    return out
-
-
-def merge_command(argv: list[str] | None = None) -> None:
-    """`python -m alignment_core.adapters merge CHECKPOINT OUT` (see alignment_core/adapters.py)."""
-    parser = argparse.ArgumentParser(description="LoRA adapter checkpoints.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    merge_cmd = commands.add_parser("merge", help="merge an adapter checkpoint into full weights")
-    merge_cmd.add_argument("checkpoint", help="adapter checkpoint: a folder or a store URI")
-    merge_cmd.add_argument("out", help="folder to write the merged model to")
-    merge_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    merge_cmd.add_argument("--kind", choices=["causal_lm", "reward_model"], help="default: the adapter's task")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(merge_adapter(args.checkpoint, args.out, dtype=args.dtype, kind=args.kind))

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(_until_the_reader_leaves(lambda: inspect(rest, prog)))
     elif command == "merge":
-        from alignment_core.adapters import main as adapters
+        from alignment_core.merge import main as merge
 
-        adapters(["merge", *rest])
+        merge(rest, prog)
     else:
         from flows.serve import main as serve
 

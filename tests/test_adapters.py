@@ -231,7 +231,7 @@ def test_lora_reward_model_trains_its_score_head_and_loads_as_annotator(tiny2_di
 
 def test_merge_command_writes_full_weights(named_adapter, tiny2_dir, tmp_path):
     out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "alignment_core.adapters", "merge", named_adapter, str(out)],
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "merge", named_adapter, str(out)],  # alignment-core merge
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()

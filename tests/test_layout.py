@@ -2,6 +2,7 @@
 a subpackage in tests/test_<subpackage>.py, or is listed below with the file that tests it and why it lives there.
 A new module fails this until it has one of the three."""
 
+import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "alignment_core"
@@ -22,6 +23,7 @@ TESTED_ELSEWHERE = {
     "rewards": ("test_annotation.py", "the programmatic reward functions, as annotators"),
     "runner": ("test_stages.py", "the stage runner, row by row of the stage table"),
     "verdict": ("test_demo.py", "the verdict line of a run, on the demo's numbers"),
+    "merge": ("test_adapters.py", "merging an adapter into full weights, beside the adapters it merges"),
     "make_bundled": ("test_data.py", "the bundled datasets it wrote, as the loader reads them"),
 }
 
@@ -46,3 +48,45 @@ def test_the_exceptions_name_modules_and_test_files_that_exist():
     stems = {path.stem for path in modules()}
     assert set(TESTED_ELSEWHERE) <= stems, sorted(set(TESTED_ELSEWHERE) - stems)
     assert all((TESTS / name).is_file() for name, _ in TESTED_ELSEWHERE.values())
+
+
+def project_imports(path: Path, module: str, known: set[str]) -> set[str]:
+    """The project modules `module` imports anywhere in its file (function-local imports too), those under
+    `if TYPE_CHECKING:` aside (types only: never run)."""
+    tree = ast.parse(path.read_text())
+    type_only = {id(node) for branch in ast.walk(tree)
+                 if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+                 for node in ast.walk(branch)}
+    imported = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only or not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or "", *(f"{node.module}.{alias.name}" for alias in node.names)])
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module and not module.startswith(name + "."):  # a package's own __init__
+                imported.add(name)
+    return imported
+
+
+def test_no_import_circle():
+    paths = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
+             for path in PACKAGE.rglob("*.py")}
+    graph = {module: project_imports(path, module, set(paths)) for module, path in paths.items()}
+
+    def reaches(start: str, target: str) -> list[str] | None:
+        seen, stack = set(), [(start, [start])]
+        while stack:
+            module, trail = stack.pop()
+            for nxt in graph[module]:
+                if nxt == target:
+                    return [*trail, nxt]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+        return None
+
+    circles = [circle for module in graph if (circle := reaches(module, module))]
+    assert not circles, f"import circles: {circles[:3]}"

@@ -377,7 +377,7 @@ class FakeJudge:
 @pytest.mark.parametrize("biased", [False, True], ids=["fair", "position-biased"])
 def test_judge_comparison_asks_both_orders_and_credits_the_right_policy(monkeypatch, biased):
     judge = FakeJudge(biased)
-    monkeypatch.setattr("alignment_core.annotation.stage.make_judge_backend", lambda cfg: judge)
+    monkeypatch.setattr("alignment_core.annotation.judge.make_judge_backend", lambda cfg: judge)
     judge_cfg = {"backend": "local", "model": "tiny://llama", "template": "helpfulness"}
     cfg = parse_config({"setup": "online_pairwise",
                         "annotation": {"annotator": "judge_pairwise", "judge": judge_cfg}})

@@ -19,8 +19,16 @@ import jinja2
 import jinja2.sandbox
 import pandas as pd
 
-from alignment_core.annotation.backends import JudgeBackend, JudgeReply, is_logprob
+from alignment_core.annotation.backends import (
+    HttpJudgeBackend,
+    JudgeBackend,
+    JudgeReply,
+    LocalJudgeBackend,
+    VLLMJudgeBackend,
+    is_logprob,
+)
 from alignment_core.annotation.base import Score, ScoreRules, annotation_row, prompt_groups, rows_from_scores
+from alignment_core.config import PipelineConfig
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 PAIRWISE_OPTIONS = {"A": ["A"], "B": ["B"]}
@@ -379,3 +387,35 @@ class PointwiseJudgeAnnotator:
         ]
         replies = self.backend.complete(prompts, YES_NO_OPTIONS if self.scale == "yes_no" else None)
         return rows_from_scores(self.name, generations, [self.score(r) for r in replies], self.rules)
+
+
+# annotation.batch_size unset: prompts per local-judge generate call (the shipped batch size before it could be
+# unset; a reward model sizes its own batches, scorers.AUTO_SCORE_TOKENS).
+LOCAL_JUDGE_PROMPTS_PER_CALL = 16
+
+
+def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
+    judge = cfg.annotation.judge
+    if judge.backend == "http":
+        return HttpJudgeBackend(
+            base_url=judge.base_url,
+            model=judge.model,
+            api_key_env=judge.api_key_env,
+            timeout_s=judge.timeout_s,
+            max_retries=judge.max_retries,
+            concurrency=judge.concurrency,
+            max_new_tokens=judge.max_new_tokens,
+            budget_s=judge.budget_s,
+        )
+    if judge.backend == "vllm":
+        gen = cfg.generation
+        return VLLMJudgeBackend(judge.model, max_new_tokens=judge.max_new_tokens,
+                                dtype=cfg.annotation.dtype or cfg.model.dtype, max_model_len=gen.max_model_len,
+                                tensor_parallel_size=gen.tensor_parallel_size,
+                                gpu_memory_utilization=gen.gpu_memory_utilization)
+    return LocalJudgeBackend(
+        judge.model,
+        batch_size=cfg.annotation.batch_size or LOCAL_JUDGE_PROMPTS_PER_CALL,
+        max_new_tokens=judge.max_new_tokens,
+        dtype=cfg.annotation.dtype or cfg.model.dtype,
+    )

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import torch
 
 from alignment_core import fanout, gpu
-from alignment_core.annotation.backends import HttpJudgeBackend, JudgeBackend, LocalJudgeBackend, VLLMJudgeBackend
 from alignment_core.annotation.base import (
     FAILURE_STATUSES,
     LABEL_STATUSES,
@@ -33,36 +32,6 @@ from alignment_core.store import ArtifactStore, shard_name
 
 log = logging.getLogger(__name__)
 
-# annotation.batch_size unset: prompts per local-judge generate call (the shipped batch size before it could be
-# unset; a reward model sizes its own batches, scorers.AUTO_SCORE_TOKENS).
-LOCAL_JUDGE_PROMPTS_PER_CALL = 16
-
-
-def make_judge_backend(cfg: PipelineConfig) -> JudgeBackend:
-    judge = cfg.annotation.judge
-    if judge.backend == "http":
-        return HttpJudgeBackend(
-            base_url=judge.base_url,
-            model=judge.model,
-            api_key_env=judge.api_key_env,
-            timeout_s=judge.timeout_s,
-            max_retries=judge.max_retries,
-            concurrency=judge.concurrency,
-            max_new_tokens=judge.max_new_tokens,
-            budget_s=judge.budget_s,
-        )
-    if judge.backend == "vllm":
-        gen = cfg.generation
-        return VLLMJudgeBackend(judge.model, max_new_tokens=judge.max_new_tokens,
-                                dtype=cfg.annotation.dtype or cfg.model.dtype, max_model_len=gen.max_model_len,
-                                tensor_parallel_size=gen.tensor_parallel_size,
-                                gpu_memory_utilization=gen.gpu_memory_utilization)
-    return LocalJudgeBackend(
-        judge.model,
-        batch_size=cfg.annotation.batch_size or LOCAL_JUDGE_PROMPTS_PER_CALL,
-        max_new_tokens=judge.max_new_tokens,
-        dtype=cfg.annotation.dtype or cfg.model.dtype,
-    )
 
 
 def make_annotator(cfg: PipelineConfig, ask: Ask | None = None) -> Annotator:
