@@ -27,6 +27,7 @@ from pathlib import Path
 
 import fsspec
 
+from alignment_core.data import BUNDLED_PREFIX, bundled_path, file_suffix
 from alignment_core.stages import STAGES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -122,8 +123,6 @@ def hub_dataset_revision(repo_id: str, revision: str | None = None) -> str:
 
 def data_source_digest(source: str, revision: str | None = None) -> str:
     """What a `data.source` holds: file bytes (bundled, local or fsspec file), folder contents, or hub commit."""
-    from alignment_core.data import BUNDLED_PREFIX, bundled_path, file_suffix
-
     if source.startswith(BUNDLED_PREFIX):
         return "sha256:" + file_digest(bundled_path(source.removeprefix(BUNDLED_PREFIX)))
     if file_suffix(source) is not None:
@@ -154,7 +153,7 @@ def callable_digest(path: str) -> str:
         return "sha256:" + file_digest(origin)
     import inspect
 
-    from alignment_core.annotation.scorers import import_callable
+    from alignment_core.annotation.scorers import import_callable  # torch: every fingerprint imports digests
 
     function = import_callable(path)  # raises a ValueError that says what is wrong with the path
     try:
@@ -165,7 +164,7 @@ def callable_digest(path: str) -> str:
 
 def template_digest(template: str, suffix: str = "") -> str:
     """A judge template's text (bundled name or file), as the judge renders it."""
-    from alignment_core.annotation.judge import load_template
+    from alignment_core.annotation.judge import load_template  # torch, likewise
 
     return hashlib.sha256(load_template(template, suffix=suffix).source.encode()).hexdigest()
 

@@ -16,6 +16,7 @@ from alignment_core.annotation.base import ScoreRules
 from alignment_core.annotation.scorers import RewardModelAnnotator
 from alignment_core.annotators import ANNOTATORS
 from alignment_core.config import PipelineConfig
+from alignment_core.setups import SETUPS
 from alignment_core.verdict import is_demo_rule
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ def demo_judge_warning(cfg: PipelineConfig) -> str | None:
     """A warning when the policy's evaluation would be judged by a demo rule with no oracle beside it: a run on
     the user's own data that names no annotator (offline setups need none to train) would otherwise report
     win-rates by the toy task's rule as if they said something about the user's task."""
-    from alignment_core.setups import SETUPS
-
     judging = judging_config(cfg).annotation
     if not cfg.evaluation.enabled or cfg.evaluation.oracle or SETUPS[cfg.setup].flow == "reward-model":
         return None  # a reward model's evaluation is its held-out accuracy, no annotator involved

@@ -11,6 +11,7 @@ import math
 import sys
 
 from alignment_core.store import ArtifactStore, DamagedStageError
+from alignment_core.verdict import significance_line
 
 
 def run_report(store: ArtifactStore, run: str) -> tuple[str, list[dict]]:
@@ -184,7 +185,6 @@ def learning_figure(evaluations: list[dict], title: str, judge: str, oracle: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from alignment_core.verdict import significance_line
 
     evaluations = sorted(evaluations, key=lambda e: e["iteration"])
     curves = learning_curves(evaluations, judge, oracle)

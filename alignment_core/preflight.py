@@ -14,6 +14,10 @@ prompts stage, which runs first and before any model is loaded.
 `is_transient(error)` (from alignment_core.errors, one table for the stage and judge retries) says whether a
 failed stage is worth retrying: a network hiccup or a killed worker is; a wrong path, a refused key, a full disk, a
 bad config or a schema mismatch fails the same way every time and is not.
+
+Each check imports inside it what only it needs (the store, the data loader, the annotation package and its
+torch): the orchestrating flow runs preflight first, and a config mistake is answered in seconds, before those
+imports are paid.
 """
 
 import logging

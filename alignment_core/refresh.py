@@ -48,7 +48,7 @@ def escalated_units(store: ArtifactStore, run: str, iterations: range) -> tuple[
     """The escalated pairs of these iterations as reward-modelling units (the preferred response first, ties and
     failed rows left out), and how many came from each iteration. Text only: the reward model reads it through
     its own tokenizer, as when it scores (the policy's sampled token ids mean nothing to another vocabulary)."""
-    from alignment_core.batches import units_from_online
+    from alignment_core.batches import units_from_online  # torch: pipeline imports this module to dispatch
 
     frames, counts = [], {}
     for k in iterations:
@@ -82,7 +82,7 @@ def member_config(cfg: PipelineConfig, index: int) -> PipelineConfig:
 def refresh_member(cfg: PipelineConfig, store: ArtifactStore, out: str, index: int, original: str,
                     units: pd.DataFrame, stage_fingerprint: dict) -> str:
     """Member `index` fine-tuned from `original` into `{out}/member-{index}`; kept when already complete."""
-    from alignment_core.training import Trainer
+    from alignment_core.training import Trainer  # torch, likewise
 
     checkpoint, metrics = f"{out}/member-{index}", f"{out}/member-{index}-metrics"
     fingerprint = {"stage": fingerprint_digest(stage_fingerprint), "member": index}

@@ -40,7 +40,10 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from alignment_core.batches import BatchFactory
 from alignment_core.config import PipelineConfig, ReweightConfig, check_reweight_clip
+from alignment_core.logprobs import concatenated_inputs, sequence_logps
+from alignment_core.models import load_causal_lm, load_tokenizer, resolve_model_path
 from alignment_core.records import WEIGHTS, conform
 from alignment_core.store import ArtifactStore
 
@@ -225,9 +228,6 @@ def sequence_logprobs(
     `logprobs.sequence_logps` summed over the response tokens (`concatenated_inputs`' response mask). The
     tokenizer needs EOS and pad tokens (`models.load_tokenizer` sets the pad).
     """
-    from alignment_core.batches import BatchFactory
-    from alignment_core.logprobs import concatenated_inputs, sequence_logps
-
     if len(prompt_messages_list) != len(responses):
         raise ValueError(f"{len(prompt_messages_list)} prompts for {len(responses)} responses")
     if tokenizer.eos_token_id is None:
@@ -255,8 +255,6 @@ def add_importance_inputs(
     Each model scores the text with its own tokenizer: a sequence's probability is a property of the text,
     so the two models need not share a vocabulary.
     """
-    from alignment_core.models import load_causal_lm, load_tokenizer
-
     units = units.copy()
     is_pair = units["generation2_response"].notna()
     for role, path in (("policy", policy_path), ("behaviour", behaviour_path)):
@@ -319,7 +317,6 @@ def run_reweighting(
                 "reweight.strategy 'importance' needs the current policy (policy_path) and "
                 "reweight.behaviour_model (the model that wrote the responses)"
             )
-        from alignment_core.models import resolve_model_path
 
         units = add_importance_inputs(
             units, policy_path, resolve_model_path(cfg.reweight.behaviour_model), dtype=cfg.model.dtype

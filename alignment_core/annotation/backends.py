@@ -24,7 +24,9 @@ import httpx
 import torch
 
 from alignment_core.errors import PermanentError, http_status_failure
+from alignment_core.models import load_causal_lm, load_tokenizer, resolve_model_path
 from alignment_core.redact import redact
+from alignment_core.rendering import render_prompt_ids, render_prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,6 @@ class LocalJudgeBackend:
         dtype: str = "float32",
         device: str | None = None,
     ):
-        from alignment_core.models import load_causal_lm, load_tokenizer, resolve_model_path
-
         path = resolve_model_path(model)
         self.path = path
         self.tokenizer = load_tokenizer(path)
@@ -106,8 +106,6 @@ class LocalJudgeBackend:
         return option_token_ids(self.tokenizer, options, self.name)
 
     def _encode(self, prompts: Sequence[str]):
-        from alignment_core.rendering import render_prompt_text
-
         texts = [render_prompt_text(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         # A chat template writes its own BOS; a plain prompt gets the tokenizer's (as batches.py does).
         special = self.tokenizer.chat_template is None
@@ -155,8 +153,6 @@ class VLLMJudgeBackend:
 
     def __init__(self, model: str, max_new_tokens: int = 8, dtype: str = "float32", max_model_len: int = 2048,
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1):
-        from alignment_core.models import load_tokenizer, resolve_model_path
-
         self.path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.path)
         self.name, self.max_new_tokens = model, max_new_tokens
@@ -184,7 +180,6 @@ class VLLMJudgeBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from alignment_core.rendering import render_prompt_ids
 
         prompt_ids = [render_prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         if options is None:

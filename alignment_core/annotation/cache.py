@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from alignment_core.annotation.backends import JudgeBackend, JudgeReply, Options
+from alignment_core.models import model_digest
 from alignment_core.redact import redact
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,6 @@ def judge_identity(cfg, backend: JudgeBackend, template_name: str, options_kind:
         # one model name, so the endpoint is part of who answers (and judge.version a change behind it).
         identity |= {"endpoint": endpoint_identity(judge.base_url), "model": judge.model}
     else:
-        from alignment_core.models import model_digest
-
         identity["model"] = "digest:" + model_digest(getattr(backend, "path", None) or judge.model)
     return {**identity, "template": template_name, "kind": options_kind,
             "sampling": {"temperature": 0.0, "max_new_tokens": judge.max_new_tokens, "top_logprobs": 5}}

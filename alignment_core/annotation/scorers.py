@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 
 from alignment_core.annotation.base import LABEL_STATUSES, Score, ScoreRules, rows_from_scores
+from alignment_core.models import load_reward_model, load_tokenizer, model_digest, resolve_model_path
+from alignment_core.rendering import pair_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ class RewardModelAnnotator:
         dtype: str = "float32",
         device: str | None = None,
     ):
-        from alignment_core.models import load_reward_model, load_tokenizer, model_digest, resolve_model_path
-
         path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,8 +57,6 @@ class RewardModelAnnotator:
 
     def sequences(self, prompts: Sequence, responses: Sequence[str]) -> list[list[int]]:
         """The token ids scored for each (prompt messages, response), cut to their last `max_length` tokens."""
-        from alignment_core.rendering import pair_ids
-
         return [pair_ids(self.tokenizer, list(messages), response)[-self.max_length:]
                 for messages, response in zip(prompts, responses, strict=True)]
 

@@ -16,6 +16,7 @@ from alignment_core.config import (
     DATA_FILE_SUFFIXES,
 )
 from alignment_core.data.formats import BadRow
+from alignment_core.progress import apply_to_libraries
 
 __all__ = [  # what the package re-exports
     "FILE_READERS",
@@ -229,7 +230,6 @@ def read_hub(source: str, subset: str | None, split: str, revision: str | None, 
     """A hub dataset (or local dataset folder) through `datasets.load_dataset`; no remote code is run."""
     import datasets
 
-    from alignment_core.progress import apply_to_libraries
 
     apply_to_libraries()  # its download and split bars: on a terminal only
     dataset = datasets.load_dataset(source, subset, split=split, revision=revision)

@@ -11,6 +11,8 @@ import torch
 from alignment_core import fanout, gpu, records
 from alignment_core.config import GenerationConfig
 from alignment_core.generation.common import Generator, shard_seed
+from alignment_core.generation.transformers_backend import TransformersGenerator
+from alignment_core.models import load_causal_lm, load_tokenizer, model_digest
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +43,14 @@ def make_generator(
     """A generator for the local model folder `policy_path`; rows record `policy_uri` as their lineage.
     `attn_implementation` is the transformers backend's attention kernel (model.attn_implementation; sdpa where
     that is flex attention)."""
-    from alignment_core.models import load_causal_lm, load_tokenizer, model_digest
-
     policy_path = str(policy_path)
     backend = choose_backend(gen_cfg.backend)
     tokenizer = load_tokenizer(tokenizer_path or policy_path)
     digest = model_digest(policy_path)
     if backend == "vllm":
-        from alignment_core.generation.vllm_backend import VLLMGenerator
+        from alignment_core.generation.vllm_backend import VLLMGenerator  # vllm: installed only where it runs
 
         return VLLMGenerator(policy_path, tokenizer, gen_cfg, policy_uri, digest, tokenizer_path, dtype)
-    from alignment_core.generation.transformers_backend import TransformersGenerator
 
     if attn_implementation == "flex_attention":
         # A training kernel: decoding rebuilds its block mask at every token, slower than sdpa (measured:

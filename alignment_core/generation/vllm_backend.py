@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from alignment_core.adapters import adapter_base, adapter_config, is_adapter, vllm_max_lora_rank
 from alignment_core.config import GenerationConfig
 from alignment_core.generation.common import (
     Lineage,
@@ -31,6 +32,7 @@ from alignment_core.generation.common import (
     request_seed,
     sampling_params_json,
 )
+from alignment_core.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +53,6 @@ class VLLMGenerator:
         tokenizer_path: str | None = None,
         dtype: str = "float32",
     ):
-        from alignment_core.adapters import adapter_base, adapter_config, is_adapter
-        from alignment_core.models import resolve_model_path
-
         self.policy_path = policy_path
         self.adapter_path, self.max_lora_rank = None, None
         if is_adapter(policy_path):  # the engine serves the base; each request names the adapter
@@ -80,7 +79,6 @@ class VLLMGenerator:
         if self._llm is None:
             from vllm import LLM
 
-            from alignment_core.adapters import vllm_max_lora_rank
 
             on_gpu = torch.cuda.is_available()
             extra = {}
@@ -115,9 +113,6 @@ class VLLMGenerator:
 
     def use_adapter(self, adapter_path: str, policy_uri: str, policy_digest: str) -> None:
         """Sample from another adapter of the same base (e.g. the next iteration's) on the running engine."""
-        from alignment_core.adapters import adapter_base, adapter_config, is_adapter
-        from alignment_core.models import resolve_model_path
-
         if self.adapter_path is None or not is_adapter(adapter_path):
             raise ValueError("use_adapter needs a generator started on an adapter, and an adapter folder")
         if resolve_model_path(adapter_base(adapter_path)) != self.policy_path:
