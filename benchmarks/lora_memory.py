@@ -60,7 +60,7 @@ def build_model(out: Path, hidden: int, layers: int) -> None:
           f"parameters, {sum(p.numel() for p in model.parameters()) * 4 / 2**20:.0f} MiB in fp32")
 
 
-def run_variant(variant: str, model_dir: str, steps: int) -> dict:
+def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing: bool = False) -> dict:
     """One DPO round in this process; returns its memory figures."""
     import pandas as pd
     import torch
@@ -85,7 +85,8 @@ def run_variant(variant: str, model_dir: str, steps: int) -> dict:
         model["adapter"] = {"r": 16, "alpha": 32, "dropout": 0.0}
     cfg = parse_config({"setup": "offline_pairwise", "model": model,
                         "training": {"loss": "dpo", "batch_size": BATCH_SIZE, "epochs": 1, "learning_rate": 1e-5,
-                                     "warmup_ratio": 0.0, "scheduler": "constant"}})
+                                     "warmup_ratio": 0.0, "scheduler": "constant",
+                                     "gradient_checkpointing": gradient_checkpointing}})
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         store = ArtifactStore(tmp)
@@ -113,11 +114,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="training.gradient_checkpointing in both variants (activations recomputed in backward)")
     parser.add_argument("--variant", choices=["full", "lora"], help="(internal) run one variant in this process")
     parser.add_argument("--model-dir", help="(internal) the saved model")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.model_dir, args.steps)))
+        print(json.dumps(run_variant(args.variant, args.model_dir, args.steps, args.gradient_checkpointing)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
@@ -125,7 +128,9 @@ def main() -> None:
         results = {}
         for variant in ("full", "lora"):
             done = subprocess.run([sys.executable, __file__, "--variant", variant, "--model-dir", str(model_dir),
-                                   "--steps", str(args.steps)], capture_output=True, text=True, check=False)
+                                   "--steps", str(args.steps),
+                                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])],
+                                  capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 sys.exit(f"{variant} failed:\n{done.stderr[-4000:]}")
             results[variant] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -36,8 +36,13 @@ def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters
     Prefect's result storage.
     """
     logger = get_run_logger()
-    key = f"{flow_run.get_id()}-{flow_run.get_run_count()}-{deployment}-{iteration}"
+    # One deployment writes more than one stage (generate-stage: the generations and the held-out samples): the
+    # output's folder is part of the key, and of the name where it is not the deployment's own stage.
+    folder = output.rstrip("/").rsplit("/", 1)[-1]
+    key = f"{flow_run.get_id()}-{flow_run.get_run_count()}-{deployment}-{iteration}-{folder}"
     stage = deployment.split("/", 1)[0].removesuffix("-stage")
+    if folder not in OWN_OUTPUT.get(stage, ()):
+        stage = f"{stage}-{folder.replace('_', '-')}"
     deadline = time.monotonic() + timeout_s
 
     def start(worker: int | None, dispatch: int) -> FlowRun:
@@ -91,6 +96,8 @@ def dispatch_stage(deployment: str, timeout_s: float, iteration: int, parameters
 
 # How often the orchestrating task asks the Prefect API for the state of the flow runs it dispatched.
 POLL_S = 2.0
+# The stage each stage flow writes by default (its flow runs are named after the flow alone).
+OWN_OUTPUT = {"generate": ("generations",), "annotate": ("annotations",), "train": ("checkpoint",)}
 
 
 def uses_gpu(cfg: PipelineConfig, stage: str) -> bool:

@@ -11,7 +11,9 @@ def evaluate_policy(config_json: str, eval_prompts_uri: str, policy_uri: str, pr
     then the `evaluation` stage that judges them."""
     new = generate(config_json, eval_prompts_uri, policy_uri, iteration, stage="eval_generations")
     previous = generate(config_json, eval_prompts_uri, previous_policy_uri, iteration - 1, stage="eval_generations")
-    initial = generate(config_json, eval_prompts_uri, initial_policy_uri, 0, stage="eval_generations")
+    # iteration 0's samples are the initial policy's: at iteration 1 the previous policy is the initial one
+    initial = previous if iteration == 1 else generate(config_json, eval_prompts_uri, initial_policy_uri, 0,
+                                                        stage="eval_generations")
     return evaluate(config_json, new, previous, initial, iteration)
 
 
