@@ -176,9 +176,10 @@ def generate(
 
     set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)
-    # Any other stage name (an experiment's own held-out samples) is sampled as the evaluation's are.
+    # Any other stage name (an experiment's own held-out samples) samples with the generation config it is given,
+    # and, like the held-out samples, feeds no checkpoint.
     spec = STAGES.get(stage) or dataclasses.replace(STAGES["eval_generations"], folder=stage)
-    gen_cfg = cfg.generation if spec.name == "generations" else cfg.generation.model_copy(update={
+    gen_cfg = cfg.generation if stage != "eval_generations" else cfg.generation.model_copy(update={
         "n_samples": 1, "temperature": cfg.evaluation.temperature, "max_new_tokens": cfg.evaluation.max_new_tokens,
     })
     inputs = {"prompts": stage_digest(store, prompts_uri), "policy": model_input_digest(store, policy_uri)}
