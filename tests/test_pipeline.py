@@ -198,7 +198,7 @@ def test_online_iteration_without_usable_pairs_carries_the_policy_over(tmp_path)
     assert (store.read_pandas(uris["annotations"])["status"] == "tie").all()
     assert store.read_manifest(uris["units"])["rows"] == 0 and store.read_manifest(uris["weights"])["rows"] == 0
     assert "policy unchanged" in store.read_manifest(store.stage_uri("setups", 1, "metrics"))["extra"]["note"]
-    before = load_causal_lm(pipeline.resolve_policy(store, cfg.model.policy)).state_dict()
+    before = load_causal_lm(pipeline.resolve_model(store, cfg.model.policy)).state_dict()
     after = load_causal_lm(store.local_checkpoint(uris["checkpoint"])).state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert pipeline.finished_iterations(cfg) == 1
