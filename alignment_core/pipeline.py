@@ -33,7 +33,7 @@ from alignment_core.digests import callable_digest, data_digests, file_digest, t
 from alignment_core.inputs import InputRef
 from alignment_core.records import METRICS, UNITS, from_rows
 from alignment_core.refresh import STAGE, escalated_units, member_config, refresh_member, refreshes
-from alignment_core.runner import FinishedIterationChangedError, keep_finished, run_stage  # noqa: F401  (re-exported)
+from alignment_core.runner import FinishedIterationChangedError, run_stage  # noqa: F401  (the error: re-exported)
 from alignment_core.stages import STAGES
 from alignment_core.store import ArtifactStore, fingerprint_digest
 

@@ -29,11 +29,12 @@ def run_stage(cfg: PipelineConfig, store: ArtifactStore, spec: StageSpec, iterat
     out = out or store.stage_uri(cfg.store.run_name, iteration, spec.path)
     fingerprint = {"stage": spec.path, "config": cfg.stage_hash(*spec.sections) if config is None else config,
                    "inputs": inputs, "code": stage_code_digest(spec.name)}
-    previous = _recorded_fingerprint(store, spec, out)
+    record = _record(store, spec, out)
+    previous = record["fingerprint"] if record else None
     same = previous is not None and fingerprint_digest(previous) == fingerprint_digest(fingerprint)
-    if same and _complete(store, spec, out, fingerprint):
-        if not (spec.retries_transient and _retry_transient(cfg, store, out, iteration)):
-            rows = f" ({store.read_manifest(out)['rows']} rows)" if spec.record == "manifest" else ""
+    if same and _complete(store, spec, out, record, fingerprint):
+        if not (spec.retries_transient and _retry_transient(cfg, store, out, record, iteration)):
+            rows = f" ({record['rows']} rows)" if spec.record == "manifest" else ""
             log.info("%s: already complete%s, skipped", out, rows)
             return out
     elif spec.keeps_finished and keep_finished(cfg, store, out, iteration, fingerprint, previous):
@@ -42,28 +43,28 @@ def run_stage(cfg: PipelineConfig, store: ArtifactStore, spec: StageSpec, iterat
     return out
 
 
-def _recorded_fingerprint(store: ArtifactStore, spec: StageSpec, out: str) -> dict | None:
-    """The fingerprint a stage's copy in the store was computed from (None: no finished copy)."""
-    if spec.record == "lineage":  # a checkpoint: its lineage.json, written once the checkpoint is complete
+def _record(store: ArtifactStore, spec: StageSpec, out: str) -> dict | None:
+    """The document that records a finished copy of the stage and its `fingerprint`: its manifest, or a
+    checkpoint's lineage.json (written once the checkpoint is complete). None: no finished copy."""
+    if spec.record == "lineage":
         lineage = f"{out}/lineage.json"
         complete = store.checkpoint_complete(out) and store.exists(lineage)
-        return store.read_json(lineage)["fingerprint"] if complete else None
-    manifest = store.read_manifest(out)
-    return manifest.get("fingerprint") if manifest else None
+        return store.read_json(lineage) if complete else None
+    return store.read_manifest(out)
 
 
-def _complete(store: ArtifactStore, spec: StageSpec, out: str, fingerprint: dict) -> bool:
+def _complete(store: ArtifactStore, spec: StageSpec, out: str, record: dict, fingerprint: dict) -> bool:
     """Every shard of the stage (and of its siblings, `spec.also`) there, of the recorded size, rows and sha256."""
     if spec.record == "lineage":
         return True  # the lineage is written after the checkpoint's files, which `checkpoint_complete` checked
     siblings = [f"{out.rsplit('/', 1)[0]}/{name}" for name in spec.also]
-    return all(store.is_complete(uri, fingerprint) for uri in (out, *siblings))
+    return store.is_complete(out, fingerprint, record) and all(store.is_complete(uri, fingerprint) for uri in siblings)
 
 
-def _retry_transient(cfg: PipelineConfig, store: ArtifactStore, out: str, iteration: int) -> bool:
+def _retry_transient(cfg: PipelineConfig, store: ArtifactStore, out: str, manifest: dict, iteration: int) -> bool:
     """Whether a complete stage is computed again in its rows that failed for a transient reason (judge outage,
     timeout): not once its iteration is finished."""
-    transient = store.read_manifest(out)["extra"].get("transient_failures", 0)
+    transient = manifest["extra"].get("transient_failures", 0)
     if not transient:
         return False
     if store.checkpoint_complete(store.checkpoint_uri(cfg.store.run_name, iteration)):

@@ -3,7 +3,7 @@
 A row says what the stage's fingerprint reads of the config, where its code starts (the code digest covers
 what those entries reach through the project's imports: alignment_core/digests.py), whether it runs a model
 in this process (and so takes a GPU slot: tasks/dispatch.py), and how a finished copy is recognised and
-treated. `pipeline.run_stage` reads it for every stage: store → fingerprint → skip / keep finished / redo →
+treated. `runner.run_stage` reads it for every stage: store → fingerprint → skip / keep finished / redo →
 compute → verified write.
 
 Add a stage: a compute function in `pipeline.py` that calls `run_stage(cfg, STAGES["name"], ...)`, and one

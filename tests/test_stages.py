@@ -1,4 +1,4 @@
-"""The stage table (alignment_core/stages.py) and its one runner (`pipeline.run_stage`), row by row, as
+"""The stage table (alignment_core/stages.py) and its one runner (`runner.run_stage`), row by row, as
 tests/test_wiring.py runs every loss: every stage is computed once, skipped when its fingerprint is unchanged,
 and when its config section or the library code changes it is redone, or (a stage of a finished iteration)
 kept when only the code changed and refused when anything else did."""

@@ -142,12 +142,13 @@ class ArtifactStore(CompareAndSwapDocuments, CheckpointFiles):
         self.fs.invalidate_cache()
         return self.read_json(uri) if self.exists(uri) else None
 
-    def is_complete(self, stage_uri: str, fingerprint: dict[str, Any]) -> bool:
-        """A manifest of this fingerprint whose shards are all there, of the recorded size, rows and sha256.
+    def is_complete(self, stage_uri: str, fingerprint: dict[str, Any], manifest: dict | None = None) -> bool:
+        """A manifest of this fingerprint whose shards are all there, of the recorded size, rows and sha256
+        (`manifest`: the stage's, when the caller has read it already).
 
         A damaged stage is not complete: the stage function redoes its missing or damaged shards.
         """
-        manifest = self.read_manifest(stage_uri)
+        manifest = manifest or self.read_manifest(stage_uri)
         if manifest is None or manifest["fingerprint_digest"] != fingerprint_digest(fingerprint):
             return False
         problems = self.verify_stage(stage_uri, manifest)
