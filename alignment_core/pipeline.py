@@ -160,10 +160,12 @@ def heldout_examples_uri(store: ArtifactStore, examples_uri: str) -> str:
 # ---- online stages ---------------------------------------------------------------------------------------
 def generate(
     cfg: PipelineConfig, prompts_uri: str, policy_uri: str, iteration: int, stage: str = "generations",
-    progress: Progress = None, shard_subset: tuple[int, int] | None = None,
+    progress: Progress = None, shard_subset: tuple[int, int] | None = None, policy_iteration: int | None = None,
 ) -> str:
     """Sample `n_samples` responses per prompt from the policy (resumable shard by shard); `shard_subset=(i, N)`:
-    only worker i of N's shards (alignment_core/fanout.py), the stage complete once the last worker is done."""
+    only worker i of N's shards (alignment_core/fanout.py), the stage complete once the last worker is done.
+    `policy_iteration`: the iteration whose checkpoint the policy is (0: the initial policy), recorded on the
+    iteration's generation rows with its staleness (`scale_out.schedule`)."""
     from alignment_core.generation import run_generation
 
     def compute(out: str, fingerprint: dict) -> None:
@@ -171,7 +173,7 @@ def generate(
             store, prompts_uri, out, gen_cfg, policy_path=resolve_model(store, policy_uri), policy_uri=policy_uri,
             run_name=cfg.store.run_name, iteration=iteration, fingerprint=fingerprint, progress_callback=progress,
             tokenizer_path=cfg.model.tokenizer, dtype=cfg.model.dtype,
-            attn_implementation=cfg.model.attn_implementation, shard_subset=shard_subset,
+            attn_implementation=cfg.model.attn_implementation, shard_subset=shard_subset, sampled_from=sampled_from,
         )
 
     set_torch_threads(cfg.model.torch_threads)
@@ -183,6 +185,11 @@ def generate(
         "n_samples": 1, "temperature": cfg.evaluation.temperature, "max_new_tokens": cfg.evaluation.max_new_tokens,
     })
     inputs = {"prompts": stage_digest(store, prompts_uri), "policy": model_input_digest(store, policy_uri)}
+    sampled_from = None
+    if stage == "generations" and policy_iteration is not None:
+        sampled_from = {"policy_iteration": policy_iteration, "staleness": iteration - 1 - policy_iteration}
+        if sampled_from["staleness"]:  # (a sync run's samples are never stale: its fingerprints stay as they were)
+            inputs["sampled_from"] = sampled_from
     return run_stage(cfg, store, spec, iteration, inputs, compute, config=gen_cfg.model_dump(mode="json"))
 
 

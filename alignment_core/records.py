@@ -56,6 +56,11 @@ GENERATIONS = pa.schema(
         pa.field("sampling_params", pa.string(), nullable=False),  # JSON
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("backend", pa.string(), nullable=False),  # "transformers" or "vllm"
+        # The iteration whose checkpoint sampled the row (0: the initial policy), and how many checkpoints the
+        # policy that trains on it is ahead of that one (scale_out.schedule: async); null for a model named by
+        # path or id (held-out samples of an evaluation, an experiment's behaviour model).
+        pa.field("policy_iteration", pa.int32()),
+        pa.field("staleness", pa.int32()),
     ]
 )
 

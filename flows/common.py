@@ -1,8 +1,11 @@
-"""What every flow entry point shares: config overrides from flat parameters and the command line."""
+"""What every flow entry point shares: config overrides from flat parameters and the command line, the run lease,
+and sampling ahead of training (scale_out.schedule async)."""
 
 import argparse
+import contextvars
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 from alignment_core.config import PipelineConfig, load_config, yaml_load_unique
@@ -171,6 +174,35 @@ def run_lease(cfg: PipelineConfig) -> Iterator[PipelineConfig]:
 HEADLINE = ("train_loss", "train_reward_accuracy", "annotation_score_mean", "annotator_score_mean",
             "oracle_reward_mean", "win_rate_vs_initial", "oracle_win_rate_vs_initial", "generation_tokens_per_s",
             "train_tokens_per_s")
+
+
+@contextmanager
+def ahead_of_training(sample_and_label: Callable[[int], dict], lead: int,
+                      iterations: int) -> Iterator[Callable[[int], dict]]:
+    """Yields `labelled(k)`: iteration k's labelled samples, `sample_and_label(k)`.
+
+    lead 0 (sync): computed when asked for, here. lead > 0 (async): asking for k also starts k+1..k+lead (up to
+    `iterations`) on one thread of this flow run, in order, so they sample and label while k trains; each reads
+    a checkpoint that is already written (the iteration's sampler is `lead` checkpoints behind). Leaving the
+    block waits for a started iteration to finish and drops the ones not started: no stage of this run is left
+    writing after the flow run (and its lease) ends.
+    """
+    if lead == 0:
+        yield sample_and_label
+        return
+    started: dict[int, Future] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample-ahead") as thread:
+        def labelled(k: int) -> dict:
+            for ahead in range(k, min(k + lead, iterations) + 1):
+                if ahead not in started:  # the thread's tasks are this flow run's: its context goes with them
+                    started[ahead] = thread.submit(contextvars.copy_context().run, sample_and_label, ahead)
+            return started.pop(k).result()
+
+        try:
+            yield labelled
+        finally:
+            for future in started.values():
+                future.cancel()
 
 
 def print_summary(cfg: PipelineConfig, summaries: list[dict]) -> None:

@@ -2,6 +2,9 @@
 
     load_prompts → generate → [refresh reward models] → annotate → units and weights → train → evaluate   (× iterations)
 
+With scale_out.schedule async, the next iterations' load_prompts → generate → annotate run while one trains,
+sampling from a checkpoint at most scale_out.max_staleness behind.
+
 Run it once, in ephemeral Prefect:   python -m flows.iterative_dpo --config configs/tiny.yaml
 Deployed:                            prefect deployment run 'iterative-dpo/tiny-local'
 """
@@ -14,6 +17,7 @@ from alignment_core.refresh import refreshes
 from alignment_core.setups import SETUPS
 from flows import logs
 from flows.common import (
+    ahead_of_training,
     parse_cli,
     print_summary,
     run_lease,
@@ -74,27 +78,39 @@ def iterative_dpo(
         initial_policy = cfg.model.policy
         reference = cfg.model.reference or initial_policy
         eval_prompts = load_eval_prompts(config_json, 0)
-        policy, summaries = initial_policy, []
-        for k in range(1, cfg.iterations + 1):
+        checkpoints, summaries = [initial_policy], []  # checkpoints[j]: the policy after iteration j
+
+        def sample_and_label(k: int) -> dict:
+            """Iteration k's labelled samples, from the checkpoint `lead` iterations before the latest one."""
+            sampler = max(0, k - 1 - lead)
             prompts = load_prompts(config_json, k)
-            generations = generate(config_json, prompts, policy, k)
+            generations = generate(config_json, prompts, checkpoints[sampler], k, policy_iteration=sampler)
             # annotation.cascade.refresh: the reward models fine-tuned on the escalated labels so far label this one
             reward_models = refresh_reward_models(config_json, k) if refreshes(cfg, k) else None
             annotations = annotate(config_json, generations, k, reward_models)
-            round_data = units_and_weights(config_json, policy, k, generations_uri=generations,
-                                           annotations_uri=annotations)
-            checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, reference, k)
-            stages = {"prompts": prompts, "generations": generations, "annotations": annotations, **round_data,
-                      "checkpoint": checkpoint, "metrics": store.stage_uri(cfg.store.run_name, k, "metrics")}
-            if reward_models:
-                stages["reward_models"] = reward_models
-            if cfg.evaluation.enabled:
-                stages["evaluation"] = evaluate_policy(config_json, eval_prompts, checkpoint, policy, initial_policy, k)
-            summaries.append(report_iteration(config_json, k, stages))
-            if cfg.tracking.report_to:
-                track_iteration(config_json, k)
-            logs.log_iteration(cfg, summaries)
-            policy = checkpoint
+            return {"prompts": prompts, "generations": generations, "annotations": annotations,
+                    **({"reward_models": reward_models} if reward_models else {})}
+
+        # scale_out.schedule async: while iteration k trains, iterations k+1..k+lead sample and label (in order, on
+        # one thread of this flow run, their stages dispatched to their workers); sync: lead 0, one after another.
+        lead = cfg.scale_out.lead
+        with ahead_of_training(sample_and_label, lead, cfg.iterations) as labelled:
+            for k in range(1, cfg.iterations + 1):
+                policy = checkpoints[k - 1]
+                samples = labelled(k)
+                round_data = units_and_weights(config_json, policy, k, generations_uri=samples["generations"],
+                                               annotations_uri=samples["annotations"])
+                checkpoint = train(config_json, round_data["units"], round_data["weights"], policy, reference, k)
+                checkpoints.append(checkpoint)
+                stages = {**samples, **round_data, "checkpoint": checkpoint,
+                          "metrics": store.stage_uri(cfg.store.run_name, k, "metrics")}
+                if cfg.evaluation.enabled:
+                    stages["evaluation"] = evaluate_policy(config_json, eval_prompts, checkpoint, policy,
+                                                           initial_policy, k)
+                summaries.append(report_iteration(config_json, k, stages))
+                if cfg.tracking.report_to:
+                    track_iteration(config_json, k)
+                logs.log_iteration(cfg, summaries)
         return summaries
 
 

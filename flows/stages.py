@@ -47,12 +47,13 @@ def _run_name(stage: str):
 # (tasks/dispatch.py: dispatch_stage) starts it again.
 @flow(name="generate-stage", flow_run_name=_run_name("generate"), retries=1, retry_delay_seconds=10)
 def generate_stage(config_json: str, prompts_uri: str, policy_uri: str, iteration: int,
-                   shard_subset: list[int] | None = None, stage: str = "generations") -> str:
+                   shard_subset: list[int] | None = None, stage: str = "generations",
+                   policy_iteration: int | None = None) -> str:
     """Sample the iteration's generations (or, `stage` eval_generations, its held-out samples); `shard_subset`
-    [i, N]: only fan-out worker i of N's shards."""
+    [i, N]: only fan-out worker i of N's shards; `policy_iteration`: the iteration whose checkpoint the policy is."""
     with run_lease(_local(config_json)) as cfg, gpu_slot(cfg, stage):
         return pipeline.generate(cfg, prompts_uri, policy_uri, iteration, stage=stage,
-                                 shard_subset=check_subset(shard_subset))
+                                 shard_subset=check_subset(shard_subset), policy_iteration=policy_iteration)
 
 
 @flow(name="annotate-stage", flow_run_name=_run_name("annotate"), retries=1, retry_delay_seconds=10)

@@ -8,9 +8,10 @@ from tasks.report import progress_artifact
 
 @stage_task("generate")
 def generate(config_json: str, prompts_uri: str, policy_uri: str, iteration: int,
-             stage: str = "generations") -> str:
+             stage: str = "generations", policy_iteration: int | None = None) -> str:
     """Sample the policy's responses to the prompts: the iteration's `generations`, or the held-out
-    `eval_generations` an evaluation judges."""
+    `eval_generations` an evaluation judges. `policy_iteration`: the iteration whose checkpoint the policy is
+    (0: the initial policy), recorded on each generation row with its staleness."""
     cfg = parse(config_json)
     scale_out = cfg.scale_out
     if scale_out.generate_deployment:
@@ -18,11 +19,12 @@ def generate(config_json: str, prompts_uri: str, policy_uri: str, iteration: int
         out = store.stage_uri(cfg.store.run_name, iteration, stage)
         return dispatch_stage(scale_out.generate_deployment, scale_out.timeout_s, iteration, {
             "config_json": config_json, "prompts_uri": prompts_uri, "policy_uri": policy_uri, "iteration": iteration,
-            "stage": stage,
+            "stage": stage, "policy_iteration": policy_iteration,
         }, out, complete=lambda: store.read_manifest(out) is not None, workers=scale_out.generate_workers,
             max_redispatches=scale_out.max_redispatches)
     progress = progress_artifact(artifact_key(cfg.store.run_name, "generate-progress"),
                                  f"{stage.replace('_', ' ')}, iteration {iteration}")
     with gpu_slot(cfg, stage):
         return pipeline.generate(cfg, prompts_uri, policy_uri, iteration, stage=stage,
-                                 progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
+                                 progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / total),
+                                 policy_iteration=policy_iteration)

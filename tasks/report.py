@@ -93,6 +93,8 @@ def report_iteration(config_json: str, iteration: int, stages: dict[str, str]) -
         generation = pipeline.stage_summary(store, stages["generations"])
         summary["generation_rows"] = generation.get("rows")
         summary["generation_tokens_per_s"] = generation.get("tokens_per_s")
+        if generation.get("staleness"):  # scale_out.schedule async: sampled this many checkpoints behind
+            summary["generation_staleness"] = generation["staleness"]
 
     outputs = {name: (store.read_manifest(uri) or {}).get("rows") if name != "checkpoint" else None
                for name, uri in stages.items()}

@@ -138,6 +138,22 @@ def test_the_stage_subset_must_name_a_worker():
 
 
 # ---- the production path: a Prefect server, a process work pool, two workers --------------------------------
+def snapshot_repo(tmp_path: Path, models: dict) -> Path:
+    """A copy of the code for the workers to run, whose deployments may read the tiny models' folders.
+
+    A snapshot: stage fingerprints include a digest of the library code, so workers started at different moments
+    of a checkout being edited would disagree on the stage (and clear each other's shards)."""
+    home = tmp_path / "repo"
+    for name in ("alignment_core", "flows", "tasks", "deployments", "tests"):
+        shutil.copytree(REPO / name, home / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # The tiny models live in pytest's temporary folders: the stage deployments must let a config read them.
+    deployments_file = home / "deployments" / "prefect.yaml"
+    folders = ",".join(str(Path(path).parent) for path in models.values())
+    deployments_file.write_text(deployments_file.read_text().replace(
+        'ALIGNMENT_CORE_ALLOWED_PATHS: "data,runs"', f'ALIGNMENT_CORE_ALLOWED_PATHS: "data,runs,{folders}"'))
+    return home
+
+
 @contextmanager
 def process_workers(tmp_path, env: dict, count: int, home: Path):
     """`prefect worker start --pool gpu --limit 1` x count (one stage flow run each at a time, like one worker per
@@ -212,16 +228,7 @@ def test_fanned_out_stages_on_process_workers_write_the_rows_of_one_worker(one_w
     from tests.test_deployment import running_prefect_server
 
     models, reference = one_worker
-    # A snapshot of the code: stage fingerprints include a digest of the library code, so workers started at
-    # different moments of a checkout being edited would disagree on the stage (and clear each other's shards).
-    home = tmp_path / "repo"
-    for name in ("alignment_core", "flows", "tasks", "deployments", "tests"):
-        shutil.copytree(REPO / name, home / name, ignore=shutil.ignore_patterns("__pycache__"))
-    # The tiny models live in pytest's temporary folders: the stage deployments must let a config read them.
-    deployments_file = home / "deployments" / "prefect.yaml"
-    folders = ",".join(str(Path(path).parent) for path in models.values())
-    deployments_file.write_text(deployments_file.read_text().replace(
-        'ALIGNMENT_CORE_ALLOWED_PATHS: "data,runs"', f'ALIGNMENT_CORE_ALLOWED_PATHS: "data,runs,{folders}"'))
+    home = snapshot_repo(tmp_path, models)
     with running_prefect_server(tmp_path) as (api, env):
         env = {**env, "ALIGNMENT_CORE_HOME": str(home), "PYTHONPATH": str(home), "PREFECT_WORKER_QUERY_SECONDS": "1",
                "PREFECT_WORKER_PREFETCH_SECONDS": "1"}

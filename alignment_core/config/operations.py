@@ -1,6 +1,6 @@
 """The config sections of where stages run (scale-out) and where metrics go (trackers)."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -40,6 +40,14 @@ class ScaleOutConfig(StrictModel):
     """A Prefect global concurrency limit (e.g. "gpu", made with `prefect gcl create gpu --limit 1`) whose slot every
     GPU stage body holds while it runs, in-process or dispatched: pipelines sharing GPUs queue instead of
     oversubscribing them."""
+    schedule: Literal["sync", "async"] = "sync"
+    """sync: iteration k samples from the checkpoint of iteration k-1, after it is trained. async: iteration k
+    samples from the checkpoint of iteration k-1-max_staleness (the initial policy before there is one), so the
+    next iterations' generate and annotate run on their workers while this one trains. Needs generate_deployment
+    or train_deployment: stages colocated on one device stay synchronous."""
+    max_staleness: int = Field(default=1, ge=1, le=64)
+    """async: how many checkpoints behind the latest one an iteration's samples may come from (each generation
+    row records its policy's iteration and its staleness)."""
 
     @model_validator(mode="after")
     def _workers_need_a_deployment(self) -> "ScaleOutConfig":
@@ -47,7 +55,16 @@ class ScaleOutConfig(StrictModel):
             if getattr(self, f"{stage}_workers") > 1 and not getattr(self, f"{stage}_deployment"):
                 raise ValueError(f"{stage}_workers > 1 fans the {stage} stage out over flow runs of "
                                  f"{stage}_deployment: set it (e.g. {stage}-stage/gpu)")
+        if self.schedule == "async" and not (self.generate_deployment or self.train_deployment):
+            raise ValueError("schedule 'async' overlaps sampling with training on other workers: set "
+                             "generate_deployment or train_deployment (e.g. generate-stage/gpu); stages colocated on "
+                             "one device stay synchronous (schedule: sync)")
         return self
+
+    @property
+    def lead(self) -> int:
+        """How many iterations ahead of the one training the sampling may run: max_staleness when async."""
+        return self.max_staleness if self.schedule == "async" else 0
 
 
 # Experiment trackers (driven through accelerate's tracker classes) and the pip package each one needs.

@@ -79,6 +79,13 @@ class PipelineConfig(StrictModel):
             raise ValueError("annotation.annotator 'human' labels the training pairs only; held-out evaluation needs "
                              "an automatic judge: set evaluation.enabled: false, or use a cascade with "
                              "escalate_to: human (evaluation is then judged by its first annotator)")
+        if self.scale_out.schedule == "async":
+            if not self.online:
+                raise ValueError(f"scale_out.schedule 'async' overlaps the sampling of online iterations with "
+                                 f"training; setup {self.setup!r} samples nothing: use schedule 'sync'")
+            if "human" in annotation.kinds:
+                raise ValueError("scale_out.schedule 'async' labels the next iterations while one trains, but a "
+                                 "'human' annotator pauses the flow run for its answers: use schedule 'sync'")
         if self.evaluation.enabled:
             check_fits_model_len("evaluation.max_new_tokens", self.evaluation.max_new_tokens,
                                  self.generation.max_model_len)

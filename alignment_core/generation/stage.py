@@ -78,8 +78,12 @@ def run_generation(
     dtype: str = "float32",
     attn_implementation: str | None = None,
     shard_subset: tuple[int, int] | None = None,
+    sampled_from: dict | None = None,
 ) -> dict | None:
     """Sample `gen_cfg.n_samples` responses per prompt into `out_uri`; returns the stage manifest.
+
+    `sampled_from`: the policy's place in the run ({"policy_iteration": j, "staleness": s}), written on every row
+    and in the manifest.
 
     Prompts are cut into shards of `gen_cfg.shard_size`. Shards already written under the same fingerprint
     are kept, so a killed stage resumes at its first missing shard; each shard's seed derives from
@@ -119,6 +123,7 @@ def run_generation(
             for index in missing:
                 started = time.perf_counter()
                 rows = generator.generate(shards[index], shard_seed(run_name, iteration, index, gen_cfg.seed))
+                rows = [{**row, **(sampled_from or {})} for row in rows]
                 seconds += time.perf_counter() - started
                 table = records.from_rows(rows, records.GENERATIONS, f"generations shard {index}")
                 writer.write_shard(index, table)
@@ -153,6 +158,7 @@ def run_generation(
             "resumed_shards": len(shards) - stats["generated_shards"],
             "seconds": round(stats["seconds"], 3),
             "tokens_per_s": round(stats["generated_tokens"] / stats["seconds"], 1) if stats["seconds"] else None,
+            **(sampled_from or {}),
         }
     )
 
