@@ -280,7 +280,8 @@ def reweight(cfg: PipelineConfig, units_uri: str, policy_uri: str, iteration: in
     inputs = {"units": stage_digest(store, units_uri)}
     if cfg.reweight.strategy == "importance":
         inputs["policy"] = model_input_digest(store, policy_uri)
-        inputs["behaviour"] = model_input_digest(store, cfg.reweight.behaviour_model)
+        if not cfg.reweight.uses_sampler:  # (else the units carry the sampler's log-probs and digest)
+            inputs["behaviour"] = model_input_digest(store, cfg.reweight.behaviour_model)
     return run_stage(cfg, store, STAGES["weights"], iteration, inputs, compute)
 
 

@@ -53,7 +53,7 @@ def named_models(cfg: PipelineConfig) -> dict[str, str]:
         models["model.tokenizer"] = cfg.model.tokenizer
     if cfg.online:
         models.update(models_loaded_here(cfg.annotation))
-    if cfg.reweight.strategy == "importance" and cfg.reweight.behaviour_model:
+    if cfg.reweight.strategy == "importance" and cfg.reweight.behaviour_model and not cfg.reweight.uses_sampler:
         models["reweight.behaviour_model"] = cfg.reweight.behaviour_model
     return models
 

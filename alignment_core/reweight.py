@@ -220,13 +220,15 @@ def sequence_logprobs(
     prompt_messages_list: Sequence[list[dict]],
     responses: Sequence[str],
     batch_size: int = 8,
+    response_token_ids: Sequence[list[int]] | None = None,
 ) -> list[float]:
     """log p(response + EOS | prompt) under `model`, teacher-forced, one float per (prompt, response).
 
     The sequences are built as training builds them, untruncated: `BatchFactory.encode` (the prompt through
-    the chat template with the generation prompt, the response closed with EOS) and `collate`; the log-prob is
-    `logprobs.sequence_logps` summed over the response tokens (`concatenated_inputs`' response mask). The
-    tokenizer needs EOS and pad tokens (`models.load_tokenizer` sets the pad).
+    the chat template with the generation prompt, the response closed with EOS, or `response_token_ids` as they
+    were sampled) and `collate`; the log-prob is `logprobs.sequence_logps` summed over the response tokens
+    (`concatenated_inputs`' response mask). The tokenizer needs EOS and pad tokens (`models.load_tokenizer` sets
+    the pad).
     """
     if len(prompt_messages_list) != len(responses):
         raise ValueError(f"{len(prompt_messages_list)} prompts for {len(responses)} responses")
@@ -235,6 +237,8 @@ def sequence_logprobs(
     ids = [str(i) for i in range(len(responses))]
     units = pd.DataFrame({"unit_id": ids, "prompt_id": ids, "prompt_messages": list(prompt_messages_list),
                           "generation1_response": list(responses)})
+    if response_token_ids is not None:
+        units["generation1_token_ids"] = list(response_token_ids)
     factory = BatchFactory(tokenizer, "sft", max_length=_WHOLE_SEQUENCE, max_prompt_length=_WHOLE_SEQUENCE - 1)
     encoded = factory.encode(units) if len(units) else []
     device = next(model.parameters()).device
@@ -278,6 +282,39 @@ def add_importance_inputs(
     return units
 
 
+def add_sampler_importance_inputs(
+    units: pd.DataFrame, policy_path: str, batch_size: int = 8, dtype: str = "float32"
+) -> pd.DataFrame:
+    """`units` with the same columns as `add_importance_inputs`, the behaviour model being the checkpoint that
+    sampled each response (`reweight.behaviour_model: sampler`): its log-prob is the one it recorded then (raw:
+    before temperature and top-p), and the policy's is over the very tokens it sampled."""
+    units = units.copy()
+    for column in ("generation1_token_ids", "generation2_token_ids", "generation1_sampler_logp",
+                   "generation2_sampler_logp"):
+        if column not in units.columns:  # (units built by hand; a stage's units have every column)
+            units[column] = None
+    sides = {g: units[units[f"generation{g}_response"].notna()] for g in (1, 2)}
+    for g, rows in sides.items():  # before any model loads
+        unsampled = rows[rows[f"generation{g}_token_ids"].map(lambda ids: ids is None or len(ids) == 0)
+                         | rows[f"generation{g}_sampler_logp"].isna()]
+        if len(unsampled):
+            raise ValueError(f"reweight.behaviour_model 'sampler': unit {unsampled['unit_id'].iloc[0]!r} has no "
+                             f"sampled tokens or no sampler log-prob for generation{g} ({len(unsampled)} units); only "
+                             "online units carry them")
+    tokenizer, model = load_tokenizer(policy_path), load_causal_lm(policy_path, dtype=dtype).eval()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    for g, rows in sides.items():
+        units[f"generation{g}_behaviour_logp"] = None
+        units.loc[rows.index, f"generation{g}_behaviour_logp"] = rows[f"generation{g}_sampler_logp"].astype(float)
+        units[f"generation{g}_policy_logp"] = None
+        units.loc[rows.index, f"generation{g}_policy_logp"] = sequence_logprobs(
+            model, tokenizer, list(rows["prompt_messages"]), list(rows[f"generation{g}_response"]), batch_size,
+            response_token_ids=list(rows[f"generation{g}_token_ids"]))
+    del model
+    return units
+
+
 def effective_sample_fraction(weights: np.ndarray) -> float:
     """The effective sample size, (sum w)^2 / sum w^2, as a fraction of n: 1 for equal weights."""
     return float(weights.sum() ** 2 / (weights**2).sum() / len(weights))
@@ -309,7 +346,7 @@ def run_reweighting(
     """Weigh `units` with cfg.reweight and write the weights stage (one shard); returns its manifest.
 
     For `importance`, units without the log-prob columns get them from the policy at `policy_path` and
-    `reweight.behaviour_model`.
+    `reweight.behaviour_model` (`sampler`: the log-probs recorded at sampling).
     """
     if cfg.reweight.strategy == "importance" and "generation1_policy_logp" not in units.columns:
         if policy_path is None or cfg.reweight.behaviour_model is None:
@@ -317,10 +354,12 @@ def run_reweighting(
                 "reweight.strategy 'importance' needs the current policy (policy_path) and "
                 "reweight.behaviour_model (the model that wrote the responses)"
             )
-
-        units = add_importance_inputs(
-            units, policy_path, resolve_model_path(cfg.reweight.behaviour_model), dtype=cfg.model.dtype
-        )
+        if cfg.reweight.uses_sampler:
+            units = add_sampler_importance_inputs(units, policy_path, dtype=cfg.model.dtype)
+        else:
+            units = add_importance_inputs(
+                units, policy_path, resolve_model_path(cfg.reweight.behaviour_model), dtype=cfg.model.dtype
+            )
     weights = SampleReweighter(cfg.reweight).weigh(units)
     table = conform(pa.Table.from_pandas(weights, preserve_index=False), WEIGHTS, "weights")
     summary = {"strategy": cfg.reweight.strategy, **weights_summary(weights)}

@@ -17,6 +17,7 @@ from alignment_core.reweight import (
     weights_summary,
 )
 from alignment_core.store import ArtifactStore
+from tests.test_generation import stopping_model_dir  # noqa: F401 (a fixture)
 
 SIGMOID_2 = 0.8807970779778823  # sigmoid(2)
 
@@ -239,3 +240,79 @@ def test_importance_upper_clip_binds():
     inputs = [json.loads(i) for i in weights["inputs"]]
     assert [i["raw_weight"] for i in inputs][3] == pytest.approx(2.0)
     assert [i["clipped"] for i in inputs] == [True, True, True, True]  # the others at 1/2, the outlier at 2
+
+
+# ---- importance against the checkpoint that sampled (reweight.behaviour_model: sampler) -------------------------
+@pytest.fixture(scope="module")
+def sampled_units(tiny_model_dir, tmp_path_factory):
+    """Online units of the tiny model's own samples (temperature 0.7, top-p 0.9: the recorded log-probs are raw),
+    labelled by a rule."""
+    from alignment_core import pipeline
+    from alignment_core.config import parse_config
+
+    root = tmp_path_factory.mktemp("sampled")
+    cfg = parse_config({
+        "setup": "online_pairwise", "model": {"policy": str(tiny_model_dir)},
+        "data": {"source": "bundled:prompts", "eval_prompts": 2},
+        "generation": {"backend": "transformers", "prompts_per_iteration": 6, "n_samples": 2, "max_new_tokens": 12,
+                       "temperature": 0.7, "top_p": 0.9},
+        "annotation": {"annotator": "programmatic", "programmatic": "alignment_core.rewards:response_length"},
+        "store": {"root": str(root / "store"), "run_name": "sampled", "cache_dir": str(root / "cache")}})
+    generations = pipeline.generate(cfg, pipeline.load_prompts(cfg, 1), cfg.model.policy, 1)
+    units_uri = pipeline.build_units(cfg, 1, generations_uri=generations,
+                                     annotations_uri=pipeline.annotate(cfg, generations, 1))
+    return ArtifactStore(cfg.store.root).read_pandas(units_uri)
+
+
+def sampler_config() -> PipelineConfig:
+    return PipelineConfig.model_validate({"reweight": {"strategy": "importance", "behaviour_model": "sampler"}})
+
+
+def test_against_its_own_sampler_the_policy_gets_the_recorded_logprobs_and_uniform_weights(sampled_units,
+                                                                                       tiny_model_dir, tmp_path):
+    from alignment_core.reweight import add_sampler_importance_inputs
+
+    assert len(sampled_units) >= 4
+    with_inputs = add_sampler_importance_inputs(sampled_units, str(tiny_model_dir))
+    for g in (1, 2):
+        # the behaviour's log-prob is the one recorded at sampling; the policy's, over the very tokens it sampled,
+        # agrees with it to float32 rounding (a re-tokenised text would not: other tokens, other numbers)
+        assert with_inputs[f"generation{g}_behaviour_logp"].tolist() == sampled_units[f"generation{g}_sampler_logp"]\
+            .tolist()
+        assert with_inputs[f"generation{g}_policy_logp"].astype(float).tolist() == pytest.approx(
+            sampled_units[f"generation{g}_sampler_logp"].tolist(), abs=2e-3)
+    store = ArtifactStore(str(tmp_path))
+    run_reweighting(store, sampled_units, store.stage_uri("run", 1, "weights"), sampler_config(), {"fp": 1},
+                    policy_path=str(tiny_model_dir))
+    weights = store.read_pandas(store.stage_uri("run", 1, "weights"))
+    assert weights["generation1_weight"].tolist() == pytest.approx([1.0] * len(sampled_units), abs=1e-3)
+
+
+def test_against_an_older_sampler_the_weights_are_the_policys_ratios(sampled_units, stopping_model_dir,  # noqa: F811
+                                                                     tmp_path):
+    """A policy that moved (the stopping model: the tiny model with its EOS row changed) against the checkpoint
+    that sampled: the weights are the self-normalised, clipped ratios of its log-probs to the recorded ones."""
+    store = ArtifactStore(str(tmp_path))
+    run_reweighting(store, sampled_units, store.stage_uri("run", 1, "weights"), sampler_config(), {"fp": 1},
+                    policy_path=stopping_model_dir)
+    weights = store.read_pandas(store.stage_uri("run", 1, "weights")).set_index("unit_id")
+    inputs = weights["inputs"].map(json.loads)
+    log_ratio = np.array([sum(i[f"generation{g}_policy_logp"] - i[f"generation{g}_behaviour_logp"] for g in (1, 2))
+                          for i in inputs])
+    assert np.abs(log_ratio).max() > 0.1  # the policy moved
+    expected = np.clip(np.exp(log_ratio - np.log(np.mean(np.exp(log_ratio)))), 1 / 5, 5)
+    expected = expected / expected.mean()  # the stage is normalised to mean 1
+    assert weights["generation1_weight"].tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    recorded = sampled_units.set_index("unit_id").loc[weights.index]
+    assert [i["generation1_behaviour_logp"] for i in inputs] == pytest.approx(recorded["generation1_sampler_logp"])
+
+
+def test_the_sampler_is_refused_where_no_sample_recorded_it(tmp_path):
+    from alignment_core.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="samples nothing"):
+        parse_config({"setup": "offline_pairwise",
+                      "reweight": {"strategy": "importance", "behaviour_model": "sampler"}})
+    units = make_units(2)  # offline units: no sampled tokens, no recorded log-probs
+    with pytest.raises(ValueError, match="unit 'u0' has no sampled tokens or no sampler log-prob"):
+        run_reweighting(ArtifactStore(str(tmp_path)), units, "x", sampler_config(), {"fp": 1}, policy_path="unused")

@@ -177,7 +177,9 @@ class ReweightConfig(StrictModel):
     clip: float = Field(default=5.0, gt=0)
     """importance ratios and weights are clipped to [1/clip, clip]"""
     behaviour_model: str | None = None
-    """importance: the model that wrote the responses"""
+    """importance: the model that wrote the responses; `sampler` (online): the checkpoint that sampled each
+    response, by the log-probs it recorded then (the off-policy correction of samples from an older checkpoint,
+    scale_out.schedule async)."""
     importance_pair: Literal["joint", "mean"] = "joint"
     """importance, pairs: the pair's log ratio is the sum of its two responses' (joint: the pair's probability)
     or their mean (a response's typical ratio: half the spread)."""
@@ -190,3 +192,8 @@ class ReweightConfig(StrictModel):
     def _clip_at_least_one(cls, clip: float) -> float:
         check_reweight_clip(clip)
         return clip
+
+    @property
+    def uses_sampler(self) -> bool:
+        """importance against the checkpoint that sampled each response (its recorded log-probs): no model to load."""
+        return self.strategy == "importance" and self.behaviour_model == "sampler"

@@ -111,6 +111,9 @@ class PipelineConfig(StrictModel):
         if self.reweight.strategy == "importance" and not self.reweight.behaviour_model:
             raise ValueError("reweight.behaviour_model must name the model that wrote the responses when "
                              "reweight.strategy is 'importance'")
+        if self.reweight.uses_sampler and not self.online:
+            raise ValueError("reweight.behaviour_model 'sampler' reads the log-probs recorded when the policy sampled; "
+                             f"setup {self.setup!r} samples nothing: name the model that wrote the data")
         remote_store = "://" in self.store.root and not self.store.root.startswith("file://")
         if "tensorboard" in self.tracking.report_to and remote_store and not self.tracking.logging_dir:
             raise ValueError("tracking.logging_dir must name a local folder for tensorboard when store.root is "
