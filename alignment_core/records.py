@@ -6,6 +6,7 @@ Bump `SCHEMA_VERSION` when a schema changes incompatibly; manifests record it.
 """
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 1
 
@@ -174,6 +175,9 @@ def conform(table: pa.Table, schema: pa.Schema, name: str = "table") -> pa.Table
             columns.append(pa.nulls(table.num_rows, type=field.type))
             continue
         column = table.column(field.name)
+        if pa.types.is_integer(field.type) and pa.types.is_floating(column.type):
+            # pandas holds an integer column with nulls as floats, NaN for null (a stage read back and written)
+            column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
         if not field.nullable and column.null_count:
             raise SchemaError(f"{name}: column {field.name!r} has {column.null_count} null values")
         try:

@@ -107,3 +107,21 @@ def test_s3_store_against_loopback_server(s3_server, tmp_path, tiny_model_dir):
                           AutoTokenizer.from_pretrained(tiny_model_dir), ckpt)
     local = store.local_checkpoint(ckpt)
     assert AutoModelForCausalLM.from_pretrained(local).config.hidden_size > 0
+
+
+def test_a_stage_read_into_pandas_and_written_again_keeps_its_integer_nulls(tmp_path):
+    """pandas holds an integer column with nulls as floats (NaN for null): written back, NaN is null again, a
+    whole float is its integer, and a fraction or a NaN where nulls are not allowed is still refused."""
+    from alignment_core.records import GENERATIONS, from_rows
+
+    row = {"generation_id": "g", "prompt_id": "p", "prompt": "q", "prompt_messages": [], "sample_index": 0,
+           "response": "r", "response_token_ids": [1], "finish_reason": "stop", "policy_uri": "m",
+           "policy_digest": "d", "sampling_params": "{}", "seed": 1, "backend": "transformers"}
+    frame = from_rows([{**row, "staleness": 1}, {**row, "generation_id": "h"}], GENERATIONS).to_pandas()
+    assert frame["staleness"].dtype == "float64" and frame["staleness"].isna().tolist() == [False, True]
+    again = from_rows(frame.to_dict("records"), GENERATIONS)
+    assert again.column("staleness").to_pylist() == [1, None] and again.schema == GENERATIONS
+    with pytest.raises(SchemaError, match="'staleness'"):
+        from_rows([{**row, "staleness": 1.5}], GENERATIONS)
+    with pytest.raises(SchemaError, match="'sample_index' has 1 null"):
+        from_rows([{**row, "sample_index": float("nan")}], GENERATIONS)
