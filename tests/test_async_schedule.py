@@ -274,12 +274,13 @@ def test_async_iterations_on_two_workers_overlap_and_resume_exactly_once(tiny_mo
             finish(orchestrator, killed_root)
         calm_runs, killed_runs = runs_of(api, calm_root), runs_of(api, killed_root)
 
-    # ordering: iteration 2 sampled while iteration 1 trained; iteration 3 only once checkpoint 1 was written;
-    # iteration 2 trained on its own labels
+    # ordering, as dispatched: iteration 2's sampling started while iteration 1 trained, iteration 3's only once
+    # checkpoint 1 was written, and iteration 2 trained on its own labels. (When each body ran is up to the
+    # workers: on a loaded machine a flow-run process may spend longer starting than the stage beside it runs.)
     calm_runs = {name: only for name, (only,) in calm_runs.items()}
-    assert calm_runs["generate-iter-2"].start_time < calm_runs["train-iter-1"].end_time
-    assert calm_runs["generate-iter-3"].start_time >= calm_runs["train-iter-1"].end_time
-    assert calm_runs["train-iter-2"].start_time >= calm_runs["annotate-iter-2"].end_time
+    assert calm_runs["generate-iter-2"].created < calm_runs["train-iter-1"].end_time
+    assert calm_runs["generate-iter-3"].created >= calm_runs["train-iter-1"].end_time
+    assert calm_runs["train-iter-2"].created >= calm_runs["annotate-iter-2"].end_time
     for name in ("train-iter-1", "generate-iter-2"):  # each killed once, started again once
         assert [run.state_type.value for run in killed_runs[name]] == ["CRASHED", "COMPLETED"]
         assert str(killed_runs[name][0].id) in killed

@@ -83,6 +83,7 @@ BOUNDS = {
     "scale_out.generate_workers": {"gt": 0, "le": 1024},
     "scale_out.annotate_workers": {"gt": 0, "le": 1024},
     "scale_out.max_redispatches": {"ge": 0},
+    "scale_out.max_staleness": {"ge": 1, "le": 64},
 }
 OPERATORS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 

@@ -159,6 +159,12 @@ EFFECT_TESTS: dict[str, str] = {
     "scale_out.generate_workers": FAN_OUT,
     "scale_out.annotate_workers": FAN_OUT,
     "scale_out.concurrency_limit": FAN_OUT,
+    # async on two process workers against a real server: the overlap, the samplers, the kills (slow)
+    "scale_out.schedule": "tests/test_async_schedule.py::"
+                          "test_async_iterations_on_two_workers_overlap_and_resume_exactly_once",
+    # max_staleness 3 is a lead of 3 (the flow's `ahead_of_training` runs leads 1 and 2 in the same file)
+    "scale_out.max_staleness": "tests/test_async_schedule.py::"
+                               "test_the_lead_is_the_staleness_when_async_and_zero_when_sync",
     # tests/test_dispatch.py: the stage tasks on a real Prefect server, their flow runs never started (slow).
     "scale_out.timeout_s": "tests/test_dispatch.py::test_a_dispatched_stage_fails_after_scale_out_timeout_s",
     "scale_out.max_redispatches": "tests/test_dispatch.py::"
