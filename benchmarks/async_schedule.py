@@ -80,7 +80,7 @@ def heldout_reward(root: Path, cache: Path, iterations: int, prompts: int) -> fl
     from alignment_core.config import parse_config
     from alignment_core.rewards import positive_words
 
-    cfg = parse_config(config(root, cache, iterations, prompts, "sync-local"))
+    cfg = parse_config(config(root, cache, max(iterations, 1), prompts, "sync-local"))
     cfg = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={
         "n_samples": HELDOUT_SAMPLES, "temperature": HELDOUT_TEMPERATURE})})
     store = pipeline.open_store(cfg)
