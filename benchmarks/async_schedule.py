@@ -200,7 +200,11 @@ def main() -> None:
         finally:
             for worker in workers:
                 os.killpg(worker.pid, signal.SIGTERM)
-                worker.wait(timeout=30)
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # a Prefect worker can outwait SIGTERM
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
 
     print(f"\n{'system':13s} {'wall s, median [min-max]':28s} held-out true reward")
     walls = {system: statistics.median(r["wall"] for r in runs) for system, runs in results.items()}
