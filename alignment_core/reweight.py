@@ -251,6 +251,12 @@ def sequence_logprobs(
     return totals
 
 
+def scoring_model(path: str, dtype: str):
+    """(tokenizer, model) of the causal LM at `path`, in eval mode, on the GPU where there is one."""
+    model = load_causal_lm(path, dtype=dtype).eval()
+    return load_tokenizer(path), model.to("cuda") if torch.cuda.is_available() else model
+
+
 def add_importance_inputs(
     units: pd.DataFrame, policy_path: str, behaviour_path: str, batch_size: int = 8, dtype: str = "float32"
 ) -> pd.DataFrame:
@@ -262,9 +268,7 @@ def add_importance_inputs(
     units = units.copy()
     is_pair = units["generation2_response"].notna()
     for role, path in (("policy", policy_path), ("behaviour", behaviour_path)):
-        tokenizer, model = load_tokenizer(path), load_causal_lm(path, dtype=dtype).eval()
-        if torch.cuda.is_available():
-            model = model.to("cuda")
+        tokenizer, model = scoring_model(path, dtype)
         messages = list(units["prompt_messages"])
         units[f"generation1_{role}_logp"] = sequence_logprobs(
             model, tokenizer, messages, list(units["generation1_response"]), batch_size
@@ -301,9 +305,7 @@ def add_sampler_importance_inputs(
             raise ValueError(f"reweight.behaviour_model 'sampler': unit {unsampled['unit_id'].iloc[0]!r} has no "
                              f"sampled tokens or no sampler log-prob for generation{g} ({len(unsampled)} units); only "
                              "online units carry them")
-    tokenizer, model = load_tokenizer(policy_path), load_causal_lm(policy_path, dtype=dtype).eval()
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    tokenizer, model = scoring_model(policy_path, dtype)
     for g, rows in sides.items():
         units[f"generation{g}_behaviour_logp"] = None
         units.loc[rows.index, f"generation{g}_behaviour_logp"] = rows[f"generation{g}_sampler_logp"].astype(float)
