@@ -197,6 +197,18 @@ def ipo(
     return LossOutput(losses, weights, metrics)
 
 
+def with_chosen_nll(output: LossOutput, chosen_logps: Tensor, chosen_token_counts: Tensor,
+                    nll_weight: float) -> LossOutput:
+    """A pairwise loss plus `nll_weight` times the chosen response's per-token NLL (RPO, Pang et al. 2024):
+
+        l_i' = l_i + nll_weight * (-log pi(y_c|x) / |y_c|)
+    """
+    if nll_weight == 0:
+        return output
+    nll = -chosen_logps / chosen_token_counts.clamp_min(1)
+    return LossOutput(output.losses + nll_weight * nll, output.weights, {**output.metrics, "nll": nll.detach()})
+
+
 # ---- reference-free pairwise losses ------------------------------------------------------------------------
 
 
@@ -372,14 +384,19 @@ def _pair_args(x: LossInput) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (*x.pair(x.policy_logps), *x.pair(x.reference_logps))
 
 
+def _chosen_nll(output: LossOutput, x: LossInput, c) -> LossOutput:
+    return with_chosen_nll(output, x.pair(x.policy_logps)[0], x.pair(x.token_counts)[0], c.chosen_nll_weight)
+
+
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("sft", lambda x, c: sft(x.policy_logps, x.token_counts, x.weights)),
     LossSpec("reward", lambda x, c: reward(*x.pair(x.policy_logps), x.weights, margin=c.reward_margin),
              responses=2, reward_head=True),
-    LossSpec("dpo", lambda x, c: dpo(*_pair_args(x), x.weights, c.beta), responses=2, reference=True),
-    LossSpec("cdpo", lambda x, c: cdpo(*_pair_args(x), x.weights, c.beta, c.label_smoothing),
+    LossSpec("dpo", lambda x, c: _chosen_nll(dpo(*_pair_args(x), x.weights, c.beta), x, c),
              responses=2, reference=True),
-    LossSpec("ipo", lambda x, c: ipo(*_pair_args(x), *x.pair(x.token_counts), x.weights, c.beta),
+    LossSpec("cdpo", lambda x, c: _chosen_nll(cdpo(*_pair_args(x), x.weights, c.beta, c.label_smoothing), x, c),
+             responses=2, reference=True),
+    LossSpec("ipo", lambda x, c: _chosen_nll(ipo(*_pair_args(x), *x.pair(x.token_counts), x.weights, c.beta), x, c),
              responses=2, reference=True),
     LossSpec("slic", lambda x, c: slic(*x.pair(x.policy_logps), x.pair(x.token_counts)[0], x.weights, c.beta,
                                        c.slic_margin, c.slic_nll_weight), responses=2),

@@ -60,6 +60,7 @@ BOUNDS = {
     "training.slic_margin": {"ge": 0},
     "training.simpo_gamma": {"ge": 0},
     "training.slic_nll_weight": {"ge": 0},
+    "training.chosen_nll_weight": {"ge": 0},
     "training.kto_desirable_weight": {"gt": 0},
     "training.kto_undesirable_weight": {"gt": 0},
     "training.rl_kl_coef": {"ge": 0},

@@ -117,11 +117,12 @@ EFFECT_TESTS: dict[str, str] = {
     "training.reference_from_sampler": "tests/test_sampler_logprobs.py::"
                                        "test_a_round_on_sampler_logprobs_trains_as_one_with_the_reference_pass",
     # The Trainer's first logged loss equals losses.<loss> computed with the config's values (LOSS_SETTINGS: beta
-    # 0.5/2.0, label_smoothing 0.2, kto_undesirable_weight 0.6, slic_nll_weight 0.5, rl_kl_coef 0.2): a value
-    # dropped between the config and the loss changes that first loss.
+    # 0.5/2.0, label_smoothing 0.2, kto_undesirable_weight 0.6, slic_nll_weight 0.5, chosen_nll_weight 0.3,
+    # rl_kl_coef 0.2): a value dropped between the config and the loss changes that first loss.
     "training.beta": FIRST_LOSS,
     "training.label_smoothing": FIRST_LOSS,
     "training.slic_nll_weight": FIRST_LOSS,
+    "training.chosen_nll_weight": FIRST_LOSS,
     "training.kto_undesirable_weight": FIRST_LOSS,
     "training.rl_kl_coef": FIRST_LOSS,
     "training.learning_rate": "tests/test_training.py::test_a_one_step_round_with_warmup_still_trains",

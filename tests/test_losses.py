@@ -84,6 +84,19 @@ def test_slic_hinge_plus_nll():
     assert hinge_off.losses.item() == 0.0
 
 
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo"])
+def test_chosen_nll_weight_adds_the_chosen_per_token_nll(loss):
+    """RPO: l_i + alpha * (-log pi(y_c|x) / |y_c|), the chosen response only; the metric `nll` records it."""
+    x = losses.LossInput(policy_logps=t(-4.0, -9.0, -6.0, -1.0), token_counts=t(2.0, 3.0, 5.0, 7.0),
+                         weights=ONES2, reference_logps=t(-5.0, -8.0, -6.0, -2.0))
+    config = SimpleNamespace(beta=0.5, label_smoothing=0.2, chosen_nll_weight=0.0)
+    plain = losses.LOSSES[loss].compute(x, config)
+    with_nll = losses.LOSSES[loss].compute(x, SimpleNamespace(**{**vars(config), "chosen_nll_weight": 0.5}))
+    assert (with_nll.losses - plain.losses).tolist() == pytest.approx([0.5 * 4 / 2, 0.5 * 9 / 3])
+    assert with_nll.metrics["nll"].tolist() == pytest.approx([2.0, 3.0])
+    assert "nll" not in plain.metrics
+
+
 def test_simpo_length_normalised_with_margin():
     out = losses.simpo(t(-4.0, -9.0), t(-6.0, -4.0), t(2.0, 3.0), t(3.0, 1.0), ONES2, beta=2.0, gamma=0.5)
     # pair 0: 2*(-2) - 2*(-2) - 0.5 = -0.5; pair 1: 2*(-3) - 2*(-4) - 0.5 = 1.5

@@ -104,9 +104,10 @@ def weights_for(units: pd.DataFrame) -> pd.DataFrame:
 SETUP_OF = {"sft": "sft", "reward": "reward_modelling", "dpo": "offline_pairwise", "cdpo": "offline_pairwise",
             "ipo": "offline_pairwise", "slic": "offline_pairwise", "simpo": "offline_pairwise",
             "kto": "offline_pointwise", "rl": "rl"}
-# Settings that make each loss's every term count (cdpo's smoothing, kto's class weights, slic's NLL term).
+# Settings that make each loss's every term count (cdpo's smoothing, kto's class weights, slic's and cdpo's NLL
+# terms).
 LOSS_SETTINGS = {
-    "cdpo": {"label_smoothing": 0.2},
+    "cdpo": {"label_smoothing": 0.2, "chosen_nll_weight": 0.3},
     "kto": {"kto_desirable_weight": 1.0, "kto_undesirable_weight": 0.6, "beta": 0.5},
     "slic": {"slic_nll_weight": 0.5},
     "simpo": {"beta": 2.0},
@@ -193,7 +194,8 @@ def expected_loss(loss: str, cfg, encoded: list[dict], order: list[int], policy,
     if loss == "dpo":
         return losses.dpo(*pair, weights, tc.beta)
     if loss == "cdpo":
-        return losses.cdpo(*pair, weights, tc.beta, tc.label_smoothing)
+        return losses.with_chosen_nll(losses.cdpo(*pair, weights, tc.beta, tc.label_smoothing), chosen,
+                                      counts["generation1"], tc.chosen_nll_weight)
     assert loss == "ipo"
     return losses.ipo(*pair, counts["generation1"], counts["generation2"], weights, tc.beta)
 

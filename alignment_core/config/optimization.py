@@ -6,6 +6,8 @@ from pydantic import Field, model_validator
 
 from alignment_core.config.common import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Loss, StrictModel, check_prompt_fits
 
+CHOSEN_NLL_LOSSES = ("dpo", "cdpo", "ipo")  # the losses `chosen_nll_weight` adds to (alignment_core.losses)
+
 __all__ = [  # what the package re-exports
     "EvaluationConfig",
     "TrainingConfig",
@@ -27,6 +29,10 @@ class TrainingConfig(StrictModel):
     """simpo: target reward margin."""
     slic_nll_weight: float = Field(default=0.1, ge=0)
     """slic: weight of the chosen response's NLL term."""
+    chosen_nll_weight: float = Field(default=0.0, ge=0)
+    """dpo, cdpo, ipo: adds this times the chosen response's per-token NLL (RPO, Pang et al. 2024; TRL's
+    rpo_alpha, 1.0 in the paper). Keeps the chosen answers likely: iterative DPO on its own samples otherwise can
+    push the likelihood of both answers down until the policy writes repetitions and broken words."""
     kto_desirable_weight: float = Field(default=1.0, gt=0)
     """kto: weight of desirable examples."""
     kto_undesirable_weight: float = Field(default=1.0, gt=0)
@@ -102,6 +108,9 @@ class TrainingConfig(StrictModel):
         check_prompt_fits(self.max_prompt_length, self.max_length)
         if self.loss == "kto" and self.batch_size < 2:
             raise ValueError("loss 'kto' needs batch_size >= 2 for its mismatched KL pairs")
+        if self.chosen_nll_weight and self.loss not in CHOSEN_NLL_LOSSES:
+            raise ValueError(f"training.chosen_nll_weight applies to the losses {CHOSEN_NLL_LOSSES}, not "
+                             f"{self.loss!r}" + (" (it has slic_nll_weight)" if self.loss == "slic" else ""))
         return self
 
 
