@@ -74,6 +74,7 @@ REFRESH_ARMS = ("online-cascade-25-refresh",)
 # clipped to [1/2, 2], and uniform when fewer than a third of the pairs would carry the weight.
 TEMPERED_IMPORTANCE = {"strategy": "importance", "importance_pair": "mean", "temperature": 4.0, "clip": 2.0,
                        "min_effective_sample_fraction": 0.33}
+CHEAP_ANNOTATOR_ARMS = ("online-rm", *ENSEMBLE_ARMS, *REFRESH_ARMS)
 ALL_ARMS = ("offline", "offline-importance", "offline-importance-tempered", "online-rm", *ENSEMBLE_ARMS,
             *REFRESH_ARMS, "online-oracle")  # the report's order
 TINY_BEHAVIOUR = "tiny://llama-seed1"  # the tiny model built with seed 1 (weights and tokenizer)
@@ -100,12 +101,24 @@ class Setting:
     dpo_learning_rate: float = 5e-4
     dpo_epochs: int = 2
     dpo_batch_size: int = 8
+    dpo_chosen_nll_weight: float = 0.0  # training.chosen_nll_weight (RPO's alpha)
     eval_prompts: int = 40  # the held-out tail of bundled:prompts
+    prompt_rows: int | None = None  # the first rows of bundled:prompts the setting uses (None: all 200)
+    first_seed: int = 0  # seeds first_seed, first_seed + 1, ...
+    # Answers per prompt where a cheap annotator labels (a reward model, or a cascade's first annotator): its
+    # labels cost nothing, so the pair is the best and worst of more answers. The oracle arm keeps 2, the label
+    # count of the offline arms.
+    cheap_samples: int = 2
+    cheap_label_smoothing: float = 0.0  # > 0: those arms train with cdpo, their labels flipped with this probability
     heldout_samples: int = 4  # answers per held-out prompt: one answer each leaves +-0.15 of sampling noise
 
 
 FULL = Setting(name="full")
 QUICK = dataclasses.replace(FULL, name="quick", iterations=2)  # the CI test's size
+# DEV: where recipe choices are made without looking at the held-out topics. It trains on the first 128 prompts of
+# bundled:prompts (FULL draws its 4 x 32 from the first 160) and measures on the next 32 (training topics, never
+# trained on); the 40 held-out-topic prompts are not read. Its seeds (100, 101, ...) are not the reported ones.
+DEV = dataclasses.replace(FULL, name="dev", prompt_rows=160, eval_prompts=32, first_seed=100)
 # GPU: a small hub instruct model as pi_0 and another family as rho, sampled with vLLM, trained in bf16 autocast.
 # The machine needs the hub (or HF_HOME holding both models). Not run in this project's CI.
 GPU = dataclasses.replace(
@@ -114,7 +127,7 @@ GPU = dataclasses.replace(
     iterations=4, prompts_per_iteration=40, max_new_tokens=64,
     reward_model_learning_rate=1e-5, reward_model_epochs=2, dpo_learning_rate=2e-6, dpo_epochs=2,
 )
-SETTINGS = {setting.name: setting for setting in (FULL, QUICK, GPU)}
+SETTINGS = {setting.name: setting for setting in (FULL, QUICK, DEV, GPU)}
 
 
 # ---- configs ---------------------------------------------------------------------------------------------
@@ -130,14 +143,12 @@ def stage_config(setting: Setting, store_root: str, run_name: str, seed: int = 0
     base = {
         "setup": "online_pairwise",
         "iterations": setting.iterations,
-        "data": {"source": "bundled:prompts", "eval_prompts": setting.eval_prompts},
+        "data": {"source": "bundled:prompts", "eval_prompts": setting.eval_prompts, "max_rows": setting.prompt_rows},
         "generation": {"backend": setting.backend, "prompts_per_iteration": setting.prompts_per_iteration,
                        "n_samples": 2, "temperature": 1.0, "max_new_tokens": setting.max_new_tokens, "seed": seed},
         "annotation": {"annotator": "programmatic", "programmatic": ORACLE, "pair_selection": "best_vs_worst"},
         "reweight": {"strategy": "uniform"},
-        "training": {"loss": "dpo", "beta": setting.dpo_beta, "learning_rate": setting.dpo_learning_rate,
-                     "epochs": setting.dpo_epochs, "batch_size": setting.dpo_batch_size, "seed": seed,
-                     "mixed_precision": setting.mixed_precision},
+        "training": {"seed": seed, "mixed_precision": setting.mixed_precision},
         "evaluation": {"max_new_tokens": setting.max_new_tokens, "oracle": ORACLE},
         "store": {"root": store_root, "run_name": run_name},
     }
@@ -148,7 +159,7 @@ def sft_config(setting: Setting, store_root: str, run_name: str, base_model: str
     return stage_config(
         setting, store_root, run_name, setup="sft", iterations=1,
         # The experiment measures on its own held-out topics: SFT learns from every demonstration.
-        data={"source": "bundled:sft", "eval_prompts": 0}, model={"policy": base_model},
+        data={"source": "bundled:sft", "eval_prompts": 0, "max_rows": None}, model={"policy": base_model},
         training={"loss": "sft", "learning_rate": setting.sft_learning_rate, "epochs": setting.sft_epochs,
                   "batch_size": setting.sft_batch_size},
         evaluation={"enabled": False},  # every arm's iteration 0 evaluates pi_0
@@ -157,7 +168,12 @@ def sft_config(setting: Setting, store_root: str, run_name: str, base_model: str
 
 def arm_config(setting: Setting, store_root: str, seed: int, arm: str, sft_policy: str, behaviour: str,
                reward_models: list[str], bootstrap_models: list[str] | None = None) -> PipelineConfig:
-    changes: dict = {"model": {"policy": sft_policy, "reference": sft_policy}}
+    changes: dict = {"model": {"policy": sft_policy, "reference": sft_policy}, "training": {
+        "loss": "dpo", "beta": setting.dpo_beta, "learning_rate": setting.dpo_learning_rate,
+        "epochs": setting.dpo_epochs, "batch_size": setting.dpo_batch_size,
+        "chosen_nll_weight": setting.dpo_chosen_nll_weight}}
+    if arm in CHEAP_ANNOTATOR_ARMS and setting.cheap_label_smoothing:
+        changes["training"].update(loss="cdpo", label_smoothing=setting.cheap_label_smoothing)
     if arm.startswith("offline"):
         changes["setup"] = "offline_pairwise"
     if arm == "offline-importance":
@@ -171,12 +187,25 @@ def arm_config(setting: Setting, store_root: str, seed: int, arm: str, sft_polic
     if arm in CASCADE_BUDGETS:
         changes["annotation"] = {"annotator": "cascade", "reward_model": reward_models, "cascade": {
             "first": "reward_model", "escalate_to": "programmatic", "budget": CASCADE_BUDGETS[arm]}}
+    if arm in CHEAP_ANNOTATOR_ARMS:
+        changes["generation"] = {"n_samples": setting.cheap_samples}
     if arm in REFRESH_ARMS:
         changes["annotation"]["reward_model"] = bootstrap_models
         changes["annotation"]["cascade"]["refresh"] = {
             "enabled": True, "learning_rate": setting.reward_model_learning_rate,
             "epochs": setting.reward_model_epochs}
-    return stage_config(setting, store_root, f"seed{seed}-{arm}", seed, **changes)
+    return stage_config(setting, store_root, f"seed{seed}-{arm}{recipe_suffix(setting, arm)}", seed, **changes)
+
+
+def recipe_suffix(setting: Setting, arm: str) -> str:
+    """The setting's fields changed from its named version (`--set`) that this arm's runs depend on, for their
+    run name: runs of two recipes share a store (and its SFT models, offline data and reward models; a change to
+    those needs its own store)."""
+    base = SETTINGS[setting.name]
+    changed = [field.name for field in dataclasses.fields(Setting)
+               if getattr(setting, field.name) != getattr(base, field.name)
+               and (field.name != "cheap_samples" or arm in CHEAP_ANNOTATOR_ARMS)]
+    return "".join(f"-{name}{getattr(setting, name):g}" for name in changed)
 
 
 def train_reward_model(setting: Setting, store_root: str, run: str, seed: int, dataset: str, sft_policy: str,
@@ -184,7 +213,7 @@ def train_reward_model(setting: Setting, store_root: str, run: str, seed: int, d
     """A reward head on pi_0 (it already reads this kind of text) trained on rho's pairs by the `reward-model` flow;
     `bootstrap`: on a resample of them drawn with the training seed. Returns its checkpoint."""
     reward_model(config=stage_config(
-        setting, store_root, run, seed, setup="reward_modelling", data={"source": dataset},
+        setting, store_root, run, seed, setup="reward_modelling", data={"source": dataset, "max_rows": None},
         model={"policy": sft_policy},
         training={"loss": "reward", "learning_rate": setting.reward_model_learning_rate,
                   "epochs": setting.reward_model_epochs, "bootstrap_seed": seed if bootstrap else None},
@@ -484,7 +513,8 @@ def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, 
     """Write table, plot and measurements under `report/` in the store and as Prefect artifacts."""
     table = results_table(measurements) + "\n\n" + comparison_table(paired_comparison(measurements))
     header = (f"# Online vs offline ({setting.name} setting)\n\nWall time {wall_s / 60:.1f} min. "
-              f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts.\n\n")
+              f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts; a reward model's "
+              f"arms sample {setting.cheap_samples} answers per prompt.\n\n")
     uris = {name: store.uri("report", name)
             for name in ("results.md", "results.png", "label-efficiency.png", "measurements.csv")}
     store.write_bytes(uris["results.md"], (header + table + "\n").encode())
@@ -501,10 +531,12 @@ def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, 
 # ---- the flow --------------------------------------------------------------------------------------------
 @flow(name="online-vs-offline", log_prints=True)
 def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: str = "./runs/online-vs-offline-full",
-                      arms: list[str] | None = None) -> dict:
-    """The whole experiment; returns the measurements (one row per seed, arm and iteration) and report URIs."""
+                      arms: list[str] | None = None, setting_changes: dict[str, int | float] | None = None) -> dict:
+    """The whole experiment; returns the measurements (one row per seed, arm and iteration) and report URIs.
+    `setting_changes` replace fields of the setting (e.g. {"cheap_samples": 4})."""
     started = time.time()
     setting, arms = SETTINGS[setting_name], list(arms or ARMS)
+    setting = dataclasses.replace(setting, **(setting_changes or {}))
     unknown = sorted(set(arms) - set(ALL_ARMS))
     if unknown:
         raise ValueError(f"unknown arms {unknown}; expected some of {ALL_ARMS}")
@@ -522,7 +554,7 @@ def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: st
     behaviour = store.checkpoint_uri("sft-behaviour", 1)
 
     measurements = []
-    for seed in range(seeds):
+    for seed in range(setting.first_seed, setting.first_seed + seeds):
         offline_examples, reward_models, bootstrap_models = [], [], []
         if needs_behaviour_data:
             # 2. rho's pairs labelled by the true reward; 3. reward models trained on them (one, or an ensemble
@@ -553,20 +585,37 @@ def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: st
     return {"measurements": measurements, "report": uris, "wall_s": time.time() - started}
 
 
+def setting_changes(assignments: list[str]) -> dict[str, int | float]:
+    """`--set FIELD=VALUE` options as Setting fields of their declared type (numbers only)."""
+    types = {field.name: field.type for field in dataclasses.fields(Setting)}
+    changes = {}
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        if types.get(name) not in (int, float, "int", "float"):
+            numeric = sorted(n for n, t in types.items() if t in (int, float, "int", "float"))
+            raise SystemExit(f"--set {assignment}: expected FIELD=NUMBER with FIELD one of {numeric}")
+        changes[name] = (int if types[name] in (int, "int") else float)(value)
+    return changes
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Online vs offline DPO on the tiny task (a Prefect flow).")
     parser.add_argument("--seeds", type=int, default=3)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the reduced size of the CI test")
     size.add_argument("--gpu", action="store_true", help="hub models (Qwen2.5-0.5B, SmolLM2-360M) with vLLM")
+    size.add_argument("--dev", action="store_true",
+                      help="for choosing a recipe: measured on unused training prompts, seeds from 100")
     parser.add_argument("--store-root", help="a folder or s3:// URI; default ./runs/online-vs-offline-{size}")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ALL_ARMS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of the setting (Setting), e.g. --set cheap_samples=4")
     args = parser.parse_args(argv)
-    setting = "quick" if args.quick else "gpu" if args.gpu else "full"
+    setting = "quick" if args.quick else "gpu" if args.gpu else "dev" if args.dev else "full"
     store_root = args.store_root or f"./runs/online-vs-offline-{setting}"
     store_root = store_root if "://" in store_root else str(Path(store_root).resolve())
     result = online_vs_offline(seeds=args.seeds, setting_name=setting, store_root=store_root,
-                               arms=args.arms.split(","))
+                               arms=args.arms.split(","), setting_changes=setting_changes(args.set))
     print(Path(result["report"]["results.md"]).read_text() if "://" not in result["report"]["results.md"]
           else result["report"]["results.md"])
     print(f"wall time {result['wall_s'] / 60:.1f} min; report in {result['report']['results.md']}")

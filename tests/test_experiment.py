@@ -4,6 +4,7 @@ The slow test runs the experiment as a user does (`python -m experiments.online_
 online-oracle arm only: SFT, then two iterations of online DPO labelled by the true reward.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from experiments.online_vs_offline import (
     pairs_jsonl,
     results_plot,
     results_table,
+    setting_changes,
     sft_config,
     win_rate,
 )
@@ -169,3 +171,42 @@ def test_paired_comparison_bootstraps_the_seed_differences_and_the_share_of_the_
     assert "| online-cascade-25 | 16 (64) | +1.50 [" in table and "| 4 of 5 | 62% |" in table
     png = label_efficiency_plot(pd.DataFrame(rows))
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_the_dev_setting_measures_on_unused_training_prompts_and_never_reads_the_held_out_topics(tmp_path):
+    """DEV, where recipes are chosen: it trains on the first 128 prompts, measures on the next 32 (training topics),
+    and never reads the 40 held-out-topic prompts FULL measures on (FULL trains on 128 of the first 160)."""
+    from alignment_core import pipeline
+
+    bundled = [json.loads(line)["prompt"] for line in
+               (REPO / "alignment_core" / "bundled" / "prompts.jsonl").read_text().splitlines()]
+
+    def prompts(setting) -> tuple[set[str], list[str]]:
+        cfg = arm_config(setting, str(tmp_path / setting.name), 0, "online-oracle", "sft", "rho", [])
+        store = pipeline.open_store(cfg)
+        read = lambda uri: [m[-1]["content"] for m in store.read_pandas(uri)["prompt_messages"]]  # noqa: E731
+        trained = {p for k in range(1, setting.iterations + 1) for p in read(pipeline.load_prompts(cfg, k))}
+        return trained, read(pipeline.load_eval_prompts(cfg))
+
+    dev_trained, dev_measured = prompts(SETTINGS["dev"])
+    full_trained, full_measured = prompts(SETTINGS["full"])
+    assert dev_trained == set(bundled[:128]) and len(full_trained) == 128 and full_trained < set(bundled[:160])
+    assert dev_measured == bundled[128:160] and full_measured == bundled[160:]
+    assert SETTINGS["dev"].first_seed == 100 and SETTINGS["full"].first_seed == 0
+
+
+def test_setting_changes_name_the_runs_they_change(tmp_path):
+    """`--set` changes a setting's field; the runs it changes carry it in their names, so that two recipes share a
+    store (and its SFT models and offline data) without one's stages replacing the other's."""
+    changed = dataclasses.replace(SETTINGS["dev"], **setting_changes(["cheap_samples=4", "dpo_learning_rate=2e-4"]))
+    assert changed.cheap_samples == 4 and isinstance(changed.cheap_samples, int)
+    names = {arm: arm_config(changed, str(tmp_path), 100, arm, "sft", "rho", ["rm"] * 3).store.run_name
+             for arm in ("offline", "online-cascade-25", "online-oracle")}
+    assert names == {"offline": "seed100-offline-dpo_learning_rate0.0002",
+                     "online-cascade-25": "seed100-online-cascade-25-dpo_learning_rate0.0002-cheap_samples4",
+                     "online-oracle": "seed100-online-oracle-dpo_learning_rate0.0002"}
+    cascade = arm_config(changed, str(tmp_path), 100, "online-cascade-25", "sft", "rho", ["rm"] * 3)
+    assert cascade.generation.n_samples == 4 and cascade.training.learning_rate == 2e-4
+    assert arm_config(changed, str(tmp_path), 100, "online-oracle", "sft", "rho", []).generation.n_samples == 2
+    with pytest.raises(SystemExit, match="expected FIELD=NUMBER"):
+        setting_changes(["name=other"])
