@@ -46,8 +46,8 @@ class Mutant:
     what: str  # the bug, in words
 
 
-L, T, R, J = "alignment_core/losses.py", "alignment_core/training/trainer.py", "alignment_core/reweight.py", \
-    "alignment_core/annotation/judge.py"
+L, T, R, J, F = "alignment_core/losses.py", "alignment_core/training/trainer.py", "alignment_core/reweight.py", \
+    "alignment_core/annotation/judge.py", "alignment_core/data/formats.py"
 MUTANTS = [
     # losses
     Mutant(L, "(weights * values).sum() / torch.where(total > 0, total, torch.ones_like(total))",
@@ -149,11 +149,11 @@ MUTANTS = [
     Mutant("alignment_core/lease.py", "if lease is None or lease.get(\"token\") != token:", "if lease is None:",
            "lease", "another holder's lease accepted"),
     # store
-    Mutant("alignment_core/store.py", "return current is not None and current[1] == version",
+    Mutant("alignment_core/store/documents.py", "return current is not None and current[1] == version",
            "return current is not None", "store", "conditional write ignores the version"),
-    Mutant("alignment_core/store.py", "self.fs.pipe_file(path, data, IfMatch=version)",
+    Mutant("alignment_core/store/documents.py", "self.fs.pipe_file(path, data, IfMatch=version)",
            "self.fs.pipe_file(path, data)", "store", "S3 conditional write made unconditional"),
-    Mutant("alignment_core/store.py", "                os.unlink(path)\n                return True",
+    Mutant("alignment_core/store/documents.py", "                os.unlink(path)\n                return True",
            "                return True", "store", "local delete_if deletes nothing"),
     # redaction
     Mutant("alignment_core/redact.py", "(re.compile(r\"(?i)\\b(bearer\\s+)[A-Za-z0-9._~+/=-]{8,}\"), rf\"\\1{MASK}\"),",
@@ -180,26 +180,26 @@ MUTANTS = [
     Mutant("alignment_core/digests.py", "                follows += imported(child)", "                pass",
            "fingerprints", "function-local imports not followed"),
     # data loading
-    Mutant("alignment_core/data.py", "if gap <= 0 or gap < loader.min_pair_margin:", "if gap < 0:", "data",
+    Mutant(F, "if gap <= 0 or gap < loader.min_pair_margin:", "if gap < 0:", "data",
            "min_pair_margin ignored"),
-    Mutant("alignment_core/data.py", "if len(responses) < 2:", "if len(responses) < 1:", "data",
+    Mutant(F, "if len(responses) < 2:", "if len(responses) < 1:", "data",
            "a single response makes a pair"),
-    Mutant("alignment_core/data.py", "if not any(turn[\"role\"] == \"user\" for turn in turns):", "if False:", "data",
+    Mutant(F, "if not any(turn[\"role\"] == \"user\" for turn in turns):", "if False:", "data",
            "conversations without a user turn accepted"),
-    Mutant("alignment_core/data.py", "if {\"chosen\", \"rejected\"} <= columns:", "if {\"chosen\"} <= columns:", "data",
+    Mutant(F, "if {\"chosen\", \"rejected\"} <= columns:", "if {\"chosen\"} <= columns:", "data",
            "preference format detected from chosen alone"),
     # config
-    Mutant("alignment_core/config.py", "label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)",
+    Mutant("alignment_core/config/optimization.py", "label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)",
            "label_smoothing: float = Field(default=0.0, ge=0, le=1)", "config", "label_smoothing bound loosened"),
-    Mutant("alignment_core/config.py", "max_failure_fraction: float = Field(default=0.2, ge=0, le=1)",
+    Mutant("alignment_core/config/feedback.py", "max_failure_fraction: float = Field(default=0.2, ge=0, le=1)",
            "max_failure_fraction: float = Field(default=0.2, ge=0)", "config", "max_failure_fraction unbounded"),
-    Mutant("alignment_core/config.py", "top_p: float = Field(default=1.0, gt=0, le=1)",
+    Mutant("alignment_core/config/sources.py", "top_p: float = Field(default=1.0, gt=0, le=1)",
            "top_p: float = Field(default=1.0, gt=0)", "config", "top_p unbounded"),
-    Mutant("alignment_core/config.py", "dropout: float = Field(default=0.05, ge=0, lt=1)",
+    Mutant("alignment_core/config/sources.py", "dropout: float = Field(default=0.05, ge=0, lt=1)",
            "dropout: float = Field(default=0.05, ge=0)", "config", "adapter dropout unbounded"),
-    Mutant("alignment_core/config.py", "    if not 0 < max_prompt_length < max_length:",
+    Mutant("alignment_core/config/common.py", "    if not 0 < max_prompt_length < max_length:",
            "    if not 0 < max_prompt_length <= max_length:", "config", "prompt may fill the whole sequence"),
-    Mutant("alignment_core/config.py", "    if clip < 1:", "    if clip < 0:", "config",
+    Mutant("alignment_core/config/common.py", "    if clip < 1:", "    if clip < 0:", "config",
            "reweight clip below 1 accepted"),
 ]
 

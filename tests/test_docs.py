@@ -96,3 +96,15 @@ def test_configuration_reference_is_up_to_date():
     assert "## `annotation`" in page and "### `annotation.judge`" in page  # nested sections, depth first
     assert (ROOT / "docs" / "configuration.md").read_text() == page, (
         "docs/configuration.md is out of date: run python scripts/config_reference.py")
+
+
+def test_every_hand_mutant_names_a_snippet_found_once_in_its_file():
+    """docs/mutation-round.md comes from scripts/mutation_round.py, which reports a stale mutant only when it runs:
+    a module that moves (the config and data packages did) must take its mutants along."""
+    spec = importlib.util.spec_from_file_location("mutation_round", ROOT / "scripts" / "mutation_round.py")
+    mutation_round = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutation_round)
+    stale = [(mutant.file, mutant.what) for mutant in mutation_round.MUTANTS
+             if not (ROOT / mutant.file).exists() or (ROOT / mutant.file).read_text().count(mutant.old) != 1]
+    assert stale == []
+    assert all((ROOT / path).exists() for paths in mutation_round.TESTS.values() for path in paths)
