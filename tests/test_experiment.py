@@ -207,6 +207,11 @@ def test_setting_changes_name_the_runs_they_change(tmp_path):
                      "online-oracle": "seed100-online-oracle-dpo_learning_rate0.0002"}
     cascade = arm_config(changed, str(tmp_path), 100, "online-cascade-25", "sft", "rho", ["rm"] * 3)
     assert cascade.generation.n_samples == 4 and cascade.training.learning_rate == 2e-4
-    assert arm_config(changed, str(tmp_path), 100, "online-oracle", "sft", "rho", []).generation.n_samples == 2
+    oracle = arm_config(changed, str(tmp_path), 100, "online-oracle", "sft", "rho", [])
+    assert oracle.generation.n_samples == 2 and oracle.training.loss == "dpo"
+    smoothed = dataclasses.replace(changed, cheap_label_smoothing=0.2)
+    cascade = arm_config(smoothed, str(tmp_path), 100, "online-cascade-25", "sft", "rho", ["rm"] * 3)
+    assert (cascade.training.loss, cascade.training.label_smoothing) == ("cdpo", 0.2)
+    assert arm_config(smoothed, str(tmp_path), 100, "offline", "sft", "rho", []).training.loss == "dpo"
     with pytest.raises(SystemExit, match="expected FIELD=NUMBER"):
         setting_changes(["name=other"])

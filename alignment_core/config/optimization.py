@@ -32,7 +32,8 @@ class TrainingConfig(StrictModel):
     chosen_nll_weight: float = Field(default=0.0, ge=0)
     """dpo, cdpo, ipo: adds this times the chosen response's per-token NLL (RPO, Pang et al. 2024; TRL's
     rpo_alpha, 1.0 in the paper). Keeps the chosen answers likely: iterative DPO on its own samples otherwise can
-    push the likelihood of both answers down until the policy writes repetitions and broken words."""
+    push the likelihood of both answers down until the policy writes repetitions and broken words. At 1.0 it slowed
+    every arm of experiments/online_vs_offline.py (experiments/RESULTS.md)."""
     kto_desirable_weight: float = Field(default=1.0, gt=0)
     """kto: weight of desirable examples."""
     kto_undesirable_weight: float = Field(default=1.0, gt=0)
