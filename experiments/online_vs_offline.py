@@ -3,6 +3,7 @@ by the pipeline's own stages on the tiny task, on a CPU.
 
     python -m experiments.online_vs_offline [--seeds 3] [--quick] [--store-root DIR] [--arms a,b]
     python -m experiments.online_vs_offline --gpu      # hub models and vLLM instead of the tiny model (see GPU)
+    python -m experiments.online_vs_offline --dev --set dpo_beta=0.3   # try a recipe away from the held-out topics
 
 The task: answer in a positive tone. The true reward (`alignment_core.rewards.positive_words`) counts distinct
 positive words and takes 0.05 per word beyond 20, so repeating a word or padding the answer does not pay.
@@ -513,8 +514,8 @@ def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, 
     """Write table, plot and measurements under `report/` in the store and as Prefect artifacts."""
     table = results_table(measurements) + "\n\n" + comparison_table(paired_comparison(measurements))
     header = (f"# Online vs offline ({setting.name} setting)\n\nWall time {wall_s / 60:.1f} min. "
-              f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts; a reward model's "
-              f"arms sample {setting.cheap_samples} answers per prompt.\n\n")
+              f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts; the arms a reward model "
+              f"labels sample {setting.cheap_samples} answers per prompt.\n\n")
     uris = {name: store.uri("report", name)
             for name in ("results.md", "results.png", "label-efficiency.png", "measurements.csv")}
     store.write_bytes(uris["results.md"], (header + table + "\n").encode())
@@ -591,10 +592,13 @@ def setting_changes(assignments: list[str]) -> dict[str, int | float]:
     changes = {}
     for assignment in assignments:
         name, _, value = assignment.partition("=")
-        if types.get(name) not in (int, float, "int", "float"):
-            numeric = sorted(n for n, t in types.items() if t in (int, float, "int", "float"))
+        if types.get(name) not in (int, float):
+            numeric = sorted(n for n, t in types.items() if t in (int, float))
             raise SystemExit(f"--set {assignment}: expected FIELD=NUMBER with FIELD one of {numeric}")
-        changes[name] = (int if types[name] in (int, "int") else float)(value)
+        try:
+            changes[name] = types[name](value)
+        except ValueError:
+            raise SystemExit(f"--set {assignment}: {name} is a{'n int' if types[name] is int else ' float'}") from None
     return changes
 
 

@@ -215,3 +215,5 @@ def test_setting_changes_name_the_runs_they_change(tmp_path):
     assert arm_config(smoothed, str(tmp_path), 100, "offline", "sft", "rho", []).training.loss == "dpo"
     with pytest.raises(SystemExit, match="expected FIELD=NUMBER"):
         setting_changes(["name=other"])
+    with pytest.raises(SystemExit, match="cheap_samples is an int"):
+        setting_changes(["cheap_samples=2.5"])
