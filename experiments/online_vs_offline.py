@@ -202,11 +202,15 @@ def recipe_suffix(setting: Setting, arm: str) -> str:
     """The setting's fields changed from its named version (`--set`) that this arm's runs depend on, for their
     run name: runs of two recipes share a store (and its SFT models, offline data and reward models; a change to
     those needs its own store)."""
-    base = SETTINGS[setting.name]
-    changed = [field.name for field in dataclasses.fields(Setting)
-               if getattr(setting, field.name) != getattr(base, field.name)
-               and (field.name != "cheap_samples" or arm in CHEAP_ANNOTATOR_ARMS)]
+    changed = [name for name in changed_fields(setting) if name != "cheap_samples" or arm in CHEAP_ANNOTATOR_ARMS]
     return "".join(f"-{name}{getattr(setting, name):g}" for name in changed)
+
+
+def changed_fields(setting: Setting) -> list[str]:
+    """The fields in which `setting` differs from the named setting it was made from (`--set`)."""
+    base = SETTINGS[setting.name]
+    return [field.name for field in dataclasses.fields(Setting)
+            if getattr(setting, field.name) != getattr(base, field.name)]
 
 
 def train_reward_model(setting: Setting, store_root: str, run: str, seed: int, dataset: str, sft_policy: str,
@@ -515,7 +519,9 @@ def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, 
     table = results_table(measurements) + "\n\n" + comparison_table(paired_comparison(measurements))
     header = (f"# Online vs offline ({setting.name} setting)\n\nWall time {wall_s / 60:.1f} min. "
               f"{setting.iterations} iterations of {setting.prompts_per_iteration} prompts; the arms a reward model "
-              f"labels sample {setting.cheap_samples} answers per prompt.\n\n")
+              f"labels sample {setting.cheap_samples} answers per prompt."
+              + "".join(f" {name}={getattr(setting, name):g} (--set)." for name in changed_fields(setting))
+              + "\n\n")
     uris = {name: store.uri("report", name)
             for name in ("results.md", "results.png", "label-efficiency.png", "measurements.csv")}
     store.write_bytes(uris["results.md"], (header + table + "\n").encode())

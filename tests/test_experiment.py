@@ -19,6 +19,7 @@ from experiments.online_vs_offline import (
     CASCADE_BUDGETS,
     SETTINGS,
     arm_config,
+    changed_fields,
     comparison_table,
     label_efficiency_plot,
     paired_comparison,
@@ -205,6 +206,7 @@ def test_setting_changes_name_the_runs_they_change(tmp_path):
     assert names == {"offline": "seed100-offline-dpo_learning_rate0.0002",
                      "online-cascade-25": "seed100-online-cascade-25-dpo_learning_rate0.0002-cheap_samples4",
                      "online-oracle": "seed100-online-oracle-dpo_learning_rate0.0002"}
+    assert changed_fields(changed) == ["dpo_learning_rate", "cheap_samples"] and changed_fields(SETTINGS["dev"]) == []
     cascade = arm_config(changed, str(tmp_path), 100, "online-cascade-25", "sft", "rho", ["rm"] * 3)
     assert cascade.generation.n_samples == 4 and cascade.training.learning_rate == 2e-4
     oracle = arm_config(changed, str(tmp_path), 100, "online-oracle", "sft", "rho", [])
