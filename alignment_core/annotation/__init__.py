@@ -9,47 +9,25 @@ human.py     a person, through an injected `ask` (in a flow: a form on the pause
 stage.py     make_annotator(cfg) and run_annotation(...): the resumable annotate stage
 """
 
-from alignment_core.annotation.backends import HttpJudgeBackend, JudgeReply, LocalJudgeBackend, VLLMJudgeBackend
-from alignment_core.annotation.base import (
-    FAILURE_STATUSES,
-    LABEL_STATUSES,
-    AnnotationFailureError,
-    Annotator,
-    Score,
-    ScoreRules,
-    rows_from_scores,
-    select_pairs,
-)
-from alignment_core.annotation.judge import PairwiseJudgeAnnotator, PointwiseJudgeAnnotator, load_template
-from alignment_core.annotation.scorers import (
-    ProgrammaticAnnotator,
-    RewardModelAnnotator,
-    RewardModelEnsemble,
-    import_callable,
-)
-from alignment_core.annotation.stage import annotation_summary, make_annotator, run_annotation
+import importlib
 
-__all__ = [
-    "FAILURE_STATUSES",
-    "LABEL_STATUSES",
-    "AnnotationFailureError",
-    "Annotator",
-    "HttpJudgeBackend",
-    "JudgeReply",
-    "LocalJudgeBackend",
-    "VLLMJudgeBackend",
-    "PairwiseJudgeAnnotator",
-    "PointwiseJudgeAnnotator",
-    "ProgrammaticAnnotator",
-    "RewardModelAnnotator",
-    "RewardModelEnsemble",
-    "Score",
-    "ScoreRules",
-    "annotation_summary",
-    "import_callable",
-    "load_template",
-    "make_annotator",
-    "rows_from_scores",
-    "run_annotation",
-    "select_pairs",
-]
+# Each public name and the module that defines it, imported on first use (PEP 562): a flow imports this package
+# for the human annotator's form types, and should not pay for torch and transformers (about 4 s, which the
+# reward-model and judge modules import) before its Prefect server has even started.
+_MODULE_OF = {
+    "HttpJudgeBackend": "backends", "JudgeReply": "backends", "LocalJudgeBackend": "backends",
+    "VLLMJudgeBackend": "backends",
+    "FAILURE_STATUSES": "base", "LABEL_STATUSES": "base", "AnnotationFailureError": "base", "Annotator": "base",
+    "Score": "base", "ScoreRules": "base", "rows_from_scores": "base", "select_pairs": "base",
+    "PairwiseJudgeAnnotator": "judge", "PointwiseJudgeAnnotator": "judge", "load_template": "judge",
+    "ProgrammaticAnnotator": "scorers", "RewardModelAnnotator": "scorers", "RewardModelEnsemble": "scorers",
+    "import_callable": "scorers",
+    "annotation_summary": "stage", "make_annotator": "stage", "run_annotation": "stage",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
