@@ -103,25 +103,33 @@ class _DropTraceback(logging.Filter):
         return True
 
 
-def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
-    """A command-line flow run's start: the preflighted config, with Prefect's ephemeral API already up.
+@contextmanager
+def cli_run(args: argparse.Namespace) -> Iterator[PipelineConfig]:
+    """A command-line flow run: yields the preflighted config, with Prefect's ephemeral API already up, for the
+    flow to run inside the block, where a user's mistake ends the command (`user_errors_end_the_command`).
 
     In this order, so that a mistake is answered in seconds and nothing started before it delays it:
     1. the config parses and `preflight.quick_problems` finds nothing (the data files and their format, the
-       model names, the judge endpoint, the store: nothing imports torch; about 2 s);
-    2. Prefect's ephemeral API server (a uvicorn subprocess, ~4 s) starts, and boots while this process runs
+       model names, the judge endpoint, the store: nothing imports torch; about 1 s);
+    2. Prefect's ephemeral API server (a uvicorn subprocess, ~3 s) starts, and boots while this process runs
        the rest of the preflight (importing torch and transformers, building a missing tiny model): Prefect
-       would otherwise start it only when the flow first asks for a client, one after the other. It is then
-       handed to Prefect's own `SubprocessASGIServer`, which uses it as if it had started it (its uvicorn
-       command, environment and port range, stopped at exit by Prefect as usual; it also dies with this
-       process). Nothing changes when `PREFECT_API_URL` names a server, and Prefect starts its own as before
-       if the early one does not come up.
+       would otherwise start it only when the flow first asks for a client, one after the other. This
+       process's Prefect is then pointed at it by URL (`fast_start.hand_to_prefect`: Prefect's uvicorn command,
+       environment and port range; stopped at exit, and it also dies with this process). Nothing changes when
+       `PREFECT_API_URL` names a server, and Prefect starts its own as before if the early one does not come up.
+       Importing the flow modules must therefore not import torch (tests/test_fast_start.py).
 
     Then `gc.freeze()`: the objects the imports made (~700k, torch, transformers, Prefect) are never garbage,
     and every full collection (the stages' `gc.collect()` between models, Python's own) would walk them all:
     0.4 s each on a quiet 2-core machine, 2-3 s on a loaded one, and a flow run makes several.
+
+    Inside the block, on the server this process started, flow runs send no heartbeats: they tell a server
+    that a flow run's process died, and this server dies with it. Each flow run's end otherwise waits up to 1 s
+    for its heartbeat thread to wake (Prefect's sleeps in 1 s steps).
     """
     import gc
+
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from alignment_core.preflight import PreflightError, preflight, quick_problems
 
@@ -134,14 +142,16 @@ def start_cli_run(args: argparse.Namespace) -> PipelineConfig:
     try:
         with user_errors_end_the_command():
             preflight(config, quick_checked=True)
-        hand_to_prefect(early)
+        own_server = hand_to_prefect(early)
     except BaseException:
         if early:
             early[0].kill()
             early[0].wait()
         raise
     gc.freeze()
-    return config
+    no_heartbeats = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if own_server else {}
+    with temporary_settings(updates=no_heartbeats), user_errors_end_the_command():
+        yield config
 
 
 @contextmanager

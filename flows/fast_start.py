@@ -1,9 +1,9 @@
 """The fast command-line start and exit, the one place that reaches into Prefect's internals.
 
 `start_ephemeral_server_early` starts the API server Prefect would start on a flow's first client while the
-rest of the preflight runs; `hand_to_prefect` hands it to Prefect's own `SubprocessASGIServer`; `exit_now`
-ends a finished run without the interpreter's teardown; `send_run_logs_and_events` drains Prefect's log and
-event workers. Each uses Prefect names that are not public API (`PREFECT_INTERNALS`, checked by
+rest of the preflight runs; `hand_to_prefect` points this process's Prefect at it by URL; `exit_now` ends a
+finished run without the interpreter's teardown; `send_run_logs_and_events` drains Prefect's log and event
+workers. Each uses Prefect names that are not public API (`PREFECT_INTERNALS`, checked by
 tests/test_fast_start.py against the installed Prefect): where one is missing (another Prefect version), the
 fast path steps aside and Prefect starts and stops its server as it always does.
 """
@@ -12,22 +12,18 @@ import importlib
 
 # (module, attribute path) of every Prefect internal used here and in flows/serve.py
 PREFECT_INTERNALS = (
-    ("prefect.server.api.server", "SubprocessASGIServer.find_available_port"),
-    ("prefect.server.api.server", "SubprocessASGIServer._run_uvicorn_command"),
-    ("prefect.server.api.server", "SubprocessASGIServer.stop"),
-    ("prefect.server.api.server", "create_app"),
+    ("prefect.server.api.server", "create_app"),  # the app factory the early server's uvicorn runs
+    ("prefect.context", "refresh_global_settings_context"),
     ("prefect.settings", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"),
     ("prefect.settings", "PREFECT_SERVER_EPHEMERAL_ENABLED"),
     ("prefect.logging.handlers", "APILogWorker.drain_all"),
     ("prefect.events.worker", "EventsWorker.drain_all"),
     ("prefect.runner", "Runner._pause_schedules"),
 )
-# Instance attributes of SubprocessASGIServer that `hand_to_prefect` sets, as Prefect's own start does.
-SERVER_ATTRIBUTES = ("port", "server_process", "running")
 
 
 def missing_prefect_internals() -> list[str]:
-    """The internals of `PREFECT_INTERNALS` (and the server's attributes) this Prefect lacks, by name."""
+    """The internals of `PREFECT_INTERNALS` this Prefect lacks, by name."""
     missing = []
     for module_name, path in PREFECT_INTERNALS:
         try:
@@ -36,13 +32,6 @@ def missing_prefect_internals() -> list[str]:
                 value = getattr(value, part)
         except (ImportError, AttributeError):
             missing.append(f"{module_name}.{path}")
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        missing += [f"SubprocessASGIServer().{name}" for name in SERVER_ATTRIBUTES if not hasattr(server, name)]
-    except Exception as error:  # its constructor changed
-        missing.append(f"SubprocessASGIServer(): {error}")
     return missing
 
 
@@ -56,14 +45,15 @@ def start_ephemeral_server_early():
     import sys
 
     import prefect
+    import prefect.context
     from prefect.logging import get_logger
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    if missing_prefect_internals():  # another Prefect: leave the start to it
         return None  # a server to talk to, or none that Prefect would start (it fails naming PREFECT_API_URL)
-    for _ in range(10):  # SubprocessASGIServer.find_available_port
+    if not hasattr(prefect.context, "refresh_global_settings_context"):  # another Prefect: leave the start to it
+        return None
+    for _ in range(10):  # as Prefect's SubprocessASGIServer.find_available_port
         port = random.choice(range(8000, 9000))
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
@@ -98,24 +88,32 @@ runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 
 
-def hand_to_prefect(early) -> None:
-    """Wait for the early server to answer, then make it Prefect's ephemeral server; if it does not come up
-    (its port taken meanwhile, an exit), stop it and leave the start to Prefect."""
+def hand_to_prefect(early) -> bool:
+    """Wait for the early server to answer, then point this process's Prefect at it for the rest of the
+    process, as `PREFECT_API_URL` would, and stop it at exit (True). If it does not come up (its port taken
+    meanwhile, an exit), stop it and leave the start to Prefect (False).
+
+    By URL rather than as Prefect's own ephemeral `SubprocessASGIServer`: that class's module imports the
+    server's whole stack (FastAPI, SQLAlchemy, its models: 1.4 s of a 1-prompt run's 8.7 s), which a client of a
+    running server never needs. It serves no UI, so Prefect's "View at" links are turned off with it
+    (`PREFECT_UI_URL` empty)."""
     if early is None:
-        return
+        return False
     import atexit
+    import os
+    import subprocess
     import time
 
     import httpx
-    from prefect.server.api.server import SubprocessASGIServer
+    import prefect.context
+    from prefect.logging import get_logger
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     process, port = early
-    server = SubprocessASGIServer()
     deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
     healthy = False
     with httpx.Client() as client:
-        while not server.running and process.poll() is None and time.monotonic() < deadline:
+        while process.poll() is None and time.monotonic() < deadline:
             try:
                 if client.get(f"http://127.0.0.1:{port}/api/health").status_code == 200:
                     healthy = True
@@ -123,12 +121,26 @@ def hand_to_prefect(early) -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-    if not healthy or server.running:
+    if not healthy:
         process.kill()
         process.wait()
-        return
-    server.port, server.server_process, server.running = port, process, True
-    atexit.register(server.stop)
+        return False
+    os.environ.update(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_UI_URL="")
+    # Threads that Prefect starts without this context (its log and event workers) read the process-wide
+    # settings, which are read from the environment once, at import: read them again.
+    prefect.context.refresh_global_settings_context()
+
+    def stop() -> None:
+        get_logger().info("Stopping temporary server on http://127.0.0.1:%d", port)
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    atexit.register(stop)
+    return True
 
 
 def exit_now(code: int = 0) -> None:

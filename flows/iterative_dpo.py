@@ -18,11 +18,10 @@ from alignment_core.setups import SETUPS
 from flows import logs
 from flows.common import (
     ahead_of_training,
+    cli_run,
     parse_cli,
     print_summary,
     run_lease,
-    start_cli_run,
-    user_errors_end_the_command,
     with_overrides,
 )
 from flows.fast_start import exit_now
@@ -117,8 +116,7 @@ def iterative_dpo(
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_cli("Run the online iterative-dpo pipeline in ephemeral Prefect.", argv, prog)
     logs.configure(args.log_level, args.progress)
-    config = start_cli_run(args)
-    with user_errors_end_the_command():
+    with cli_run(args) as config:
         summaries = iterative_dpo(config=config, more_iterations=args.more_iterations)
     print_summary(config, summaries)
 

@@ -18,11 +18,10 @@ from alignment_core.pipeline import open_store
 from alignment_core.setups import setups_of_flow
 from flows import logs
 from flows.common import (
+    cli_run,
     parse_cli,
     print_summary,
     run_lease,
-    start_cli_run,
-    user_errors_end_the_command,
     with_overrides,
 )
 from flows.fast_start import exit_now
@@ -113,8 +112,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.offline") -
     name = argv[0]
     args = parse_cli(f"Run the offline {name} flow in ephemeral Prefect.", argv[1:], f"{prog} {name}")
     logs.configure(args.log_level, args.progress)
-    config = start_cli_run(args)
-    with user_errors_end_the_command():
+    with cli_run(args) as config:
         summary = FLOWS[name](config=config)
     print_summary(config, [summary])
 
