@@ -106,8 +106,6 @@ def target_module_problems(cfg, store) -> list[str]:
     v_proj and gate_proj/up_proj on Phi-3, whose fused qkv_proj and gate_up_proj it then leaves out). Matching
     is peft's rule for a list: a module's full name, or its name ending in "." + the listed name.
     """
-    from alignment_core.losses import LOSSES  # imports torch: preflight's quick checks call this first
-
     adapter_cfg = cfg.model.adapter
     if adapter_cfg is None or adapter_cfg.target_modules == "all-linear" or is_store_uri(cfg.model.policy):
         return []  # all-linear always matches; a checkpoint in a store is the stage's to copy
@@ -117,6 +115,10 @@ def target_module_problems(cfg, store) -> list[str]:
         return []  # preflight reports the policy itself
     if is_adapter(path):
         return []  # an adapter checkpoint trains its own, saved targets
+    # Here, not above: losses imports torch, and preflight's quick checks (run before the Prefect server starts,
+    # which then boots while the rest of the preflight imports torch) call this for every config.
+    from alignment_core.losses import LOSSES
+
     task = "reward_model" if LOSSES[cfg.training.loss].reward_head else "causal_lm"
     linear = linear_module_names(path, task, trust_remote_code=cfg.model.trust_remote_code)
     kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))

@@ -46,16 +46,24 @@ def test_a_command_line_run_uses_the_early_server_without_importing_the_servers_
 
 def test_the_flows_import_without_torch_so_the_server_boots_while_torch_loads():
     """cli_run starts Prefect's server and then imports torch (the preflight) while the server boots: were
-    a flow module to import torch itself (as the annotation package once did, through the human annotator's
-    form types), the server would start 4 s later, after it."""
+    a flow module or a quick check to import torch itself (as the annotation package once did, through the human
+    annotator's form types, and the LoRA target check), the server would start up to 4 s later, after it."""
     import subprocess
     import sys
 
+    from tests.helpers import REPO
+
     modules = ["flows.iterative_dpo", "flows.offline", "flows.cli", "flows.stages", "alignment_core.annotation"]
     code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            # the preflight's quick checks run before the server starts: on the shipped configs, without torch
+            "from flows.common import config_from_cli, parse_cli\n"
+            "from alignment_core.preflight import quick_problems\n"
+            "for path in ('configs/tiny.yaml', 'configs/demo.yaml'):\n"
+            "    assert not quick_problems(config_from_cli(parse_cli('test', ['--config', path])))\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_annotation_package_still_exports_every_name_lazily():
