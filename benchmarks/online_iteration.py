@@ -76,6 +76,8 @@ MAX_LENGTH, MAX_PROMPT_LENGTH = 512, 256
 # Stage of each task run name prefix (tasks/: `{stage}-iter-{k}`; the others by function name).
 STAGES = {"load-eval-prompts": "prompts", "load-prompts": "prompts", "generate": "generate",
           "annotate": "annotate", "reweight": "reweight", "train": "train"}
+# The goals per size: (ours/TRL at least, orchestration + storage share without imports below, in %).
+GOALS = {64: (1.0, None), 1024: (1.3, 5)}
 STAGE_ORDER = ("prompts", "generate", "annotate", "reweight", "train", "other tasks")
 
 
@@ -347,21 +349,26 @@ def summarize(results: dict[tuple[str, int], list[dict]], prompts: list[int], fi
                   "first task run's start)")
             print(f"    {'  after last':16s} {spread([r['after_last'] for r in runs])}  (the last task run's end to "
                   "process end)")
-            if size == max(sizes):
-                # Orchestration + storage outside the compute stages: Prefect overhead, prompt loading, units and
-                # weights (reweight), preflight and report. Writes inside generate/annotate/train are not counted
-                # here (the profile puts them well under 1%).
-                bookkeeping = [o + r["stages"]["prompts"] + r["stages"]["reweight"] + r["stages"]["other tasks"]
-                               for o, r in zip(overhead, runs, strict=True)]
-                share = [100 * b / r["wall"] for b, r in zip(bookkeeping, runs, strict=True)]
-                met = ratio >= 1.3 and statistics.median(share) < 5
-                print(f"  {system} goal at {size} prompts: >= 1.3x TRL ({ratio:.2f}x) and orchestration+storage "
-                      f"overhead < 5% ({spread(share)}%: Prefect overhead + prompts + reweight + other tasks): "
-                      f"{'MET' if met else 'NOT MET'}")
-                if imports is not None:
-                    share = [100 * (b - imports) / r["wall"] for b, r in zip(bookkeeping, runs, strict=True)]
-                    print(f"    without the {imports:.1f} s of importing torch and transformers (measured apart; "
-                          f"TRL's process imports them too): {spread(share)}%")
+            # Orchestration + storage outside the compute stages: Prefect overhead, prompt loading, units and
+            # weights (reweight), preflight and report. Writes inside generate/annotate/train are not counted here
+            # (the profile puts them well under 1%). Imports are left out of the goal: TRL's process pays them too.
+            bookkeeping = [o + r["stages"]["prompts"] + r["stages"]["reweight"] + r["stages"]["other tasks"]
+                           for o, r in zip(overhead, runs, strict=True)]
+            share = [100 * b / r["wall"] for b, r in zip(bookkeeping, runs, strict=True)]
+            print(f"    orchestration + storage {spread(share)}% of the wall (Prefect overhead + prompts + reweight + "
+                  "other tasks)" + ("" if imports is None else ", without the {:.1f} s of importing torch and "
+                                    "transformers (measured apart): {}%".format(
+                                        imports, spread([100 * (b - imports) / r["wall"]
+                                                         for b, r in zip(bookkeeping, runs, strict=True)]))))
+            if system == "ours" and size in GOALS:
+                speed, overhead_goal = GOALS[size]
+                without_imports = statistics.median(
+                    100 * (b - (imports or 0.0)) / r["wall"] for b, r in zip(bookkeeping, runs, strict=True))
+                met = ratio >= speed and (overhead_goal is None or without_imports < overhead_goal)
+                print(f"  goal at {size} prompts: ours >= {speed}x TRL ({ratio:.2f}x)"
+                      + ("" if overhead_goal is None else
+                         f" and orchestration + storage without imports < {overhead_goal}% ({without_imports:.1f}%)")
+                      + f": {'MET' if met else 'NOT MET'}")
 
     if len(prompts) >= 2:
         low, high = min(prompts), max(prompts)
