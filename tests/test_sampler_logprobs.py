@@ -96,6 +96,8 @@ def test_a_round_on_sampler_logprobs_trains_as_one_with_the_reference_pass(tmp_p
     with_forward = run(tmp_path / "forward", policy_dir, online_units, reference_from_sampler=False)
     assert with_sampler[0]["reference_rows_from_sampler"] == len(PROMPTS)
     assert with_sampler[0]["reference_rows_forward"] == 0
+    assert with_sampler[0]["reference_model_loaded"] is False  # nothing left for it to compute: never loaded
+    assert with_forward[0]["reference_model_loaded"] is True
     assert with_forward[0]["reference_rows_from_sampler"] == 0
     assert with_forward[0]["reference_rows_forward"] == len(PROMPTS)
     assert with_sampler[2] == pytest.approx(with_forward[2], abs=1e-5)
@@ -110,6 +112,7 @@ def test_the_sampler_is_not_the_reference_when_the_reference_is_another_model(tm
     manifest, _, losses = run(tmp_path, policy_dir, online_units, reference_dir=other_dir)
     assert manifest["reference_rows_from_sampler"] == 0
     assert manifest["reference_rows_forward"] == len(PROMPTS)
+    assert manifest["reference_model_loaded"] is True
     # The losses are those of the other reference: not log 2 at the first step, as with the policy's own.
     assert abs(losses[0] - 0.6931) > 1e-3
 
@@ -132,3 +135,4 @@ def test_a_truncated_response_takes_the_reference_pass(tmp_path, policy_dir, onl
     manifest, _, _ = run(tmp_path, policy_dir, online_units, max_length=24, max_prompt_length=16)
     assert manifest["reference_rows_from_sampler"] == len(kept)
     assert manifest["reference_rows_forward"] == len(cut)
+    assert manifest["reference_model_loaded"] is True  # the cut pairs need its forward

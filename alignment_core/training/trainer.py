@@ -166,7 +166,9 @@ class Trainer(RoundModels, ReferenceLogps):
         gpu.reset_peak_memory()
         self.engine.configure()
         self.model = self._load_policy(self.resumed.get("local_dir", self.policy_path))
-        self.reference = self._load_reference()
+        if self.loss_spec.reference:
+            self.examples = self._with_sampler_reference_logps(encoded)
+        self.reference = self._load_reference() if self._needs_reference_model() else None
         optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=tc.learning_rate,
             weight_decay=tc.weight_decay,
@@ -190,11 +192,17 @@ class Trainer(RoundModels, ReferenceLogps):
         if self.packed:
             self.packed = self._packing_keeps_sequences_apart(encoded)
         self.seconds["load"] = time.perf_counter() - started
-        if self.loss_spec.reference:
-            self.examples = self._with_sampler_reference_logps(encoded)
         if self.loss_spec.reference and tc.precompute_reference:
             self.examples = self._with_reference_logps(self.examples)
         self.seconds["reference"] = time.perf_counter() - started - self.seconds["load"]
+
+    def _needs_reference_model(self) -> bool:
+        """Whether any forward of the reference is left to run: not when the sampler's log-probs are every
+        example's (the round then never loads it: a model load saved, and its memory) and the loss takes no
+        estimate from it (KTO's mismatched-pair KL)."""
+        if not self.loss_spec.reference:
+            return False
+        return self.loss_spec.mismatched_kl or any("reference_logps" not in example for example in self.examples)
 
     def _warmup_steps(self) -> int:
         """`warmup_ratio` of the round's steps, leaving at least one step after the warm-up: the first step of
@@ -286,6 +294,7 @@ class Trainer(RoundModels, ReferenceLogps):
                                    "reference_rows_from_sampler": self.reference_rows_from_sampler,
                                    "reference_rows_forward": len(self.examples) - self.reference_rows_from_sampler
                                    if self.loss_spec.reference else 0,
+                                   "reference_model_loaded": self.reference is not None or self.reference_is_base,
                                    "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                                    "peak_gpu_memory_gib": gpu.peak_memory_gib()})
         accelerator.wait_for_everyone()
