@@ -182,6 +182,7 @@ class _Module:
 
     imports: tuple[str, ...]
     definitions: dict[str, tuple[str, tuple[str, ...]]]
+    names: frozenset[str] | None  # every name its top level defines or imports (None: a `*` import binds some)
 
 
 _parsed: dict[tuple[str, str], _Module] = {}
@@ -254,7 +255,8 @@ def _module(path: Path, module: str, sha256: str) -> _Module:
         source = "".join(lines[first - 1 : node.end_lineno])  # its lines, decorators included
         definitions[name] = (hashlib.sha256(source.encode()).hexdigest(), tuple(dict.fromkeys(follows)))
     imports = {m for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for m in imported(node)}
-    _parsed[key] = _Module(tuple(sorted(imports)), definitions)
+    names = None if "*" in bound else frozenset(nodes) | frozenset(bound)
+    _parsed[key] = _Module(tuple(sorted(imports)), definitions, names)
     return _parsed[key]
 
 
@@ -280,6 +282,13 @@ def stage_code(stage: str, root: str | Path | None = None) -> dict[str, str]:
         name, _, definition = entry.removeprefix("?").partition(":")
         path = _module_file(root, name)
         if path is None and entry.startswith("?"):  # a name imported from a package, not a module of it
+            package, _, attribute = name.rpartition(".")
+            package_path = _module_file(root, package)
+            names = _module(package_path, package, file_digest(str(package_path))).names
+            if names is not None and attribute not in names and attribute != "*":
+                # (a lazy package's PEP 562 `__getattr__`): its module, and so the code behind the name, unseen
+                raise KeyError(f"the library imports {attribute} from {package}, which does not bind it at its "
+                               f"top level: import it from the module that defines it")
             continue
         if path is None:
             raise KeyError(f"the library imports {name}, which has no file under {root}")

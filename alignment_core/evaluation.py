@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from alignment_core.annotation import LABEL_STATUSES, import_callable, make_annotator
-from alignment_core.annotation.base import ScoreRules
-from alignment_core.annotation.scorers import RewardModelAnnotator
+from alignment_core.annotation.base import LABEL_STATUSES, ScoreRules
+from alignment_core.annotation.scorers import RewardModelAnnotator, import_callable
+from alignment_core.annotation.stage import make_annotator
 from alignment_core.annotators import ANNOTATORS
 from alignment_core.config import PipelineConfig
 from alignment_core.setups import SETUPS

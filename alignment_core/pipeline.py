@@ -201,7 +201,7 @@ def annotate(cfg: PipelineConfig, generations_uri: str, iteration: int,
     (alignment_core/annotation/human.py; a flow passes tasks/human.py's form in the Prefect UI).
     `reward_models_uri`: the iteration's `reward_models` stage (alignment_core/refresh.py), whose fine-tuned
     members label in place of `annotation.reward_model`."""
-    from alignment_core.annotation import run_annotation
+    from alignment_core.annotation.stage import run_annotation
 
     set_torch_threads(cfg.model.torch_threads)
     store = open_store(cfg)

@@ -95,6 +95,18 @@ def test_an_edit_changes_the_digests_of_the_stages_whose_code_reaches_it(tmp_pat
     assert changed(before, stage_digests(package)) == expected
 
 
+def test_a_name_a_package_exports_lazily_cannot_hide_its_code_from_the_digests(tmp_path):
+    """The annotation package resolves its names on first use (PEP 562), which no reading of its source follows:
+    a stage importing `run_annotation` from the package would cover none of the annotation code, and an edit
+    there would redo nothing. The reach refuses such an import, naming it."""
+    package = copy_package(tmp_path)
+    edit(package / "pipeline.py", "    from alignment_core.annotation.stage import run_annotation\n",
+         "    from alignment_core.annotation import run_annotation\n")
+    with pytest.raises(KeyError, match="imports run_annotation from alignment_core.annotation, which does not "
+                                       "bind it at its top level"):
+        digests.stage_code_digest("annotations", package)
+
+
 def test_the_fingerprint_code_is_followed_by_no_stage_however_it_is_imported(tmp_path):
     package = copy_package(tmp_path)
     edit(package / "reweight.py", None, "\n\nfrom alignment_core import digests  # noqa: E402,F401\n")
