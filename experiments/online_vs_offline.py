@@ -1,7 +1,7 @@
 """Online vs offline preference learning: the claim of online AI feedback (OAIF, Guo et al. 2024), reproduced
 by the pipeline's own stages on the tiny task, on a CPU.
 
-    python -m experiments.online_vs_offline [--seeds 3] [--quick] [--store-root DIR] [--arms a,b]
+    python -m experiments.online_vs_offline [--seeds 5] [--quick] [--store-root DIR] [--arms a,b]
     python -m experiments.online_vs_offline --gpu      # hub models and vLLM instead of the tiny model (see GPU)
     python -m experiments.online_vs_offline --dev --set dpo_beta=0.3   # try a recipe away from the held-out topics
 
@@ -13,13 +13,19 @@ positive words and takes 0.05 per word beyond 20, so repeating a word or padding
 2. Per seed, the offline dataset: rho answers each iteration's prompts twice and the true reward labels the
    pair (the annotate stage with the programmatic annotator). Iteration k's pairs become an examples stage; all
    pairs together are a prompt/chosen/rejected jsonl, the dataset a user would download.
-3. Per seed, a reward model: a reward head on pi_0 trained on that jsonl by the `reward-model` flow.
-4. Per seed, four arms of K iterations of DPO from pi_0 (the reference stays pi_0). Iteration k of every arm
-   sees the same P prompts, so every arm gets the same number of labelled pairs per iteration:
-     offline             DPO on rho's pairs of iteration k (the distribution-shift case)
-     offline-importance  the same, each pair weighted by pi(pair) / rho(pair) (reweight.strategy: importance)
-     online-rm           the current policy answers twice, the reward model labels (no new true labels)
-     online-oracle       the current policy answers twice, the true reward labels
+3. Per seed, reward models: reward heads on pi_0 trained on that jsonl by the `reward-model` flow (three for an
+   ensemble, differing in their training seed).
+4. Per seed, the arms: K iterations of DPO from pi_0 (the reference stays pi_0). Iteration k of every arm sees
+   the same P prompts, so every arm gets the same number of labelled pairs per iteration. By default:
+     offline                      DPO on rho's pairs of iteration k (the distribution-shift case)
+     offline-importance-tempered  the same, each pair weighted by its tempered, clipped pi / rho ratio
+     online-rm-ensemble           the current policy answers twice, the reward-model ensemble labels (no new
+                                  true labels)
+     online-cascade-25            the same, the ensemble's least sure quarter of the pairs labelled by the true
+                                  reward instead
+     online-oracle                the current policy answers twice, the true reward labels
+   and opt-in (--arms): offline-importance (untempered), online-rm (one reward model), online-cascade-12 and -50,
+   and online-cascade-25-refresh (the ensemble retrained on the escalated labels before each iteration).
 5. The report, per arm and iteration, mean and spread over seeds: the true reward of 4 answers to each of 40
    held-out prompts (topics no training prompt mentions; the `heldout_samples` stage), the win-rate against
    pi_0's answers judged by the true reward, and the answers' length. A Markdown table and a PNG in the store
@@ -60,9 +66,12 @@ from tasks.train import train
 from tasks.units_and_weights import units_and_weights
 
 ORACLE = "alignment_core.rewards:positive_words"
-ARMS = ("offline", "offline-importance", "online-rm", "online-oracle")
-# Opt-in arms (--arms): online with a reward-model ensemble (no new true labels), and cascades that send a budget
-# of the ensemble's least sure pairs per iteration to the true reward (12.5%, 25%, 50% of the prompts).
+# `make experiment`'s arms: offline DPO on rho's labelled pairs, the same reweighted, and online DPO labelled by a
+# reward-model ensemble (no new true labels), by a cascade (the ensemble, its least sure quarter sent to the true
+# reward) and by the true reward. The others are opt-in (--arms).
+ARMS = ("offline", "offline-importance-tempered", "online-rm-ensemble", "online-cascade-25", "online-oracle")
+# Online with a reward-model ensemble, and cascades that send a budget of the ensemble's least sure pairs per
+# iteration to the true reward (12.5%, 25%, 50% of the prompts).
 ENSEMBLE_ARMS = ("online-rm-ensemble", "online-cascade-12", "online-cascade-25", "online-cascade-50")
 CASCADE_BUDGETS = {"online-cascade-12": 0.125, "online-cascade-25": 0.25, "online-cascade-50": 0.5,
                    "online-cascade-25-refresh": 0.25}
@@ -537,7 +546,7 @@ def publish(store: ArtifactStore, measurements: pd.DataFrame, setting: Setting, 
 
 # ---- the flow --------------------------------------------------------------------------------------------
 @flow(name="online-vs-offline", log_prints=True)
-def online_vs_offline(seeds: int = 3, setting_name: str = "full", store_root: str = "./runs/online-vs-offline-full",
+def online_vs_offline(seeds: int = 5, setting_name: str = "full", store_root: str = "./runs/online-vs-offline-full",
                       arms: list[str] | None = None, setting_changes: dict[str, int | float] | None = None) -> dict:
     """The whole experiment; returns the measurements (one row per seed, arm and iteration) and report URIs.
     `setting_changes` replace fields of the setting (e.g. {"cheap_samples": 4})."""
@@ -610,7 +619,7 @@ def setting_changes(assignments: list[str]) -> dict[str, int | float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Online vs offline DPO on the tiny task (a Prefect flow).")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the reduced size of the CI test")
     size.add_argument("--gpu", action="store_true", help="hub models (Qwen2.5-0.5B, SmolLM2-360M) with vLLM")
