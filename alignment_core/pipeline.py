@@ -430,6 +430,13 @@ def stage_summary(store: ArtifactStore, stage_uri: str) -> dict:
     return {"uri": stage_uri, "rows": manifest.get("rows"), **manifest.get("extra", {})}
 
 
+def expensive_labels_spent(store: ArtifactStore, run: str, through: int) -> int:
+    """A cascade's expensive labels (its escalated rows) in iterations 1..`through` of a run: the label budget
+    spent so far, from each iteration's annotations manifest."""
+    return sum(stage_summary(store, store.stage_uri(run, k, "annotations")).get("escalated", 0)
+               for k in range(1, through + 1))
+
+
 def training_summary(store: ArtifactStore, metrics_uri: str) -> dict:
     """Last value of each training metric of a round."""
     if store.read_manifest(metrics_uri) is None:

@@ -89,6 +89,8 @@ def report_iteration(config_json: str, iteration: int, stages: dict[str, str]) -
     if "annotations" in stages:
         summary.update({f"annotation_{k}": v for k, v in pipeline.stage_summary(store, stages["annotations"]).items()
                         if isinstance(v, int | float)})
+        if cfg.annotation.annotator == "cascade":  # the budget spent: this iteration's (above) and the run's
+            summary["annotation_escalated_total"] = pipeline.expensive_labels_spent(store, run, iteration)
     if "generations" in stages:
         generation = pipeline.stage_summary(store, stages["generations"])
         summary["generation_rows"] = generation.get("rows")

@@ -14,10 +14,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from alignment_core import pipeline
 from alignment_core.config import parse_config
 from alignment_core.models import ModelNotFoundError, hub_snapshot, load_causal_lm, model_digest, resolve_model_path
 from alignment_core.preflight import preflight_problems
 from alignment_core.store import ArtifactStore
+from alignment_core.tiny import build_tiny
 from tests.conftest import POLICY_REVISION, REWARD_REVISION, add_to_hub_cache
 from tests.helpers import REPO, SMALL, prefect_env
 
@@ -107,6 +109,33 @@ def test_online_flow_with_hub_policy_and_hub_reward_model(tmp_path, hub_home):
     # Iteration 2 samples from iteration 1's checkpoint, not from the hub model again.
     second = store.read_pandas(store.stage_uri("hub", 2, "generations"))
     assert set(second["policy_digest"]) == {model_digest(root / "hub" / "iter-001" / "checkpoint")}
+
+
+@pytest.mark.slow
+def test_a_cascade_of_hub_and_local_reward_models_trains_a_lora_adapter_on_a_hub_policy(tmp_path, hub_home):
+    """The annotator cascade with a hub policy, LoRA and an ensemble of a hub reward model and a local one: every
+    row records both members' scores, and a quarter of the pairs (2 of 8 prompts) per iteration go to the true
+    reward, 4 in the run."""
+    root = tmp_path / "store"
+    members = [f"acme/tiny-reward@{REWARD_REVISION}", str(build_tiny(tmp_path / "rm-1", kind="reward_model", seed=1))]
+    config = {**SMALL, "model": {"policy": "acme/tiny-chat", "adapter": {"r": 4}},
+              "annotation": {"annotator": "cascade", "reward_model": members,
+                             "programmatic": "alignment_core.rewards:positive_words",
+                             "cascade": {"first": "reward_model", "escalate_to": "programmatic", "budget": 0.25}},
+              "store": {"root": str(root), "run_name": "cascade"}}
+    _run(["flows.iterative_dpo"], config, _hub_env(tmp_path, hub_home), tmp_path)
+
+    store = ArtifactStore(str(root))
+    for k in (1, 2):
+        annotations = store.read_pandas(store.stage_uri("cascade", k, "annotations"))
+        records = [json.loads(raw) for raw in annotations["raw"]]
+        up = [r for r in records if r["cascade"]["escalated"]]
+        assert len(annotations) == 8 and len(up) == 2
+        assert (annotations["annotator"] == "programmatic:alignment_core.rewards:positive_words").sum() == 2
+        cheap = [r for r in records if not r["cascade"]["escalated"]]
+        assert all(len(scores) == 2 for r in cheap for scores in r["members"].values())
+        assert (root / "cascade" / f"iter-{k:03d}" / "checkpoint" / "adapter_model.safetensors").is_file()
+    assert pipeline.expensive_labels_spent(store, "cascade", 2) == 4
 
 
 @pytest.mark.slow

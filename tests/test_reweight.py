@@ -149,7 +149,7 @@ def test_importance_pair_mean_halves_the_joint_log_ratio():
         0.0, -1.0]
 
 
-def test_weights_below_the_effective_sample_floor_fall_back_to_uniform():
+def test_weights_below_the_effective_sample_floor_fall_back_to_uniform(caplog):
     units = make_units(4, generation1_policy_logp=[0.0, 0.0, 0.0, 6.0], generation1_behaviour_logp=[0.0] * 4,
                        generation2_policy_logp=[0.0] * 4, generation2_behaviour_logp=[0.0] * 4)
     skewed = weigh("importance", units, clip=100.0)
@@ -159,8 +159,10 @@ def test_weights_below_the_effective_sample_floor_fall_back_to_uniform():
     assert 0.25 < effective < 0.3  # one unit carries nearly all the weight
     kept = weigh("importance", units, clip=100.0, min_effective_sample_fraction=effective - 1e-3)
     assert list(kept["generation1_weight"]) == pytest.approx(list(w))  # at the floor: kept
+    assert "uniform weights instead" not in caplog.text
     guarded = weigh("importance", units, clip=100.0, min_effective_sample_fraction=effective + 1e-3)
     assert list(guarded["generation1_weight"]) == [1.0] * 4
+    assert f"effective sample fraction {effective:.3f} < reweight.min_effective_sample_fraction" in caplog.text
     inputs = [json.loads(i) for i in guarded["inputs"]]
     assert all(i["fallback_uniform"] and i["effective_sample_fraction"] == pytest.approx(effective) for i in inputs)
     assert weights_summary(guarded)["fallback_uniform"] and not weights_summary(kept)["fallback_uniform"]
