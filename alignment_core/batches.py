@@ -34,6 +34,7 @@ import math
 import pandas as pd
 import torch
 
+from alignment_core.annotation.base import LABEL_STATUSES
 from alignment_core.config import PipelineConfig, check_prompt_fits
 from alignment_core.records import UNITS, from_rows
 from alignment_core.rendering import chat_turns, prompt_text_to_ids, render_prompt_text, response_ids
@@ -117,12 +118,13 @@ def _to_units(frame: pd.DataFrame) -> pd.DataFrame:
 def units_from_online(generations: pd.DataFrame, annotations: pd.DataFrame, setup: str) -> pd.DataFrame:
     """Online setups: annotations (records.ANNOTATIONS) joined to the generations they judged.
 
-    unit_id = annotation_id. Only verdicts with status "ok" or "tie" are used; the others (unparseable,
-    error) are counted and logged. Pairwise units are put in canonical order (see `canonicalise_pairs`).
+    unit_id = annotation_id. Only verdicts with a label status (LABEL_STATUSES: ok, tie) are used; the others
+    (unparseable, error, skipped, unanswered, abstained) are counted and logged. Pairwise units are put in
+    canonical order (see `canonicalise_pairs`).
     """
     _check_online(setup, True, "units_from_online")
     spec = setup_spec(setup)
-    usable = annotations["status"].isin(["ok", "tie"])
+    usable = annotations["status"].isin(LABEL_STATUSES)
     if (~usable).any():
         counts = annotations.loc[~usable, "status"].value_counts().to_dict()
         logger.warning("%s: skipping %d of %d annotations by status: %s", setup, int((~usable).sum()),
