@@ -2,6 +2,7 @@
 true reward (an oracle) under a budget that is never exceeded, resumes included."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -50,7 +51,7 @@ def test_the_most_uncertain_pairs_go_to_the_oracle(members):  # noqa: F811
     assert len(rows) == len(cheap) == 6  # one pair per prompt, whoever labelled it
     up = escalated(rows)
     assert len(up) == 3 and all(r["annotator"] == ORACLE for r in up)
-    # The three with the largest ensemble disagreement, most uncertain first.
+    # The three the ensemble is likeliest to have wrong, most uncertain first.
     ranked = sorted(cheap, key=uncertainty, reverse=True)
     assert [r["prompt_id"] for r in up] == [r["prompt_id"] for r in cheap if r in ranked[:3]]
     records = [json.loads(r["raw"])["cascade"] for r in up]
@@ -64,6 +65,32 @@ def test_the_most_uncertain_pairs_go_to_the_oracle(members):  # noqa: F811
         assert positive_words("", by_id[row["generation1_id"]]) >= positive_words("", by_id[row["generation2_id"]])
     kept = [r for r in rows if r not in up]
     assert all(r["annotator"] == first.name for r in kept)
+
+
+def _pair_row(prompt: str, margins: list[float] | None = None, scores: tuple | None = None, status: str = "ok"):
+    """A first annotator's row for prompt's pair: an ensemble's (members' margins) or one model's (scores)."""
+    raw = {} if margins is None else {"members": {f"{prompt}-a": margins, f"{prompt}-b": [0.0] * len(margins)}}
+    score1, score2 = scores or (None, None)
+    return {"prompt_id": prompt, "annotation_id": prompt, "status": status, "raw": json.dumps(raw),
+            "generation1_id": f"{prompt}-a", "generation2_id": f"{prompt}-b", "score1": score1, "score2": score2}
+
+
+def test_escalation_ranks_by_the_chance_that_the_label_is_wrong():
+    """Not by the members' spread alone: it grows with the margin, so it would send up the surest pairs."""
+    rows = [
+        _pair_row("sure", margins=[6.0, 7.0, 8.0]),  # spread 0.82, mean 7: certain
+        _pair_row("close", margins=[0.3, -0.2, 0.5]),  # spread 0.29, mean 0.2: a coin flip
+        _pair_row("split", margins=[2.0, -1.0, 2.0]),  # spread 1.41, mean 1: the members disagree
+        _pair_row("one-model-close", scores=(0.1, 0.0)),
+        _pair_row("one-model-far", scores=(3.0, 0.0)),
+        _pair_row("failed", status="error"),
+    ]
+    assert uncertainty(rows[1]) == pytest.approx(1 - 1 / (1 + math.exp(-0.2 / math.sqrt(1 + math.pi * 0.0867 / 8))),
+                                                 rel=1e-3)
+    oracle = ProgrammaticAnnotator("alignment_core.rewards:positive_words", ScoreRules())
+    cascade = CascadeAnnotator(first=oracle, escalate_to=oracle, budget=0.5, prompts_per_iteration=6)
+    order = [rows[i]["prompt_id"] for i in cascade._ranked(rows)]
+    assert order == ["failed", "one-model-close", "close", "split", "one-model-far", "sure"]
 
 
 def test_random_escalation_is_a_control_of_the_same_size(members):  # noqa: F811

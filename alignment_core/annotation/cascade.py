@@ -17,6 +17,7 @@ shard's quota, and the first annotator's row it replaced. The stage summary coun
 import json
 import math
 import random
+import statistics
 
 import pandas as pd
 
@@ -27,16 +28,25 @@ _UNLABELLED = ("abstained", *FAILURE_STATUSES)
 
 
 def uncertainty(row: dict) -> float:
-    """How unsure the first annotator is of its row: infinite without a label, an ensemble's disagreement, or
-    else the inverse of the score margin (a pair scored nearly equal is the least sure)."""
+    """How unsure the first annotator is of its row: the chance that its preference is the wrong one, read as a
+    Bradley-Terry probability of the pair's margin, and infinite without a label.
+
+    For an ensemble the margin is the members' mean, softened by their spread (the logistic averaged over a
+    normal spread of margins, MacKay's probit approximation: sigma(m / sqrt(1 + pi s^2 / 8))), so both a small
+    margin and members that disagree make a pair unsure. The spread alone is not a measure of it: it grows with
+    the margin, and ranking by it sent up the pairs the ensemble got right most often (on the experiment's
+    training pairs, 0.88-0.96 right against 0.67-0.96 for the pairs it kept)."""
     if row["status"] in _UNLABELLED:
         return math.inf
-    disagreement = json.loads(row["raw"]).get("disagreement")
-    if disagreement is not None:
-        return float(disagreement)
-    if row["score1"] is None or row["score2"] is None:
+    members = json.loads(row["raw"]).get("members")
+    if members is not None and row["generation2_id"] is not None:
+        margins = [a - b for a, b in zip(members[row["generation1_id"]], members[row["generation2_id"]], strict=True)]
+        margin, spread = abs(statistics.fmean(margins)), statistics.pstdev(margins)
+    elif row["score1"] is not None and row["score2"] is not None:
+        margin, spread = abs(row["score1"] - row["score2"]), 0.0
+    else:
         return 0.0
-    return 1.0 / (abs(row["score1"] - row["score2"]) + 1e-12)
+    return 1.0 - 1.0 / (1.0 + math.exp(-margin / math.sqrt(1.0 + math.pi * spread**2 / 8)))
 
 
 class CascadeAnnotator:

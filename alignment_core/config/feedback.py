@@ -95,8 +95,9 @@ class CascadeConfig(StrictModel):
     """Expensive labels per iteration: below 1, a fraction of the iteration's prompts (0.25: one pair in four);
     from 1 on, a number of pairs (a whole number). Never exceeded, resumes included."""
     escalate: Literal["most_uncertain", "random"] = "most_uncertain"
-    """Which pairs go up: the first annotator's most uncertain (abstained or failed first, then the largest
-    ensemble disagreement, or else the smallest score margin), or a random choice (a control)."""
+    """Which pairs go up: the first annotator's most uncertain (abstained or failed first, then the likeliest to
+    be wrong: the smallest score margin, an ensemble's mean margin softened by the members' spread), or a random
+    choice (a control)."""
     refresh: RefreshConfig = RefreshConfig()
     """Fine-tune the first annotator's reward models on the escalated labels gathered so far, each iteration."""
 
