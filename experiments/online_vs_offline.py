@@ -350,6 +350,25 @@ def annotator_agreement(store: ArtifactStore, run: str, iteration: int) -> float
     return float(np.mean(agree)) if agree else math.nan
 
 
+def first_annotator_agreement(store: ArtifactStore, run: str, iteration: int) -> tuple[float, float]:
+    """A cascade's first annotator: how often its choice was the one the true reward prefers, on the pairs it
+    escalated and on the pairs it kept (its own ties and true-reward ties left out). Escalation pays where the
+    first is often wrong."""
+    generations = store.read_pandas(store.stage_uri(run, iteration, "generations")).set_index("generation_id")
+    annotations = store.read_pandas(store.stage_uri(run, iteration, "annotations"))
+    right: dict[bool, list[bool]] = {True: [], False: []}
+    for row in annotations.itertuples():
+        record = json.loads(row.raw).get("cascade", {})
+        first = record["replaced"] if record.get("escalated") else row._asdict()
+        if first["status"] != "ok" or first["score1"] == first["score2"]:
+            continue
+        one, two = generations.loc[first["generation1_id"]], generations.loc[first["generation2_id"]]
+        true_gap = positive_words(one.prompt, one.response) - positive_words(two.prompt, two.response)
+        if true_gap != 0:
+            right[bool(record.get("escalated"))].append((true_gap > 0) == (first["score1"] > first["score2"]))
+    return tuple(float(np.mean(right[up])) if right[up] else math.nan for up in (True, False))
+
+
 def true_labels_spent(store: ArtifactStore, run: str, iteration: int, arm: str, prompts_per_iteration: int) -> int:
     """Pairs the true reward labelled in an iteration: every prompt's pair for the oracle and the offline arms
     (rho's pairs, ties included), the escalated ones for a cascade, none for a reward model (its training data
@@ -376,12 +395,15 @@ def arm_measurements(store: ArtifactStore, run: str, iterations: int, seed: int,
         if k > 0:
             pairs_so_far += store.read_manifest(store.stage_uri(run, k, "units"))["rows"]
             true_labels += true_labels_spent(store, run, k, arm, prompts_per_iteration)
+        escalated, kept = first_annotator_agreement(store, run, k) if arm in CASCADE_BUDGETS and k > 0 else (
+            math.nan, math.nan)
         rows.append({
             "seed": seed, "arm": arm, "iteration": k, "true_reward": float(rewards.mean()),
             "win_rate_vs_sft": win_rate(rewards, initial_rewards),
             "words": float(np.mean([len(words(r)) for r in answers["response"]])), "pairs_trained": pairs_so_far,
             "true_labels": true_labels,
             "annotator_agreement": annotator_agreement(store, run, k) if online and k > 0 else math.nan,
+            "first_right_escalated": escalated, "first_right_kept": kept,
         })
     return rows
 
@@ -417,7 +439,24 @@ def results_table(measurements: pd.DataFrame) -> str:
                          f"| {rows['words'].mean():.1f} | {agreement} |")
     return (f"Mean ± std [min, max] over {seeds} seed(s). True-reward labels: pairs labelled by the true reward "
             f"so far (the reward models learned from the offline arms' labels; a cascade's are the pairs it "
-            f"escalated).\n\n" + "\n".join(lines))
+            f"escalated).\n\n" + "\n".join(lines) + escalation_table(measurements))
+
+
+def escalation_table(measurements: pd.DataFrame) -> str:
+    """Markdown (empty without a cascade arm): how often a cascade's first annotator was right on the pairs it
+    escalated and on those it kept, per iteration."""
+    cascades = [a for a in ALL_ARMS if a in CASCADE_BUDGETS and a in set(measurements["arm"])]
+    if not cascades or "first_right_escalated" not in measurements:
+        return ""
+    lines = ["", "", "A cascade's first annotator agrees with the true reward, on the pairs it escalated and on those "
+             "it kept (mean over seeds):", "", "| iteration | arm | escalated pairs | kept pairs |",
+             "|---|---|---|---|"]
+    for k in sorted(set(measurements["iteration"]) - {0}):
+        for arm in cascades:
+            rows = measurements[(measurements["iteration"] == k) & (measurements["arm"] == arm)]
+            lines.append(f"| {k} | {arm} | {rows['first_right_escalated'].mean():.2f} "
+                         f"| {rows['first_right_kept'].mean():.2f} |")
+    return "\n".join(lines)
 
 
 def paired_comparison(measurements: pd.DataFrame, baseline: str = "offline", resamples: int = 10_000) -> pd.DataFrame:

@@ -13,7 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from alignment_core.annotation.base import ScoreRules
+from alignment_core.annotation.cascade import CascadeAnnotator
+from alignment_core.annotation.scorers import ProgrammaticAnnotator
 from alignment_core.data import DatasetLoader, prompt_id
+from alignment_core.records import ANNOTATIONS, from_rows
+from alignment_core.store import ArtifactStore
 from experiments.online_vs_offline import (
     ALL_ARMS,
     CASCADE_BUDGETS,
@@ -21,6 +26,7 @@ from experiments.online_vs_offline import (
     arm_config,
     changed_fields,
     comparison_table,
+    first_annotator_agreement,
     label_efficiency_plot,
     paired_comparison,
     pairs_jsonl,
@@ -31,6 +37,7 @@ from experiments.online_vs_offline import (
     win_rate,
 )
 from tests.helpers import prefect_env
+from tests.test_annotation import make_generations, write_generations
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -219,3 +226,23 @@ def test_setting_changes_name_the_runs_they_change(tmp_path):
         setting_changes(["name=other"])
     with pytest.raises(SystemExit, match="cheap_samples is an int"):
         setting_changes(["cheap_samples=2.5"])
+
+
+def test_first_annotator_agreement_splits_escalated_and_kept_pairs(tmp_path):
+    """Response length as a cascade's first annotator, the true reward above it: the two smallest length gaps
+    go up (p2: wrong, p1: right); the kept ones (p0, p3) are both wrong."""
+    store = ArtifactStore(str(tmp_path))
+    frame = make_generations({"p0": ["good happy kind", "the cold long rainy night was so"],
+                              "p1": ["a great bright day", "bad"],
+                              "p2": ["happy", "sad cold"],
+                              "p3": ["wonderful friend", "it is a grey day today here"]})
+    write_generations(store, frame)
+    rules = ScoreRules()
+    cascade = CascadeAnnotator(ProgrammaticAnnotator("alignment_core.rewards:response_length", rules),
+                               ProgrammaticAnnotator("alignment_core.rewards:positive_words", rules),
+                               budget=0.5, prompts_per_iteration=4)
+    rows = cascade.annotate(frame)
+    store.write_stage(store.stage_uri("run", 0, "annotations"), "annotations", {"test": 1},
+                      [from_rows(rows, ANNOTATIONS)])
+    assert sorted(r["prompt_id"] for r in rows if json.loads(r["raw"])["cascade"]["escalated"]) == ["p1", "p2"]
+    assert first_annotator_agreement(store, "run", 0) == (0.5, 0.0)
