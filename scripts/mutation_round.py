@@ -34,6 +34,8 @@ TESTS = {
     "fingerprints": ["tests/test_fingerprints.py", "tests/test_digests.py"],
     "data": ["tests/test_data.py", "tests/test_data_columns.py"],
     "config": ["tests/test_config.py", "tests/test_bounds.py"],
+    "feedback": ["tests/test_cascade.py", "tests/test_annotation.py", "tests/test_human_annotator.py"],
+    "refresh": ["tests/test_refresh.py"],
 }
 
 
@@ -48,6 +50,7 @@ class Mutant:
 
 L, T, R, J, F = "alignment_core/losses.py", "alignment_core/training/trainer.py", "alignment_core/reweight.py", \
     "alignment_core/annotation/judge.py", "alignment_core/data/formats.py"
+C = "alignment_core/annotation/cascade.py"
 MUTANTS = [
     # losses
     Mutant(L, "(weights * values).sum() / torch.where(total > 0, total, torch.ones_like(total))",
@@ -201,6 +204,23 @@ MUTANTS = [
            "    if not 0 < max_prompt_length <= max_length:", "config", "prompt may fill the whole sequence"),
     Mutant("alignment_core/config/common.py", "    if clip < 1:", "    if clip < 0:", "config",
            "reweight clip below 1 accepted"),
+    # feedback: pairs, the cascade, a person's answers, the reward-model refresh
+    Mutant(C, "return min(prompts, share(prompts_before + prompts) - share(prompts_before))",
+           "return min(prompts, share(prompts_before + prompts))", "feedback",
+           "cascade budget: a shard spends the whole iteration's share so far"),
+    Mutant("alignment_core/annotation/stage.py", "prompts_before=index * cfg.generation.shard_size",
+           "prompts_before=0", "feedback", "cascade budget: a resumed shard forgets the shards before it"),
+    Mutant(C, "return sorted(pairs, key=lambda i: -uncertainty(rows[i]))",
+           "return sorted(pairs, key=lambda i: uncertainty(rows[i]))", "feedback",
+           "cascade escalates the surest first"),
+    Mutant(C, "return 1.0 - 1.0 / (1.0 + math.exp(-margin / math.sqrt(1.0 + math.pi * spread**2 / 8)))",
+           "return spread", "feedback", "cascade ranks by the members' spread alone"),
+    Mutant("alignment_core/annotation/base.py", 'LABEL_STATUSES = ("ok", "tie")',
+           'LABEL_STATUSES = ("ok", "tie", "unanswered")', "feedback", "unanswered pairs trained on"),
+    Mutant("alignment_core/annotation/base.py", "return [(best, min(others, key=lambda i: scores[i]))]",
+           "return [(best, others[0])]", "feedback", "best_vs_worst pairs the best with the first other"),
+    Mutant("alignment_core/refresh.py", "if store.checkpoint_complete(checkpoint) and store.exists(lineage_uri)",
+           "if False and store.checkpoint_complete(checkpoint)", "refresh", "a finished refresh member is redone"),
 ]
 
 
