@@ -339,31 +339,39 @@ def win_rate(rewards: pd.Series, baseline_rewards: pd.Series) -> float:
 
 def annotator_agreement(store: ArtifactStore, run: str, iteration: int) -> float:
     """How often the annotator's chosen answer is the one the true reward prefers (true-reward ties left out)."""
-    generations = store.read_pandas(store.stage_uri(run, iteration, "generations")).set_index("generation_id")
-    annotations = store.read_pandas(store.stage_uri(run, iteration, "annotations"))
+    generations, annotations = _stage_frames(store, run, iteration)
     agree = []
     for row in annotations[annotations["status"] == "ok"].itertuples():
-        first, second = generations.loc[row.generation1_id], generations.loc[row.generation2_id]
-        true_gap = positive_words(first.prompt, first.response) - positive_words(second.prompt, second.response)
+        true_gap = _true_gap(generations, row.generation1_id, row.generation2_id)
         if true_gap != 0:
             agree.append((true_gap > 0) == (row.generation1_reward > row.generation2_reward))
     return float(np.mean(agree)) if agree else math.nan
+
+
+def _stage_frames(store: ArtifactStore, run: str, iteration: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An iteration's generations (indexed by id) and annotations."""
+    generations = store.read_pandas(store.stage_uri(run, iteration, "generations")).set_index("generation_id")
+    return generations, store.read_pandas(store.stage_uri(run, iteration, "annotations"))
+
+
+def _true_gap(generations: pd.DataFrame, first_id: str, second_id: str) -> float:
+    """The true reward of the first answer less that of the second."""
+    first, second = generations.loc[first_id], generations.loc[second_id]
+    return positive_words(first.prompt, first.response) - positive_words(second.prompt, second.response)
 
 
 def first_annotator_agreement(store: ArtifactStore, run: str, iteration: int) -> tuple[float, float]:
     """A cascade's first annotator: how often its choice was the one the true reward prefers, on the pairs it
     escalated and on the pairs it kept (its own ties and true-reward ties left out). Escalation pays where the
     first is often wrong."""
-    generations = store.read_pandas(store.stage_uri(run, iteration, "generations")).set_index("generation_id")
-    annotations = store.read_pandas(store.stage_uri(run, iteration, "annotations"))
+    generations, annotations = _stage_frames(store, run, iteration)
     right: dict[bool, list[bool]] = {True: [], False: []}
     for row in annotations.itertuples():
         record = json.loads(row.raw).get("cascade", {})
         first = record["replaced"] if record.get("escalated") else row._asdict()
         if first["status"] != "ok" or first["score1"] == first["score2"]:
             continue
-        one, two = generations.loc[first["generation1_id"]], generations.loc[first["generation2_id"]]
-        true_gap = positive_words(one.prompt, one.response) - positive_words(two.prompt, two.response)
+        true_gap = _true_gap(generations, first["generation1_id"], first["generation2_id"])
         if true_gap != 0:
             right[bool(record.get("escalated"))].append((true_gap > 0) == (first["score1"] > first["score2"]))
     return tuple(float(np.mean(right[up])) if right[up] else math.nan for up in (True, False))

@@ -112,6 +112,10 @@ def test_results_table_and_plot_report_mean_std_and_range_over_seeds():
     assert "| 0 | SFT policy pi_0 | 0 | 0 | 1.00 ± 0.00 [1.00, 1.00] | 0.50 | 10.0 | - |" in table
     assert "| 1 | online-oracle | 32 | 20 | 2.00 ± 1.00 [1.00, 3.00] | 0.75 ± 0.00 [0.75, 0.75] | 12.0 | - |" in table
     assert table.index("| 1 | offline |") < table.index("| 1 | online-oracle |")
+    assert "escalated pairs" not in table  # no cascade arm, no escalation table
+    cascade = [{**row, "arm": "online-cascade-25", "first_right_escalated": 0.25 + 0.5 * row["seed"],
+                "first_right_kept": 0.75} for row in rows if row["arm"] == "offline"]
+    assert "| 1 | online-cascade-25 | 0.50 | 0.75 |" in results_table(pd.DataFrame(rows + cascade))
     png = results_plot(pd.DataFrame(rows))
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
