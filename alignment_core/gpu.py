@@ -6,6 +6,8 @@ import gc
 
 import torch
 
+from alignment_core import kept_models
+
 
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
@@ -22,7 +24,9 @@ def peak_memory_gib() -> float | None:
 
 
 def release_memory() -> None:
-    """Collect what the finished stage dropped and hand cached blocks back to the device."""
+    """Move the models kept for later stages to host memory, collect what the finished stage dropped and hand
+    cached blocks back to the device."""
+    kept_models.park()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -12,13 +12,14 @@ identity in fingerprints and lineage (`model_digest`) is its hub commit or the b
 """
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignment_core import progress
+from alignment_core import kept_models, progress
 from alignment_core.adapters import adapter_base, is_adapter, load_adapter
 from alignment_core.inputs import (  # noqa: F401  (re-exported: the names of models)
     DEFAULT_CACHE_DIR,
@@ -74,6 +75,16 @@ def load_causal_lm(
     """
     return _load(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, store, attn_implementation,
                  adapter_mode, from_pretrained_kwargs)
+
+
+def causal_lm_to_run(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None):
+    """A causal LM to sample from or score with, never to train: kept loaded for the stages after this one
+    where the pipeline keeps models (alignment_core/kept_models.py). Flex attention is a training kernel (decoding
+    rebuilds its block mask at every token, slower than sdpa: docs/benchmarks.md), so it runs with sdpa."""
+    attention = "sdpa" if attn_implementation == "flex_attention" else attn_implementation
+    load = partial(load_causal_lm, name_or_path, dtype=dtype, attn_implementation=attention)
+    return kept_models.shared("causal_lm", resolve_model_path(name_or_path), load, dtype=dtype,
+                              attn_implementation=attention, trust_remote_code=False)
 
 
 def load_reward_model(

@@ -43,7 +43,7 @@ import torch
 from alignment_core.batches import BatchFactory
 from alignment_core.config import PipelineConfig, ReweightConfig, check_reweight_clip
 from alignment_core.logprobs import concatenated_inputs, sequence_logps
-from alignment_core.models import load_causal_lm, load_tokenizer, resolve_model_path
+from alignment_core.models import causal_lm_to_run, load_tokenizer, resolve_model_path
 from alignment_core.records import WEIGHTS, conform
 from alignment_core.store import ArtifactStore
 
@@ -251,14 +251,16 @@ def sequence_logprobs(
     return totals
 
 
-def scoring_model(path: str, dtype: str):
-    """(tokenizer, model) of the causal LM at `path`, in eval mode, on the GPU where there is one."""
-    model = load_causal_lm(path, dtype=dtype).eval()
+def scoring_model(path: str, dtype: str, attn_implementation: str | None = None):
+    """(tokenizer, model) of the causal LM at `path`, in eval mode, on the GPU where there is one: loaded as the
+    sampler loads it, so that a pipeline keeping models scores with the model it sampled with."""
+    model = causal_lm_to_run(path, dtype=dtype, attn_implementation=attn_implementation).eval()
     return load_tokenizer(path), model.to("cuda") if torch.cuda.is_available() else model
 
 
 def add_importance_inputs(
-    units: pd.DataFrame, policy_path: str, behaviour_path: str, batch_size: int = 8, dtype: str = "float32"
+    units: pd.DataFrame, policy_path: str, behaviour_path: str, batch_size: int = 8, dtype: str = "float32",
+    attn_implementation: str | None = None,
 ) -> pd.DataFrame:
     """`units` with generation{1,2}_policy_logp and generation{1,2}_behaviour_logp columns added.
 
@@ -268,7 +270,7 @@ def add_importance_inputs(
     units = units.copy()
     is_pair = units["generation2_response"].notna()
     for role, path in (("policy", policy_path), ("behaviour", behaviour_path)):
-        tokenizer, model = scoring_model(path, dtype)
+        tokenizer, model = scoring_model(path, dtype, attn_implementation)
         messages = list(units["prompt_messages"])
         units[f"generation1_{role}_logp"] = sequence_logprobs(
             model, tokenizer, messages, list(units["generation1_response"]), batch_size
@@ -287,7 +289,8 @@ def add_importance_inputs(
 
 
 def add_sampler_importance_inputs(
-    units: pd.DataFrame, policy_path: str, batch_size: int = 8, dtype: str = "float32"
+    units: pd.DataFrame, policy_path: str, batch_size: int = 8, dtype: str = "float32",
+    attn_implementation: str | None = None,
 ) -> pd.DataFrame:
     """`units` with the same columns as `add_importance_inputs`, the behaviour model being the checkpoint that
     sampled each response (`reweight.behaviour_model: sampler`): its log-prob is the one it recorded then (raw:
@@ -305,7 +308,7 @@ def add_sampler_importance_inputs(
             raise ValueError(f"reweight.behaviour_model 'sampler': unit {unsampled['unit_id'].iloc[0]!r} has no "
                              f"sampled tokens or no sampler log-prob for generation{g} ({len(unsampled)} units); only "
                              "online units carry them")
-    tokenizer, model = scoring_model(policy_path, dtype)
+    tokenizer, model = scoring_model(policy_path, dtype, attn_implementation)
     for g, rows in sides.items():
         units[f"generation{g}_behaviour_logp"] = None
         units.loc[rows.index, f"generation{g}_behaviour_logp"] = rows[f"generation{g}_sampler_logp"].astype(float)
@@ -357,11 +360,11 @@ def run_reweighting(
                 "reweight.behaviour_model (the model that wrote the responses)"
             )
         if cfg.reweight.uses_sampler:
-            units = add_sampler_importance_inputs(units, policy_path, dtype=cfg.model.dtype)
+            units = add_sampler_importance_inputs(units, policy_path, dtype=cfg.model.dtype,
+                                                  attn_implementation=cfg.model.attn_implementation)
         else:
-            units = add_importance_inputs(
-                units, policy_path, resolve_model_path(cfg.reweight.behaviour_model), dtype=cfg.model.dtype
-            )
+            units = add_importance_inputs(units, policy_path, resolve_model_path(cfg.reweight.behaviour_model),
+                                          dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
     weights = SampleReweighter(cfg.reweight).weigh(units)
     table = conform(pa.Table.from_pandas(weights, preserve_index=False), WEIGHTS, "weights")
     summary = {"strategy": cfg.reweight.strategy, **weights_summary(weights)}

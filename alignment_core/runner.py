@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from alignment_core import kept_models
 from alignment_core.config import PipelineConfig
 from alignment_core.digests import stage_code_digest
 from alignment_core.stages import StageSpec
@@ -27,6 +28,7 @@ def run_stage(cfg: PipelineConfig, store: ArtifactStore, spec: StageSpec, iterat
     fingerprint, keep it when its iteration is finished and only the library code changed (`keep_finished`),
     or compute it (`compute(out, fingerprint)` writes it, verified, through the store). Returns its URI."""
     out = out or store.stage_uri(cfg.store.run_name, iteration, spec.path)
+    kept_models.configure(cfg.scale_out.keep_models_loaded)
     fingerprint = {"stage": spec.path, "config": cfg.stage_hash(*spec.sections) if config is None else config,
                    "inputs": inputs, "code": stage_code_digest(spec.name)}
     record = _record(store, spec, out)

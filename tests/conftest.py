@@ -12,7 +12,16 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from alignment_core.tiny import build_tiny
+from alignment_core import kept_models  # noqa: E402
+from alignment_core.tiny import build_tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_models_kept_between_tests():
+    """Each test loads its own models: the models a pipeline keeps loaded (alignment_core/kept_models.py) would
+    otherwise live as long as the test process."""
+    yield
+    kept_models.configure(False)
 
 
 @pytest.fixture(scope="session")

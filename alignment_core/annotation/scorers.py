@@ -11,11 +11,13 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
 
+from alignment_core import kept_models
 from alignment_core.annotation.base import LABEL_STATUSES, Score, ScoreRules, rows_from_scores
 from alignment_core.models import load_reward_model, load_tokenizer, model_digest, resolve_model_path
 from alignment_core.rendering import pair_ids
@@ -52,7 +54,8 @@ class RewardModelAnnotator:
         path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_reward_model(path, tokenizer=self.tokenizer, dtype=dtype).to(self.device).eval()
+        self.model = kept_models.shared("reward_model", path, partial(
+            load_reward_model, path, tokenizer=self.tokenizer, dtype=dtype), dtype=dtype).to(self.device).eval()
         self.name = f"reward_model:{model_digest(path)}"
         self.rules, self.batch_size, self.max_length = rules, batch_size, max_length
 

@@ -48,6 +48,11 @@ class ScaleOutConfig(StrictModel):
     max_staleness: int = Field(default=1, ge=1, le=64)
     """async: how many checkpoints behind the latest one an iteration's samples may come from (each generation
     row records its policy's iteration and its staleness)."""
+    keep_models_loaded: bool = True
+    """The stages this process runs itself keep the models they load for the ones after them (the reward model,
+    the reference, the policy a round starts from, the new checkpoint that evaluation and the next sampling
+    read), within a quarter of the machine's memory, in host memory between stages on a GPU
+    (alignment_core/kept_models.py). false: each stage loads its models and frees them."""
 
     @model_validator(mode="after")
     def _workers_need_a_deployment(self) -> "ScaleOutConfig":

@@ -12,7 +12,7 @@ from alignment_core import fanout, gpu, records
 from alignment_core.config import GenerationConfig
 from alignment_core.generation.common import Generator, shard_seed
 from alignment_core.generation.transformers_backend import TransformersGenerator
-from alignment_core.models import load_causal_lm, load_tokenizer, model_digest
+from alignment_core.models import causal_lm_to_run, load_tokenizer, model_digest
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,7 @@ def make_generator(
 
         return VLLMGenerator(policy_path, tokenizer, gen_cfg, policy_uri, digest, tokenizer_path, dtype)
 
-    if attn_implementation == "flex_attention":
-        # A training kernel: decoding rebuilds its block mask at every token, slower than sdpa (measured:
-        # docs/benchmarks.md, GPU acceptance run).
-        attn_implementation = "sdpa"
-    model = load_causal_lm(policy_path, dtype=dtype, attn_implementation=attn_implementation)
+    model = causal_lm_to_run(policy_path, dtype=dtype, attn_implementation=attn_implementation)
     if torch.cuda.is_available():
         model = model.to("cuda")
     return TransformersGenerator(model, tokenizer, gen_cfg, policy_uri, digest)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+from alignment_core import kept_models
 from alignment_core.adapters import (
     adapter_base,
     adapter_config,
@@ -57,13 +58,25 @@ class RoundModels:
                                    path, stored.get("r"), adapter_cfg.r)
                 model = load(path, adapter_mode="trainable", **kwargs)
         else:
-            model = load(path, **kwargs)
+            options = self._kept_options(kwargs, task)
+            model = (load(path, **kwargs) if options is None
+                     else kept_models.taken(task, local, partial(load, path, **kwargs), **options))
             if adapter_cfg is not None:
                 model = add_adapter(model, adapter_cfg, task, base_name=self.policy_name)
         model.config.use_cache = False
         if self.cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+    def _kept_options(self, kwargs: dict, task: str, shared: bool = False) -> dict | None:
+        """What a model kept loaded between stages (alignment_core/kept_models.py) is known by besides its
+        weights; None where this round loads its own: a 4-bit base (placed on the device as it loads), and, for
+        the policy it trains, an async schedule (another thread of the process may be sampling from it)."""
+        if "quantization_config" in kwargs or (not shared and self.cfg.scale_out.schedule == "async"):
+            return None
+        options = {"dtype": kwargs["dtype"], "attn_implementation": kwargs["attn_implementation"],
+                   "trust_remote_code": kwargs["trust_remote_code"]}
+        return {**options, "pad_token_id": self.tokenizer.pad_token_id} if task == "reward_model" else options
 
     def _reference_matches_base(self) -> bool:
         """Whether the configured reference is the policy adapter's base model (same folder or same weights)."""
@@ -90,8 +103,12 @@ class RoundModels:
                 return None
             logger.info("reference %s is not the adapter's base model: loading it separately", self.reference_path)
         kwargs = self._load_kwargs()
+        load = partial(load_causal_lm, self.reference_path, **kwargs)
+        # Kept for the next rounds (the reference is the same model every round unless it is the round's policy)
+        options = self._kept_options(kwargs, "causal_lm", shared=True)
         with self.engine.whole_weights():
-            reference = load_causal_lm(self.reference_path, **kwargs)
+            reference = load() if options is None else kept_models.shared(
+                "causal_lm", resolve_model_path(self.reference_path, store=self.store), load, **options)
         reference.requires_grad_(False).eval()
         return reference if "device_map" in kwargs else reference.to(self.accelerator.device)
 

@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from alignment_core import gpu, losses
+from alignment_core import gpu, kept_models, losses
 from alignment_core.batches import BatchFactory, prompt_groups
 from alignment_core.config import PipelineConfig
 from alignment_core.logprobs import concatenated_inputs, mismatched_inputs, sequence_logps
@@ -163,6 +163,7 @@ class Trainer(RoundModels, ReferenceLogps):
         self.examples = encoded
         if self.finished:
             return
+        kept_models.park()  # the models kept for other stages wait in host memory while this round trains
         gpu.reset_peak_memory()
         self.engine.configure()
         self.model = self._load_policy(self.resumed.get("local_dir", self.policy_path))
