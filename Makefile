@@ -87,6 +87,7 @@ benchmarks: $(VENV)/.installed
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/lora_memory.py
 	$(PY) benchmarks/online_iteration.py
+	$(PY) benchmarks/kept_models.py
 
 # The GPU acceptance run (vLLM on CUDA, bf16, full and LoRA rounds, ZeRO-3/FSDP with several GPUs, TRL beside).
 # With DeepSpeed on its path, so that the ZeRO-3 variant runs too.
