@@ -17,7 +17,8 @@ options it was loaded with, so a checkpoint rewritten in place is loaded again. 
 quarter of the machine's memory, the least recently used dropped first. The stage boundaries, manifests and
 resume are unchanged: a stage's outputs are the same whether its model came from here or from disk
 (tests/test_kept_models.py). Off (the default outside the pipeline, whose stages configure it per config), every
-call loads and nothing is kept.
+call loads and nothing is kept. Importing this module does not import torch (the flows import it through the
+stage runner, and start Prefect's server while torch loads: flows/fast_start.py).
 """
 
 import copy
@@ -26,10 +27,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from alignment_core.inputs import model_digest
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ _enabled = False
 class Kept:
     """A kept model and how `from_pretrained` left it (what `taken` restores)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model):
         self.model = model
         self.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
         self.nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -64,7 +67,7 @@ def _key(kind: str, path: str, options: dict) -> tuple:
     return kind, model_digest(path), tuple(sorted(options.items()))
 
 
-def shared(kind: str, path: str, load: Callable[[], torch.nn.Module], **options) -> torch.nn.Module:
+def shared(kind: str, path: str, load: Callable[[], "torch.nn.Module"], **options) -> "torch.nn.Module":
     """The model `load()` returns, for running only: kept and reused when keeping is on. `kind` and `options`
     (dtype, attention kernel, ...) are what besides the weights at `path` makes `load()`'s result what it is."""
     if not _enabled:
@@ -83,7 +86,7 @@ def shared(kind: str, path: str, load: Callable[[], torch.nn.Module], **options)
     return model
 
 
-def taken(kind: str, path: str, load: Callable[[], torch.nn.Module], **options) -> torch.nn.Module:
+def taken(kind: str, path: str, load: Callable[[], "torch.nn.Module"], **options) -> "torch.nn.Module":
     """The model `load()` returns, to train: the kept one, which is then no longer kept, or `load()`'s."""
     with _lock:
         kept = _kept.pop(_key(kind, path, options), None) if _enabled else None
@@ -100,6 +103,10 @@ def taken(kind: str, path: str, load: Callable[[], torch.nn.Module], **options) 
 
 def park() -> None:
     """Move kept models to host memory (a stage ends: the next one may need the GPU's memory)."""
+    if not _kept:
+        return
+    import torch
+
     if not torch.cuda.is_available():
         return
     with _lock:
