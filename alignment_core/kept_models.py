@@ -9,16 +9,19 @@ per process and reused while it is kept:
   kept. Its users may set its mode, `requires_grad` and `generation_config`, nothing else.
 - `taken(...)`: a model to train: the kept one, no longer kept (restored to how `from_pretrained` left it), or a
   fresh load. A trained model is never kept: the next stage loads its checkpoint, the weights of record.
-- `park()`: at the end of a stage on a GPU, kept models move to host memory, so that the next stage has the
+- `park()`: as a stage starts and ends on a GPU, kept models move to host memory, so that the stage has the
   device's memory; `shared` moves nothing back, its caller puts the model where it runs it.
 
 A model is known by its kind, its identity (`model_digest`: its hub commit or the bytes of its weights) and the
 options it was loaded with, so a checkpoint rewritten in place is loaded again. Kept models are bounded by a
 quarter of the machine's memory, the least recently used dropped first. The stage boundaries, manifests and
 resume are unchanged: a stage's outputs are the same whether its model came from here or from disk
-(tests/test_kept_models.py). Off (the default outside the pipeline, whose stages configure it per config), every
-call loads and nothing is kept. Importing this module does not import torch (the flows import it through the
-stage runner, and start Prefect's server while torch loads: flows/fast_start.py).
+(tests/test_kept_models.py).
+
+Off (the default outside the pipeline, whose stages configure it per config), every call loads and nothing is
+kept; so too under an async schedule, whose in-process stages (sampling, evaluation) run beside each other and
+would move a model another one is running. Importing this module does not import torch (the flows import it
+through the stage runner, and start Prefect's server while torch loads: flows/fast_start.py).
 """
 
 import copy

@@ -77,6 +77,24 @@ def test_kept_models_stay_within_their_share_of_memory(tiny_model_dir, monkeypat
     assert kept_models.shared("causal_lm", path, lambda: load_causal_lm(path)) is not first
 
 
+def test_each_stage_applies_its_configs_setting_and_an_async_schedule_keeps_nothing(tmp_path, tiny_model_dir):
+    path = str(tiny_model_dir)
+
+    def twice() -> bool:
+        """Whether a second load of the model is the first one."""
+        return (kept_models.shared("causal_lm", path, lambda: load_causal_lm(path))
+                is kept_models.shared("causal_lm", path, lambda: load_causal_lm(path)))
+
+    def config(**scale_out):
+        return parse_config({"data": {"source": "bundled:prompts"}, "scale_out": scale_out,
+                             "store": {"root": str(tmp_path / "store"), "run_name": "r"}})
+
+    for scale_out, kept in (({"schedule": "async", "train_deployment": "train-stage/gpu"}, False),
+                            ({"keep_models_loaded": False}, False), ({}, True)):
+        pipeline.load_prompts(config(**scale_out), 1)  # any stage: it applies its config's setting
+        assert twice() is kept, scale_out
+
+
 def two_iterations(root: Path, keep: bool, tiny_reward_model_dir) -> dict:
     """Two online iterations through the pipeline's stages (as the flow runs them, without Prefect): a reward
     model labels and evaluates, the reference is a fixed model whose pass runs every round, and importance

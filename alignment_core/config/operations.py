@@ -52,7 +52,7 @@ class ScaleOutConfig(StrictModel):
     """The stages this process runs itself keep the models they load for the ones after them (the reward model,
     the reference, the policy a round starts from, the new checkpoint that evaluation and the next sampling
     read), within a quarter of the machine's memory, in host memory between stages on a GPU
-    (alignment_core/kept_models.py). false: each stage loads its models and frees them."""
+    (alignment_core/kept_models.py). Sync schedule only. false: each stage loads its models and frees them."""
 
     @model_validator(mode="after")
     def _workers_need_a_deployment(self) -> "ScaleOutConfig":

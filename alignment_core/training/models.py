@@ -68,11 +68,10 @@ class RoundModels:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def _kept_options(self, kwargs: dict, task: str, shared: bool = False) -> dict | None:
+    def _kept_options(self, kwargs: dict, task: str) -> dict | None:
         """What a model kept loaded between stages (alignment_core/kept_models.py) is known by besides its
-        weights; None where this round loads its own: a 4-bit base (placed on the device as it loads), and, for
-        the policy it trains, an async schedule (another thread of the process may be sampling from it)."""
-        if "quantization_config" in kwargs or (not shared and self.cfg.scale_out.schedule == "async"):
+        weights; None where this round loads its own: a 4-bit base (placed on the device as it loads)."""
+        if "quantization_config" in kwargs:
             return None
         options = {"dtype": kwargs["dtype"], "attn_implementation": kwargs["attn_implementation"],
                    "trust_remote_code": kwargs["trust_remote_code"]}
@@ -105,7 +104,7 @@ class RoundModels:
         kwargs = self._load_kwargs()
         load = partial(load_causal_lm, self.reference_path, **kwargs)
         # Kept for the next rounds (the reference is the same model every round unless it is the round's policy)
-        options = self._kept_options(kwargs, "causal_lm", shared=True)
+        options = self._kept_options(kwargs, "causal_lm")
         with self.engine.whole_weights():
             reference = load() if options is None else kept_models.shared(
                 "causal_lm", resolve_model_path(self.reference_path, store=self.store), load, **options)
