@@ -166,6 +166,8 @@ EFFECT_TESTS: dict[str, str] = {
     # max_staleness 3 is a lead of 3 (the flow's `ahead_of_training` runs leads 1 and 2 in the same file)
     "scale_out.max_staleness": "tests/test_async_schedule.py::"
                                "test_the_lead_is_the_staleness_when_async_and_zero_when_sync",
+    "training.prefix_sharing": "tests/test_training.py::"
+                               "test_a_prefix_shared_round_matches_a_padded_one_and_falls_back_where_attention_ignores_the_mask",
     # false in one of the test's two runs: every stage loads its models (the same outputs; the loads counted)
     "scale_out.keep_models_loaded": "tests/test_kept_models.py::"
                                     "test_a_run_is_the_same_with_models_kept_loaded_and_loads_them_once",

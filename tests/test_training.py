@@ -531,6 +531,115 @@ def test_a_packed_round_matches_a_padded_one_and_falls_back_where_attention_mixe
     assert mixed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
 
 
+# ---- prefix sharing -------------------------------------------------------------------------------------------
+
+
+def shared_prompt_pairs(n: int, seed: int = 0):
+    """Rows i and i + n: two responses (of 1-30 tokens) to one prompt (of 1-12 tokens), right padded."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(low: int, high: int) -> torch.Tensor:
+        return torch.randint(5, 200, (int(torch.randint(low, high + 1, (1,), generator=generator)),),
+                             generator=generator)
+
+    prompts = [tokens(1, 12) for _ in range(n)]
+    sequences = [torch.cat([prompts[i % n], tokens(1, 30)]) for i in range(2 * n)]
+    ids = torch.zeros(2 * n, max(len(s) for s in sequences), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    responses = torch.zeros_like(ids, dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)], attention[row, : len(sequence)] = sequence, 1
+        responses[row, len(prompts[row % n]) : len(sequence)] = True
+    return ids, attention, responses
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_shared_forwards_give_the_log_probs_and_gradients_of_padded_rows(tiny2_dir, attention):
+    model = load_causal_lm(tiny2_dir, attn_implementation=attention)
+    ids, mask, responses = shared_prompt_pairs(6)
+    assert logprobs.shared_prompts(ids, responses)
+    padded, padded_counts = logprobs.sequence_logps(model, ids, mask, responses)
+    padded.sum().backward()
+    padded_grads = [p.grad.clone() for p in model.parameters()]
+    additive = torch.float32 if attention == "eager" else None  # eager adds its mask to the scores
+    for pairs_per_forward in (0, 2):
+        model.zero_grad()
+        shared, shared_counts = logprobs.sequence_logps(model, ids, mask, responses, pairs_per_forward,
+                                                        prefix_sharing=True, additive_mask=additive)
+        shared.sum().backward()
+        assert torch.equal(shared_counts, padded_counts)
+        torch.testing.assert_close(shared, padded, atol=1e-4, rtol=1e-6)
+        for padded_grad, parameter in zip(padded_grads, model.parameters(), strict=True):
+            torch.testing.assert_close(parameter.grad, padded_grad, atol=1e-5, rtol=1e-4)
+    # The second response must not see the first: with the first's tokens changed, the second's log-probs stay
+    n = ids.shape[0] // 2
+    changed = ids.clone()
+    changed[:n][responses[:n]] = 7
+    with torch.no_grad():
+        before = logprobs.sequence_logps(model, ids, mask, responses, prefix_sharing=True, additive_mask=additive)[0]
+        after = logprobs.sequence_logps(model, changed, mask, responses, prefix_sharing=True, additive_mask=additive)[0]
+    torch.testing.assert_close(after[n:], before[n:], atol=1e-5, rtol=0)
+    assert not torch.allclose(after[:n], before[:n])
+
+
+def test_rows_share_a_prompt_only_with_the_same_tokens_up_to_the_same_response_start():
+    ids, mask, responses = shared_prompt_pairs(3)
+    assert logprobs.shared_prompts(ids, responses)
+    other = ids.clone()
+    other[4, 0] += 1  # pair 1's second row: another first prompt token
+    assert not logprobs.shared_prompts(other, responses)
+    shorter = responses.clone()
+    start = int(responses[3].float().argmax())
+    shorter[3, start] = False  # pair 0's second row: its response starts a token later (a truncated prompt)
+    assert not logprobs.shared_prompts(ids, shorter)
+    assert not logprobs.shared_prompts(ids[:5], responses[:5])  # not pairs
+
+
+def test_a_prefix_shared_round_matches_a_padded_one_and_falls_back_where_attention_ignores_the_mask(
+        tiny2_dir, tmp_path, monkeypatch, caplog):
+    """transformers passes a 4D mask to the attention as it is; a model that built its own causal mask instead
+    (simulated: the 4D mask dropped) would let each pair's second response see the first, so the round falls back
+    to padded rows."""
+    import transformers.masking_utils
+
+    units = make_units(8)
+
+    def first_step(name: str, **training_config) -> tuple[Trainer, pd.Series, dict]:
+        store = ArtifactStore(str(tmp_path / name))
+        trainer = Trainer(make_cfg("offline_pairwise", "dpo", **training_config), policy_path=tiny2_dir,
+                          tokenizer_path=None, store=store)
+        metrics_uri = store.stage_uri("round", 0, "metrics")
+        trainer.train(trainer.batch_factory.encode(units), store.checkpoint_uri("round", 0), metrics_uri)
+        return trainer, step_metrics(store, metrics_uri).iloc[0], store.read_manifest(metrics_uri)["extra"]
+
+    _, padded, recorded = first_step("padded", prefix_sharing=False)
+    assert recorded["prefix_sharing"] is False
+    trainer, shared, recorded = first_step("shared")  # None: on, on a CPU
+    assert trainer.prefix_sharing and recorded["prefix_sharing"] is True
+    assert shared["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    assert shared["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+    preprocess = transformers.masking_utils._preprocess_mask_arguments
+
+    def without_custom_masks(config, inputs_embeds, attention_mask, *args, **kwargs):
+        if attention_mask is not None and attention_mask.ndim == 4:
+            attention_mask = None
+        return preprocess(config, inputs_embeds, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.masking_utils, "_preprocess_mask_arguments", without_custom_masks)
+    with caplog.at_level(logging.WARNING, logger="alignment_core.training"):
+        trainer, mixed, _ = first_step("mixed", prefix_sharing=True)
+    assert not trainer.prefix_sharing and "prefix_sharing: sharing prompts changes" in caplog.text
+    assert mixed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+
+
+def test_prefix_sharing_is_for_pairs_of_causal_lm_responses(tiny2_dir, tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    for setup, loss, shares in (("offline_pairwise", "dpo", True), ("offline_pointwise", "kto", False),
+                                ("sft", "sft", False), ("reward_modelling", "reward", False)):
+        cfg = make_cfg(setup, loss, prefix_sharing=True)
+        assert Trainer(cfg, policy_path=tiny2_dir, tokenizer_path=None, store=store).prefix_sharing is shares, setup
+
+
 def test_a_one_step_round_with_warmup_still_trains(tiny2_dir, tmp_path, caplog):
     """A warm-up's first step has learning rate 0: a one-step round that were all warm-up would change nothing."""
     cfg = make_cfg("offline_pairwise", "dpo", epochs=1, warmup_ratio=0.1, scheduler="linear")

@@ -69,10 +69,17 @@ class TrainingConfig(StrictModel):
     with sdpa and eager, which compute a packed row as a masked square that costs what the padding saved
     (measurements: docs/benchmarks.md). Off: padded rows, `rows_per_forward` at a time."""
     rows_per_forward: int | None = Field(default=None, ge=0, le=MAX_BATCH)
-    """Without padding_free: rows per forward pass; 0: every row of a micro-batch in one forward. On CPUs a few
-    rows sorted by length waste far fewer padded tokens; a micro-batch is split only where that removes enough
-    padding to pay for the extra forwards (rows of similar lengths stay in one). None: 4 on a CPU, 0 on an
-    accelerator."""
+    """Without padding_free: rows per forward pass (with prefix_sharing a row is a pair); 0: every row of a
+    micro-batch in one forward. On CPUs a few rows sorted by length waste far fewer padded tokens; a micro-batch is
+    split only where that removes enough padding to pay for the extra forwards (rows of similar lengths stay in
+    one). None: 4 on a CPU, 0 on an accelerator."""
+    prefix_sharing: bool | None = None
+    """Pairwise losses without padding_free: each pair's prompt computed once, the pair one row (prompt, response
+    1, response 2, which a block mask keeps from seeing response 1; its positions continue from the prompt's): the
+    log-probs and gradients of the pair's two padded rows, without the second copy of the prompt. Checked once per
+    round against padded rows; a model whose attention ignores the mask falls back to them, with a warning; so
+    does a micro-batch whose pairs' prompts differ (one truncated to fit its response). None: on on a CPU (sdpa
+    and eager; measured: docs/benchmarks.md), off on an accelerator, where it was not measured."""
     precompute_reference: bool = True
     """Compute reference log-probs once before training (the reference then leaves memory)."""
     reference_from_sampler: bool = True

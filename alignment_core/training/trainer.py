@@ -18,11 +18,11 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from alignment_core import gpu, kept_models, losses
+from alignment_core import gpu, losses
 from alignment_core.batches import BatchFactory, prompt_groups
 from alignment_core.config import PipelineConfig
 from alignment_core.logprobs import concatenated_inputs, mismatched_inputs, sequence_logps
-from alignment_core.models import load_tokenizer
+from alignment_core.models import DTYPES, load_tokenizer
 from alignment_core.progress import bar as progress_bar
 from alignment_core.records import METRICS, from_rows
 from alignment_core.store import ArtifactStore
@@ -43,7 +43,7 @@ from alignment_core.training.state import (
 __all__ = [  # what the package re-exports
     "CPU_ROWS_PER_FORWARD",
     "NonFiniteLossError",
-    "PACKING_TOLERANCE",
+    "LAYOUT_TOLERANCE",
     "TrainResult",
     "Trainer",
 ]
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 # (largest |packed - padded| per response token, every sequence of a micro-batch packed into one row): tiny random
 # GPT-2/Qwen2/Mistral/Gemma2/Phi-3/GPT-NeoX 1e-6 in fp32, up to 5e-5 in bf16 weights; the SFT'd tiny Llama in bf16
 # 2.3e-4; OPT, whose decoder ignores the restarting position ids, 2.9e-2 (1.4e-3 in rows as wide as the longest).
-PACKING_TOLERANCE = 1e-3  # nats per response token
+LAYOUT_TOLERANCE = 1e-3  # nats per response token: packed or prefix-shared forwards against padded rows
 CPU_ROWS_PER_FORWARD = 4  # measured best of 1/2/4/8 on 2 CPU cores (benchmarks/train_throughput.py)
 
 
@@ -128,6 +128,12 @@ class Trainer(RoundModels, ReferenceLogps):
         self.rows_per_forward = cfg.training.rows_per_forward
         if self.rows_per_forward is None:
             self.rows_per_forward = CPU_ROWS_PER_FORWARD if self.accelerator.device.type == "cpu" else 0
+        # Pairs of responses: each prompt computed once (`setup` checks it). None: on a CPU, where it was measured.
+        prefix_sharing = cfg.training.prefix_sharing
+        self.prefix_sharing = ((self.accelerator.device.type == "cpu" if prefix_sharing is None else prefix_sharing)
+                               and len(self.batch_factory.generations) == 2 and not self.packed
+                               and not self.loss_spec.reward_head)
+        self.additive_mask = None  # the dtype of eager attention's additive mask (`setup`), None for sdpa's
         # Created by `setup`:
         self.plan: list[list[list[int]]] = []  # every optimizer step's micro-batches (example indices)
         self.fingerprint = ""  # the round's identity: a checkpoint of another round is not resumed
@@ -163,7 +169,6 @@ class Trainer(RoundModels, ReferenceLogps):
         self.examples = encoded
         if self.finished:
             return
-        kept_models.park()  # the models kept for other stages wait in host memory while this round trains
         gpu.reset_peak_memory()
         self.engine.configure()
         self.model = self._load_policy(self.resumed.get("local_dir", self.policy_path))
@@ -191,7 +196,17 @@ class Trainer(RoundModels, ReferenceLogps):
             self.scheduler.load_state_dict(json.loads((local / SCHEDULER_STATE).read_text()))
             logger.info("resuming %s at step %d of %d", checkpoint_uri, self.step, len(self.plan))
         if self.packed:
-            self.packed = self._packing_keeps_sequences_apart(encoded)
+            # Every sequence of the first micro-batch in one row, so that each but the first has others before it
+            # to see (in rows as wide as the longest, a micro-batch of similar lengths gets a row each).
+            self.packed = self._matches_padded(encoded, "padding_free", "packing",
+                                               "its attention does not keep the sequences apart",
+                                               packed=True, one_row=True)
+        if self.prefix_sharing:
+            if self.model_unwrapped.config._attn_implementation == "eager":
+                self.additive_mask = DTYPES[self.cfg.model.dtype]
+            self.prefix_sharing = self._matches_padded(
+                encoded, "prefix_sharing", "sharing prompts", "its attention ignores the mask or the positions",
+                prefix_sharing=True, additive_mask=self.additive_mask)
         self.seconds["load"] = time.perf_counter() - started
         if self.loss_spec.reference and tc.precompute_reference:
             self.examples = self._with_reference_logps(self.examples)
@@ -292,6 +307,7 @@ class Trainer(RoundModels, ReferenceLogps):
         if metrics_writer is not None:
             metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
                                    "tokens_per_s": tokens_per_s, "padding_free": self.packed,
+                                   "prefix_sharing": self.prefix_sharing,
                                    "reference_rows_from_sampler": self.reference_rows_from_sampler,
                                    "reference_rows_forward": len(self.examples) - self.reference_rows_from_sampler
                                    if self.loss_spec.reference else 0,
@@ -390,18 +406,16 @@ class Trainer(RoundModels, ReferenceLogps):
         if self.loss_spec.reward_head:
             scores = model(input_ids=token_ids, attention_mask=attention).logits.squeeze(-1).float()
             return scores, responses.sum(dim=1)
-        return sequence_logps(model, token_ids, attention, responses, self.rows_per_forward, self.packed, self.one_row)
+        return sequence_logps(model, token_ids, attention, responses, self.rows_per_forward, self.packed, self.one_row,
+                              self.prefix_sharing, self.additive_mask)
 
     @torch.no_grad()
-    def _packing_keeps_sequences_apart(self, encoded: list[dict]) -> bool:
-        """Whether packed forwards give the padded forwards' log-probs, for the policy and a separate reference;
-        if not (attention that ignores the restarting position ids, e.g. OPT's), padded rows: the same training,
-        only slower. A fallback rather than an error because the check runs at the train stage, after generation
-        and annotation, and packing is a speed setting (on by default with flash/flex attention).
-
-        The check packs the first planned micro-batch's sequences all into one row, so that every sequence but
-        the first has others before it to see: in rows as wide as the longest sequence a micro-batch of similar
-        lengths gets a row each, and would pass whatever the attention does."""
+    def _matches_padded(self, encoded: list[dict], setting: str, what: str, why: str, **layout) -> bool:
+        """Whether the forwards of `layout` (options of `sequence_logps`) give the padded forwards' log-probs on the
+        first planned micro-batch, for the policy and a separate reference; if not (e.g. OPT's attention ignores
+        restarting position ids), padded rows: the same training, only slower. A fallback rather than an error
+        because the check runs at the train stage, after generation and annotation, and `setting` is a speed
+        setting."""
         batch = self._collate(encoded, self.plan[0][0])
         token_ids, attention, responses = concatenated_inputs(batch, self.batch_factory.generations,
                                                               self.tokenizer.pad_token_id)
@@ -411,12 +425,11 @@ class Trainer(RoundModels, ReferenceLogps):
                     continue
                 model.eval()  # no dropout: the two forwards must see the same model
                 padded, counts = sequence_logps(model, token_ids, attention, responses)
-                packed, _ = sequence_logps(model, token_ids, attention, responses, packed=True, one_row=True)
-                per_token = ((packed - padded).abs() / counts.clamp_min(1)).max().item()
-                if not per_token < PACKING_TOLERANCE:
-                    logger.warning("padding_free: packed sequences change %s's log-probs by up to %.3g per token "
-                                   "(its attention does not keep them apart); using padded rows",
-                                   type(self.accelerator.unwrap_model(model)).__name__, per_token)
+                other, _ = sequence_logps(model, token_ids, attention, responses, **layout)
+                per_token = ((other - padded).abs() / counts.clamp_min(1)).max().item()
+                if not per_token < LAYOUT_TOLERANCE:
+                    logger.warning("%s: %s changes %s's log-probs by up to %.3g per token (%s); using padded rows",
+                                   setting, what, type(self.accelerator.unwrap_model(model)).__name__, per_token, why)
                     return False
         return True
 
