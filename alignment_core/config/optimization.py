@@ -78,8 +78,8 @@ class TrainingConfig(StrictModel):
     1, response 2, which a block mask keeps from seeing response 1; its positions continue from the prompt's): the
     log-probs and gradients of the pair's two padded rows, without the second copy of the prompt. Checked once per
     round against padded rows; a model whose attention ignores the mask falls back to them, with a warning; so
-    does a micro-batch whose pairs' prompts differ (one truncated to fit its response). None: on on a CPU (sdpa
-    and eager; measured: docs/benchmarks.md), off on an accelerator, where it was not measured."""
+    does a micro-batch whose pairs' prompts differ (one truncated to fit its response). None: on when training on a
+    CPU (sdpa and eager; measured: docs/benchmarks.md), off on an accelerator, where it was not measured."""
     precompute_reference: bool = True
     """Compute reference log-probs once before training (the reference then leaves memory)."""
     reference_from_sampler: bool = True
