@@ -11,11 +11,12 @@ forward over both responses' real (unpadded) tokens; a forward costs 2 * N FLOPs
 without the input embedding) plus causal attention, 2 * layers * hidden * position. The peak is a 2048 x 2048
 fp32 matmul on the same threads.
 
-Ours runs three ways per repeat: with its defaults (on a CPU: padded rows, 4 at a time sorted by length,
-`training.rows_per_forward: 4`), with one forward over padded rows per micro-batch (`rows_per_forward: 0`, what
-TRL does and the GPU default), and with one padding-free forward per micro-batch (`training.padding_free`: the
-sequences packed into rows, position ids restarting at each; the default with flash attention). All three
-give the same log-probs and gradients (tests/test_training.py).
+Ours runs three ways per repeat: with its defaults (on a CPU: each pair's prompt computed once,
+`training.prefix_sharing`, and the pairs 4 at a time sorted by length, `training.rows_per_forward: 4`), with one
+forward per micro-batch (`rows_per_forward: 0`, what TRL does and the GPU default; prefix sharing still on), and
+with one padding-free forward per micro-batch (`training.padding_free`: the sequences packed into rows, position
+ids restarting at each, no prefix sharing; the default with flash attention). All three give the same log-probs
+and gradients (tests/test_training.py).
 
     python benchmarks/train_throughput.py [--pairs 256] [--repeats 2]
 """
@@ -154,8 +155,8 @@ def main() -> None:
         tokens = sum(len(e["prompt_ids"]) * 2 + len(e["generation1_response_ids"]) + len(e["generation2_response_ids"])
                      for e in encoded) / len(encoded)
 
-        # ours: the defaults (see the module docstring); ours-padded: one forward over padded rows per micro-batch;
-        # ours-packed: one padding-free forward per micro-batch. Alternated so that drift in a shared machine's
+        # ours: the defaults (see the module docstring); ours-padded: one forward per micro-batch (prefix-shared
+        # pairs); ours-packed: one padding-free forward per micro-batch. Alternated so that drift in a shared machine's
         # load hits all alike.
         systems = {
             "ours": lambda i: run_ours(model_dir, pairs, workdir, i),
