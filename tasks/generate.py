@@ -1,9 +1,7 @@
-from prefect.artifacts import update_progress_artifact
-
 from alignment_core import pipeline
 from tasks import artifact_key, parse, stage_task
 from tasks.dispatch import dispatch_stage, gpu_slot
-from tasks.report import progress_artifact
+from tasks.report import ui_progress
 
 
 @stage_task("generate")
@@ -22,9 +20,8 @@ def generate(config_json: str, prompts_uri: str, policy_uri: str, iteration: int
             "stage": stage, "policy_iteration": policy_iteration,
         }, out, complete=lambda: store.read_manifest(out) is not None, workers=scale_out.generate_workers,
             max_redispatches=scale_out.max_redispatches)
-    progress = progress_artifact(artifact_key(cfg.store.run_name, "generate-progress"),
-                                 f"{stage.replace('_', ' ')}, iteration {iteration}")
+    progress = ui_progress(artifact_key(cfg.store.run_name, "generate-progress"),
+                           f"{stage.replace('_', ' ')}, iteration {iteration}")
     with gpu_slot(cfg, stage):
-        return pipeline.generate(cfg, prompts_uri, policy_uri, iteration, stage=stage,
-                                 progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / total),
+        return pipeline.generate(cfg, prompts_uri, policy_uri, iteration, stage=stage, progress=progress,
                                  policy_iteration=policy_iteration)

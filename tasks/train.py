@@ -1,9 +1,7 @@
-from prefect.artifacts import update_progress_artifact
-
 from alignment_core import pipeline
 from tasks import artifact_key, parse, stage_task
 from tasks.dispatch import dispatch_stage, gpu_slot
-from tasks.report import progress_artifact
+from tasks.report import ui_progress
 
 
 @stage_task("train", retries=1)
@@ -18,10 +16,7 @@ def train(config_json: str, units_uri: str, weights_uri: str, policy_uri: str, r
             "policy_uri": policy_uri, "reference_uri": reference_uri, "iteration": iteration,
         }, checkpoint, complete=lambda: store.checkpoint_complete(checkpoint),
             max_redispatches=cfg.scale_out.max_redispatches)
-    progress = progress_artifact(artifact_key(cfg.store.run_name, "train-progress"), f"training, iteration {iteration}")
-
-    def report(step: int, total: int, metrics: dict) -> None:
-        update_progress_artifact(progress, 100.0 * step / max(total, 1))
-
+    progress = ui_progress(artifact_key(cfg.store.run_name, "train-progress"), f"training, iteration {iteration}")
     with gpu_slot(cfg, "checkpoint"):
-        return pipeline.train(cfg, units_uri, weights_uri, policy_uri, reference_uri, iteration, progress=report)
+        return pipeline.train(cfg, units_uri, weights_uri, policy_uri, reference_uri, iteration,
+                              progress=lambda step, total, metrics: progress(step, total))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from alignment_core import progress
 from alignment_core.verdict import significance_line
-from tasks.report import by_iteration, summary_markdown
+from tasks.report import by_iteration, summary_markdown, throttled
 from tests.conftest import free_port
 from tests.helpers import REPO, prefect_env, write_config
 from tests.test_deployment import wait_healthy
@@ -200,6 +200,19 @@ def test_reward_model_verdict_reads_the_held_out_accuracy():
     assert significance_line(summary) == ("held-out accuracy of the reward model: 0.80 [0.65, 0.90] over 40 "
                                           "held-out pairs: significantly better than chance")
     assert "not distinguishable from chance" in significance_line({**summary, "heldout_accuracy_low": 0.45})
+
+
+def test_a_ui_progress_bar_moves_at_most_every_interval_and_always_at_the_end():
+    sent = []
+    update = throttled(sent.append, interval_s=60)
+    for step in range(1, 129):  # a round of 128 steps, well within the interval
+        update(step, 128)
+    assert sent == [100 / 128, 100.0]
+    update = throttled(sent.append, interval_s=0)
+    sent.clear()
+    for shard in range(1, 4):
+        update(shard, 4)
+    assert sent == [25.0, 50.0, 75.0]
 
 
 def test_progress_bars_show_on_a_terminal_only_unless_told(monkeypatch, capsys):
