@@ -148,7 +148,8 @@ def test_a_run_is_the_same_with_models_kept_loaded_and_loads_them_once(tmp_path,
             pd.testing.assert_frame_equal(kept[key], loaded[key], obj=str(key))
     # Loaded from disk: the reward model once; the initial policy twice (sampled, then trained in iteration 1;
     # the reference, kept for iteration 2 and the initial policy's evaluation samples) and each new checkpoint
-    # once (evaluated, then sampled and trained in the next iteration). Loaded each time, they were 11 loads.
+    # once (evaluated, then sampled and trained in the next iteration). Loaded in every stage, they were 17
+    # (11 causal LMs, 6 reward models).
     loads = [m.split(": ")[0].split(" ")[0] for m in reused if m.endswith("kept for the stages after this one")]
     assert sorted(loads) == ["causal_lm"] * 4 + ["reward_model"]
     assert sum(m.endswith("training the model kept loaded in this process") for m in reused) == 2
