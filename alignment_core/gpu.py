@@ -6,8 +6,6 @@ import gc
 
 import torch
 
-from alignment_core import kept_models
-
 
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
@@ -24,9 +22,7 @@ def peak_memory_gib() -> float | None:
 
 
 def release_memory() -> None:
-    """Move the models kept for later stages to host memory, collect what the finished stage dropped and hand
-    cached blocks back to the device."""
-    kept_models.park()
+    """Collect what the finished stage dropped and hand cached blocks back to the device."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -9,8 +9,9 @@ per process and reused while it is kept:
   kept. Its users may set its mode, `requires_grad` and `generation_config`, nothing else.
 - `taken(...)`: a model to train: the kept one, no longer kept (restored to how `from_pretrained` left it), or a
   fresh load. A trained model is never kept: the next stage loads its checkpoint, the weights of record.
-- `park()`: as a stage starts and ends on a GPU, kept models move to host memory, so that the stage has the
-  device's memory; `shared` moves nothing back, its caller puts the model where it runs it.
+- `park()`: as each stage ends on a GPU, kept models move to host memory and their device memory goes back to
+  the device, so that the next stage has it; `shared` moves nothing back, its caller puts the model where it
+  runs it.
 
 A model is known by its kind, its identity (`model_digest`: its hub commit or the bytes of its weights) and the
 options it was loaded with, so a checkpoint rewritten in place is loaded again. Kept models are bounded by a
@@ -115,6 +116,7 @@ def park() -> None:
     with _lock:
         for kept in _kept.values():
             kept.model.to("cpu")
+    torch.cuda.empty_cache()
 
 
 def _within_budget() -> None:

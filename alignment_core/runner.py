@@ -28,10 +28,8 @@ def run_stage(cfg: PipelineConfig, store: ArtifactStore, spec: StageSpec, iterat
     fingerprint, keep it when its iteration is finished and only the library code changed (`keep_finished`),
     or compute it (`compute(out, fingerprint)` writes it, verified, through the store). Returns its URI."""
     out = out or store.stage_uri(cfg.store.run_name, iteration, spec.path)
-    # Models kept for later stages wait in host memory: this stage may need the device's (a vLLM engine sizes
-    # itself by the free memory). Not under an async schedule, whose in-process stages run beside each other.
+    # Not under an async schedule, whose in-process stages run beside each other.
     kept_models.configure(cfg.scale_out.keep_models_loaded and cfg.scale_out.schedule == "sync")
-    kept_models.park()
     fingerprint = {"stage": spec.path, "config": cfg.stage_hash(*spec.sections) if config is None else config,
                    "inputs": inputs, "code": stage_code_digest(spec.name)}
     record = _record(store, spec, out)
@@ -44,7 +42,12 @@ def run_stage(cfg: PipelineConfig, store: ArtifactStore, spec: StageSpec, iterat
             return out
     elif spec.keeps_finished and keep_finished(cfg, store, out, iteration, fingerprint, previous):
         return out
-    compute(out, fingerprint)
+    try:
+        compute(out, fingerprint)
+    finally:
+        # Models kept for later stages wait in host memory: the next stage may need the device's (a vLLM engine
+        # sizes itself by the free memory), or another process on the same GPU (a dispatched stage).
+        kept_models.park()
     return out
 
 

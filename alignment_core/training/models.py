@@ -58,7 +58,8 @@ class RoundModels:
                                    path, stored.get("r"), adapter_cfg.r)
                 model = load(path, adapter_mode="trainable", **kwargs)
         else:
-            options = self._kept_options(kwargs, task)
+            # (a reward model to train is loaded: no stage keeps one loaded with these options)
+            options = self._kept_options(kwargs) if task == "causal_lm" else None
             model = (load(path, **kwargs) if options is None
                      else kept_models.taken(task, local, partial(load, path, **kwargs), **options))
             if adapter_cfg is not None:
@@ -68,14 +69,13 @@ class RoundModels:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def _kept_options(self, kwargs: dict, task: str) -> dict | None:
-        """What a model kept loaded between stages (alignment_core/kept_models.py) is known by besides its
+    def _kept_options(self, kwargs: dict) -> dict | None:
+        """What a causal LM kept loaded between stages (alignment_core/kept_models.py) is known by besides its
         weights; None where this round loads its own: a 4-bit base (placed on the device as it loads)."""
         if "quantization_config" in kwargs:
             return None
-        options = {"dtype": kwargs["dtype"], "attn_implementation": kwargs["attn_implementation"],
-                   "trust_remote_code": kwargs["trust_remote_code"]}
-        return {**options, "pad_token_id": self.tokenizer.pad_token_id} if task == "reward_model" else options
+        return {"dtype": kwargs["dtype"], "attn_implementation": kwargs["attn_implementation"],
+                "trust_remote_code": kwargs["trust_remote_code"]}
 
     def _reference_matches_base(self) -> bool:
         """Whether the configured reference is the policy adapter's base model (same folder or same weights)."""
@@ -104,7 +104,7 @@ class RoundModels:
         kwargs = self._load_kwargs()
         load = partial(load_causal_lm, self.reference_path, **kwargs)
         # Kept for the next rounds (the reference is the same model every round unless it is the round's policy)
-        options = self._kept_options(kwargs, "causal_lm")
+        options = self._kept_options(kwargs)
         with self.engine.whole_weights():
             reference = load() if options is None else kept_models.shared(
                 "causal_lm", resolve_model_path(self.reference_path, store=self.store), load, **options)
