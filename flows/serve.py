@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 import anyio
+import httpx
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.runner import Runner
 
@@ -75,8 +76,15 @@ PAUSE_AT_SHUTDOWN_S = 10
 
 class _BoundedShutdownRunner(Runner):
     async def _pause_schedules(self) -> None:
-        with anyio.move_on_after(PAUSE_AT_SHUTDOWN_S) as waited:
-            await super()._pause_schedules()
+        # A client that has reached the server once retries a refused connection (for minutes: bounded here);
+        # one that never has (the server died before the runner's first poll) raises at once.
+        try:
+            with anyio.move_on_after(PAUSE_AT_SHUTDOWN_S) as waited:
+                await super()._pause_schedules()
+        except httpx.TransportError as error:
+            self._logger.warning("the served deployments were not paused (%s: is the Prefect server gone?); "
+                                 "stopping without", type(error).__name__)
+            return
         if waited.cancelled_caught:
             self._logger.warning("the served deployments were not paused within %d s (is the Prefect server "
                                  "gone?); stopping without", PAUSE_AT_SHUTDOWN_S)
