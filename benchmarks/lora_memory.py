@@ -5,7 +5,11 @@ The model is a random-weight Llama built from a config (hidden 1024, 8 layers, i
 runs in a fresh Python process (`--variant`), so that one's allocations cannot hide in the other's peak:
 
 - full: all weights train (AdamW state for every parameter) and the reference is a second, frozen copy;
-- lora: model.adapter r=16 on every linear layer; the reference is the same weights with the adapter off.
+- lora: model.adapter at its shipped settings (r=16, alpha 32, dropout 0.05, every linear layer); the reference
+  is the same weights with the adapter off.
+
+Each at the shipped training settings, so with gradient checkpointing where it is on by default (LoRA, not full
+fine-tuning); `--gradient-checkpointing on|off` sets it in both.
 
 Measured: on CPU the process's RSS high-water mark (`resource.getrusage(...).ru_maxrss`; tracemalloc does
 not see torch's allocator), both in total and above the RSS after imports and loading the tokenizer
@@ -18,7 +22,7 @@ Each variant runs twice on CPU: with glibc's allocator as it comes, and with it 
 they are freed: the RSS peak counts memory no tensor holds. The second figure is the peak of live memory, as
 `max_memory_allocated` is on a GPU (where the caching allocator keeps freed blocks likewise).
 
-    python benchmarks/lora_memory.py [--steps 3] [--hidden 1024] [--layers 8]
+    python benchmarks/lora_memory.py [--steps 3] [--hidden 1024] [--layers 8] [--gradient-checkpointing on|off]
 """
 
 import argparse
@@ -68,7 +72,7 @@ def build_model(out: Path, hidden: int, layers: int) -> None:
           f"parameters, {sum(p.numel() for p in model.parameters()) * 4 / 2**20:.0f} MiB in fp32")
 
 
-def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing: bool = False) -> dict:
+def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing: bool | None = None) -> dict:
     """One DPO round in this process; returns its memory figures."""
     import pandas as pd
     import torch
@@ -90,7 +94,7 @@ def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing
         "generation1_reward": 1.0, "generation2_reward": 0.0} for i in range(BATCH_SIZE * steps)])
     model = {"policy": model_dir}
     if variant == "lora":
-        model["adapter"] = {"r": 16, "alpha": 32, "dropout": 0.0}
+        model["adapter"] = {}  # the shipped settings
     cfg = parse_config({"setup": "offline_pairwise", "model": model,
                         "training": {"loss": "dpo", "batch_size": BATCH_SIZE, "epochs": 1, "learning_rate": 1e-5,
                                      "warmup_ratio": 0.0, "scheduler": "constant",
@@ -108,7 +112,8 @@ def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing
         checkpoint_mib = sum(p.stat().st_size for p in Path(store.local_checkpoint(result.checkpoint_uri)).rglob("*")
                              if p.is_file()) / 2**20
     peak = rss_peak_mib()
-    figures = {"variant": variant, "steps": result.steps, "seconds": round(seconds, 1),
+    figures = {"variant": variant, "gradient_checkpointing": trainer.gradient_checkpointing, "steps": result.steps,
+               "seconds": round(seconds, 1),
                "rss_peak_mib": round(peak), "rss_baseline_mib": round(baseline),
                "rss_above_baseline_mib": round(peak - baseline), "checkpoint_mib": round(checkpoint_mib, 1),
                "final_loss": round(result.metrics["loss"], 4)}
@@ -122,13 +127,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="training.gradient_checkpointing in both variants (activations recomputed in backward)")
+    parser.add_argument("--gradient-checkpointing",
+                        choices=["on", "off"], help="training.gradient_checkpointing in both variants (activations "
+                        "recomputed in backward); default: each variant's shipped setting")
     parser.add_argument("--variant", choices=["full", "lora"], help="(internal) run one variant in this process")
     parser.add_argument("--model-dir", help="(internal) the saved model")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.model_dir, args.steps, args.gradient_checkpointing)))
+        chosen = {"on": True, "off": False, None: None}[args.gradient_checkpointing]
+        print(json.dumps(run_variant(args.variant, args.model_dir, args.steps, chosen)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
@@ -138,7 +145,8 @@ def main() -> None:
             for variant in ("full", "lora"):
                 done = subprocess.run([sys.executable, __file__, "--variant", variant, "--model-dir", str(model_dir),
                                        "--steps", str(args.steps),
-                                       *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])],
+                                       *(["--gradient-checkpointing", args.gradient_checkpointing]
+                                         if args.gradient_checkpointing else [])],
                                       capture_output=True, text=True, check=False, env={**os.environ, **env})
                 if done.returncode != 0:
                     sys.exit(f"{variant} failed:\n{done.stderr[-4000:]}")

@@ -191,17 +191,21 @@ def test_every_policy_loss_trains_an_adapter(tiny2_dir, tmp_path, setup, loss):
     assert trainer.reference_is_base == losses.LOSSES[loss].reference
 
 
-def test_gradient_checkpointing_with_an_adapter_gives_the_same_round(tiny2_dir, tmp_path):
+def test_gradient_checkpointing_with_an_adapter_gives_the_same_round_and_is_its_default(tiny2_dir, tmp_path):
     units = make_units(8)
     losses_by_flag = {}
-    for flag in (False, True):
+    for flag in (False, True, None):
         cfg = lora_cfg("offline_pairwise", "dpo", epochs=1, gradient_checkpointing=flag, precompute_reference=False)
         store, trainer, _, _ = run_round(tmp_path / str(flag), tiny2_dir, cfg, units)
-        losses_by_flag[flag] = step_metrics(store, store.stage_uri("round", 0, "metrics"))[["loss", "grad_norm"]]
-        assert trainer.model_unwrapped.base_model.model.model.gradient_checkpointing == flag
-    torch.testing.assert_close(torch.tensor(losses_by_flag[True].to_numpy().copy()),
-                               torch.tensor(losses_by_flag[False].to_numpy().copy()),
-                               atol=1e-5, rtol=1e-5)
+        metrics_uri = store.stage_uri("round", 0, "metrics")
+        losses_by_flag[flag] = step_metrics(store, metrics_uri)[["loss", "grad_norm"]]
+        on = flag is not False  # None, the default, is on with an adapter
+        assert trainer.model_unwrapped.base_model.model.model.gradient_checkpointing == on
+        assert store.read_manifest(metrics_uri)["extra"]["gradient_checkpointing"] == on
+    for flag in (True, None):
+        torch.testing.assert_close(torch.tensor(losses_by_flag[flag].to_numpy().copy()),
+                                   torch.tensor(losses_by_flag[False].to_numpy().copy()),
+                                   atol=1e-5, rtol=1e-5)
     assert losses_by_flag[True]["grad_norm"].iloc[0] > 0
 
 

@@ -131,8 +131,8 @@ EFFECT_TESTS: dict[str, str] = {
     # 2 micro-batches of 4 make one optimizer step (not two), the step of one batch of 8.
     "training.gradient_accumulation_steps": "tests/test_wiring.py::"
                                             "test_two_micro_batches_of_four_make_the_step_of_one_batch_of_eight",
-    "training.gradient_checkpointing": "tests/test_adapters.py::"
-                                       "test_gradient_checkpointing_with_an_adapter_gives_the_same_round",
+    "training.gradient_checkpointing":
+        "tests/test_adapters.py::test_gradient_checkpointing_with_an_adapter_gives_the_same_round_and_is_its_default",
     "training.padding_free": "tests/test_training.py::"
                              "test_a_packed_round_matches_a_padded_one_and_falls_back_where_attention_mixes_sequences",
     "training.rows_per_forward": "tests/test_training.py::test_rows_are_split_only_where_that_removes_enough_padding",

@@ -616,6 +616,8 @@ def test_a_prefix_shared_round_matches_a_padded_one_and_falls_back_where_attenti
     assert recorded["prefix_sharing"] is False
     trainer, shared, recorded = first_step("shared")  # None: on, on a CPU
     assert trainer.prefix_sharing and recorded["prefix_sharing"] is True
+    assert recorded["gradient_checkpointing"] is False  # None: off when every weight trains
+    assert not trainer.model_unwrapped.model.gradient_checkpointing
     assert shared["loss"] == pytest.approx(padded["loss"], rel=1e-5)
     assert shared["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
     preprocess = transformers.masking_utils._preprocess_mask_arguments

@@ -58,8 +58,11 @@ class TrainingConfig(StrictModel):
     """Gradient clipping norm."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """accelerate's mixed precision (bf16 on recent GPUs)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, slower)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass (less memory, slower). None: on when training through an
+    adapter (model.adapter: LoRA's peak is then the frozen weights and the activations, and recomputing takes
+    a third off it), off for full fine-tuning (whose peak is the optimizer step, which recomputing does not
+    lower). Measurements: docs/benchmarks.md."""
     padding_free: bool | None = None
     """One forward per micro-batch over its sequences laid end to end, without padding (position ids restart at
     each sequence, so attention stays within it): the log-probs and gradients of padded rows without computing

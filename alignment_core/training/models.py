@@ -65,9 +65,15 @@ class RoundModels:
             if adapter_cfg is not None:
                 model = add_adapter(model, adapter_cfg, task, base_name=self.policy_name)
         model.config.use_cache = False
-        if self.cfg.training.gradient_checkpointing:
+        if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """training.gradient_checkpointing, its default resolved: on when an adapter trains."""
+        chosen = self.cfg.training.gradient_checkpointing
+        return self.cfg.model.adapter is not None if chosen is None else chosen
 
     def _kept_options(self, kwargs: dict) -> dict | None:
         """What a causal LM kept loaded between stages (alignment_core/kept_models.py) is known by besides its

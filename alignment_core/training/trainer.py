@@ -308,6 +308,7 @@ class Trainer(RoundModels, ReferenceLogps):
             metrics_writer.finish({"steps": total, "checkpoint_uri": checkpoint_uri, "final": last_metrics,
                                    "tokens_per_s": tokens_per_s, "padding_free": self.packed,
                                    "prefix_sharing": self.prefix_sharing,
+                                   "gradient_checkpointing": self.gradient_checkpointing,
                                    "reference_rows_from_sampler": self.reference_rows_from_sampler,
                                    "reference_rows_forward": len(self.examples) - self.reference_rows_from_sampler
                                    if self.loss_spec.reference else 0,
