@@ -34,6 +34,14 @@ def tiny_reward_model_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-reward", kind="reward_model")
 
 
+@pytest.fixture(scope="session")
+def stopping_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model with EOS made likely, so that samples end both ways (tests/test_generation.py)."""
+    from tests.test_generation import build_stopping_model
+
+    return build_stopping_model(str(tiny_model_dir), tmp_path_factory.mktemp("stopping") / "llama")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ from alignment_core.annotation.scorers import AUTO_SCORE_TOKENS, RewardModelAnno
 from alignment_core.config import GenerationConfig
 from alignment_core.generation import make_generator
 from alignment_core.generation.transformers_backend import AUTO_LOGITS_BYTES, auto_prompts_per_call
-from tests.test_generation import POLICY_URI, make_prompts, stopping_model_dir  # noqa: F401 (a fixture)
+from tests.test_generation import POLICY_URI, make_prompts
 
 
 def test_auto_prompts_per_call_by_device_and_logits_memory():

@@ -47,11 +47,6 @@ def build_stopping_model(model_dir: str, out_dir) -> str:
     return str(out_dir)
 
 
-@pytest.fixture(scope="session")
-def stopping_model_dir(tiny_model_dir, tmp_path_factory) -> str:
-    return build_stopping_model(str(tiny_model_dir), tmp_path_factory.mktemp("stopping") / "llama")
-
-
 def make_generator_for(model_dir: str, **cfg) -> TransformersGenerator:
     gen_cfg = GenerationConfig(**{"backend": "transformers", "max_new_tokens": 16, "batch_size": 3, **cfg})
     return make_generator(gen_cfg, model_dir, POLICY_URI)

@@ -15,7 +15,6 @@ from alignment_core.rendering import render_prompt_ids
 from tests.test_generation import (
     POLICY_URI,
     assert_rows_consistent,
-    build_stopping_model,
     make_prompts,
     teacher_forced_logprobs,
 )
@@ -29,11 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 GEN_CFG = GenerationConfig(backend="vllm", n_samples=2, max_new_tokens=16, max_model_len=256,
                            gpu_memory_utilization=0.3)
-
-
-@pytest.fixture(scope="module")
-def stopping_model_dir(tiny_model_dir, tmp_path_factory) -> str:
-    return build_stopping_model(str(tiny_model_dir), tmp_path_factory.mktemp("stopping") / "llama")
 
 
 @pytest.fixture(scope="module")

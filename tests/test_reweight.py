@@ -17,7 +17,6 @@ from alignment_core.reweight import (
     weights_summary,
 )
 from alignment_core.store import ArtifactStore
-from tests.test_generation import stopping_model_dir  # noqa: F401 (a fixture)
 
 SIGMOID_2 = 0.8807970779778823  # sigmoid(2)
 
