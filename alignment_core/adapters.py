@@ -149,17 +149,26 @@ def add_adapter(model, adapter_cfg, task: str, base_name: str):
     """A new, trainable LoRA adapter on `model` (B = 0: the model computes what the base computes)."""
     from peft import get_peft_model
 
-    if getattr(model, "is_loaded_in_4bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        # fp32 norms and head, input grads for checkpointing; we enable checkpointing ourselves (non-reentrant)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # A 4-bit base is used as loaded, without peft's prepare_model_for_kbit_training: its fp32 copy of the norms,
+    # embeddings and head turned every activation after them fp32 (twice a bf16 model's), which made QLoRA's peak
+    # larger than full bf16 fine-tuning's. get_peft_model freezes the base; checkpointing is non-reentrant.
     peft_model = get_peft_model(model, lora_config(adapter_cfg, task))
     set_base_name(peft_model, base_name)
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("LoRA adapter (r=%d) on %s: %d trainable parameters of %d (%.2f%%)", adapter_cfg.r, base_name,
                 trainable, total, 100 * trainable / max(total, 1))
     return peft_model
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking in `model`'s 4-bit layers, for a model that trains. On a
+    CPU with AVX512-BF16, a 4-bit layer's first forward in eval mode on an input without gradient (a reference
+    pass, a layout check) repacks its weights for a kernel that has no backward, and keeps them so: later
+    backward passes get no gradient through the layer, and the adapters before it train on wrong gradients,
+    silently (torch only warns)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_adapter(base_model, path, trainable: bool = False):

@@ -116,10 +116,6 @@ def _load(loader, name_or_path, dtype, trust_remote_code, store, attn_implementa
             raise ValueError(f"adapter {name_or_path!r} names another adapter ({base_name!r}) as its base; "
                              "merge that one first (alignment-core merge ...)")
         base = _load(loader, base_name, dtype, trust_remote_code, store, attn_implementation, "merge", kwargs)
-        if adapter_mode == "trainable" and getattr(base, "is_loaded_in_4bit", False):
-            from peft import prepare_model_for_kbit_training
-
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         model = load_adapter(base, path, trainable=adapter_mode == "trainable")
         return model.merge_and_unload() if adapter_mode == "merge" else model
     if attn_implementation is not None:

@@ -6,14 +6,15 @@ runs in a fresh Python process (`--variant`), so that one's allocations cannot h
 
 - full: all weights train (AdamW state for every parameter) and the reference is a second, frozen copy;
 - lora: model.adapter at its shipped settings (r=16, alpha 32, dropout 0.05, every linear layer); the reference
-  is the same weights with the adapter off.
+  is the same weights with the adapter off;
+- qlora (where bitsandbytes is installed; 0.50 quantizes on a CPU): the same with the frozen base in 4-bit NF4.
 
 Each at the shipped training settings, so with gradient checkpointing where it is on by default (LoRA, not full
 fine-tuning); `--gradient-checkpointing on|off` sets it in both.
 
 Measured: on CPU the process's RSS high-water mark (`resource.getrusage(...).ru_maxrss`; tracemalloc does
 not see torch's allocator), both in total and above the RSS after imports and loading the tokenizer
-(`baseline`); on a CUDA device `torch.cuda.max_memory_allocated`. fp32, batch 4, `--steps` optimizer steps,
+(`baseline`); on a CUDA device `torch.cuda.max_memory_allocated`. fp32 (`--dtype`), batch 4, `--steps` steps,
 reference log-probs precomputed (the default).
 
 Each variant runs twice on CPU: with glibc's allocator as it comes, and with it returning freed memory
@@ -23,9 +24,11 @@ they are freed: the RSS peak counts memory no tensor holds. The second figure is
 `max_memory_allocated` is on a GPU (where the caching allocator keeps freed blocks likewise).
 
     python benchmarks/lora_memory.py [--steps 3] [--hidden 1024] [--layers 8] [--gradient-checkpointing on|off]
+                                     [--dtype bfloat16]
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -72,7 +75,8 @@ def build_model(out: Path, hidden: int, layers: int) -> None:
           f"parameters, {sum(p.numel() for p in model.parameters()) * 4 / 2**20:.0f} MiB in fp32")
 
 
-def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing: bool | None = None) -> dict:
+def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing: bool | None = None,
+                dtype: str = "float32") -> dict:
     """One DPO round in this process; returns its memory figures."""
     import pandas as pd
     import torch
@@ -92,9 +96,9 @@ def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing
         "generation1_response": " ".join(rng.choices(words, k=48)),
         "generation2_response": " ".join(rng.choices(words, k=48)),
         "generation1_reward": 1.0, "generation2_reward": 0.0} for i in range(BATCH_SIZE * steps)])
-    model = {"policy": model_dir}
-    if variant == "lora":
-        model["adapter"] = {}  # the shipped settings
+    model = {"policy": model_dir, "dtype": dtype}
+    if variant != "full":
+        model["adapter"] = {"load_in_4bit": variant == "qlora"}  # otherwise the shipped settings
     cfg = parse_config({"setup": "offline_pairwise", "model": model,
                         "training": {"loss": "dpo", "batch_size": BATCH_SIZE, "epochs": 1, "learning_rate": 1e-5,
                                      "warmup_ratio": 0.0, "scheduler": "constant",
@@ -130,21 +134,24 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing",
                         choices=["on", "off"], help="training.gradient_checkpointing in both variants (activations "
                         "recomputed in backward); default: each variant's shipped setting")
-    parser.add_argument("--variant", choices=["full", "lora"], help="(internal) run one variant in this process")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model.dtype")
+    parser.add_argument("--variant", choices=["full", "lora", "qlora"],
+                        help="(internal) run one variant in this process")
     parser.add_argument("--model-dir", help="(internal) the saved model")
     args = parser.parse_args()
     if args.variant:
         chosen = {"on": True, "off": False, None: None}[args.gradient_checkpointing]
-        print(json.dumps(run_variant(args.variant, args.model_dir, args.steps, chosen)))
+        print(json.dumps(run_variant(args.variant, args.model_dir, args.steps, chosen, args.dtype)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         build_model(model_dir, args.hidden, args.layers)
         results = {}
+        variants = ("full", "lora", "qlora") if importlib.util.find_spec("bitsandbytes") else ("full", "lora")
         for allocator, env in ALLOCATORS.items():
-            for variant in ("full", "lora"):
+            for variant in variants:
                 done = subprocess.run([sys.executable, __file__, "--variant", variant, "--model-dir", str(model_dir),
-                                       "--steps", str(args.steps),
+                                       "--steps", str(args.steps), "--dtype", args.dtype,
                                        *(["--gradient-checkpointing", args.gradient_checkpointing]
                                          if args.gradient_checkpointing else [])],
                                       capture_output=True, text=True, check=False, env={**os.environ, **env})
@@ -153,16 +160,22 @@ def main() -> None:
                 results[allocator, variant] = json.loads(done.stdout.strip().splitlines()[-1])
                 print(json.dumps({"allocator": allocator, **results[allocator, variant]}))
     for allocator in ALLOCATORS:
-        full, lora = results[allocator, "full"], results[allocator, "lora"]
-        print(f"peak RSS, {allocator} allocator: LoRA {lora['rss_peak_mib']} MiB / full {full['rss_peak_mib']} MiB = "
-              f"{lora['rss_peak_mib'] / full['rss_peak_mib']:.2f}x (goal < 0.5x); above the baseline after imports: "
-              f"{lora['rss_above_baseline_mib']} / {full['rss_above_baseline_mib']} MiB = "
-              f"{lora['rss_above_baseline_mib'] / full['rss_above_baseline_mib']:.2f}x")
-    full, lora = results["default", "full"], results["default", "lora"]
-    if "cuda_max_allocated_mib" in full:
-        print(f"CUDA max allocated: LoRA {lora['cuda_max_allocated_mib']} MiB / full {full['cuda_max_allocated_mib']} "
-              f"MiB = {lora['cuda_max_allocated_mib'] / full['cuda_max_allocated_mib']:.2f}x")
-    print(f"checkpoint: LoRA {lora['checkpoint_mib']} MiB, full {full['checkpoint_mib']} MiB")
+        full = results[allocator, "full"]
+        for variant in variants[1:]:
+            adapted = results[allocator, variant]
+            print(f"peak RSS, {allocator} allocator: {variant} {adapted['rss_peak_mib']} MiB / full "
+                  f"{full['rss_peak_mib']} MiB = {adapted['rss_peak_mib'] / full['rss_peak_mib']:.2f}x (goal < 0.5x); "
+                  f"above the baseline after imports: {adapted['rss_above_baseline_mib']} / "
+                  f"{full['rss_above_baseline_mib']} MiB = "
+                  f"{adapted['rss_above_baseline_mib'] / full['rss_above_baseline_mib']:.2f}x")
+    full = results["default", "full"]
+    for variant in variants[1:]:
+        adapted = results["default", variant]
+        if "cuda_max_allocated_mib" in full:
+            print(f"CUDA max allocated: {variant} {adapted['cuda_max_allocated_mib']} MiB / full "
+                  f"{full['cuda_max_allocated_mib']} MiB = "
+                  f"{adapted['cuda_max_allocated_mib'] / full['cuda_max_allocated_mib']:.2f}x")
+        print(f"checkpoint: {variant} {adapted['checkpoint_mib']} MiB, full {full['checkpoint_mib']} MiB")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from alignment_core.store import ArtifactStore
 from alignment_core.tiny import build_tiny
 from alignment_core.training import Trainer
 from tests.helpers import prefect_env
-from tests.test_generation import POLICY_URI, build_stopping_model, make_prompts, teacher_forced_logprobs
+from tests.test_generation import POLICY_URI, make_prompts, teacher_forced_logprobs
 from tests.test_training import dpo_on_pairs, make_units, reward_pair_accuracy, step_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -288,24 +288,19 @@ def random_adapter(base_dir: str, out_dir, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def stopping_dir(tiny_model_dir, tmp_path_factory) -> str:
-    return build_stopping_model(str(tiny_model_dir), tmp_path_factory.mktemp("stopping") / "llama")
+def stopping_adapter(stopping_model_dir, tmp_path_factory) -> str:
+    return random_adapter(stopping_model_dir, tmp_path_factory.mktemp("adapter") / "lora")
 
 
-@pytest.fixture(scope="module")
-def stopping_adapter(stopping_dir, tmp_path_factory) -> str:
-    return random_adapter(stopping_dir, tmp_path_factory.mktemp("adapter") / "lora")
-
-
-def test_transformers_generation_with_an_adapter(stopping_adapter, stopping_dir):
+def test_transformers_generation_with_an_adapter(stopping_adapter, stopping_model_dir):
     """The transformers backend samples from base + adapter; its log-probs are the unmerged PeftModel's."""
     gen_cfg = GenerationConfig(backend="transformers", n_samples=2, max_new_tokens=12, batch_size=3)
     generator = make_generator(gen_cfg, stopping_adapter, POLICY_URI)
     prompts = make_prompts(3)
     rows = generator.generate(prompts, seed=1)
-    assert generator.lineage.policy_digest == model_digest(stopping_adapter) != model_digest(stopping_dir)
+    assert generator.lineage.policy_digest == model_digest(stopping_adapter) != model_digest(stopping_model_dir)
     peft_model = load_causal_lm(stopping_adapter, adapter_mode="frozen").eval()
-    base = load_causal_lm(stopping_dir).eval()
+    base = load_causal_lm(stopping_model_dir).eval()
     by_id = {p["prompt_id"]: p for p in prompts}
     gap_to_base = 0.0
     for row in rows:
@@ -337,16 +332,16 @@ def adapter_logprob_gaps(rows, prompts, tokenizer, adapter_dir: str, base) -> tu
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_serves_adapters_with_transformers_logprobs(stopping_adapter, stopping_dir, vllm_env, tmp_path):
+def test_vllm_serves_adapters_with_transformers_logprobs(stopping_adapter, stopping_model_dir, vllm_env, tmp_path):
     """vLLM's LoRA path (the base loaded once, a LoRARequest per call): log-probs of its samples equal the
     transformers PeftModel's teacher-forced ones, as for full models in test_generation_vllm.py; then the same
     engine serves the next adapter of that base (`use_adapter`)."""
     pytest.importorskip("vllm")
-    second_adapter = random_adapter(stopping_dir, tmp_path / "second", seed=1)
+    second_adapter = random_adapter(stopping_model_dir, tmp_path / "second", seed=1)
     prompts = make_prompts(4)
     generator = make_generator(VLLM_CFG, stopping_adapter, POLICY_URI)
     try:
-        assert generator.adapter_path == stopping_adapter and generator.policy_path == stopping_dir
+        assert generator.adapter_path == stopping_adapter and generator.policy_path == stopping_model_dir
         first = generator.generate(prompts, seed=5)
         engine = generator.llm
         assert engine.llm_engine.vllm_config.lora_config.max_lora_rank == 8
@@ -355,7 +350,7 @@ def test_vllm_serves_adapters_with_transformers_logprobs(stopping_adapter, stopp
         assert generator.llm is engine  # no restart, the base weights stay loaded
     finally:
         generator.close()
-    base = load_causal_lm(stopping_dir).eval()
+    base = load_causal_lm(stopping_model_dir).eval()
     for rows, adapter_dir in ((first, stopping_adapter), (second, second_adapter)):
         worst, gap_to_base = adapter_logprob_gaps(rows, prompts, generator.tokenizer, adapter_dir, base)
         print(f"vLLM+LoRA vs transformers+peft ({Path(adapter_dir).name}): largest log-prob gap {worst:.2e}; "
@@ -369,13 +364,83 @@ def test_vllm_serves_adapters_with_transformers_logprobs(stopping_adapter, stopp
 # ---- config ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="QLoRA is allowed where CUDA is present")
-def test_qlora_is_rejected_at_config_load_without_cuda():
-    with pytest.raises(ConfigError, match="load_in_4bit \\(QLoRA\\) needs a CUDA device and this machine has none"):
-        parse_config({"model": {"adapter": {"load_in_4bit": True}}})
+def test_qlora_is_refused_at_config_load_where_bitsandbytes_cannot_run(monkeypatch):
+    qlora = {"model": {"adapter": {"load_in_4bit": True}}}
+    parse_config(qlora)  # the test extra's bitsandbytes quantizes on this CPU
+    import bitsandbytes.functional
+
+    def cuda_only(*args, **kwargs):
+        raise RuntimeError("no kernel for the CPU")
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", cuda_only)  # as an older one
+        with pytest.raises(ConfigError, match="no CUDA device and bitsandbytes .* cannot quantize on its CPU "
+                                              "\\(RuntimeError: no kernel for the CPU\\); upgrade bitsandbytes"):
+            parse_config(qlora)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ConfigError, match="load_in_4bit \\(QLoRA\\) needs the bitsandbytes package"):
+        parse_config(qlora)
     # sent to a GPU train deployment, it is checked there instead
-    parse_config({"model": {"adapter": {"load_in_4bit": True}},
-                  "scale_out": {"train_deployment": "train-stage/gpu"}})
+    parse_config({**qlora, "scale_out": {"train_deployment": "train-stage/gpu"}})
+
+
+def test_a_qlora_policy_passes_gradients_through_its_4bit_layers_after_a_forward_without_them(tiny2_dir, tmp_path):
+    """bitsandbytes repacks a 4-bit layer on a CPU with AVX512-BF16 for inference on its first eval forward
+    without gradients (as the reference pass and the layout check run), and passes no gradient back through it
+    from then on: the trainer turns that off, so the adapters' gradients are the same after such a forward."""
+    cfg = lora_cfg("offline_pairwise", "dpo", adapter={"load_in_4bit": True}, model={"dtype": "bfloat16"})
+    trainer = Trainer(cfg, policy_path=tiny2_dir, tokenizer_path=None, store=ArtifactStore(str(tmp_path)))
+    model = trainer._load_policy(tiny2_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # B = 0 would give A no gradient at all
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+
+    def adapter_gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    before = adapter_gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = adapter_gradients()
+    first_layer = next(name for name in before if "layers.0.self_attn.q_proj.lora_A" in name)
+    assert before[first_layer].abs().sum() > 0
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_qlora_trains_on_a_4bit_base_computing_in_the_models_dtype(tiny2_dir, tmp_path):
+    """A QLoRA round (here on the CPU): the base's linear layers are 4-bit and everything else stays in
+    model.dtype, so the activations do too (peft's prepare_model_for_kbit_training made the norms, embeddings and
+    head fp32, and with them every activation); the round learns."""
+    import bitsandbytes.nn
+
+    cfg = lora_cfg("offline_pairwise", "dpo", epochs=3, adapter={"load_in_4bit": True}, model={"dtype": "bfloat16"})
+    decoder_outputs = set()
+
+    def record_dtype(module, inputs, output):
+        if type(module).__name__ == "LlamaDecoderLayer":
+            decoder_outputs.add((output[0] if isinstance(output, tuple) else output).dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record_dtype)
+    try:
+        store, trainer, _, result = run_round(tmp_path, tiny2_dir, cfg, make_units(16))
+    finally:
+        hook.remove()
+    model = trainer.model_unwrapped
+    assert sum(isinstance(module, bitsandbytes.nn.Linear4bit) for module in model.modules()) == 2 * 7  # 2 layers
+    base_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.dtype.is_floating_point}
+    assert base_dtypes == {torch.bfloat16} and decoder_outputs == {torch.bfloat16}
+    losses = step_metrics(store, store.stage_uri("round", 0, "metrics"))["loss"]
+    assert losses.iloc[0] == pytest.approx(math.log(2), abs=1e-2)  # B = 0: the policy starts at the base
+    assert losses.iloc[-3:].mean() < 0.5 * losses.iloc[0]
+    assert adapters.is_adapter(store.local_checkpoint(result.checkpoint_uri))
 
 
 def test_adapter_and_attention_fields_are_validated():

@@ -64,8 +64,8 @@ EFFECT_TESTS: dict[str, str] = {
     "model.attn_implementation": "tests/test_generation.py::test_the_policys_attention_kernel_reaches_the_sampler",
     "model.adapter.r": "tests/test_adapters.py::test_the_checkpoint_is_a_small_adapter_naming_its_base",
     "model.adapter.target_modules": "tests/test_adapters.py::test_adapter_and_attention_fields_are_validated",
-    # On a machine without CUDA (where it is not skipped) its one effect is the refusal at config load.
-    "model.adapter.load_in_4bit": "tests/test_adapters.py::test_qlora_is_rejected_at_config_load_without_cuda",
+    "model.adapter.load_in_4bit":
+        "tests/test_adapters.py::test_qlora_trains_on_a_4bit_base_computing_in_the_models_dtype",
     "generation.backend": "tests/test_generation_vllm.py::test_vllm_rows_conform_and_are_consistent",  # slow, vllm
     "generation.prompts_per_iteration": "tests/test_runs_explain.py::"
                                         "test_prompt_windows_are_disjoint_until_the_source_runs_out_then_reuse_is_announced",

@@ -129,14 +129,25 @@ def test_adapter_alpha_dropout_and_bias_reach_peft():
     assert (peft_changed.lora_alpha, peft_changed.lora_dropout, peft_changed.bias) == (8.0, 0.3, "lora_only")
 
 
-def test_qlora_quantization_settings_reach_bitsandbytes():
-    """QLoRA needs CUDA, so the config refuses it here; the quantization settings are built by one function,
-    which this checks at non-default values."""
+def test_qlora_quantization_settings_reach_bitsandbytes(tiny2_dir, tmp_path):  # noqa: F811 (the fixture)
+    """The quantization settings, at non-default values, reach the 4-bit layers of the policy a QLoRA round
+    trains (bitsandbytes quantizes on this CPU too)."""
+    import bitsandbytes.nn
+
+    from alignment_core.store import ArtifactStore
+    from alignment_core.training import Trainer
+
     settings = quantization_config(AdapterConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
                                                  bnb_4bit_use_double_quant=False), "bfloat16")
-    assert settings.load_in_4bit and settings.bnb_4bit_quant_type == "fp4"
-    assert settings.bnb_4bit_use_double_quant is False and settings.bnb_4bit_compute_dtype == torch.bfloat16
+    assert settings.bnb_4bit_compute_dtype == torch.bfloat16
     assert quantization_config(AdapterConfig(), "float32") is None
+    for quant_type, double_quant in (("fp4", False), ("nf4", True)):
+        cfg = parse_config({"setup": "offline_pairwise", "model": {"dtype": "bfloat16", "adapter": {
+            "load_in_4bit": True, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant}}})
+        trainer = Trainer(cfg, policy_path=tiny2_dir, tokenizer_path=None, store=ArtifactStore(str(tmp_path)))
+        layers = [m for m in trainer._load_policy(tiny2_dir).modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+        assert layers and {(layer.weight.quant_state.quant_type, layer.weight.quant_state.nested)
+                           for layer in layers} == {(quant_type, double_quant)}
 
 
 # ---- the cascade's escalation rule ---------------------------------------------------------------------------------

@@ -18,18 +18,25 @@ __all__ = [  # what the package re-exports
 
 
 def _check_4bit_possible() -> None:
-    """QLoRA's 4-bit base (bitsandbytes) runs on CUDA devices only: say so at config load, not mid-run."""
-    import importlib.util
-
+    """QLoRA's 4-bit base needs bitsandbytes, and where there is no CUDA device one that quantizes on the CPU
+    (0.50 does; older ones were CUDA only): say so at config load, not mid-run."""
+    try:
+        import bitsandbytes
+        from bitsandbytes.functional import quantize_4bit
+    except ImportError as error:
+        raise ValueError("model.adapter.load_in_4bit (QLoRA) needs the bitsandbytes package: "
+                         "pip install 'alignment-core[qlora]'") from error
     import torch
 
-    if not torch.cuda.is_available():
-        raise ValueError("model.adapter.load_in_4bit (QLoRA) needs a CUDA device and this machine has none; "
-                         "use LoRA without load_in_4bit here, or send training to a GPU machine "
-                         "(scale_out.train_deployment)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("model.adapter.load_in_4bit (QLoRA) needs the bitsandbytes package: "
-                         "pip install bitsandbytes")
+    if torch.cuda.is_available():
+        return
+    try:
+        quantize_4bit(torch.ones(64), quant_type="nf4")
+    except Exception as error:  # whatever an old bitsandbytes raises without CUDA
+        raise ValueError(f"model.adapter.load_in_4bit (QLoRA): this machine has no CUDA device and bitsandbytes "
+                         f"{bitsandbytes.__version__} cannot quantize on its CPU ({type(error).__name__}: {error}); "
+                         "upgrade bitsandbytes, use LoRA without load_in_4bit here, or send training to a GPU "
+                         "machine (scale_out.train_deployment)") from error
 
 
 class PipelineConfig(StrictModel):

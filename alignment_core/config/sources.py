@@ -151,7 +151,8 @@ class AdapterConfig(StrictModel):
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases LoRA trains (peft's `bias`)."""
     load_in_4bit: bool = False
-    """QLoRA: load the frozen base in 4 bits (bitsandbytes NF4; needs a CUDA device), compute in model.dtype."""
+    """QLoRA: load the frozen base in 4 bits (bitsandbytes NF4; a CUDA device, or a CPU with bitsandbytes>=0.50),
+    compute in model.dtype."""
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     """QLoRA: 4-bit quantisation type of the frozen base."""
     bnb_4bit_use_double_quant: bool = True

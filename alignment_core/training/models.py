@@ -15,6 +15,7 @@ from alignment_core.adapters import (
     add_adapter,
     is_adapter,
     is_peft_model,
+    keep_4bit_layers_differentiable,
     quantization_config,
 )
 from alignment_core.models import load_causal_lm, load_reward_model, model_digest, resolve_model_path
@@ -64,6 +65,8 @@ class RoundModels:
                      else kept_models.taken(task, local, partial(load, path, **kwargs), **options))
             if adapter_cfg is not None:
                 model = add_adapter(model, adapter_cfg, task, base_name=self.policy_name)
+        if "quantization_config" in kwargs:
+            keep_4bit_layers_differentiable(model)
         model.config.use_cache = False
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
