@@ -56,7 +56,7 @@ def rss_now_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def build_model(out: Path, hidden: int, layers: int) -> None:
+def build_model(out: Path, hidden: int, layers: int, dtype: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,11 +68,13 @@ def build_model(out: Path, hidden: int, layers: int) -> None:
                          max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    # Saved in the dtype it trains in, as hub checkpoints are: loading fp32 files as bf16 would page in the
+    # fp32 bytes (counted in RSS) beside the bf16 copy.
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"model: hidden {hidden} x {layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, {sum(p.numel() for p in model.parameters()) * 4 / 2**20:.0f} MiB in fp32")
+          f"parameters, {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB in {dtype}")
 
 
 def run_variant(variant: str, model_dir: str, steps: int, gradient_checkpointing: bool | None = None,
@@ -145,7 +147,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        build_model(model_dir, args.hidden, args.layers)
+        build_model(model_dir, args.hidden, args.layers, args.dtype)
         results = {}
         variants = ("full", "lora", "qlora") if importlib.util.find_spec("bitsandbytes") else ("full", "lora")
         for allocator, env in ALLOCATORS.items():
