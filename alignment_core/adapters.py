@@ -150,8 +150,9 @@ def add_adapter(model, adapter_cfg, task: str, base_name: str):
     from peft import get_peft_model
 
     # A 4-bit base is used as loaded, without peft's prepare_model_for_kbit_training: its fp32 copy of the norms,
-    # embeddings and head turned every activation after them fp32 (twice a bf16 model's), which made QLoRA's peak
-    # larger than full bf16 fine-tuning's. get_peft_model freezes the base; checkpointing is non-reentrant.
+    # embeddings and head turned every activation after them fp32 (twice a bf16 model's; the likely cause of
+    # QLoRA's GPU peak above full bf16 fine-tuning's). get_peft_model freezes the base; checkpointing is
+    # non-reentrant, so no input needs to require grad.
     peft_model = get_peft_model(model, lora_config(adapter_cfg, task))
     set_base_name(peft_model, base_name)
     trainable, total = peft_model.get_nb_trainable_parameters()
